@@ -1,0 +1,27 @@
+"""HTTP API blueprints: one per resource, views of a few lines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+from flask_openapi3 import Tag
+
+from service.app import Services
+from service.schemas import Problem
+
+BEARER = [{"bearer": []}]
+PROBLEMS: dict[Any, Any] = {401: Problem, 403: Problem, 404: Problem, 422: Problem, 503: Problem}
+
+TENANT_TAG = Tag(name="tenant", description="What a customer instance calls")
+ADMIN_TAG = Tag(name="admin", description="Operators (admin token)")
+AGENT_TAG = Tag(name="agent", description="Worker agent callbacks")
+
+
+def svc() -> Services:
+    result: Services = current_app.extensions["workerlease"]
+    return result
+
+
+def problems(*codes: int) -> dict[Any, Any]:
+    return {code: Problem for code in codes}

@@ -1,0 +1,72 @@
+"""Operations endpoints: liveness, readiness and Prometheus metrics (no auth, no OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from service import metrics
+from service.api import svc
+from service.db import session_scope
+from service.models import LIVE_LEASE_STATES, Heartbeat, Lease, Pool, Worker, WorkerState
+from service.runtime import HEARTBEAT
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Any:
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz() -> Any:
+    """Ready when the database answers and a scheduler (in any replica) beat recently."""
+    services = svc()
+    checks = {"database": "ok", "scheduler": "ok"}
+    try:
+        with session_scope(services.factory) as session:
+            beat = session.get(Heartbeat, HEARTBEAT)
+    except Exception as exc:
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+        checks["scheduler"] = "unknown"
+    else:
+        stale_after = max(3 * services.config.scheduler.interval, 15)
+        if beat is None:
+            checks["scheduler"] = "no heartbeat yet"
+        elif (services.clock.now() - beat.at).total_seconds() > stale_after:
+            checks["scheduler"] = f"last heartbeat {beat.at.isoformat()} ({beat.detail})"
+    ok = all(value == "ok" for value in checks.values())
+    response = jsonify(status="ready" if ok else "unavailable", checks=checks)
+    response.status_code = 200 if ok else 503
+    return response
+
+
+@bp.get("/metrics")
+def prometheus() -> Response:
+    body, content_type = metrics.render(_snapshot)
+    return Response(body, content_type=content_type)
+
+
+def _snapshot() -> dict[str, list[tuple[dict[str, str], float]]]:
+    services = svc()
+    with session_scope(services.factory) as session:
+        workers = session.exec(
+            select(Worker.pool, Worker.state, func.count())
+            .where(Worker.state != WorkerState.DESTROYED)
+            .group_by(col(Worker.pool), col(Worker.state))).all()
+        leases = session.exec(
+            select(Lease.pool, Lease.state, func.count())
+            .where(col(Lease.state).in_(LIVE_LEASE_STATES))
+            .group_by(col(Lease.pool), col(Lease.state))).all()
+        pools = session.exec(select(Pool)).all()
+    return {
+        "workerlease_workers": [({"pool": p, "state": s}, n) for p, s, n in workers],
+        "workerlease_leases": [({"pool": p, "state": s}, n) for p, s, n in leases],
+        "workerlease_pool_degraded": [({"pool": p.name}, 1.0 if p.degraded_reason else 0.0)
+                                      for p in pools],
+        "workerlease_pool_min_ready": [({"pool": p.name}, p.min_ready) for p in pools],
+    }

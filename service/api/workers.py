@@ -1,0 +1,29 @@
+"""The worker agent's callback: ``POST /v1/workers/<id>/ready`` (bootstrap token)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask_openapi3 import APIBlueprint
+
+from service.api import AGENT_TAG, BEARER, problems, svc
+from service.auth import bearer_token
+from service.schemas import ReadyAck, WorkerPath, WorkerReady
+from service.workers import worker_ready
+
+bp = APIBlueprint("workers", __name__, url_prefix="/v1/workers", abp_tags=[AGENT_TAG],
+                  abp_security=BEARER, abp_responses=problems(401, 404, 409, 422, 503))
+
+
+@bp.post("/<worker_id>/ready", responses={200: ReadyAck})
+def ready(path: WorkerPath, body: WorkerReady) -> Any:
+    """The agent is up: the worker becomes ready and receives its access token."""
+    services = svc()
+    token = bearer_token()
+    with services.transaction() as session:
+        worker, activated = worker_ready(session, path.worker_id, token, body.agent_url,
+                                         body.address, services.clock.now())
+        access_token = worker.access_token
+    if activated:
+        services.waiters.notify()
+    return ReadyAck(access_token=access_token).model_dump()

@@ -1,0 +1,112 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, g, jsonify
+from flask_openapi3 import Info, OpenAPI
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session
+
+from service import __version__
+from service.clock import Clock, SystemClock
+from service.config import Config
+from service.db import make_engine, session_factory
+from service.errors import register_error_handlers, validation_problem
+from service.waiters import LeaseWaiters
+
+log = logging.getLogger("workerlease.app")
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+@dataclass
+class Services:
+    """What views need, bound to the app (``current_app.extensions["workerlease"]``)."""
+
+    config: Config
+    engine: Engine
+    factory: sessionmaker[Session]
+    clock: Clock
+    waiters: LeaseWaiters = field(default_factory=LeaseWaiters)
+
+    def session(self) -> Session:
+        """The request's one session, closed in teardown."""
+        if "db_session" not in g:
+            g.db_session = self.factory()
+        session: Session = g.db_session
+        return session
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        session = self.session()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def create_app(config: Config, *, engine: Engine | None = None,
+               clock: Clock | None = None) -> Flask:
+    admin_token = config.require_admin_token()
+    app = OpenAPI(
+        __name__,
+        info=Info(title="workerlease", version=__version__,
+                  description="Lease warm-pool worker machines to tenants."),
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        validation_error_status=422,
+        validation_error_callback=validation_problem,
+        doc_prefix="/docs",
+        doc_url="/openapi.json",
+    )
+    app.config.update(ADMIN_TOKEN=admin_token, MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+                      JSON_SORT_KEYS=False)
+    engine = engine or make_engine(config.database_url, config.database_pool_size)
+    services = Services(config=config, engine=engine, factory=session_factory(engine),
+                        clock=clock or SystemClock())
+    app.extensions["workerlease"] = services
+
+    @app.teardown_appcontext
+    def _close_session(_exc: BaseException | None) -> None:
+        session = g.pop("db_session", None)
+        if session is not None:
+            session.close()
+
+    register_error_handlers(app)
+    _register_blueprints(app)
+    _register_openapi_alias(app)
+    return app
+
+
+def _register_blueprints(app: OpenAPI) -> None:
+    from service.api import admin, leases, ops, pools, workers
+
+    app.register_api(leases.bp)
+    app.register_api(pools.bp)
+    app.register_api(workers.bp)
+    app.register_api(admin.bp)
+    app.register_blueprint(ops.bp)
+
+
+def _register_openapi_alias(app: OpenAPI) -> None:
+    """The document at the well-known ``/openapi.json`` too (generated once, then cached)."""
+    cache: dict[str, Any] = {}
+
+    @app.get("/openapi.json", doc_ui=False)
+    def openapi_json() -> Any:
+        if "doc" not in cache:
+            cache["doc"] = app.api_doc
+        return jsonify(cache["doc"])
+
+
+def services(app: Flask) -> Services:
+    result: Services = app.extensions["workerlease"]
+    return result

@@ -1,0 +1,50 @@
+"""Bearer authentication for tenants and operators.
+
+Blueprints call :func:`require_tenant` / :func:`require_admin` from
+``before_request`` so authentication happens before body validation: an
+unauthenticated caller learns nothing about the request shape.
+"""
+
+from __future__ import annotations
+
+from flask import current_app, g, request
+from sqlmodel import select
+
+from service.errors import Forbidden, Unauthorized
+from service.models import Tenant
+from service.security import TENANT_TOKEN_PREFIX, hash_token, secret_equals
+
+
+def bearer_token() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    return token.strip()
+
+
+def _is_admin(token: str) -> bool:
+    return secret_equals(token, current_app.config["ADMIN_TOKEN"])
+
+
+def require_tenant() -> None:
+    token = bearer_token()
+    if _is_admin(token):
+        raise Forbidden("the admin token cannot act as a tenant; use a tenant token")
+    tenant = None
+    if token.startswith(TENANT_TOKEN_PREFIX):
+        session = current_app.extensions["workerlease"].session()
+        # Lookup by the hash's unique index; the hash itself is never compared byte-wise
+        # against user input, so timing reveals nothing about stored tokens.
+        tenant = session.exec(select(Tenant).where(Tenant.token_hash == hash_token(token))).first()
+    if tenant is None or not tenant.enabled:
+        raise Unauthorized("unknown or revoked token")
+    g.tenant = tenant
+
+
+def require_admin() -> None:
+    token = bearer_token()
+    if _is_admin(token):
+        return
+    require_tenant()  # a valid tenant token is 403, anything else 401
+    raise Forbidden("this endpoint needs the admin token")

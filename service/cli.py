@@ -1,0 +1,213 @@
+"""The ``workerlease`` command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from typing import Any
+
+import click
+
+from service.config import Config, ConfigError, load_config
+
+log = logging.getLogger("workerlease.cli")
+
+CONFIG_OPTION = click.option(
+    "--config", "config_path", envvar="WORKERLEASE_CONFIG", type=click.Path(dir_okay=False),
+    help="YAML config file (or WORKERLEASE_CONFIG).")
+
+
+def _load(config_path: str | None) -> Config:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Request lines come from gunicorn's access log; keep library chatter down.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+@click.group()
+def main() -> None:
+    """workerlease: lease warm-pool worker machines to tenants."""
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="gunicorn worker processes")
+@click.option("--threads", default=32, show_default=True, type=click.IntRange(1, 512),
+              help="threads per worker (requests with wait_seconds hold one)")
+@click.option("--no-scheduler", is_flag=True, help="serve the API only; run jobs elsewhere")
+def serve(config_path: str | None, host: str, port: int, workers: int, threads: int,
+          no_scheduler: bool) -> None:
+    """Serve the API (gunicorn) and run the background jobs in this process group."""
+    config = _load(config_path)
+    try:
+        config.require_admin_token()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    _setup_logging(config.log_level)
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="workerlease-prom-")
+    from service.server import run_server
+
+    run_server(config, config_path, host=host, port=port, workers=workers, threads=threads,
+               with_scheduler=not no_scheduler and config.scheduler.enabled)
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--public-url", help="how workers reach the API (default: config public_url)")
+def scheduler(config_path: str | None, public_url: str | None) -> None:
+    """Run only the background jobs (for deployments that serve the API elsewhere)."""
+    config = _load(config_path)
+    _setup_logging(config.log_level)
+    from service.runtime import build_runtime, prepare_database, run_scheduler, service_url
+
+    url = public_url or service_url(config, "127.0.0.1", 8080)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    engine = prepare_database(config)
+    rt = build_runtime(config, engine, url)
+    sched = run_scheduler(rt)
+    log.info("scheduler_running service_url=%s", url)
+    stop.wait()
+    sched.shutdown(wait=True)
+    rt.provisioners.close()
+    log.info("scheduler_stopped")
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@CONFIG_OPTION
+def db_upgrade(config_path: str | None) -> None:
+    """Upgrade the schema to the latest migration and apply the config's pools."""
+    from service.migrate import current_revision
+    from service.runtime import prepare_database
+
+    config = _load(config_path)
+    engine = prepare_database(config)
+    click.echo(f"database at revision {current_revision(engine)}")
+
+
+@main.group()
+def tenants() -> None:
+    """Tenants (customer instances)."""
+
+
+@tenants.command("create")
+@CONFIG_OPTION
+@click.argument("name")
+def tenants_create(config_path: str | None, name: str) -> None:
+    """Create a tenant and print its token (shown once)."""
+    from service import tenants as tenant_domain
+    from service.clock import utcnow
+
+    factory = _factory(_load(config_path))
+    from service.db import session_scope
+
+    with session_scope(factory) as session:
+        tenant, token = tenant_domain.create(session, name, utcnow())
+        tenant_id = tenant.id
+    click.echo(f"tenant id: {tenant_id}")
+    click.echo(f"token:     {token}")
+    click.echo("The token is shown only now; store it safely.", err=True)
+
+
+@tenants.command("list")
+@CONFIG_OPTION
+def tenants_list(config_path: str | None) -> None:
+    from service import tenants as tenant_domain
+    from service.db import session_scope
+
+    factory = _factory(_load(config_path))
+    with session_scope(factory) as session:
+        rows = tenant_domain.page(session, 10_000, 0)
+        click.echo(f"{'ID':<24} {'ENABLED':<8} {'CREATED':<26} NAME")
+        for t in rows:
+            click.echo(f"{t.id:<24} {t.enabled!s:<8} {t.created_at.isoformat():<26} {t.name}")
+
+
+@main.command()
+@CONFIG_OPTION
+def pools(config_path: str | None) -> None:
+    """A table of pools and their worker counts."""
+    from sqlmodel import col, select
+
+    from service.db import session_scope
+    from service.models import Pool
+    from service.pools import PoolCounts, counts_by_pool
+
+    factory = _factory(_load(config_path))
+    with session_scope(factory) as session:
+        counts = counts_by_pool(session)
+        header = ("POOL", "OS", "PROV", "ON", "MIN", "MAX", "PROVISIONING", "READY", "LEASED",
+                  "DESTROYING", "PENDING")
+        click.echo(" ".join(f"{h:<13}" for h in header))
+        for pool in session.exec(select(Pool).order_by(col(Pool.name))).all():
+            c = counts.get(pool.name, PoolCounts({}, 0))
+            row: tuple[Any, ...] = (
+                pool.name, pool.os, pool.provisioner, pool.enabled, pool.min_ready,
+                pool.max_workers, c.by_state.get("provisioning", 0), c.by_state.get("ready", 0),
+                c.by_state.get("leased", 0), c.by_state.get("destroying", 0), c.pending_leases)
+            click.echo(" ".join(f"{v!s:<13}" for v in row))
+            if pool.degraded_reason:
+                click.echo(f"  degraded: {pool.degraded_reason}")
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False))
+def check_config(path: str) -> None:
+    """Validate a config file (exit 1 with the offending key if invalid)."""
+    config = _load(path)
+    try:
+        config.require_admin_token()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{path}: ok ({len(config.pools)} pools: "
+               f"{', '.join(p.name for p in config.pools) or 'none'})")
+
+
+@main.group()
+def images() -> None:
+    """Worker images."""
+
+
+@images.command("build")
+@click.argument("name", required=False, default="testing")
+def images_build(name: str) -> None:
+    """Build a worker image (testing | ubuntu | windows) with the local Docker engine."""
+    try:
+        from images.build import build_image
+    except ImportError as exc:
+        raise click.ClickException(f"image building is unavailable: {exc}") from None
+    click.echo(build_image(name))
+
+
+def _factory(config: Config) -> Any:
+    from service.db import make_engine, session_factory
+    from service.runtime import prepare_database
+
+    engine = make_engine(config.database_url, config.database_pool_size)
+    prepare_database(config, engine)
+    return session_factory(engine)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The service configuration: one YAML file, validated before anything starts.
+
+Unknown keys and bad values are refused with the dotted name of the key, so an
+operator sees ``pools.0.min_ready: ...`` instead of a traceback. Secrets may
+come from the environment, which wins over the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+POOL_NAME_RE = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+def parse_duration(value: Any) -> int:
+    """Seconds from an int or a string such as ``90s``, ``60m``, ``72h``, ``3d``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '60m'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return int(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+    raise ValueError(f"invalid duration {value!r}; use seconds or e.g. '90s', '60m', '72h', '3d'")
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SchedulerConfig(_Strict):
+    enabled: bool = True
+    interval: Duration = 5
+    reconcile_interval: Duration = 60
+    max_concurrent_creates: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("interval", "reconcile_interval")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1 second")
+        return value
+
+
+class PoolConfig(_Strict):
+    name: str = Field(pattern=POOL_NAME_RE)
+    os: Literal["ubuntu", "windows", "linux"]
+    description: str = ""
+    provisioner: str = "local"
+    min_ready: int = Field(default=2, ge=0)
+    max_workers: int = Field(default=10, ge=0)
+    lease_idle_timeout: Duration = 60 * 60
+    lease_max_lifetime: Duration = 72 * 3600
+    provision_timeout: Duration = 10 * 60
+    pending_timeout: Duration = 30 * 60
+    capabilities: list[str] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _limits(self) -> PoolConfig:
+        if self.min_ready > self.max_workers:
+            raise ValueError("min_ready must not exceed max_workers")
+        for key in ("lease_idle_timeout", "lease_max_lifetime", "provision_timeout"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1 second")
+        return self
+
+
+class Config(_Strict):
+    database_url: str = "sqlite:///workerlease.db"
+    admin_token: str | None = None
+    public_url: str | None = None
+    deployment_id: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    pools: list[PoolConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_pools(self) -> Config:
+        names = [pool.name for pool in self.pools]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate pool names: {', '.join(duplicates)}")
+        return self
+
+    def require_admin_token(self) -> str:
+        if not self.admin_token:
+            raise ConfigError(
+                "admin_token: required; set it in the config or in WORKERLEASE_ADMIN_TOKEN"
+            )
+        if len(self.admin_token) < 16:
+            raise ConfigError("admin_token: must be at least 16 characters")
+        return self.admin_token
+
+
+ENV_OVERRIDES = {
+    "WORKERLEASE_ADMIN_TOKEN": "admin_token",
+    "WORKERLEASE_DATABASE_URL": "database_url",
+    "WORKERLEASE_PUBLIC_URL": "public_url",
+}
+
+
+def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Config:
+    """Read, merge environment overrides, validate pools' provisioner options."""
+    environ = dict(os.environ) if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for variable, key in ENV_OVERRIDES.items():
+        if environ.get(variable):
+            raw[key] = environ[variable]
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    _validate_provisioner_options(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping")
+    return data
+
+
+def _validate_provisioner_options(config: Config) -> None:
+    # Imported here: the registry is cheap, but keep config importable on its own.
+    from provisioners import UnknownProvisionerError, validate_options
+
+    for index, pool in enumerate(config.pools):
+        where = f"pools.{index}"
+        try:
+            validate_options(pool.provisioner, pool.options)
+        except UnknownProvisionerError as exc:
+            raise ConfigError(f"{where}.provisioner: {exc}") from None
+        except ImportError as exc:
+            raise ConfigError(f"{where}.provisioner: {exc}") from None
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, prefix=f"{where}.options")) from None
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{location or '(top level)'}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

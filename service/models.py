@@ -1,0 +1,223 @@
+"""Database tables. Request/response shapes live in ``service.schemas``, never here.
+
+The two leasing invariants are indexes, so no race can break them:
+
+* ``uq_lease_live_tenant_pool``: a tenant holds at most one pending-or-active
+  lease per pool (partial unique index on the live states);
+* ``uq_lease_worker``: a worker appears in at most one lease, ever (workers are
+  never reused, whatever ended the lease).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, TypeDecorator, text
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on both databases (SQLite hands back naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class WorkerState(enum.StrEnum):
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    LEASED = "leased"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+
+
+class LeaseState(enum.StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    RELEASED = "released"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    FAILED = "failed"
+
+
+class EndReason(enum.StrEnum):
+    RELEASED = "released"
+    IDLE_TIMEOUT = "idle_timeout"
+    MAX_LIFETIME = "max_lifetime"
+    REVOKED = "revoked"
+    FAILED = "failed"
+
+
+LIVE_LEASE_STATES = (LeaseState.PENDING, LeaseState.ACTIVE)
+# Workers that count against max_workers and that the provisioner should hold.
+LIVE_WORKER_STATES = (
+    WorkerState.PROVISIONING,
+    WorkerState.READY,
+    WorkerState.LEASED,
+    WorkerState.DESTROYING,
+    WorkerState.FAILED,
+)
+
+_LIVE_LEASE_SQL = text("state IN ('pending', 'active')")
+_UNFINISHED_WORKER_SQL = text("state <> 'destroyed'")
+
+
+def _utc(nullable: bool = False, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class Tenant(SQLModel, table=True):
+    __tablename__ = "tenants"
+
+    id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(max_length=200)
+    token_hash: str = Field(max_length=64, unique=True)
+    enabled: bool = True
+    created_at: datetime = _utc()
+    disabled_at: datetime | None = _utc(nullable=True)
+
+
+class Pool(SQLModel, table=True):
+    """A pool's live settings. Config seeds it; PATCH changes the runtime knobs."""
+
+    __tablename__ = "pools"
+
+    name: str = Field(primary_key=True, max_length=63)
+    os: str = Field(max_length=20)
+    description: str = ""
+    provisioner: str = Field(max_length=100)
+    options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    capabilities: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    min_ready: int
+    max_workers: int
+    enabled: bool = True
+    in_config: bool = True
+    # The config's own values when last applied: a changed config wins over an
+    # earlier PATCH, an unchanged one leaves the operator's PATCH in place.
+    config_min_ready: int
+    config_max_workers: int
+    lease_idle_timeout_s: int
+    lease_max_lifetime_s: int
+    provision_timeout_s: int
+    pending_timeout_s: int
+    degraded_reason: str | None = None
+    create_failures: int = 0
+    create_backoff_until: datetime | None = _utc(nullable=True)
+
+
+class Worker(SQLModel, table=True):
+    __tablename__ = "workers"
+    __table_args__ = (
+        Index("ix_workers_pool_state_ready", "pool", "state", "ready_at"),
+        Index("ix_workers_created", "created_at"),
+        # Partial: the scheduler's passes look only at unfinished workers, so
+        # their cost does not grow with the destroyed history.
+        Index(
+            "ix_workers_unfinished",
+            "state",
+            "pool",
+            sqlite_where=_UNFINISHED_WORKER_SQL,
+            postgresql_where=_UNFINISHED_WORKER_SQL,
+        ),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    pool: str = Field(max_length=63, foreign_key="pools.name")
+    state: str = Field(max_length=20)
+    created_at: datetime = _utc()
+    state_changed_at: datetime = _utc()
+    ready_at: datetime | None = _utc(nullable=True)
+    provider_id: str | None = Field(default=None, max_length=200)
+    address: str | None = Field(default=None, max_length=255)
+    agent_url: str | None = Field(default=None, max_length=500)
+    # Kept until the agent uses it (create must stay retryable after a crash), then cleared.
+    bootstrap_token: str | None = Field(default=None, max_length=500)
+    access_token: str = Field(max_length=500)
+    create_attempts: int = 0
+    destroy_attempts: int = 0
+    next_attempt_at: datetime | None = _utc(nullable=True)
+    claimed_until: datetime | None = _utc(nullable=True)
+    last_error: str | None = Field(default=None, max_length=1000)
+
+
+class Lease(SQLModel, table=True):
+    __tablename__ = "leases"
+    __table_args__ = (
+        Index(
+            "uq_lease_live_tenant_pool",
+            "tenant_id",
+            "pool",
+            unique=True,
+            sqlite_where=_LIVE_LEASE_SQL,
+            postgresql_where=_LIVE_LEASE_SQL,
+        ),
+        Index("uq_lease_worker", "worker_id", unique=True),
+        Index(
+            "ix_leases_live",
+            "state",
+            "pool",
+            "created_at",
+            sqlite_where=_LIVE_LEASE_SQL,
+            postgresql_where=_LIVE_LEASE_SQL,
+        ),
+        Index("ix_leases_tenant_created", "tenant_id", "created_at"),
+        Index("ix_leases_created", "created_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(max_length=40, foreign_key="tenants.id")
+    pool: str = Field(max_length=63, foreign_key="pools.name")
+    state: str = Field(max_length=20)
+    worker_id: str | None = Field(default=None, max_length=40, foreign_key="workers.id")
+    created_at: datetime = _utc()
+    activated_at: datetime | None = _utc(nullable=True)
+    idle_expires_at: datetime | None = _utc(nullable=True)
+    expires_at: datetime | None = _utc(nullable=True)
+    pending_expires_at: datetime | None = _utc(nullable=True)
+    ended_at: datetime | None = _utc(nullable=True)
+    end_reason: str | None = Field(default=None, max_length=20)
+
+
+class Event(SQLModel, table=True):
+    """The audit log: one row per state transition and per administrative act."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_subject", "subject_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _utc()
+    kind: str = Field(max_length=20)  # worker | lease | tenant | pool
+    subject_id: str = Field(max_length=63)
+    from_state: str | None = Field(default=None, max_length=20)
+    to_state: str | None = Field(default=None, max_length=20)
+    reason: str = Field(default="", max_length=500)
+    pool: str | None = Field(default=None, max_length=63)
+    tenant_id: str | None = Field(default=None, max_length=40)
+
+
+
+class Heartbeat(SQLModel, table=True):
+    """Last sign of life of a background process (the scheduler), for ``/readyz``."""
+
+    __tablename__ = "heartbeats"
+
+    name: str = Field(primary_key=True, max_length=100)
+    at: datetime = _utc()
+    detail: str = Field(default="", max_length=200)

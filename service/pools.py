@@ -1,0 +1,196 @@
+"""Pools: applying the config, refill planning, trimming the warm pool, and per-state counts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from service.config import PoolConfig
+from service.db import lock_job, with_row_locks
+from service.errors import InvalidRequest, NotFound
+from service.leasing import schedule_destroy
+from service.models import Lease, LeaseState, Pool, Worker, WorkerState
+from service.schemas import PoolPatch
+from service.security import ACCESS_TOKEN_PREFIX, BOOTSTRAP_TOKEN_PREFIX, new_id, new_token
+from service.states import record
+
+log = logging.getLogger("workerlease.pools")
+
+MAX_BACKOFF_S = 600
+
+
+def apply_config(session: Session, pools: list[PoolConfig], now: datetime) -> None:
+    """Insert new pools, update changed ones, disable pools no longer configured.
+
+    The runtime knobs (``min_ready``, ``max_workers``) keep an operator's PATCH
+    unless the config's own value changed since it was last applied.
+    """
+    configured = {pool.name: pool for pool in pools}
+    for row in session.exec(select(Pool)).all():
+        if row.name not in configured and row.in_config:
+            row.in_config = False
+            row.enabled = False
+            record(session, "pool", row.name, "removed from config: disabled", now, pool=row.name)
+    for config in pools:
+        row = session.get(Pool, config.name)
+        if row is None:
+            row = Pool(name=config.name, min_ready=config.min_ready,
+                       max_workers=config.max_workers, config_min_ready=config.min_ready,
+                       config_max_workers=config.max_workers, os=config.os, provisioner="",
+                       lease_idle_timeout_s=0, lease_max_lifetime_s=0, provision_timeout_s=0,
+                       pending_timeout_s=0)
+            record(session, "pool", config.name, "created from config", now, pool=config.name)
+        _apply_pool_config(row, config)
+        session.add(row)
+
+
+def _apply_pool_config(row: Pool, config: PoolConfig) -> None:
+    if row.config_min_ready != config.min_ready:
+        row.min_ready = row.config_min_ready = config.min_ready
+    if row.config_max_workers != config.max_workers:
+        row.max_workers = row.config_max_workers = config.max_workers
+    if not row.in_config:
+        row.enabled = True
+    row.in_config = True
+    row.os = config.os
+    row.description = config.description
+    row.provisioner = config.provisioner
+    row.options = dict(config.options)
+    row.capabilities = list(config.capabilities)
+    row.lease_idle_timeout_s = config.lease_idle_timeout
+    row.lease_max_lifetime_s = config.lease_max_lifetime
+    row.provision_timeout_s = config.provision_timeout
+    row.pending_timeout_s = config.pending_timeout
+
+
+def patch_pool(session: Session, name: str, patch: PoolPatch, now: datetime) -> Pool:
+    pool = session.get(Pool, name)
+    if pool is None:
+        raise NotFound(f"no pool named {name!r}")
+    min_ready = pool.min_ready if patch.min_ready is None else patch.min_ready
+    max_workers = pool.max_workers if patch.max_workers is None else patch.max_workers
+    if min_ready > max_workers:
+        raise InvalidRequest(f"min_ready ({min_ready}) must not exceed max_workers ({max_workers})")
+    if patch.enabled and not pool.in_config:
+        raise InvalidRequest(f"pool {name!r} is not in the config any more; add it there first")
+    pool.min_ready, pool.max_workers = min_ready, max_workers
+    if patch.enabled is not None:
+        pool.enabled = patch.enabled
+    session.add(pool)
+    record(session, "pool", name,
+           f"patched: {patch.model_dump(exclude_none=True)}", now, pool=name)
+    return pool
+
+
+# ---- counting -------------------------------------------------------------------
+
+
+@dataclass
+class PoolCounts:
+    by_state: dict[str, int]
+    pending_leases: int
+
+    @property
+    def not_destroyed(self) -> int:
+        return sum(n for state, n in self.by_state.items() if state != WorkerState.DESTROYED)
+
+    def __getitem__(self, state: WorkerState) -> int:
+        return self.by_state.get(state, 0)
+
+
+def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
+    """Unfinished workers per pool and state, and pending leases per pool (partial indexes)."""
+    counts: dict[str, PoolCounts] = {}
+    workers_q = (
+        select(Worker.pool, Worker.state, func.count())
+        .where(Worker.state != WorkerState.DESTROYED)
+        .group_by(col(Worker.pool), col(Worker.state))
+    )
+    for pool, state, n in session.exec(workers_q).all():
+        counts.setdefault(pool, PoolCounts({}, 0)).by_state[state] = n
+    pending_q = (
+        select(Lease.pool, func.count())
+        .where(Lease.state == LeaseState.PENDING)
+        .group_by(col(Lease.pool))
+    )
+    for pool, n in session.exec(pending_q).all():
+        counts.setdefault(pool, PoolCounts({}, 0)).pending_leases = n
+    return counts
+
+
+# ---- refill and trim ------------------------------------------------------------
+
+
+def workers_wanted(pool: Pool, counts: PoolCounts) -> int:
+    """How many new workers to start: ready + provisioning >= min_ready + pending, capped."""
+    supply = counts[WorkerState.READY] + counts[WorkerState.PROVISIONING]
+    demand = pool.min_ready + counts.pending_leases
+    room = pool.max_workers - counts.not_destroyed
+    return max(0, min(demand - supply, room))
+
+
+def plan_refill(session: Session, now: datetime) -> list[Worker]:
+    """Commit-ready rows (state provisioning) for every worker the pools lack.
+
+    The rows are committed before any provisioner is asked to create anything,
+    so a crash never leaves a resource the database does not know about.
+    """
+    lock_job(session, "refill")  # two replicas must not both fill the same gap
+    counts = counts_by_pool(session)
+    created: list[Worker] = []
+    for pool in session.exec(select(Pool).where(col(Pool.enabled).is_(True))).all():
+        if pool.create_backoff_until is not None and pool.create_backoff_until > now:
+            continue
+        wanted = workers_wanted(pool, counts.get(pool.name, PoolCounts({}, 0)))
+        for _ in range(wanted):
+            worker = new_worker(pool.name, now)
+            session.add(worker)
+            record(session, "worker", worker.id, "provisioning: pool refill", now, pool=pool.name)
+            created.append(worker)
+    return created
+
+
+def new_worker(pool_name: str, now: datetime) -> Worker:
+    return Worker(id=new_id("w"), pool=pool_name, state=WorkerState.PROVISIONING,
+                  created_at=now, state_changed_at=now,
+                  bootstrap_token=new_token(BOOTSTRAP_TOKEN_PREFIX),
+                  access_token=new_token(ACCESS_TOKEN_PREFIX))
+
+
+def trim(session: Session, now: datetime) -> int:
+    """Destroy ready workers beyond ``min_ready + pending`` (after a lowered min_ready)."""
+    counts = counts_by_pool(session)
+    trimmed = 0
+    for pool in session.exec(select(Pool)).all():
+        pool_counts = counts.get(pool.name, PoolCounts({}, 0))
+        keep = (pool.min_ready + pool_counts.pending_leases) if pool.enabled else 0
+        surplus = pool_counts[WorkerState.READY] - keep
+        if surplus <= 0:
+            continue
+        newest_first = (
+            select(Worker)
+            .where(Worker.pool == pool.name, Worker.state == WorkerState.READY)
+            .order_by(col(Worker.ready_at).desc())
+            .limit(surplus)
+        )
+        for worker in session.exec(with_row_locks(newest_first, session)).all():
+            schedule_destroy(session, worker, "surplus ready worker", now)
+            trimmed += 1
+    return trimmed
+
+
+def note_create_result(pool: Pool, error: str | None, now: datetime) -> None:
+    """Back off a pool whose creates fail; a success clears the degraded mark."""
+    if error is None:
+        pool.create_failures = 0
+        pool.degraded_reason = None
+        pool.create_backoff_until = None
+        return
+    pool.create_failures += 1
+    delay = min(MAX_BACKOFF_S, 5 * 2 ** min(pool.create_failures - 1, 10))
+    pool.create_backoff_until = now + timedelta(seconds=delay)
+    pool.degraded_reason = error[:500]

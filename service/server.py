@@ -1,0 +1,118 @@
+"""``workerlease serve``: gunicorn for the API, the scheduler in a process of its own.
+
+SQLite's file-lock bookkeeping does not survive ``fork()`` (a forked child
+that opens the database after its parent did can wait forever on locks nobody
+holds), so the gunicorn master never keeps a connection: it upgrades the
+schema, closes the engine, and starts the scheduler as a separate, supervised
+``workerlease scheduler`` process once the socket listens. That also makes the
+scheduler run exactly once however many web workers are forked. SIGTERM drains
+the web workers, then stops the scheduler; leases and workers stay in the
+database and agents keep running, found again on restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from service.config import Config
+from service.runtime import prepare_database, service_url
+
+log = logging.getLogger("workerlease.server")
+
+RESTART_DELAY_S = 2.0
+
+
+class _Gunicorn(BaseApplication):  # type: ignore[misc]
+    def __init__(self, config: Config, options: dict[str, Any]) -> None:
+        self._config = config
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from service.app import create_app
+
+        return create_app(self._config)
+
+
+class SchedulerProcess:
+    """``workerlease scheduler`` as a child, restarted if it dies, stopped on exit."""
+
+    def __init__(self, command: list[str]) -> None:
+        self._command = command
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._thread = threading.Thread(target=self._supervise, name="scheduler-supervisor",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            self._process = subprocess.Popen(self._command)
+            log.info("scheduler_process_started pid=%d", self._process.pid)
+            code = self._process.wait()
+            if not self._stopping.is_set():
+                log.error("scheduler_process_exited code=%s; restarting", code)
+                self._stopping.wait(RESTART_DELAY_S)
+
+    def stop(self, timeout_s: float = 60) -> None:
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._thread.join(5)
+
+
+def run_server(config: Config, config_path: str | None, *, host: str, port: int, workers: int,
+               threads: int, with_scheduler: bool) -> None:
+    prepare_database(config).dispose()  # no connection may cross the fork
+    url = service_url(config, host, port)
+    command = [sys.executable, "-m", "service.cli", "scheduler", "--public-url", url]
+    if config_path:
+        command += ["--config", config_path]
+    scheduler = SchedulerProcess(command) if with_scheduler else None
+
+    def when_ready(_server: Any) -> None:
+        log.info("listening url=http://%s:%s workers_call_back=%s", host, port, url)
+        if scheduler is not None:
+            scheduler.start()
+
+    def on_exit(_server: Any) -> None:
+        if scheduler is not None:
+            scheduler.stop()
+        log.info("stopped")
+
+    options = {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": threads,
+        "timeout": 120,
+        "graceful_timeout": 70,  # a lease request may wait up to 60 s
+        "keepalive": 5,
+        "accesslog": "-",
+        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+        "errorlog": "-",
+        "loglevel": config.log_level.lower(),
+        "when_ready": when_ready,
+        "on_exit": on_exit,
+        "proc_name": f"workerlease[{config.deployment_id}]",
+        "control_socket_disable": True,
+    }
+    _Gunicorn(config, options).run()

@@ -1,0 +1,382 @@
+"""Worker lifecycle: agent callback, create, destroy, health checks and reconciliation.
+
+The passes here are what the scheduler runs. Each is a plain function of
+``(factory, provisioners, now)`` that a test can call with a fixed clock. Work
+is claimed in the database first (``claimed_until`` under a row lock), then
+provisioner calls happen outside any transaction, then the result is written
+in a new short transaction. So several replicas can run the same pass at once,
+and a crash at any point leaves rows a later pass picks up again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session, col, select
+
+from provisioners import (
+    PermanentProvisionerError,
+    ProvisionerError,
+    ResourceState,
+    WorkerHandle,
+    WorkerSpec,
+)
+from service import metrics
+from service.db import session_scope, with_row_locks
+from service.errors import Conflict, NotFound, Unauthorized
+from service.leasing import end_lease, schedule_destroy, serve_pending
+from service.models import (
+    EndReason,
+    Lease,
+    LeaseState,
+    Pool,
+    Worker,
+    WorkerState,
+)
+from service.pools import note_create_result
+from service.provisioning import ProvisionerSet
+from service.security import secret_equals
+from service.states import move_worker
+
+log = logging.getLogger("workerlease.workers")
+
+CLAIM_FOR = timedelta(minutes=2)
+MAX_DESTROY_BACKOFF_S = 600
+
+
+# ---- the agent's ready callback --------------------------------------------------
+
+
+def worker_ready(session: Session, worker_id: str, bootstrap_token: str, agent_url: str,
+                 address: str | None, now: datetime) -> tuple[Worker, list[Lease]]:
+    """Mark a provisioning worker ready (one-time bootstrap token) and serve waiting leases."""
+    statement = with_row_locks(select(Worker).where(Worker.id == worker_id), session,
+                               skip_locked=False)
+    worker = session.exec(statement).first()
+    if worker is None:
+        raise NotFound(f"no worker {worker_id!r}")
+    if worker.bootstrap_token is None or not secret_equals(bootstrap_token,
+                                                           worker.bootstrap_token):
+        raise Unauthorized("invalid or already used bootstrap token")
+    if worker.state != WorkerState.PROVISIONING:
+        raise Conflict(f"worker {worker_id} is {worker.state}, not provisioning")
+    mark_ready(session, worker, agent_url, address, now)
+    pool = session.get(Pool, worker.pool)
+    assert pool is not None
+    return worker, serve_pending(session, pool, now)
+
+
+def mark_ready(session: Session, worker: Worker, agent_url: str | None, address: str | None,
+               now: datetime) -> None:
+    worker.agent_url = agent_url
+    worker.address = address or worker.address
+    worker.ready_at = now
+    worker.bootstrap_token = None
+    move_worker(session, worker, WorkerState.READY, "agent reported ready", now)
+    metrics.PROVISIONING.labels(worker.pool).observe((now - worker.created_at).total_seconds())
+
+
+# ---- create ----------------------------------------------------------------------
+
+
+def claim_creates(session: Session, now: datetime, limit: int = 200) -> list[Worker]:
+    """Provisioning rows whose resource has not been requested (or whose claim lapsed)."""
+    statement = (
+        select(Worker)
+        .where(Worker.state == WorkerState.PROVISIONING, col(Worker.provider_id).is_(None))
+        .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < now))
+        .order_by(col(Worker.created_at))
+        .limit(limit)
+    )
+    workers = list(session.exec(with_row_locks(statement, session)).all())
+    for worker in workers:
+        worker.claimed_until = now + CLAIM_FOR
+        worker.create_attempts += 1
+        session.add(worker)
+    return workers
+
+
+def create_workers(factory: sessionmaker[Session], provisioners: ProvisionerSet,
+                   workers: list[Worker], now: datetime, max_parallel: int = 4) -> None:
+    """Ask the provisioners for the claimed workers, in parallel, at most max_parallel per pool."""
+    if not workers:
+        return
+    with session_scope(factory) as session:
+        pools = {p.name: p for p in session.exec(select(Pool)).all()}
+    slots = {name: threading.BoundedSemaphore(max_parallel) for name in pools}
+
+    def create(worker: Worker) -> None:
+        with slots[worker.pool]:
+            _create_one(factory, provisioners, pools[worker.pool], worker, now)
+
+    with ThreadPoolExecutor(max_workers=min(32, len(workers)),
+                            thread_name_prefix="create") as executor:
+        list(executor.map(create, workers))
+
+
+def _create_one(factory: sessionmaker[Session], provisioners: ProvisionerSet, pool: Pool,
+                worker: Worker, now: datetime) -> None:
+    spec = WorkerSpec(worker_id=worker.id, pool=pool.name, os=pool.os,
+                      deployment_id=provisioners.deployment.deployment_id,
+                      service_url=provisioners.deployment.service_url,
+                      bootstrap_token=worker.bootstrap_token or "")
+    try:
+        handle = provisioners.for_pool(pool).create(spec)
+    except Exception as exc:
+        _record_create_failure(factory, pool.name, worker.id, exc, now)
+        return
+    with session_scope(factory) as session:
+        row = session.get(Worker, worker.id)
+        pool_row = session.get(Pool, pool.name)
+        if row is not None:
+            row.provider_id = handle.provider_id
+            row.address = row.address or handle.address
+            row.claimed_until = None
+            session.add(row)
+        if pool_row is not None:
+            note_create_result(pool_row, None, now)
+            session.add(pool_row)
+    log.info("worker_created pool=%s worker=%s provider_id=%s", pool.name, worker.id,
+             handle.provider_id)
+
+
+def _record_create_failure(factory: sessionmaker[Session], pool_name: str, worker_id: str,
+                           exc: Exception, now: datetime) -> None:
+    kind = _error_kind(exc)
+    metrics.PROVISIONER_ERRORS.labels(pool_name, "create", kind).inc()
+    log.warning("worker_create_failed pool=%s worker=%s kind=%s error=%s", pool_name, worker_id,
+                kind, exc, exc_info=not isinstance(exc, ProvisionerError))
+    with session_scope(factory) as session:
+        row = session.get(Worker, worker_id)
+        pool = session.get(Pool, pool_name)
+        if row is not None and row.state == WorkerState.PROVISIONING:
+            row.last_error = f"create: {exc}"[:1000]
+            move_worker(session, row, WorkerState.FAILED, f"create failed ({kind})", now)
+            # Destroy too: a half-created resource must not outlive its row.
+            schedule_destroy(session, row, "cleanup after failed create", now)
+        if pool is not None:
+            note_create_result(pool, f"{kind}: {exc}", now)
+            session.add(pool)
+
+
+def _error_kind(exc: Exception) -> str:
+    if isinstance(exc, PermanentProvisionerError):
+        return "permanent"
+    if isinstance(exc, ProvisionerError):
+        return type(exc).__name__ if type(exc).__name__ != "TransientProvisionerError" \
+            else "transient"
+    return "unexpected"
+
+
+# ---- destroy ---------------------------------------------------------------------
+
+
+def claim_destroys(session: Session, now: datetime, limit: int = 500) -> list[Worker]:
+    statement = (
+        select(Worker)
+        .where(Worker.state == WorkerState.DESTROYING)
+        .where(col(Worker.next_attempt_at).is_(None) | (col(Worker.next_attempt_at) <= now))
+        .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < now))
+        .order_by(col(Worker.next_attempt_at))
+        .limit(limit)
+    )
+    workers = list(session.exec(with_row_locks(statement, session)).all())
+    for worker in workers:
+        worker.claimed_until = now + CLAIM_FOR
+        session.add(worker)
+    return workers
+
+
+def destroy_workers(factory: sessionmaker[Session], provisioners: ProvisionerSet,
+                    workers: list[Worker], now: datetime) -> int:
+    """Destroy claimed workers; ``destroyed`` only once the provisioner confirms."""
+    destroyed = 0
+    for pool_name, pool_workers in _group_by_pool(workers).items():
+        with session_scope(factory) as session:
+            pool = session.get(Pool, pool_name)
+        assert pool is not None  # workers reference pools by foreign key
+        handles = [handle_of(w) for w in pool_workers]
+        try:
+            results = provisioners.for_pool(pool).destroy_many(handles)
+        except Exception as exc:  # a provisioner bug must not stop other pools' destroys
+            results = {h.worker_id: exc for h in handles}
+        with session_scope(factory) as session:
+            for worker_id, error in results.items():
+                row = session.get(Worker, worker_id)
+                if row is None or row.state != WorkerState.DESTROYING:
+                    continue
+                if error is None:
+                    _finish_destroy(session, row, now)
+                    destroyed += 1
+                else:
+                    _retry_destroy_later(row, error, now)
+                    session.add(row)
+    return destroyed
+
+
+def _finish_destroy(session: Session, worker: Worker, now: datetime) -> None:
+    worker.claimed_until = None
+    worker.next_attempt_at = None
+    worker.bootstrap_token = None
+    move_worker(session, worker, WorkerState.DESTROYED, "provisioner confirmed", now)
+    log.info("worker_destroyed pool=%s worker=%s", worker.pool, worker.id)
+
+
+def _retry_destroy_later(worker: Worker, error: Exception, now: datetime) -> None:
+    kind = _error_kind(error)
+    metrics.PROVISIONER_ERRORS.labels(worker.pool, "destroy", kind).inc()
+    log.warning("worker_destroy_failed pool=%s worker=%s attempt=%d error=%s", worker.pool,
+                worker.id, worker.destroy_attempts + 1, error)
+    worker.destroy_attempts += 1
+    delay = min(MAX_DESTROY_BACKOFF_S, 2 ** min(worker.destroy_attempts, 10))
+    worker.next_attempt_at = now + timedelta(seconds=delay)
+    worker.claimed_until = None
+    worker.last_error = f"destroy: {error}"[:1000]
+
+
+def handle_of(worker: Worker) -> WorkerHandle:
+    # provider_id may be empty when create never returned: provisioners then find the
+    # resource by its worker-id label.
+    return WorkerHandle(worker_id=worker.id, pool=worker.pool,
+                        provider_id=worker.provider_id or "", address=worker.address)
+
+
+def _group_by_pool(workers: Iterable[Worker]) -> dict[str, list[Worker]]:
+    grouped: dict[str, list[Worker]] = defaultdict(list)
+    for worker in workers:
+        grouped[worker.pool].append(worker)
+    return grouped
+
+
+# ---- health and timeouts ---------------------------------------------------------
+
+
+def fail_worker(session: Session, worker: Worker, reason: str, now: datetime) -> None:
+    """The worker is dead: fail it, fail its lease, and destroy what is left of it."""
+    move_worker(session, worker, WorkerState.FAILED, reason, now)
+    lease = session.exec(select(Lease).where(Lease.worker_id == worker.id)).first()
+    if lease is not None and lease.state == LeaseState.ACTIVE:
+        end_lease(session, lease, EndReason.FAILED, f"worker failed: {reason}", now)
+    schedule_destroy(session, worker, "cleanup of failed worker", now)
+
+
+def provision_timeouts(session: Session, now: datetime) -> int:
+    """Workers not ready within their pool's provision_timeout are destroyed (and replaced)."""
+    statement = (
+        select(Worker, Pool)
+        .join(Pool, col(Pool.name) == col(Worker.pool))
+        .where(Worker.state == WorkerState.PROVISIONING)
+    )
+    expired = [w for w, pool in session.exec(statement).all()
+               if w.created_at + timedelta(seconds=pool.provision_timeout_s) <= now]
+    for worker in expired:
+        locked = session.exec(with_row_locks(select(Worker).where(Worker.id == worker.id),
+                                             session)).first()
+        if locked is not None and locked.state == WorkerState.PROVISIONING:
+            fail_worker(session, locked, "provision timeout", now)
+    return len(expired)
+
+
+def check_health(factory: sessionmaker[Session], provisioners: ProvisionerSet,
+                 now: datetime) -> int:
+    """Ask provisioners about running workers; the dead fail, RUNNING may mean ready."""
+    with session_scope(factory) as session:
+        pools = {p.name: p for p in session.exec(select(Pool)).all()}
+        statement = select(Worker).where(
+            col(Worker.state).in_((WorkerState.PROVISIONING, WorkerState.READY,
+                                   WorkerState.LEASED)),
+            col(Worker.provider_id).is_not(None),
+        )
+        workers = list(session.exec(statement).all())
+    changed = 0
+    for pool_name, pool_workers in _group_by_pool(workers).items():
+        provisioner = provisioners.for_pool(pools[pool_name])
+        try:
+            states = provisioner.describe([handle_of(w) for w in pool_workers])
+        except Exception as exc:
+            metrics.PROVISIONER_ERRORS.labels(pool_name, "describe", _error_kind(exc)).inc()
+            log.warning("describe_failed pool=%s error=%s", pool_name, exc)
+            continue
+        with session_scope(factory) as session:
+            for worker in pool_workers:
+                changed += _apply_observed_state(session, provisioner.ready_when_running,
+                                                 worker.id, states.get(worker.id), now)
+    return changed
+
+
+def _apply_observed_state(session: Session, ready_when_running: bool, worker_id: str,
+                          observed: ResourceState | None, now: datetime) -> int:
+    if observed is None or observed == ResourceState.PENDING:
+        return 0
+    worker = session.exec(with_row_locks(select(Worker).where(Worker.id == worker_id),
+                                         session)).first()
+    if worker is None:
+        return 0
+    if observed == ResourceState.GONE and worker.state in (
+            WorkerState.PROVISIONING, WorkerState.READY, WorkerState.LEASED):
+        fail_worker(session, worker, "resource gone", now)
+        return 1
+    if (observed == ResourceState.RUNNING and ready_when_running
+            and worker.state == WorkerState.PROVISIONING):
+        mark_ready(session, worker, None, worker.address, now)
+        pool = session.get(Pool, worker.pool)
+        assert pool is not None
+        serve_pending(session, pool, now)
+        return 1
+    return 0
+
+
+# ---- reconciliation --------------------------------------------------------------
+
+
+def reconcile(factory: sessionmaker[Session], provisioners: ProvisionerSet,
+              now: datetime) -> int:
+    """Destroy every resource of this deployment that the database does not hold live.
+
+    The listing is taken before the database is read: a worker row is always
+    committed before its resource is created, so anything listed that has no
+    unfinished row is an orphan (left by a crash, or by a deleted database).
+    """
+    with session_scope(factory) as session:
+        pools = list(session.exec(select(Pool)).all())
+    deployment_id = provisioners.deployment.deployment_id
+    orphans = 0
+    for provisioner in provisioners.distinct(pools):
+        try:
+            owned = provisioner.list_owned(deployment_id)
+        except Exception as exc:
+            metrics.PROVISIONER_ERRORS.labels(provisioner.pool, "list_owned",
+                                              _error_kind(exc)).inc()
+            log.warning("list_owned_failed provisioner=%s error=%s", provisioner.name, exc)
+            continue
+        unknown = _not_live(factory, owned)
+        if not unknown:
+            continue
+        log.warning("orphans_found provisioner=%s count=%d workers=%s", provisioner.name,
+                    len(unknown), ",".join(h.worker_id for h in unknown[:20]))
+        results = provisioner.destroy_many(unknown)
+        for worker_id, error in results.items():
+            if error is None:
+                orphans += 1
+            else:
+                metrics.PROVISIONER_ERRORS.labels(provisioner.pool, "destroy",
+                                                  _error_kind(error)).inc()
+                log.warning("orphan_destroy_failed worker=%s error=%s", worker_id, error)
+    return orphans
+
+
+def _not_live(factory: sessionmaker[Session], owned: list[WorkerHandle]) -> list[WorkerHandle]:
+    if not owned:
+        return []
+    ids = [h.worker_id for h in owned]
+    with session_scope(factory) as session:
+        live = set(session.exec(
+            select(Worker.id).where(col(Worker.id).in_(ids),
+                                    Worker.state != WorkerState.DESTROYED)).all())
+    return [h for h in owned if h.worker_id not in live]
