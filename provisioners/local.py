@@ -1,0 +1,330 @@
+"""The ``local`` provisioner: a worker is the agent process on the service host.
+
+For development, tests and single-host demos: there is no isolation between a
+worker's scripts and the service host beyond a directory of its own.
+
+Ownership lives in each process's environment, read back from
+``/proc/PID/environ`` (so Linux only): the agent is started with
+``WORKERLEASE_PROVISIONER=local`` and the ``WORKERLEASE_DEPLOYMENT`` /
+``WORKERLEASE_POOL`` / ``WORKERLEASE_WORKER_ID`` it is configured by, and every
+process its scripts start inherits them. The marker keeps agents of Docker
+containers, also visible in the host's ``/proc``, from being taken for local ones.
+A script that scrubs its environment *and* leaves its process group escapes
+``destroy``; use the docker or ec2 provisioner where that matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import images.agent
+from provisioners.base import (
+    PermanentProvisionerError,
+    Provisioner,
+    ProvisionerOptions,
+    ResourceState,
+    TransientProvisionerError,
+    WorkerHandle,
+    WorkerSpec,
+)
+
+log = logging.getLogger(__name__)
+
+AGENT_FILE = Path(images.agent.__file__).resolve().parent / "workerlease_agent.py"
+MARKER = "WORKERLEASE_PROVISIONER"
+MARKER_VALUE = "local"
+ENV_WORKER = "WORKERLEASE_WORKER_ID"
+ENV_DEPLOYMENT = "WORKERLEASE_DEPLOYMENT"
+ENV_POOL = "WORKERLEASE_POOL"
+ENV_AGENT_HOST = "WORKERLEASE_AGENT_HOST"
+TERM_GRACE_S = 3.0  # SIGTERM -> SIGKILL
+KILL_GRACE_S = 2.0  # SIGKILL -> give up (transient error)
+POLL_S = 0.05
+LOCK_STRIPES = 64
+
+
+class LocalOptions(ProvisionerOptions):
+    #: Holds ``<deployment_id>/<worker_id>/`` per worker; default ``$TMPDIR/workerlease-workers``.
+    work_root: str | None = None
+    #: Interpreter that runs the agent; default: the service's own.
+    python: str | None = None
+    #: Address the agent binds and advertises.
+    agent_host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class _Proc:
+    """A live process carrying the local marker, as read from /proc."""
+
+    pid: int
+    pgid: int
+    env: dict[str, str]
+    is_agent: bool
+
+
+class LocalProvisioner(Provisioner):
+    name = "local"
+    Options = LocalOptions
+
+    def __init__(self, pool: str, options: ProvisionerOptions) -> None:
+        if not isinstance(options, LocalOptions):
+            options = LocalOptions.model_validate(options.model_dump())
+        super().__init__(pool, options)
+        if not Path("/proc/self/environ").exists():
+            raise PermanentProvisionerError("the local provisioner needs Linux /proc")
+        default_root = Path(tempfile.gettempdir()) / "workerlease-workers"
+        self.work_root = Path(options.work_root) if options.work_root else default_root
+        self.python = options.python or sys.executable
+        self.agent_host = options.agent_host
+        # Calls for one worker id are serialised; calls for different ids run in parallel.
+        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._children_lock = threading.Lock()
+
+    def create(self, spec: WorkerSpec) -> WorkerHandle:
+        workdir = self.work_root / _component(spec.deployment_id) / _component(spec.worker_id)
+        with self._lock_for(spec.worker_id):
+            self._reap()
+            try:
+                for proc in _scan():
+                    if (
+                        proc.is_agent
+                        and proc.env.get(ENV_WORKER) == spec.worker_id
+                        and proc.env.get(ENV_DEPLOYMENT) == spec.deployment_id
+                    ):
+                        return self._handle(proc)
+                # Leftovers of an earlier agent of this id (its scripts' children) go first.
+                self._kill_worker(spec.worker_id, spec.deployment_id)
+                self._fresh_dir(workdir)
+                pid = self._start_agent(spec, workdir)
+            except OSError as exc:
+                raise TransientProvisionerError(f"cannot start local agent: {exc}") from exc
+        log.info("local_agent_started worker=%s pool=%s pid=%d", spec.worker_id, spec.pool, pid)
+        return WorkerHandle(
+            spec.worker_id, spec.pool, provider_id=str(pid), address=self.agent_host
+        )
+
+    def destroy(self, handle: WorkerHandle) -> None:
+        with self._lock_for(handle.worker_id):
+            try:
+                self._kill_worker(handle.worker_id)
+                pattern = f"*/{_glob_escape(_component(handle.worker_id))}"
+                for workdir in self.work_root.glob(pattern):
+                    shutil.rmtree(workdir)
+            except OSError as exc:
+                raise TransientProvisionerError(
+                    f"cannot destroy local worker {handle.worker_id}: {exc}"
+                ) from exc
+        log.info("local_agent_destroyed worker=%s", handle.worker_id)
+
+    def describe(self, handles: Iterable[WorkerHandle]) -> dict[str, ResourceState]:
+        self._reap()
+        try:
+            live = {p.env.get(ENV_WORKER) for p in _scan() if p.is_agent}
+        except OSError as exc:
+            raise TransientProvisionerError(f"cannot scan /proc: {exc}") from exc
+        return {
+            h.worker_id: ResourceState.RUNNING if h.worker_id in live else ResourceState.GONE
+            for h in handles
+        }
+
+    def list_owned(self, deployment_id: str) -> list[WorkerHandle]:
+        """Agents of the deployment, and leftovers (script children) of dead ones."""
+        self._reap()
+        try:
+            procs = _scan()
+        except OSError as exc:
+            raise TransientProvisionerError(f"cannot scan /proc: {exc}") from exc
+        found: dict[str, _Proc] = {}
+        for proc in procs:
+            worker_id = proc.env.get(ENV_WORKER)
+            if not worker_id or proc.env.get(ENV_DEPLOYMENT) != deployment_id:
+                continue
+            if worker_id not in found or (proc.is_agent and not found[worker_id].is_agent):
+                found[worker_id] = proc
+        return [self._handle(proc) for proc in found.values()]
+
+    # -- helpers -------------------------------------------------------------
+
+    def _lock_for(self, worker_id: str) -> threading.Lock:
+        return self._locks[zlib.crc32(worker_id.encode()) % LOCK_STRIPES]
+
+    def _handle(self, proc: _Proc) -> WorkerHandle:
+        return WorkerHandle(
+            worker_id=proc.env.get(ENV_WORKER, ""),
+            pool=proc.env.get(ENV_POOL, ""),
+            provider_id=str(proc.pid),
+            address=proc.env.get(ENV_AGENT_HOST) or self.agent_host,
+        )
+
+    def _fresh_dir(self, workdir: Path) -> None:
+        self.work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = self.work_root.lstat()
+        if self.work_root.is_symlink() or info.st_uid != os.getuid():
+            # In a shared /tmp another user could have planted the directory.
+            raise PermanentProvisionerError(
+                f"work_root {self.work_root} is a symlink or not owned by this user"
+            )
+        workdir.parent.mkdir(mode=0o700, exist_ok=True)
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        workdir.mkdir(mode=0o700)
+
+    def _start_agent(self, spec: WorkerSpec, workdir: Path) -> int:
+        env = {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "HOME": str(workdir),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            **spec.agent_environment(),
+            ENV_AGENT_HOST: self.agent_host,
+            MARKER: MARKER_VALUE,
+        }
+        with open(workdir / "agent.log", "ab") as log_file:
+            try:
+                child = subprocess.Popen(
+                    [self.python, str(AGENT_FILE)],
+                    cwd=workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    start_new_session=True,
+                )
+            except (FileNotFoundError, PermissionError) as exc:
+                raise PermanentProvisionerError(
+                    f"cannot run the agent with python {self.python!r}: {exc}"
+                ) from exc
+        with self._children_lock:
+            self._children[child.pid] = child
+        return child.pid
+
+    def _kill_worker(self, worker_id: str, deployment_id: str | None = None) -> None:
+        """SIGTERM every process group holding a process of the worker, then SIGKILL.
+
+        ``deployment_id`` narrows the match when known (handles do not carry it)."""
+        groups = self._groups_of(worker_id, deployment_id)
+        if not groups:
+            return
+        self._signal(groups, signal.SIGTERM)
+        if self._wait_gone(worker_id, deployment_id, groups, TERM_GRACE_S):
+            return
+        log.warning("local_agent_kill worker=%s groups=%s", worker_id, sorted(groups))
+        groups |= self._groups_of(worker_id, deployment_id)
+        self._signal(groups, signal.SIGKILL)
+        if not self._wait_gone(worker_id, deployment_id, groups, KILL_GRACE_S):
+            raise TransientProvisionerError(f"processes of worker {worker_id} survive SIGKILL")
+
+    @staticmethod
+    def _groups_of(worker_id: str, deployment_id: str | None) -> set[int]:
+        own = os.getpgrp()
+        return {
+            p.pgid
+            for p in _scan()
+            if p.env.get(ENV_WORKER) == worker_id
+            and deployment_id in (None, p.env.get(ENV_DEPLOYMENT))
+            and p.pgid > 1
+            and p.pgid != own
+        }
+
+    def _wait_gone(
+        self, worker_id: str, deployment_id: str | None, groups: set[int], grace_s: float
+    ) -> bool:
+        deadline = time.monotonic() + grace_s
+        while True:
+            self._reap()
+            if not self._groups_of(worker_id, deployment_id) and not _live_groups(groups):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_S)
+
+    @staticmethod
+    def _signal(groups: set[int], signum: signal.Signals) -> None:
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signum)
+
+    def _reap(self) -> None:
+        """Collect exited children so they do not linger as zombies."""
+        with self._children_lock:
+            for pid, child in list(self._children.items()):
+                if child.poll() is not None:
+                    del self._children[pid]
+
+
+def _component(value: str) -> str:
+    """``value`` as one path component, refusing anything that could climb out."""
+    if not value or value in (".", "..") or "/" in value or "\0" in value:
+        raise PermanentProvisionerError(f"unsafe id for a directory name: {value!r}")
+    return value
+
+
+def _glob_escape(value: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in value)
+
+
+def _stat_fields(pid: str) -> list[str] | None:
+    """Fields after the command name in /proc/PID/stat, or None for zombies and the unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    if len(fields) < 3 or fields[0] in ("Z", "X"):
+        return None
+    return fields
+
+
+def _scan() -> list[_Proc]:
+    """Every live process carrying the local marker."""
+    marker = f"{MARKER}={MARKER_VALUE}".encode()
+    found: list[_Proc] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/environ").read_bytes()
+            if marker not in raw.split(b"\0"):
+                continue
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+        fields = _stat_fields(entry)
+        if fields is None:
+            continue
+        env: dict[str, str] = {}
+        for item in raw.split(b"\0"):
+            key, _, value = item.decode(errors="surrogateescape").partition("=")
+            env.setdefault(key, value)
+        found.append(
+            _Proc(
+                pid=int(entry),
+                pgid=int(fields[2]),
+                env=env,
+                is_agent=any(arg.endswith(AGENT_FILE.name.encode()) for arg in cmdline[1:]),
+            )
+        )
+    return found
+
+
+def _live_groups(groups: set[int]) -> bool:
+    """True while any live process (marked or not) is in one of ``groups``."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(entry)
+            if fields is not None and int(fields[2]) in groups:
+                return True
+    return False

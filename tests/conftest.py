@@ -1,0 +1,161 @@
+"""Shared fixtures: a service on a temporary SQLite file, a manual clock, the fake provisioner."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from service.app import create_app
+from service.config import Config, config_from_dict
+from service.db import session_factory, session_scope
+from service.jobs import Runtime, destroy, maintain, reconcile_job
+from service.models import Worker
+from service.runtime import build_runtime, prepare_database
+from tests.support.fakes import FakeCloud, ManualClock, install
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def pool_config(name: str = "hosted-ubuntu", **overrides: Any) -> dict[str, Any]:
+    pool = {"name": name, "os": "ubuntu", "provisioner": "fake", "min_ready": 2,
+            "max_workers": 5, "lease_idle_timeout": "60m", "lease_max_lifetime": "72h",
+            "provision_timeout": "10m", "pending_timeout": "30m"}
+    pool.update(overrides)
+    return pool
+
+
+@pytest.fixture
+def cloud() -> FakeCloud:
+    return install()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'workerlease.db'}"
+
+
+@pytest.fixture
+def pools() -> list[dict[str, Any]]:
+    return [pool_config()]
+
+
+@pytest.fixture
+def config(database_url: str, pools: list[dict[str, Any]], cloud: FakeCloud) -> Config:
+    return config_from_dict({"database_url": database_url, "admin_token": ADMIN_TOKEN,
+                             "deployment_id": "test", "public_url": "http://127.0.0.1:9",
+                             "pools": pools})
+
+
+@pytest.fixture
+def engine(config: Config) -> Iterator[Engine]:
+    engine = prepare_database(config)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def app(config: Config, engine: Engine, clock: ManualClock) -> Flask:
+    app = create_app(config, engine=engine, clock=clock)
+    app.testing = True
+    return app
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def rt(config: Config, engine: Engine, clock: ManualClock) -> Runtime:
+    return build_runtime(config, engine, config.public_url or "", clock=clock)
+
+
+@dataclass
+class Service:
+    """One handle on the whole service under test: HTTP client, jobs, clock, fake cloud."""
+
+    client: FlaskClient
+    rt: Runtime
+    clock: ManualClock
+    cloud: FakeCloud
+    engine: Engine
+
+    def tick(self) -> None:
+        """One scheduler round at the current time: maintain, then destroy."""
+        maintain(self.rt)
+        destroy(self.rt)
+
+    def reconcile(self) -> None:
+        reconcile_job(self.rt)
+
+    def session(self) -> Session:
+        return session_factory(self.engine)()
+
+    def workers(self, state: str | None = None) -> list[Worker]:
+        with session_scope(session_factory(self.engine)) as session:
+            statement = select(Worker)
+            if state:
+                statement = statement.where(Worker.state == state)
+            return list(session.exec(statement).all())
+
+    def agents_report_ready(self) -> list[str]:
+        """Every created, still-provisioning worker's agent calls back (as a real one would)."""
+        ready = []
+        for worker in self.workers("provisioning"):
+            resource = self.cloud.resources.get(worker.id)
+            if resource is None or resource.destroyed:
+                continue
+            response = self.client.post(
+                f"/v1/workers/{worker.id}/ready",
+                json={"agent_url": "http://127.0.0.1:1/", "address": "127.0.0.1"},
+                headers=bearer(resource.spec.bootstrap_token))
+            assert response.status_code == 200, response.get_json()
+            ready.append(worker.id)
+        return ready
+
+    def warm(self) -> None:
+        """Fill the pools and let every agent report ready."""
+        self.tick()
+        self.agents_report_ready()
+
+    def tenant(self, name: str = "acme") -> dict[str, str]:
+        response = self.client.post("/v1/admin/tenants", json={"name": name},
+                                    headers=bearer(ADMIN_TOKEN))
+        assert response.status_code == 201
+        body: dict[str, str] = response.get_json()
+        return body
+
+
+@pytest.fixture
+def svc(client: FlaskClient, rt: Runtime, clock: ManualClock, cloud: FakeCloud,
+        engine: Engine) -> Service:
+    return Service(client, rt, clock, cloud, engine)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def admin() -> dict[str, str]:
+    return bearer(ADMIN_TOKEN)
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("WORKERLEASE_CONFIG", "WORKERLEASE_ADMIN_TOKEN", "WORKERLEASE_DATABASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    os.environ.setdefault("PYTHONHASHSEED", "0")

@@ -1,0 +1,327 @@
+"""The local provisioner against real agent processes and a fake service on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from provisioners.base import ResourceState, WorkerHandle, WorkerSpec
+from provisioners.local import AGENT_FILE, LocalOptions, LocalProvisioner
+
+pytestmark = pytest.mark.integration
+
+POOL = "pool-a"
+
+
+class FakeService:
+    """Answers ready callbacks with ``access-<worker id>``, or with ``status`` when set."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[dict[str, Any]]] = {}
+        self.status = 200
+        self._lock = threading.Lock()
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                worker_id = self.path.split("/")[3]
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with service._lock:
+                    service.calls.setdefault(worker_id, []).append(body)
+                payload = {"access_token": f"access-{worker_id}"}
+                data = json.dumps(payload if service.status == 200 else {}).encode()
+                self.send_response(service.status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def agent_url(self, worker_id: str) -> str:
+        wait_for(lambda: worker_id in self.calls)
+        return str(self.calls[worker_id][0]["agent_url"])
+
+    def run(self, worker_id: str, script: str) -> dict[str, Any]:
+        response = requests.post(
+            f"{self.agent_url(worker_id)}/run",
+            json={"script": script, "timeout_s": 10},
+            headers={"Authorization": f"Bearer access-{worker_id}"},
+            timeout=30,
+        )
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """True unless gone or a zombie (PID 1 on these machines may never reap orphans)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+@pytest.fixture
+def service() -> Iterator[FakeService]:
+    fake = FakeService()
+    yield fake
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+@pytest.fixture
+def work_root(tmp_path: Path) -> Path:
+    return tmp_path / "workers"
+
+
+@pytest.fixture
+def deployment() -> str:
+    return f"dep-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def provisioner(work_root: Path, deployment: str) -> Iterator[LocalProvisioner]:
+    prov = LocalProvisioner(POOL, LocalOptions(work_root=str(work_root)))
+    yield prov
+    for handle in prov.list_owned(deployment):
+        prov.destroy(handle)
+
+
+@pytest.fixture
+def spec(service: FakeService, deployment: str) -> Callable[..., WorkerSpec]:
+    def make(worker_id: str | None = None, deployment_id: str = deployment) -> WorkerSpec:
+        return WorkerSpec(
+            worker_id=worker_id or f"w-{uuid.uuid4().hex[:8]}",
+            pool=POOL,
+            os="linux",
+            deployment_id=deployment_id,
+            service_url=service.url,
+            bootstrap_token="bootstrap-secret",
+        )
+
+    return make
+
+
+def test_create_starts_the_agent_in_its_own_dir_and_session(
+    provisioner: LocalProvisioner,
+    service: FakeService,
+    spec: Callable[..., WorkerSpec],
+    work_root: Path,
+    deployment: str,
+) -> None:
+    worker = spec()
+
+    handle = provisioner.create(worker)
+
+    pid = int(handle.provider_id)
+    workdir = work_root / deployment / worker.worker_id
+    assert handle == WorkerHandle(worker.worker_id, POOL, str(pid), "127.0.0.1")
+    assert Path(f"/proc/{pid}/cwd").resolve() == workdir.resolve()
+    assert stat.S_IMODE(workdir.stat().st_mode) == 0o700
+    assert os.getpgid(pid) == pid  # its own group, so destroy can kill it whole
+    agent_url = service.agent_url(worker.worker_id)
+    assert service.calls[worker.worker_id][0]["address"] == "127.0.0.1"
+    assert requests.get(f"{agent_url}/healthz", timeout=5).json()["worker_id"] == worker.worker_id
+    assert service.run(worker.worker_id, "pwd")["stdout"].strip() == str(workdir.resolve())
+
+
+def test_create_again_returns_the_running_agent_and_starts_nothing(
+    provisioner: LocalProvisioner,
+    service: FakeService,
+    spec: Callable[..., WorkerSpec],
+    deployment: str,
+) -> None:
+    worker = spec()
+    first = provisioner.create(worker)
+    service.agent_url(worker.worker_id)
+
+    second = provisioner.create(worker)
+
+    assert second == first
+    assert [h.provider_id for h in provisioner.list_owned(deployment)] == [first.provider_id]
+    time.sleep(0.5)
+    assert len(service.calls[worker.worker_id]) == 1
+
+
+def test_describe_is_running_until_destroyed(
+    provisioner: LocalProvisioner, spec: Callable[..., WorkerSpec]
+) -> None:
+    handle = provisioner.create(spec())
+    never = WorkerHandle("w-never-created", POOL, "999999")
+
+    assert provisioner.describe([handle, never]) == {
+        handle.worker_id: ResourceState.RUNNING,
+        never.worker_id: ResourceState.GONE,
+    }
+    provisioner.destroy(handle)
+    assert provisioner.describe([handle]) == {handle.worker_id: ResourceState.GONE}
+
+
+def test_destroy_kills_the_agent_and_script_children_and_removes_the_dir(
+    provisioner: LocalProvisioner,
+    service: FakeService,
+    spec: Callable[..., WorkerSpec],
+    work_root: Path,
+    deployment: str,
+) -> None:
+    worker = spec()
+    handle = provisioner.create(worker)
+    child = int(service.run(worker.worker_id, "sleep 300 >/dev/null 2>&1 &\necho $!")["stdout"])
+    assert alive(child)
+
+    provisioner.destroy(handle)
+
+    assert not alive(int(handle.provider_id))
+    assert not alive(child)
+    assert not (work_root / deployment / worker.worker_id).exists()
+    assert provisioner.list_owned(deployment) == []
+    provisioner.destroy(handle)  # already gone: still fine
+
+
+def test_destroy_escalates_to_sigkill(
+    provisioner: LocalProvisioner, service: FakeService, spec: Callable[..., WorkerSpec]
+) -> None:
+    worker = spec()
+    handle = provisioner.create(worker)
+    stubborn = "trap '' TERM\nsleep 300 >/dev/null 2>&1 &\necho $!"
+    child = int(service.run(worker.worker_id, stubborn)["stdout"])
+
+    provisioner.destroy(handle)
+
+    assert not alive(child)
+
+
+def test_agent_that_exits_is_reaped_and_gone(
+    provisioner: LocalProvisioner, service: FakeService, spec: Callable[..., WorkerSpec]
+) -> None:
+    service.status = 409  # the service refuses the worker: the agent exits 1
+    handle = provisioner.create(spec())
+    pid = int(handle.provider_id)
+
+    wait_for(lambda: provisioner.describe([handle])[handle.worker_id] == ResourceState.GONE)
+
+    wait_for(lambda: not Path(f"/proc/{pid}").exists())  # reaped, not left a zombie
+
+
+def test_list_owned_finds_agents_of_a_previous_provisioner_only_in_its_deployment(
+    work_root: Path, spec: Callable[..., WorkerSpec], deployment: str
+) -> None:
+    before_crash = LocalProvisioner(POOL, LocalOptions(work_root=str(work_root)))
+    other_deployment = f"{deployment}-other"
+    mine = before_crash.create(spec())
+    theirs = before_crash.create(spec(deployment_id=other_deployment))
+    try:
+        after_restart = LocalProvisioner("pool-b", LocalOptions(work_root=str(work_root)))
+
+        owned = after_restart.list_owned(deployment)
+
+        assert owned == [mine]
+        assert [h.worker_id for h in after_restart.list_owned(other_deployment)] == [
+            theirs.worker_id
+        ]
+        after_restart.destroy(owned[0])
+        assert before_crash.describe([mine, theirs]) == {
+            mine.worker_id: ResourceState.GONE,
+            theirs.worker_id: ResourceState.RUNNING,
+        }
+    finally:
+        before_crash.destroy(mine)
+        before_crash.destroy(theirs)
+
+
+def test_agent_of_another_provisioner_is_not_owned(
+    provisioner: LocalProvisioner, service: FakeService, deployment: str, tmp_path: Path
+) -> None:
+    """An agent without the local marker (as a Docker container's, seen in /proc) is ignored."""
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "WORKERLEASE_URL": service.url,
+        "WORKERLEASE_WORKER_ID": "w-container",
+        "WORKERLEASE_DEPLOYMENT": deployment,
+        "WORKERLEASE_POOL": POOL,
+        "WORKERLEASE_BOOTSTRAP_TOKEN": "bootstrap-secret",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(AGENT_FILE)],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        service.agent_url("w-container")
+
+        assert provisioner.list_owned(deployment) == []
+        provisioner.destroy(WorkerHandle("w-container", POOL, str(proc.pid)))
+        assert proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_concurrent_creates_of_one_worker_start_one_agent(
+    provisioner: LocalProvisioner, spec: Callable[..., WorkerSpec], deployment: str
+) -> None:
+    worker = spec()
+    handles: list[WorkerHandle] = []
+
+    threads = [
+        threading.Thread(target=lambda: handles.append(provisioner.create(worker)))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert len(handles) == 8 and len(set(handles)) == 1
+    assert provisioner.list_owned(deployment) == [handles[0]]
+
+
+def test_create_after_the_agent_died_starts_a_fresh_one_in_a_fresh_dir(
+    provisioner: LocalProvisioner,
+    service: FakeService,
+    spec: Callable[..., WorkerSpec],
+    work_root: Path,
+    deployment: str,
+) -> None:
+    worker = spec()
+    first = provisioner.create(worker)
+    service.run(worker.worker_id, "touch stale")
+    os.kill(int(first.provider_id), signal.SIGKILL)
+    wait_for(lambda: provisioner.describe([first])[worker.worker_id] == ResourceState.GONE)
+
+    second = provisioner.create(worker)
+
+    assert second.provider_id != first.provider_id
+    wait_for(lambda: len(service.calls[worker.worker_id]) == 2)
+    assert not (work_root / deployment / worker.worker_id / "stale").exists()

@@ -1,0 +1,381 @@
+"""The worker agent, run as a real process against a fake service on 127.0.0.1.
+
+Set WORKERLEASE_AGENT_TEST_PYTHON to run the agent under another interpreter
+(it must keep working on Python 3.9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+AGENT = Path(__file__).resolve().parents[2] / "images" / "agent" / "workerlease_agent.py"
+PYTHON = os.environ.get("WORKERLEASE_AGENT_TEST_PYTHON") or sys.executable
+BOOTSTRAP = "bootstrap-secret-4f1c"
+ACCESS = "access-secret-9a7e"
+WORKER = f"w-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class ReadyCall:
+    path: str
+    authorization: str | None
+    body: dict[str, Any]
+
+
+@dataclass
+class FakeService:
+    """Records ready callbacks; answers them from ``responses`` (then 200 + token)."""
+
+    url: str = ""
+    calls: list[ReadyCall] = field(default_factory=list)
+    responses: list[int] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    received: threading.Event = field(default_factory=threading.Event)
+
+    def answer(self, call: ReadyCall) -> tuple[int, dict[str, Any]]:
+        self.calls.append(call)
+        self.received.set()
+        status = self.responses.pop(0) if self.responses else 200
+        if status != 200:
+            return status, {"error": "fake"}
+        self.release.wait(30)
+        return 200, {"access_token": ACCESS}
+
+
+@pytest.fixture
+def service() -> Iterator[FakeService]:
+    fake = FakeService()
+    fake.release.set()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            call = ReadyCall(self.path, self.headers.get("Authorization"), json.loads(body))
+            status, payload = fake.answer(call)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield fake
+    fake.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+@dataclass
+class Agent:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    workdir: Path
+    url: str = ""
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def run(self, body: Any, token: str | None = ACCESS, **kwargs: Any) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        if not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        return requests.post(f"{self.url}/run", data=body, headers=headers, timeout=30, **kwargs)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def start_agent(service: FakeService, tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    started: list[Agent] = []
+
+    def start(wait_ready: bool = True, **env: str) -> Agent:
+        workdir = tmp_path / f"agent{len(started)}"
+        workdir.mkdir()
+        log_path = workdir / "agent.log"
+        full_env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "WORKERLEASE_URL": service.url,
+            "WORKERLEASE_WORKER_ID": WORKER,
+            "WORKERLEASE_DEPLOYMENT": "dep-test",
+            "WORKERLEASE_POOL": "pool-a",
+            "WORKERLEASE_BOOTSTRAP_TOKEN": BOOTSTRAP,
+            "WORKERLEASE_AGENT_PORT": "0",
+            **env,
+        }
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(
+                [PYTHON, str(AGENT)],
+                cwd=workdir,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
+            )
+        agent = Agent(proc, log_path, workdir)
+        started.append(agent)
+        if wait_ready:
+            wait_for(lambda: bool(service.calls) or proc.poll() is not None)
+            assert service.calls, agent.log()
+            agent.url = service.calls[-1].body["agent_url"]
+            wait_for(lambda: "event=ready" in agent.log())
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.proc.poll() is None:
+            os.killpg(agent.proc.pid, signal.SIGKILL)
+        agent.proc.wait(10)
+
+
+def test_ready_callback_reports_the_bound_port_with_the_bootstrap_token(
+    service: FakeService, start_agent: Callable[..., Agent]
+) -> None:
+    agent = start_agent()
+
+    [call] = service.calls
+    assert call.path == f"/v1/workers/{WORKER}/ready"
+    assert call.authorization == f"Bearer {BOOTSTRAP}"
+    assert call.body["address"] == "127.0.0.1"
+    host, port = call.body["agent_url"].removeprefix("http://").split(":")
+    assert host == "127.0.0.1" and int(port) > 0
+    health = requests.get(f"{agent.url}/healthz", timeout=5)
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "worker_id": WORKER}
+
+
+def test_advertise_host_is_used_in_agent_url(
+    service: FakeService, start_agent: Callable[..., Agent]
+) -> None:
+    start_agent(WORKERLEASE_AGENT_HOST="0.0.0.0", WORKERLEASE_AGENT_ADVERTISE_HOST="localhost")
+
+    assert service.calls[0].body["address"] == "localhost"
+    assert service.calls[0].body["agent_url"].startswith("http://localhost:")
+
+
+def test_run_returns_output_and_exit_code_in_the_agent_directory(
+    start_agent: Callable[..., Agent],
+) -> None:
+    agent = start_agent()
+
+    response = agent.run({"script": "echo hello; echo oops >&2; pwd; exit 3", "timeout_s": 10})
+
+    assert response.status_code == 200
+    result = response.json()
+    assert result["exit_code"] == 3
+    assert result["stdout"] == f"hello\n{agent.workdir.resolve()}\n"
+    assert result["stderr"] == "oops\n"
+    assert result["timed_out"] is False
+
+
+def test_script_reading_stdin_does_not_swallow_the_rest_of_the_script(
+    start_agent: Callable[..., Agent],
+) -> None:
+    agent = start_agent()
+
+    result = agent.run({"script": "cat\necho after\n"}).json()
+
+    assert result["stdout"] == "after\n"
+
+
+def test_background_child_does_not_hold_the_answer(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+    started = time.monotonic()
+
+    result = agent.run({"script": "sleep 300 &\necho $!"}).json()
+
+    child = int(result["stdout"])
+    try:
+        assert time.monotonic() - started < 10
+        assert result["exit_code"] == 0
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_wrong_or_missing_token_is_401(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+
+    wrong = agent.run({"script": "touch ran"}, token="nope")
+    missing = agent.run({"script": "touch ran"}, token=None)
+    bootstrap = agent.run({"script": "touch ran"}, token=BOOTSTRAP)
+
+    assert [r.status_code for r in (wrong, missing, bootstrap)] == [401, 401, 401]
+    assert "error" in wrong.json()
+    assert not (agent.workdir / "ran").exists()
+
+
+def test_run_before_the_access_token_is_known_is_503(
+    service: FakeService, start_agent: Callable[..., Agent]
+) -> None:
+    service.release.clear()  # hold the ready callback's answer
+    agent = start_agent(wait_ready=False)
+    assert service.received.wait(10), agent.log()
+    agent.url = service.calls[0].body["agent_url"]
+
+    assert requests.get(f"{agent.url}/healthz", timeout=5).status_code == 200
+    assert agent.run({"script": "true"}).status_code == 503
+
+    service.release.set()
+    wait_for(lambda: "event=ready" in agent.log())
+    assert agent.run({"script": "true"}).status_code == 200
+
+
+def test_timeout_kills_the_script_and_its_children(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+    started = time.monotonic()
+
+    result = agent.run({"script": "sleep 300 &\necho $! > child.pid\nsleep 300", "timeout_s": 1})
+
+    assert time.monotonic() - started < 10
+    assert result.json() == {"exit_code": -1, "stdout": "", "stderr": "", "timed_out": True}
+    child = int((agent.workdir / "child.pid").read_text())
+    wait_for(lambda: not _alive(child))
+
+
+def _alive(pid: int) -> bool:
+    """True unless the process is gone or a zombie (PID 1 here may never reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[]",
+        json.dumps({"timeout_s": 5}),
+        json.dumps({"script": 7}),
+        json.dumps({"script": "true", "timeout_s": 0}),
+        json.dumps({"script": "true", "timeout_s": 3601}),
+        json.dumps({"script": "true", "timeout_s": "5"}),
+        json.dumps({"script": "true", "timeot_s": 5}),
+    ],
+)
+def test_bad_request_is_400(start_agent: Callable[..., Agent], body: bytes | str) -> None:
+    agent = start_agent()
+
+    response = agent.run(body)
+
+    assert response.status_code == 400
+    assert "error" in response.json()
+
+
+def test_oversize_body_is_413(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+
+    response = agent.run({"script": "#" * (1 << 20)})
+
+    assert response.status_code == 413
+
+
+def test_output_is_capped(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+
+    result = agent.run({"script": "head -c 1100000 /dev/zero | tr '\\0' a"}).json()
+
+    assert result["stdout"] == "a" * (1 << 20) + "\n[truncated]"
+
+
+def test_unknown_path_is_404(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+
+    assert requests.get(f"{agent.url}/nope", timeout=5).status_code == 404
+    assert requests.post(f"{agent.url}/nope", data=b"{}", timeout=5).status_code == 404
+
+
+def test_scripts_do_not_see_the_tokens(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+
+    env = agent.run({"script": "env"}).json()["stdout"]
+
+    assert f"WORKERLEASE_WORKER_ID={WORKER}" in env
+    assert "TOKEN" not in env
+    assert BOOTSTRAP not in env and ACCESS not in env
+    assert BOOTSTRAP not in agent.log() and ACCESS not in agent.log()
+
+
+def test_sigterm_exits_0(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+
+    agent.proc.send_signal(signal.SIGTERM)
+
+    assert agent.proc.wait(10) == 0, agent.log()
+    assert "event=stopped" in agent.log()
+
+
+def test_ready_callback_is_retried_after_5xx(
+    service: FakeService, start_agent: Callable[..., Agent]
+) -> None:
+    service.responses = [503, 500]
+
+    agent = start_agent()
+    wait_for(lambda: len(service.calls) == 3)
+
+    assert agent.run({"script": "true"}).status_code == 200
+    assert agent.log().count("event=ready_retry") == 2
+
+
+@pytest.mark.parametrize("status", [401, 404, 409])
+def test_refused_ready_callback_exits_1(
+    service: FakeService, start_agent: Callable[..., Agent], status: int
+) -> None:
+    service.responses = [status]
+
+    agent = start_agent(wait_ready=False)
+
+    assert agent.proc.wait(10) == 1, agent.log()
+    assert len(service.calls) == 1
+    assert f"event=ready_refused status={status}" in agent.log()
+
+
+def test_unreachable_service_gives_up_after_the_ready_timeout(
+    start_agent: Callable[..., Agent],
+) -> None:
+    agent = start_agent(
+        wait_ready=False,
+        WORKERLEASE_URL="http://127.0.0.1:9",  # discard port: nothing listens
+        WORKERLEASE_READY_TIMEOUT_S="2",
+    )
+
+    assert agent.proc.wait(15) == 1, agent.log()
+    assert "event=ready_gave_up" in agent.log()
+
+
+def test_access_token_from_the_environment_wins(
+    service: FakeService, start_agent: Callable[..., Agent]
+) -> None:
+    agent = start_agent(WORKERLEASE_ACCESS_TOKEN="operator-token")
+
+    assert agent.run({"script": "true"}).status_code == 401
+    assert agent.run({"script": "true"}, token="operator-token").status_code == 200
