@@ -127,7 +127,9 @@ ENV_OVERRIDES = {
 }
 
 
-def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None
+) -> Config:
     """Read, merge environment overrides, validate pools' provisioner options."""
     environ = dict(os.environ) if environ is None else environ
     raw: dict[str, Any] = {}

@@ -20,7 +20,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.sql import Select
 from sqlmodel import Session, create_engine
 
-T = TypeVar("T")
+S = TypeVar("S", bound=Select[Any])
 
 
 def make_engine(url: str, pool_size: int = 10) -> Engine:
@@ -75,8 +75,8 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def with_row_locks(statement: Select[Any], session: Session, *, skip_locked: bool = True,
-                   of: Any = None) -> Select[Any]:
+def with_row_locks(statement: S, session: Session, *, skip_locked: bool = True,
+                   of: Any = None) -> S:
     """``FOR UPDATE [SKIP LOCKED]`` where the database has row locks (Airflow's helper).
 
     On SQLite this is a no-op: ``BEGIN IMMEDIATE`` already serialises writers.

@@ -18,7 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
@@ -78,6 +78,6 @@ def render(snapshot: Snapshot) -> tuple[bytes, str]:
 class _ProcessRegistry(CollectorRegistry):
     """The default registry's collectors plus per-scrape ones, without mutating the default."""
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         yield from REGISTRY.collect()
         yield from super().collect()

@@ -30,11 +30,12 @@ def apply_config(session: Session, pools: list[PoolConfig], now: datetime) -> No
     unless the config's own value changed since it was last applied.
     """
     configured = {pool.name: pool for pool in pools}
-    for row in session.exec(select(Pool)).all():
-        if row.name not in configured and row.in_config:
-            row.in_config = False
-            row.enabled = False
-            record(session, "pool", row.name, "removed from config: disabled", now, pool=row.name)
+    for stale in session.exec(select(Pool)).all():
+        if stale.name not in configured and stale.in_config:
+            stale.in_config = False
+            stale.enabled = False
+            record(session, "pool", stale.name, "removed from config: disabled", now,
+                   pool=stale.name)
     for config in pools:
         row = session.get(Pool, config.name)
         if row is None:

@@ -28,7 +28,7 @@ log = logging.getLogger("workerlease.server")
 RESTART_DELAY_S = 2.0
 
 
-class _Gunicorn(BaseApplication):  # type: ignore[misc]
+class _Gunicorn(BaseApplication):
     def __init__(self, config: Config, options: dict[str, Any]) -> None:
         self._config = config
         self._options = options

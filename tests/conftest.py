@@ -21,6 +21,7 @@ from service.jobs import Runtime, destroy, maintain, reconcile_job
 from service.models import Worker
 from service.runtime import build_runtime, prepare_database
 from tests.support.fakes import FakeCloud, ManualClock, install
+from tests.support.postgres import PostgresServer, PostgresUnavailable
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
@@ -43,9 +44,24 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'workerlease.db'}"
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway server per session; missing binaries fail the run (never a skip)."""
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every service-level test runs on both databases."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'workerlease.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from flask_openapi3 import Tag
 from service.app import Services
 from service.schemas import Problem
 
-BEARER = [{"bearer": []}]
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 PROBLEMS: dict[Any, Any] = {401: Problem, 403: Problem, 404: Problem, 422: Problem, 503: Problem}
 
 TENANT_TAG = Tag(name="tenant", description="What a customer instance calls")
