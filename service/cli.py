@@ -193,11 +193,12 @@ def images() -> None:
 @click.argument("name", required=False, default="testing")
 def images_build(name: str) -> None:
     """Build a worker image (testing | ubuntu | windows) with the local Docker engine."""
+    from images.build import ImageBuildError, build_image
+
     try:
-        from images.build import build_image
-    except ImportError as exc:
-        raise click.ClickException(f"image building is unavailable: {exc}") from None
-    click.echo(build_image(name))
+        click.echo(build_image(name, verbose=True))
+    except ImageBuildError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _factory(config: Config) -> Any:
