@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
-from service import __version__
+from service import __version__, crypto
 from service.clock import Clock, SystemClock
 from service.config import Config
 from service.db import make_engine, session_factory
@@ -57,6 +57,7 @@ class Services:
 def create_app(config: Config, *, engine: Engine | None = None,
                clock: Clock | None = None) -> Flask:
     admin_token = config.require_admin_token()
+    crypto.configure(config.encryption_key)
     app = OpenAPI(
         __name__,
         info=Info(title="workerlease", version=__version__,

@@ -184,6 +184,14 @@ def check_config(path: str) -> None:
                f"{', '.join(p.name for p in config.pools) or 'none'})")
 
 
+@main.command("gen-key")
+def gen_key() -> None:
+    """Print a new encryption key for WORKERLEASE_ENCRYPTION_KEY."""
+    from service.crypto import new_key
+
+    click.echo(new_key())
+
+
 @main.group()
 def images() -> None:
     """Worker images."""

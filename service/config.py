@@ -95,6 +95,8 @@ class PoolConfig(_Strict):
 class Config(_Strict):
     database_url: str = "sqlite:///workerlease.db"
     admin_token: str | None = None
+    # Fernet key(s), comma-separated (first encrypts); required on PostgreSQL.
+    encryption_key: str | None = None
     public_url: str | None = None
     deployment_id: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     database_pool_size: int = Field(default=10, ge=1, le=200)
@@ -108,6 +110,28 @@ class Config(_Strict):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"duplicate pool names: {', '.join(duplicates)}")
+        return self
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _valid_key(cls, value: str | None) -> str | None:
+        if value:
+            from service.crypto import validate_keys
+
+            try:
+                validate_keys(value)
+            except ValueError:
+                raise ValueError(
+                    "must be Fernet keys (32 url-safe base64 bytes), comma-separated; "
+                    "generate one with: workerlease gen-key") from None
+        return value
+
+    @model_validator(mode="after")
+    def _key_required_off_sqlite(self) -> Config:
+        if not self.database_url.startswith("sqlite") and not self.encryption_key:
+            raise ValueError(
+                "encryption_key: required with PostgreSQL (worker tokens are encrypted at "
+                "rest); set WORKERLEASE_ENCRYPTION_KEY (workerlease gen-key makes one)")
         return self
 
     def require_admin_token(self) -> str:
@@ -124,6 +148,7 @@ ENV_OVERRIDES = {
     "WORKERLEASE_ADMIN_TOKEN": "admin_token",
     "WORKERLEASE_DATABASE_URL": "database_url",
     "WORKERLEASE_PUBLIC_URL": "public_url",
+    "WORKERLEASE_ENCRYPTION_KEY": "encryption_key",
 }
 
 
@@ -133,7 +158,8 @@ def load_config(
     """Read, merge environment overrides, validate pools' provisioner options."""
     environ = dict(os.environ) if environ is None else environ
     raw: dict[str, Any] = {}
-    if path is not None:
+    path = path if path is not None else environ.get("WORKERLEASE_CONFIG")
+    if path:
         raw = _read_yaml(Path(path))
     for variable, key in ENV_OVERRIDES.items():
         if environ.get(variable):

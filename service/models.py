@@ -18,6 +18,8 @@ from sqlalchemy import JSON, Column, DateTime, Index, TypeDecorator, text
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
+from service.crypto import EncryptedString
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC on both databases (SQLite hands back naive values)."""
@@ -148,8 +150,9 @@ class Worker(SQLModel, table=True):
     address: str | None = Field(default=None, max_length=255)
     agent_url: str | None = Field(default=None, max_length=500)
     # Kept until the agent uses it (create must stay retryable after a crash), then cleared.
-    bootstrap_token: str | None = Field(default=None, max_length=500)
-    access_token: str = Field(max_length=500)
+    bootstrap_token: str | None = Field(
+        default=None, sa_column=Column(EncryptedString(), nullable=True))
+    access_token: str = Field(sa_column=Column(EncryptedString(), nullable=False))
     create_attempts: int = 0
     destroy_attempts: int = 0
     next_attempt_at: datetime | None = _utc(nullable=True)

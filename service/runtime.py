@@ -11,7 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from service import migrate
+from service import crypto, migrate
 from service.clock import Clock, SystemClock
 from service.config import Config
 from service.db import lock_job, make_engine, session_factory, session_scope
@@ -27,6 +27,7 @@ HEARTBEAT = "scheduler"
 
 def prepare_database(config: Config, engine: Engine | None = None) -> Engine:
     """Upgrade the schema and apply the pools of the config; return the engine."""
+    crypto.configure(config.encryption_key)
     engine = engine or make_engine(config.database_url, config.database_pool_size)
     migrate.upgrade(engine)
     with session_scope(session_factory(engine)) as session:

@@ -24,6 +24,12 @@ class _In(BaseModel):
 class Problem(BaseModel):
     """RFC 9457 problem details."""
 
+    # Error answers are sent as application/problem+json; declaring only the
+    # default application/json would leave them unchecked by schema validators.
+    model_config = ConfigDict(openapi_extra={  # type: ignore[typeddict-unknown-key]
+        "content": {"application/problem+json": {
+            "schema": {"$ref": "#/components/schemas/Problem"}}}})
+
     type: str = "about:blank"
     status: int
     title: str

@@ -24,6 +24,7 @@ from tests.support.fakes import FakeCloud, ManualClock, install
 from tests.support.postgres import PostgresServer, PostgresUnavailable
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
+ENCRYPTION_KEY = "k6LRXbUB0_aVtUzMKLnH2vGqY0JYDSGOIpu8zJOOBUA="
 
 
 def pool_config(name: str = "hosted-ubuntu", **overrides: Any) -> dict[str, Any]:
@@ -72,6 +73,7 @@ def pools() -> list[dict[str, Any]]:
 @pytest.fixture
 def config(database_url: str, pools: list[dict[str, Any]], cloud: FakeCloud) -> Config:
     return config_from_dict({"database_url": database_url, "admin_token": ADMIN_TOKEN,
+                             "encryption_key": ENCRYPTION_KEY,
                              "deployment_id": "test", "public_url": "http://127.0.0.1:9",
                              "pools": pools})
 

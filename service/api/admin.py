@@ -41,7 +41,7 @@ from service.schemas import (
 from service.workers import fail_worker
 
 bp = APIBlueprint("admin", __name__, url_prefix="/v1/admin", abp_tags=[ADMIN_TAG],
-                  abp_security=BEARER, abp_responses=problems(401, 403, 422, 503))
+                  abp_security=BEARER, abp_responses=problems(401, 403, 413, 422, 503))
 bp.before_request(require_admin)
 
 

@@ -17,7 +17,7 @@ from service.models import LIVE_LEASE_STATES, Lease, LeaseState
 from service.schemas import LeaseCreate, LeaseList, LeaseOut, LeasePath, LeaseStateFilter
 
 bp = APIBlueprint("leases", __name__, url_prefix="/v1/leases", abp_tags=[TENANT_TAG],
-                  abp_security=BEARER, abp_responses=problems(401, 403, 422, 503))
+                  abp_security=BEARER, abp_responses=problems(401, 403, 413, 422, 503))
 bp.before_request(require_tenant)
 
 RETRY_AFTER_S = 2

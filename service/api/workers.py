@@ -12,7 +12,7 @@ from service.schemas import ReadyAck, WorkerPath, WorkerReady
 from service.workers import worker_ready
 
 bp = APIBlueprint("workers", __name__, url_prefix="/v1/workers", abp_tags=[AGENT_TAG],
-                  abp_security=BEARER, abp_responses=problems(401, 404, 409, 422, 503))
+                  abp_security=BEARER, abp_responses=problems(401, 404, 409, 413, 422, 503))
 
 
 @bp.post("/<worker_id>/ready", responses={200: ReadyAck})

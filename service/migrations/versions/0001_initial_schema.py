@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 import sqlmodel
 
+import service.crypto
 import service.models
 from alembic import op
 
@@ -85,8 +86,8 @@ def upgrade() -> None:
     sa.Column('provider_id', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.Column('address', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
     sa.Column('agent_url', sqlmodel.sql.sqltypes.AutoString(length=500), nullable=True),
-    sa.Column('bootstrap_token', sqlmodel.sql.sqltypes.AutoString(length=500), nullable=True),
-    sa.Column('access_token', sqlmodel.sql.sqltypes.AutoString(length=500), nullable=False),
+    sa.Column('bootstrap_token', service.crypto.EncryptedString(), nullable=True),
+    sa.Column('access_token', service.crypto.EncryptedString(), nullable=False),
     sa.Column('create_attempts', sa.Integer(), nullable=False),
     sa.Column('destroy_attempts', sa.Integer(), nullable=False),
     sa.Column('next_attempt_at', service.models.UTCDateTime(timezone=True), nullable=True),

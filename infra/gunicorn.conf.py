@@ -1,0 +1,21 @@
+# gunicorn settings for the API when run by an external gunicorn:
+#   WORKERLEASE_CONFIG=/etc/workerlease/config.yaml gunicorn -c infra/gunicorn.conf.py service.wsgi:app
+# plus exactly one `workerlease scheduler` per deployment (see infra/systemd/).
+# `workerlease serve` applies the same settings and starts the scheduler itself.
+import os
+import tempfile
+
+bind = os.environ.get("WORKERLEASE_BIND", "127.0.0.1:8080")
+workers = int(os.environ.get("WORKERLEASE_WEB_WORKERS", "2"))
+worker_class = "gthread"
+threads = 32  # a lease request with wait_seconds holds a thread for up to 60 s
+timeout = 120
+graceful_timeout = 70
+keepalive = 5
+accesslog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'  # no headers: tokens never logged
+errorlog = "-"
+# Web workers must not share database connections made before the fork, so nothing is
+# preloaded; metrics from several processes are aggregated through this directory.
+preload_app = False
+raw_env = [f"PROMETHEUS_MULTIPROC_DIR={tempfile.mkdtemp(prefix='workerlease-prom-')}"]
