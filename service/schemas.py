@@ -86,7 +86,9 @@ class AdminWorkerQuery(Page):
 
 class EventQuery(_In):
     limit: int = Field(default=100, ge=1, le=1000)
-    before: int | None = Field(default=None, ge=1, description="Cursor: events older than this id")
+    # Bounded: SQLite refuses integers beyond 64 bits (OverflowError, a 500).
+    before: int | None = Field(default=None, ge=1, le=2**63 - 1,
+                               description="Cursor: events older than this id")
 
 
 class TenantCreate(_In):
