@@ -21,7 +21,6 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
 from provisioners import (
-    PermanentProvisionerError,
     ProvisionerError,
     ResourceState,
     WorkerHandle,
@@ -166,11 +165,9 @@ def _record_create_failure(factory: sessionmaker[Session], pool_name: str, worke
 
 
 def _error_kind(exc: Exception) -> str:
-    if isinstance(exc, PermanentProvisionerError):
-        return "permanent"
+    """The metric label: the provisioner's own error class, so causes stay distinct."""
     if isinstance(exc, ProvisionerError):
-        return type(exc).__name__ if type(exc).__name__ != "TransientProvisionerError" \
-            else "transient"
+        return type(exc).__name__
     return "unexpected"
 
 
