@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: install run tenant test test-quick lint typecheck check bench system-deps \
+.PHONY: install checkov run tenant test test-quick lint typecheck check bench system-deps \
         docker-engine postgres images clean
 
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# checkov pins old boto3/packaging; it gets a virtualenv of its own.
+CHECKOV_VENV ?= .venv-checkov
+$(CHECKOV_VENV)/.installed:
+	python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install -q 'checkov>=3,<4'
+	touch $@
+
+checkov: $(CHECKOV_VENV)/.installed
 
 run: install
 	@mkdir -p var
@@ -49,8 +59,8 @@ images: install docker-engine
 
 system-deps: docker-engine postgres
 
-test: install system-deps images
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: install checkov system-deps images
+	WORKERLEASE_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)
 
 # Unit and API tests only: no Docker, PostgreSQL or moto needed.
 test-quick: install
@@ -69,4 +79,4 @@ bench: install
 	$(PY) -m tests.benchmarks.run
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) var .pytest_cache .mypy_cache .ruff_cache
