@@ -69,7 +69,9 @@ def serve(config_path: str | None, host: str, port: int, workers: int, threads: 
 @main.command()
 @CONFIG_OPTION
 @click.option("--public-url", help="how workers reach the API (default: config public_url)")
-def scheduler(config_path: str | None, public_url: str | None) -> None:
+@click.option("--exit-with-parent", is_flag=True, hidden=True,
+              help="stop when the parent process dies (used by serve)")
+def scheduler(config_path: str | None, public_url: str | None, exit_with_parent: bool) -> None:
     """Run only the background jobs (for deployments that serve the API elsewhere)."""
     config = _load(config_path)
     _setup_logging(config.log_level)
@@ -79,6 +81,8 @@ def scheduler(config_path: str | None, public_url: str | None) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    if exit_with_parent:
+        _stop_when_orphaned(stop)
     engine = prepare_database(config)
     rt = build_runtime(config, engine, url)
     sched = run_scheduler(rt)
@@ -87,6 +91,19 @@ def scheduler(config_path: str | None, public_url: str | None) -> None:
     sched.shutdown(wait=True)
     rt.provisioners.close()
     log.info("scheduler_stopped")
+
+
+def _stop_when_orphaned(stop: threading.Event) -> None:
+    """A scheduler whose ``serve`` was killed (SIGKILL) must not run on alone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                log.warning("scheduler_parent_gone parent=%d; stopping", parent)
+                stop.set()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @main.group()

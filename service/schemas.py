@@ -86,13 +86,18 @@ class AdminWorkerQuery(Page):
 
 class EventQuery(_In):
     limit: int = Field(default=100, ge=1, le=1000)
-    # Bounded: SQLite refuses integers beyond 64 bits (OverflowError, a 500).
-    before: int | None = Field(default=None, ge=1, le=2**63 - 1,
+    # Bounded by the column (INTEGER, 32 bits on PostgreSQL): a larger value made the
+    # database driver fail (a 500) instead of being refused as a bad query value.
+    before: int | None = Field(default=None, ge=1, le=2**31 - 1,
                                description="Cursor: events older than this id")
 
 
+# Text that is stored: no control characters (PostgreSQL refuses NUL in text, a 500).
+PRINTABLE_RE = r"^[^\x00-\x1f\x7f]*$"
+
+
 class TenantCreate(_In):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=PRINTABLE_RE)
 
 
 class PoolPatch(_In):
@@ -102,8 +107,8 @@ class PoolPatch(_In):
 
 
 class WorkerReady(_In):
-    agent_url: str = Field(min_length=8, max_length=500, pattern=r"^https?://")
-    address: str | None = Field(default=None, max_length=255)
+    agent_url: str = Field(min_length=8, max_length=500, pattern=r"^https?://[^\x00-\x1f\x7f]*$")
+    address: str | None = Field(default=None, max_length=255, pattern=PRINTABLE_RE)
 
 
 # ---- responses --------------------------------------------------------------

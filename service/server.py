@@ -55,16 +55,26 @@ class SchedulerProcess:
                                         daemon=True)
 
     def start(self) -> None:
+        # Spawned here, synchronously, before gunicorn forks its web workers: a fork while
+        # Popen waits for exec would hand the workers Popen's status pipe.
+        self._spawn()
         self._thread.start()
 
+    def _spawn(self) -> None:
+        # Its own session: signals meant for the server's process group (Ctrl-C) reach
+        # the scheduler only through stop(), after the web workers drained.
+        self._process = subprocess.Popen(self._command, start_new_session=True)
+        log.info("scheduler_process_started pid=%d", self._process.pid)
+
     def _supervise(self) -> None:
-        while not self._stopping.is_set():
-            self._process = subprocess.Popen(self._command)
-            log.info("scheduler_process_started pid=%d", self._process.pid)
+        while self._process is not None:
             code = self._process.wait()
-            if not self._stopping.is_set():
-                log.error("scheduler_process_exited code=%s; restarting", code)
-                self._stopping.wait(RESTART_DELAY_S)
+            if self._stopping.is_set():
+                return
+            log.error("scheduler_process_exited code=%s; restarting", code)
+            if self._stopping.wait(RESTART_DELAY_S):
+                return
+            self._spawn()
 
     def stop(self, timeout_s: float = 60) -> None:
         self._stopping.set()
@@ -83,7 +93,8 @@ def run_server(config: Config, config_path: str | None, *, host: str, port: int,
                threads: int, with_scheduler: bool) -> None:
     prepare_database(config).dispose()  # no connection may cross the fork
     url = service_url(config, host, port)
-    command = [sys.executable, "-m", "service.cli", "scheduler", "--public-url", url]
+    command = [sys.executable, "-m", "service.cli", "scheduler", "--public-url", url,
+               "--exit-with-parent"]
     if config_path:
         command += ["--config", config_path]
     scheduler = SchedulerProcess(command) if with_scheduler else None
