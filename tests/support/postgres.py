@@ -54,17 +54,27 @@ class PostgresServer:
         data_dir = base / "data"
         if os.geteuid() == 0:
             shutil.chown(base, "postgres", "postgres")
-        port = _free_port()
+        server = cls(data_dir, _free_port(), bin_dir)
         try:
             _as_postgres([str(bin_dir / "initdb"), "-D", str(data_dir), "-A", "trust",
                           "-U", "postgres", "--no-sync", "-E", "UTF8"])
-            options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off "
-                       "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
-            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-o", options,
-                          "-l", str(base / "server.log"), "-w", "-t", "60", "start"])
+            server.resume()
         except subprocess.CalledProcessError as exc:
             raise PostgresUnavailable(f"could not start PostgreSQL: {exc.stderr or exc}") from exc
-        return cls(data_dir, port, bin_dir)
+        return server
+
+    def resume(self) -> None:
+        """Start (again) on the same port and data directory."""
+        base = self.data_dir.parent
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {base} -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
+        _as_postgres([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-o", options,
+                      "-l", str(base / "server.log"), "-w", "-t", "60", "start"])
+
+    def pause(self) -> None:
+        """Stop the server (fast: clients are disconnected), keeping its data."""
+        _as_postgres([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast",
+                      "-w", "stop"])
 
     def stop(self) -> None:
         try:
