@@ -1,0 +1,350 @@
+"""End to end: a real ``workerlease serve`` with real local agent processes, over HTTP.
+
+Each test starts the service as a subprocess (tests/support/server.py) on a free
+127.0.0.1 port with its own SQLite file and deployment id, and checks what a
+user or an operator would see: HTTP answers, agent processes in /proc, their
+working directories, and the exit of the service itself.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from provisioners.base import WorkerSpec
+from provisioners.local import LocalOptions, LocalProvisioner
+from tests.support.server import (
+    ServerProcess,
+    free_port,
+    local_processes,
+    pool,
+    port_listening,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+POOL = "hosted-ubuntu"
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    servers: list[ServerProcess] = []
+
+    def make(**kwargs: Any) -> ServerProcess:
+        server = ServerProcess(tmp_path / f"s{len(servers)}", **kwargs)
+        servers.append(server)
+        return server
+
+    for directory in range(4):
+        (tmp_path / f"s{directory}").mkdir()
+    yield make
+    for server in servers:
+        server.close()
+
+
+def lease(server: ServerProcess, token: str, wait_seconds: int = 0,
+          pool_name: str = POOL) -> requests.Response:
+    return server.request("POST", "/v1/leases", token=token,
+                          json={"pool": pool_name, "wait_seconds": wait_seconds},
+                          timeout=wait_seconds + 30)
+
+
+def run_script(worker: dict[str, Any], script: str, token: str | None = None) -> requests.Response:
+    return requests.post(f"{worker['agent_url'].rstrip('/')}/run",
+                         json={"script": script, "timeout_s": 20},
+                         headers={"Authorization": f"Bearer {token or worker['access_token']}"},
+                         timeout=30)
+
+
+def live_rows(db_path: Path) -> dict[str, str]:
+    """Workers the database holds live (not destroyed): id -> state, read with sqlite3."""
+    with sqlite3.connect(db_path, timeout=10) as connection:
+        rows = connection.execute(
+            "SELECT id, state FROM workers WHERE state <> 'destroyed'").fetchall()
+    connection.close()
+    return dict(rows)
+
+
+def provisioning_rows(db_path: Path) -> list[tuple[str, str | None]]:
+    with sqlite3.connect(db_path, timeout=10) as connection:
+        rows = connection.execute(
+            "SELECT id, provider_id FROM workers WHERE state = 'provisioning'").fetchall()
+    connection.close()
+    return [(str(worker_id), provider) for worker_id, provider in rows]
+
+
+# ---- 1. the README walk-through ------------------------------------------------------
+
+
+def test_walkthrough_lease_run_release_refill(make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(pools=[pool(min_ready=1, max_workers=3)]).start()
+    tenant = server.create_tenant("acme")
+    token = tenant["token"]
+
+    pools = server.request("GET", "/v1/pools", token=token)
+    assert pools.status_code == 200
+    assert [p["name"] for p in pools.json()["pools"]] == [POOL]
+
+    server.wait_ready_workers(1)
+    response = lease(server, token)
+    assert response.status_code == 201, response.text
+    leased = response.json()
+    assert leased["state"] == "active"
+    worker = leased["worker"]
+    worker_id = worker["id"]
+    assert worker["access_token"] and worker["agent_url"].startswith("http://127.0.0.1:")
+    assert worker_id in server.agents()
+    workdir = server.workdir(worker_id)
+    assert workdir.is_dir()
+
+    result = run_script(worker, "echo hi; pwd")
+    assert result.status_code == 200, result.text
+    body = result.json()
+    assert body["exit_code"] == 0
+    assert "hi" in body["stdout"]
+    assert run_script(worker, "echo hi", token="not-the-access-token").status_code == 401
+    assert run_script(worker, "echo hi", token=token).status_code == 401  # tenant token
+
+    released = server.request("DELETE", f"/v1/leases/{leased['id']}", token=token)
+    assert released.status_code == 200, released.text
+    assert released.json()["state"] == "released"
+    assert released.json()["end_reason"] == "released"
+
+    wait_until(lambda: worker_id not in server.agents(), 10,
+               message=lambda: f"agent of {worker_id} still running\n{server.log_tail()}")
+    wait_until(lambda: not workdir.exists(), 5, message=f"{workdir} not removed")
+    wait_until(lambda: any(w["id"] == worker_id and w["state"] == "destroyed"
+                           for w in server.workers()), 10, message="worker never destroyed")
+
+    def refilled() -> bool:
+        ready = [w["id"] for w in server.workers("ready")]
+        return len(ready) >= 1 and worker_id not in ready
+
+    wait_until(refilled, 20, message=lambda: f"no refill: {server.workers()}")
+    fresh = {w["id"] for w in server.workers("ready")}
+    assert fresh and worker_id not in fresh
+    assert fresh <= set(server.agents())
+
+
+# ---- 2. pending, then active -----------------------------------------------------------
+
+
+def test_lease_on_empty_pool_waits_for_a_new_worker(
+        make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(pools=[pool(min_ready=0, max_workers=2)]).start()
+    token = server.create_tenant("acme")["token"]
+    assert server.pool_counts()["ready"] == 0
+    assert server.agents() == {}
+
+    started = time.monotonic()
+    response = lease(server, token, wait_seconds=20)
+    assert response.status_code in (201, 202), response.text
+    body = response.json()
+    if response.status_code == 202:
+        assert body["state"] == "pending" and body["worker"] is None
+        assert response.headers.get("Location")
+
+        def active() -> dict[str, Any] | None:
+            got = server.request("GET", f"/v1/leases/{body['id']}", token=token).json()
+            return got if got["state"] == "active" else None
+
+        body = wait_until(active, 20, message="lease never active")
+    assert body["state"] == "active"
+    assert time.monotonic() - started < 25
+    worker = body["worker"]
+    assert worker["id"] in server.agents()
+    result = run_script(worker, "echo on-demand")
+    assert result.status_code == 200 and "on-demand" in result.json()["stdout"]
+
+
+# ---- 3. reconcile removes an agent the database does not know --------------------------
+
+
+def test_reconcile_destroys_unknown_agent(make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(pools=[pool(min_ready=0, max_workers=2)],
+                         scheduler={"reconcile_interval": "2s"}).start()
+    stranger = f"w-{uuid.uuid4().hex[:20]}"
+    provisioner = LocalProvisioner(POOL, LocalOptions(work_root=str(server.work_root)))
+    # The agent calls back to a closed port, so it keeps retrying (it would exit on the
+    # service's 404 otherwise) and only the reconcile can make it go away.
+    spec = WorkerSpec(worker_id=stranger, pool=POOL, os="ubuntu",
+                      deployment_id=server.deployment_id,
+                      service_url=f"http://127.0.0.1:{free_port()}",
+                      bootstrap_token="b" * 43)
+    handle = provisioner.create(spec)
+    child = provisioner._children[int(handle.provider_id)]
+    try:
+        assert stranger in server.agents()
+        wait_until(lambda: stranger not in server.agents(), 15,
+                   message=lambda: f"unknown agent survived\n{server.log_tail()}")
+        child.wait(5)  # killed by the service; reap our child
+        assert not server.workdir(stranger).exists()
+        assert stranger not in {w["id"] for w in server.workers("all")}
+        assert stranger in server.log_text()  # orphans_found names it
+        assert server.request("GET", "/readyz").status_code == 200
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)
+
+
+# ---- 4. kill -9 while filling, restart on the same database --------------------------
+
+
+def test_kill9_while_filling_then_restart_converges(
+        make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(pools=[pool(min_ready=1, max_workers=6, provision_timeout="15s")],
+                         scheduler={"reconcile_interval": "3s"})
+    server.start()
+    token = server.create_tenant("acme")["token"]
+    server.wait_ready_workers(1, timeout=30)
+    response = lease(server, token)
+    assert response.status_code == 201, response.text
+    before = response.json()
+    leased_worker = before["worker"]["id"]
+    server.wait_ready_workers(1, timeout=30)  # the replacement, so the fill below is all new
+    patched = server.admin("PATCH", f"/v1/admin/pools/{POOL}", json={"min_ready": 4})
+    assert patched.status_code == 200, patched.text
+
+    def filling() -> list[tuple[str, str | None]]:
+        """Provisioning rows once at least one has an agent started (kill point)."""
+        rows = provisioning_rows(server.db_path)
+        return rows if any(provider for _, provider in rows) else []
+
+    at_kill = wait_until(filling, 10, interval=0.02, message="the pool never started filling")
+    server.kill()  # master, web worker and scheduler at once, mid-fill
+    assert server.process is not None and server.process.returncode == -9
+    assert not port_listening(server.port)
+    assert leased_worker in server.agents()  # agents outlive the service
+
+    server.start()
+
+    def settled() -> bool:
+        rows = live_rows(server.db_path)
+        agents = set(server.agents())
+        states = list(rows.values())
+        return (set(states) <= {"ready", "leased"} and set(rows) == agents
+                and states.count("ready") >= 4)
+
+    wait_until(settled, 45, interval=0.5, message=lambda: (
+        f"not settled (provisioning at kill {at_kill}): db={live_rows(server.db_path)} "
+        f"agents={sorted(server.agents())}\n{server.log_tail()}"))
+    rows = live_rows(server.db_path)
+    assert set(rows) == set(server.agents())
+    api_live = {w["id"] for w in server.workers("live")}
+    assert api_live == set(rows)
+
+    after = server.request("GET", f"/v1/leases/{before['id']}", token=token).json()
+    assert after["state"] == "active"
+    assert after["worker"]["id"] == leased_worker
+    assert rows[leased_worker] == "leased"
+    with sqlite3.connect(server.db_path, timeout=10) as connection:
+        doubled = connection.execute(
+            "SELECT worker_id, count(*) FROM leases WHERE worker_id IS NOT NULL "
+            "GROUP BY worker_id HAVING count(*) > 1").fetchall()
+    connection.close()
+    assert doubled == []
+    result = run_script(after["worker"], "echo survived")
+    assert result.status_code == 200 and "survived" in result.json()["stdout"]
+
+
+# ---- 5. SIGTERM exits cleanly and leaves state behind ---------------------------------
+
+
+def test_sigterm_exits_cleanly_and_keeps_leases(
+        make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(pools=[pool(min_ready=1, max_workers=3)]).start()
+    token = server.create_tenant("acme")["token"]
+    server.wait_ready_workers(1)
+    response = lease(server, token)
+    assert response.status_code == 201, response.text
+    lease_id = response.json()["id"]
+    worker = response.json()["worker"]
+
+    started = time.monotonic()
+    code = server.stop(timeout=15)
+    elapsed = time.monotonic() - started
+    assert code == 0, server.log_tail()
+    assert elapsed < 15
+    assert not port_listening(server.port)
+    rows = live_rows(server.db_path)
+    assert rows.get(worker["id"]) == "leased"
+    assert worker["id"] in server.agents()  # workers are left running for the next start
+
+    server.start()
+    after = server.request("GET", f"/v1/leases/{lease_id}", token=token)
+    assert after.status_code == 200
+    assert after.json()["state"] == "active"
+    assert after.json()["worker"]["id"] == worker["id"]
+    result = run_script(worker, "echo still-here")
+    assert result.status_code == 200 and "still-here" in result.json()["stdout"]
+
+
+# ---- 6. idle expiry ----------------------------------------------------------------------
+
+
+def test_idle_expiry_end_to_end(make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(pools=[pool(min_ready=2, max_workers=4,
+                                     lease_idle_timeout="3s")]).start()
+    idle = server.create_tenant("idle")["token"]
+    busy = server.create_tenant("busy")["token"]
+    server.wait_ready_workers(2)
+    first = lease(server, idle)
+    second = lease(server, busy)
+    assert first.status_code == 201 and second.status_code == 201, (first.text, second.text)
+    idle_lease, busy_lease = first.json(), second.json()
+    idle_worker = idle_lease["worker"]["id"]
+
+    for _ in range(4):
+        time.sleep(1)
+        renewed = server.request("POST", f"/v1/leases/{busy_lease['id']}/renew", token=busy)
+        assert renewed.status_code == 200, renewed.text
+        assert renewed.json()["state"] == "active"
+
+    def ended() -> dict[str, Any] | None:
+        got = server.request("GET", f"/v1/leases/{idle_lease['id']}", token=idle).json()
+        return got if got["state"] != "active" else None
+
+    over = wait_until(ended, 5, message="idle lease never expired")
+    assert over["state"] == "expired"
+    assert over["end_reason"] == "idle_timeout"
+    wait_until(lambda: idle_worker not in server.agents(), 10,
+               message=lambda: f"agent of expired lease still running\n{server.log_tail()}")
+    assert server.request("POST", f"/v1/leases/{idle_lease['id']}/renew",
+                          token=idle).status_code == 409
+
+    still = server.request("GET", f"/v1/leases/{busy_lease['id']}", token=busy).json()
+    assert still["state"] == "active"
+    assert still["worker"]["id"] in server.agents()
+
+
+# ---- 7. bad config refused at start ----------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["missing_admin_token", "unknown_key"])
+def test_serve_refuses_bad_config(make_server: Callable[..., ServerProcess], case: str) -> None:
+    if case == "missing_admin_token":
+        server = make_server(admin_token=None)
+        key = "admin_token"
+    else:
+        server = make_server(scheduler={"intervall": "1s"})
+        key = "scheduler.intervall"
+    started = time.monotonic()
+    completed = subprocess.run(server.command(), env=server.env(), cwd=server.dir,
+                               capture_output=True, timeout=30, check=False)
+    assert time.monotonic() - started < 15
+    assert completed.returncode != 0
+    stderr = completed.stderr.decode()
+    assert key in stderr, stderr
+    assert "Traceback" not in stderr
+    assert not port_listening(server.port)
+    assert local_processes(server.deployment_id, agents_only=False) == {}
