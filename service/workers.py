@@ -45,7 +45,9 @@ from service.states import move_worker
 
 log = logging.getLogger("workerlease.workers")
 
-CLAIM_FOR = timedelta(minutes=2)
+# A claim outlives the slowest provisioner call (EC2 creates may wait on the rate limiter);
+# after a crash the claimed rows are picked up again once it lapses.
+CLAIM_FOR = timedelta(seconds=90)
 MAX_DESTROY_BACKOFF_S = 600
 
 
