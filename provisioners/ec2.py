@@ -674,11 +674,20 @@ class EC2Provisioner(Provisioner):
             raise error
 
     def destroy_many(self, handles: Iterable[WorkerHandle]) -> dict[str, Exception | None]:
-        """TerminateInstances in batches of 1000; an instance EC2 does not know is gone."""
+        """TerminateInstances in batches of 1000; an instance EC2 does not know is gone.
+
+        A handle without an instance id (its create's answer was lost) is found by its
+        worker tag first; an empty id is never sent to EC2.
+        """
         workers_by_instance: dict[str, list[str]] = {}
-        for handle in handles:
-            workers_by_instance.setdefault(handle.provider_id, []).append(handle.worker_id)
         results: dict[str, Exception | None] = {}
+        unknown = [h for h in handles if not h.provider_id]
+        for handle in handles:
+            if handle.provider_id:
+                workers_by_instance.setdefault(handle.provider_id, []).append(handle.worker_id)
+        for worker_id, found in self._instances_by_worker_tag(unknown, results).items():
+            for instance_id in found:
+                workers_by_instance.setdefault(instance_id, []).append(worker_id)
         for batch in _chunks(list(workers_by_instance), ID_BATCH):
             error: Exception | None = None
             try:
@@ -695,6 +704,32 @@ class EC2Provisioner(Provisioner):
                 for worker_id in workers_by_instance[instance_id]:
                     results[worker_id] = error
         return results
+
+    def _instances_by_worker_tag(
+        self, handles: list[WorkerHandle], results: dict[str, Exception | None]
+    ) -> dict[str, list[str]]:
+        """Worker id -> its non-terminated instances, for handles without an instance id.
+
+        Workers with no instance get ``None`` in ``results`` (nothing was launched); a
+        failed lookup puts its error there.
+        """
+        found: dict[str, list[str]] = {}
+        for batch in _chunks([h.worker_id for h in handles], 200):
+            try:
+                for instance in self._describe_pages(Filters=[
+                    {"Name": f"tag:{TAG_WORKER}", "Values": batch},
+                    {"Name": f"tag:{TAG_POOL}", "Values": [self.pool]},
+                    {"Name": "instance-state-name", "Values": list(NOT_TERMINATED_STATES)},
+                ]):
+                    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+                    found.setdefault(tags[TAG_WORKER], []).append(instance["InstanceId"])
+            except (ClientError, BotoCoreError, ProvisionerError) as exc:
+                error = exc if isinstance(exc, ProvisionerError) else \
+                    translate_error(exc, "DescribeInstances")
+                results.update({worker_id: error for worker_id in batch})
+                continue
+            results.update({w: None for w in batch if w not in found})
+        return found
 
     def _terminate(self, ids: list[str]) -> dict[str, Any]:
         return self._call("terminate", "terminate_instances", InstanceIds=ids)

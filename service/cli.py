@@ -89,7 +89,7 @@ def scheduler(config_path: str | None, public_url: str | None, exit_with_parent:
     log.info("scheduler_running service_url=%s", url)
     stop.wait()
     sched.shutdown(wait=True)
-    rt.provisioners.close()
+    rt.close()
     log.info("scheduler_stopped")
 
 

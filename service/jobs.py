@@ -10,17 +10,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import sessionmaker
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from service import metrics
 from service.clock import Clock
 from service.config import SchedulerConfig
 from service.db import session_scope
+from service.dispatch import PoolDispatcher
 from service.leasing import expire, fail_pending_of_disabled_pools, serve_pending
 from service.models import Pool
 from service.pools import plan_refill, trim
@@ -29,7 +30,7 @@ from service.workers import (
     check_health,
     claim_creates,
     claim_destroys,
-    create_workers,
+    create_one,
     destroy_workers,
     provision_timeouts,
     reconcile,
@@ -38,16 +39,34 @@ from service.workers import (
 log = logging.getLogger("workerlease.jobs")
 
 
+DESTROY_BATCHES_PER_POOL = 1
+
+
 @dataclass
 class Runtime:
     factory: sessionmaker[Session]
     provisioners: ProvisionerSet
     clock: Clock
     settings: SchedulerConfig
+    creates: PoolDispatcher = field(init=False)
+    destroys: PoolDispatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.creates = PoolDispatcher("create", self.settings.max_concurrent_creates)
+        self.destroys = PoolDispatcher("destroy", DESTROY_BATCHES_PER_POOL)
+
+    def close(self) -> None:
+        self.creates.shutdown()
+        self.destroys.shutdown()
+        self.provisioners.close()
 
 
-def maintain(rt: Runtime, now: datetime | None = None) -> None:
-    """Expire, check health, serve pending leases, trim and refill: one pass over all pools."""
+def maintain(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
+    """Expire, check health, serve pending leases, trim and refill: one pass over all pools.
+
+    Creates run in the background (``rt.creates``); ``wait`` waits for them, as tests
+    and one-off calls want. The scheduler does not wait.
+    """
     now = now or rt.clock.now()
     with session_scope(rt.factory) as session:
         expire(session, now)
@@ -60,22 +79,49 @@ def maintain(rt: Runtime, now: datetime | None = None) -> None:
         trim(session, now)
     with session_scope(rt.factory) as session:
         plan_refill(session, now)
-    with session_scope(rt.factory) as session:
-        claimed = claim_creates(session, now)
-    create_workers(rt.factory, rt.provisioners, claimed, now,
-                   max_parallel=rt.settings.max_concurrent_creates)
+    for pool in _pools(rt):
+        slots = rt.creates.free_slots(pool.name)
+        if slots == 0:
+            continue
+        with session_scope(rt.factory) as session:
+            claimed = claim_creates(session, pool.name, now, slots,
+                                    skip=rt.creates.in_flight(pool.name))
+        for worker in claimed:
+            rt.creates.submit(pool.name, worker.id, create_one, rt.factory, rt.provisioners,
+                              pool, worker, now)
+    if wait:
+        rt.creates.wait()
 
 
-def destroy(rt: Runtime, now: datetime | None = None) -> None:
+def destroy(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
+    """Destroy workers in ``destroying``: one batch per pool in flight at a time."""
     now = now or rt.clock.now()
+    for pool in _pools(rt):
+        if rt.destroys.free_slots(pool.name) == 0:
+            continue
+        with session_scope(rt.factory) as session:
+            claimed = claim_destroys(session, pool.name, now)
+        if claimed:
+            rt.destroys.submit(pool.name, f"batch-{claimed[0].id}", destroy_workers, rt.factory,
+                               rt.provisioners, pool, claimed, now)
+    if wait:
+        rt.destroys.wait()
+
+
+def _pools(rt: Runtime) -> list[Pool]:
     with session_scope(rt.factory) as session:
-        claimed = claim_destroys(session, now)
-    if claimed:
-        destroy_workers(rt.factory, rt.provisioners, claimed, now)
+        return list(session.exec(select(Pool).order_by(col(Pool.name))).all())
 
 
 def reconcile_job(rt: Runtime, now: datetime | None = None) -> None:
     reconcile(rt.factory, rt.provisioners, now or rt.clock.now())
+
+
+def _no_wait(job: Callable[..., None]) -> Callable[[Runtime], None]:
+    def run(rt: Runtime) -> None:
+        job(rt, wait=False)
+
+    return run
 
 
 def instrumented(name: str, job: Callable[[Runtime], None], rt: Runtime) -> Callable[[], None]:
@@ -106,10 +152,10 @@ def start_scheduler(rt: Runtime) -> BackgroundScheduler:
     # Reconcile first, at start, so a crash's leftovers go before anything new is made.
     scheduler.add_job(instrumented("reconcile", reconcile_job, rt), "interval",
                       seconds=rt.settings.reconcile_interval, id="reconcile", next_run_time=now)
-    scheduler.add_job(instrumented("maintain", maintain, rt), "interval", seconds=interval,
-                      id="maintain", next_run_time=now)
-    scheduler.add_job(instrumented("destroy", destroy, rt), "interval", seconds=interval,
-                      id="destroy", next_run_time=now)
+    scheduler.add_job(instrumented("maintain", _no_wait(maintain), rt), "interval",
+                      seconds=interval, id="maintain", next_run_time=now)
+    scheduler.add_job(instrumented("destroy", _no_wait(destroy), rt), "interval",
+                      seconds=interval, id="destroy", next_run_time=now)
     scheduler.start()
     log.info("scheduler_started interval=%ss reconcile_interval=%ss", interval,
              rt.settings.reconcile_interval)

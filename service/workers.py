@@ -11,10 +11,8 @@ and a crash at any point leaves rows a later pass picks up again.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import sessionmaker
@@ -86,15 +84,22 @@ def mark_ready(session: Session, worker: Worker, agent_url: str | None, address:
 # ---- create ----------------------------------------------------------------------
 
 
-def claim_creates(session: Session, now: datetime, limit: int = 200) -> list[Worker]:
-    """Provisioning rows whose resource has not been requested (or whose claim lapsed)."""
+def claim_creates(session: Session, pool: str, now: datetime, limit: int,
+                  skip: Collection[str] = ()) -> list[Worker]:
+    """Provisioning rows of the pool whose resource was not requested (or whose claim lapsed).
+
+    ``skip``: worker ids whose create is still running in this process.
+    """
     statement = (
         select(Worker)
-        .where(Worker.state == WorkerState.PROVISIONING, col(Worker.provider_id).is_(None))
+        .where(Worker.pool == pool, Worker.state == WorkerState.PROVISIONING,
+               col(Worker.provider_id).is_(None))
         .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < now))
         .order_by(col(Worker.created_at))
         .limit(limit)
     )
+    if skip:
+        statement = statement.where(col(Worker.id).not_in(list(skip)))
     workers = list(session.exec(with_row_locks(statement, session)).all())
     for worker in workers:
         worker.claimed_until = now + CLAIM_FOR
@@ -103,25 +108,7 @@ def claim_creates(session: Session, now: datetime, limit: int = 200) -> list[Wor
     return workers
 
 
-def create_workers(factory: sessionmaker[Session], provisioners: ProvisionerSet,
-                   workers: list[Worker], now: datetime, max_parallel: int = 4) -> None:
-    """Ask the provisioners for the claimed workers, in parallel, at most max_parallel per pool."""
-    if not workers:
-        return
-    with session_scope(factory) as session:
-        pools = {p.name: p for p in session.exec(select(Pool)).all()}
-    slots = {name: threading.BoundedSemaphore(max_parallel) for name in pools}
-
-    def create(worker: Worker) -> None:
-        with slots[worker.pool]:
-            _create_one(factory, provisioners, pools[worker.pool], worker, now)
-
-    with ThreadPoolExecutor(max_workers=min(32, len(workers)),
-                            thread_name_prefix="create") as executor:
-        list(executor.map(create, workers))
-
-
-def _create_one(factory: sessionmaker[Session], provisioners: ProvisionerSet, pool: Pool,
+def create_one(factory: sessionmaker[Session], provisioners: ProvisionerSet, pool: Pool,
                 worker: Worker, now: datetime) -> None:
     spec = WorkerSpec(worker_id=worker.id, pool=pool.name, os=pool.os,
                       deployment_id=provisioners.deployment.deployment_id,
@@ -176,10 +163,10 @@ def _error_kind(exc: Exception) -> str:
 # ---- destroy ---------------------------------------------------------------------
 
 
-def claim_destroys(session: Session, now: datetime, limit: int = 500) -> list[Worker]:
+def claim_destroys(session: Session, pool: str, now: datetime, limit: int = 500) -> list[Worker]:
     statement = (
         select(Worker)
-        .where(Worker.state == WorkerState.DESTROYING)
+        .where(Worker.pool == pool, Worker.state == WorkerState.DESTROYING)
         .where(col(Worker.next_attempt_at).is_(None) | (col(Worker.next_attempt_at) <= now))
         .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < now))
         .order_by(col(Worker.next_attempt_at))
@@ -192,30 +179,26 @@ def claim_destroys(session: Session, now: datetime, limit: int = 500) -> list[Wo
     return workers
 
 
-def destroy_workers(factory: sessionmaker[Session], provisioners: ProvisionerSet,
+def destroy_workers(factory: sessionmaker[Session], provisioners: ProvisionerSet, pool: Pool,
                     workers: list[Worker], now: datetime) -> int:
-    """Destroy claimed workers; ``destroyed`` only once the provisioner confirms."""
+    """Destroy one pool's claimed workers; ``destroyed`` only once the provisioner confirms."""
+    handles = [handle_of(w) for w in workers]
+    try:
+        results = provisioners.for_pool(pool).destroy_many(handles)
+    except Exception as exc:  # a provisioner bug is retried like any failure
+        results = {h.worker_id: exc for h in handles}
     destroyed = 0
-    for pool_name, pool_workers in _group_by_pool(workers).items():
-        with session_scope(factory) as session:
-            pool = session.get(Pool, pool_name)
-        assert pool is not None  # workers reference pools by foreign key
-        handles = [handle_of(w) for w in pool_workers]
-        try:
-            results = provisioners.for_pool(pool).destroy_many(handles)
-        except Exception as exc:  # a provisioner bug must not stop other pools' destroys
-            results = {h.worker_id: exc for h in handles}
-        with session_scope(factory) as session:
-            for worker_id, error in results.items():
-                row = session.get(Worker, worker_id)
-                if row is None or row.state != WorkerState.DESTROYING:
-                    continue
-                if error is None:
-                    _finish_destroy(session, row, now)
-                    destroyed += 1
-                else:
-                    _retry_destroy_later(row, error, now)
-                    session.add(row)
+    with session_scope(factory) as session:
+        for worker_id, error in results.items():
+            row = session.get(Worker, worker_id)
+            if row is None or row.state != WorkerState.DESTROYING:
+                continue
+            if error is None:
+                _finish_destroy(session, row, now)
+                destroyed += 1
+            else:
+                _retry_destroy_later(row, error, now)
+                session.add(row)
     return destroyed
 
 

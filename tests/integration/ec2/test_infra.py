@@ -124,7 +124,9 @@ def _pool_options(pool: str, stack: dict[str, str]) -> dict[str, Any]:
 def test_example_config_is_a_valid_service_config():
     from service.config import load_config
 
-    config = load_config(EXAMPLE_CONFIG, environ={})
+    # Secrets come from the environment, as the example's header says.
+    config = load_config(EXAMPLE_CONFIG, environ={
+        "WORKERLEASE_ENCRYPTION_KEY": "k6LRXbUB0_aVtUzMKLnH2vGqY0JYDSGOIpu8zJOOBUA="})
 
     assert {p.name: p.provisioner for p in config.pools} == {
         "hosted-ubuntu": "ec2",
