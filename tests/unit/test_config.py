@@ -1,0 +1,148 @@
+"""Configuration: durations, strict keys named in errors, provisioner options, env, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from service.cli import main
+from service.config import ConfigError, config_from_dict, load_config, parse_duration
+
+TOKEN = "a-file-admin-token-0123456789"
+
+
+def _pool(**overrides: Any) -> dict[str, Any]:
+    pool = {"name": "hosted-ubuntu", "os": "ubuntu", "provisioner": "local"}
+    pool.update(overrides)
+    return pool
+
+
+def _raw(*pools: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return {"admin_token": TOKEN, "pools": list(pools or [_pool()]), **top}
+
+
+def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
+    path = tmp_path / "workerlease.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("90s", 90), ("60m", 3600), ("72h", 259200), ("3d", 259200), (45, 45), ("120", 120),
+    (0, 0),
+])
+def test_durations_accept_seconds_and_unit_strings(value: Any, seconds: int) -> None:
+    assert parse_duration(value) == seconds
+    config = config_from_dict(_raw(_pool(pending_timeout=value)))
+    assert config.pools[0].pending_timeout == seconds
+
+
+@pytest.mark.parametrize("value", ["10x", "m", "1.5h", "-5", -5, "", "60 minutes", True, 1.5,
+                                   None, [60]])
+def test_bad_durations_are_refused_naming_the_key(value: Any) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(value)
+    with pytest.raises(ConfigError, match=r"pools\.0\.lease_idle_timeout"):
+        config_from_dict(_raw(_pool(lease_idle_timeout=value)))
+
+
+def test_defaults_mirror_the_hosted_service() -> None:
+    pool = config_from_dict(_raw()).pools[0]
+    assert (pool.lease_idle_timeout, pool.lease_max_lifetime) == (3600, 72 * 3600)
+    assert (pool.provision_timeout, pool.pending_timeout) == (600, 1800)
+
+
+@pytest.mark.parametrize(("raw", "key"), [
+    (_raw(_pool(foo=1)), "pools.0.foo: unknown key"),
+    (_raw(_pool(), _pool(name="second", bar=1)), "pools.1.bar: unknown key"),
+    (_raw(colour="blue"), "colour: unknown key"),
+    (_raw(scheduler={"interval": "5s", "speed": 2}), "scheduler.speed: unknown key"),
+])
+def test_unknown_keys_are_refused_with_their_dotted_name(raw: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(raw)
+    assert key in str(caught.value)
+
+
+def test_min_ready_above_max_workers_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"pools\.0.*min_ready must not exceed max_workers"):
+        config_from_dict(_raw(_pool(min_ready=5, max_workers=2)))
+
+
+@pytest.mark.parametrize(("pool", "key"), [
+    (_pool(os="solaris"), "pools.0.os"),
+    (_pool(name="Bad_Name"), "pools.0.name"),
+    (_pool(max_workers=-1), "pools.0.max_workers"),
+])
+def test_bad_pool_values_are_refused_naming_the_key(pool: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(_raw(pool))
+
+
+def test_unknown_provisioner_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(_raw(_pool(), _pool(name="other", provisioner="nosuch")))
+    message = str(caught.value)
+    assert message.startswith("pools.1.provisioner:")
+    assert "nosuch" in message
+
+
+def test_bad_provisioner_options_are_refused_naming_the_option_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(_raw(_pool(options={"agent_host": "127.0.0.1", "colour": "red"})))
+    assert "pools.0.options.colour: unknown key" in str(caught.value)
+    with pytest.raises(ConfigError, match=r"pools\.0\.options\.agent_host"):
+        config_from_dict(_raw(_pool(options={"agent_host": ["not", "a", "string"]})))
+
+
+def test_good_provisioner_options_are_accepted() -> None:
+    config = config_from_dict(_raw(_pool(options={"agent_host": "127.0.0.1"})))
+    assert config.pools[0].options == {"agent_host": "127.0.0.1"}
+
+
+def test_admin_token_from_environment_wins_over_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, _raw())
+    assert load_config(path, environ={}).admin_token == TOKEN
+    from_env = load_config(path, environ={"WORKERLEASE_ADMIN_TOKEN": "env-token-0123456789abc"})
+    assert from_env.admin_token == "env-token-0123456789abc"
+
+
+def test_missing_or_short_admin_token_is_refused() -> None:
+    with pytest.raises(ConfigError, match="admin_token"):
+        config_from_dict({"pools": []}).require_admin_token()
+    with pytest.raises(ConfigError, match="admin_token"):
+        config_from_dict({"admin_token": "short"}).require_admin_token()
+
+
+def test_check_config_accepts_a_valid_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["check-config", str(_write(tmp_path, _raw()))])
+    assert result.exit_code == 0, result.output
+    assert "hosted-ubuntu" in result.output
+
+
+@pytest.mark.parametrize(("raw", "key"), [
+    (_raw(_pool(foo=1)), "pools.0.foo: unknown key"),
+    (_raw(_pool(min_ready=3, max_workers=1)), "pools.0"),
+    (_raw(_pool(provisioner="nosuch")), "pools.0.provisioner"),
+    (_raw(_pool(options={"colour": "red"})), "pools.0.options.colour"),
+    (_raw(_pool(lease_max_lifetime="3 weeks")), "pools.0.lease_max_lifetime"),
+    ({"pools": [_pool()]}, "admin_token"),
+])
+def test_check_config_exits_non_zero_naming_the_key(tmp_path: Path, raw: dict[str, Any],
+                                                     key: str) -> None:
+    result = CliRunner().invoke(main, ["check-config", str(_write(tmp_path, raw))])
+    assert result.exit_code != 0
+    assert key in result.output
+
+
+def test_check_config_refuses_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
+    missing = CliRunner().invoke(main, ["check-config", str(tmp_path / "absent.yaml")])
+    assert missing.exit_code != 0 and "cannot read config" in missing.output
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    result = CliRunner().invoke(main, ["check-config", str(listing)])
+    assert result.exit_code != 0 and "top level must be a mapping" in result.output
