@@ -168,6 +168,11 @@ def serve_pending(session: Session, pool: Pool, now: datetime) -> list[Lease]:
     return activated
 
 
+def serve_pending_of(session: Session, pool_name: str, now: datetime) -> list[Lease]:
+    pool = session.get(Pool, pool_name)
+    return serve_pending(session, pool, now) if pool is not None else []
+
+
 # ---- renew / release / revoke -------------------------------------------------
 
 

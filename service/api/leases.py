@@ -31,6 +31,17 @@ def create_lease(body: LeaseCreate) -> Any:
     with services.transaction() as session:
         acquired = leasing.acquire(session, g.tenant.id, body.pool, services.clock.now())
     lease = acquired.lease
+    if acquired.outcome == Outcome.PENDING:
+        # Under contention (PostgreSQL, SKIP LOCKED) a request may have found every ready
+        # worker locked by transactions that then rolled back: serve the queue right away
+        # instead of at the next scheduler run.
+        with services.transaction() as session:
+            activated = leasing.serve_pending_of(session, body.pool, services.clock.now())
+        if any(a.id == lease.id for a in activated):
+            lease = next(a for a in activated if a.id == lease.id)
+            acquired = leasing.Acquired(lease, Outcome.ACTIVE)
+        if activated:
+            services.waiters.notify()
     if acquired.outcome == Outcome.PENDING and body.wait_seconds:
         lease = _wait_for_activation(lease.id, body.wait_seconds)
         if lease.state != LeaseState.PENDING:

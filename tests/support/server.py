@@ -164,12 +164,17 @@ class ServerProcess:
 
     def __init__(self, tmp_path: Path, pools: list[dict[str, Any]] | None = None,
                  scheduler: dict[str, Any] | None = None, admin_token: str | None = ADMIN_TOKEN,
-                 extra: dict[str, Any] | None = None, port: int | None = None) -> None:
+                 extra: dict[str, Any] | None = None, port: int | None = None,
+                 deployment_id: str | None = None, work_root: Path | None = None,
+                 threads: int = 16) -> None:
+        # ``deployment_id`` / ``work_root``: shared by several replicas of one deployment
+        # (each ServerProcess then is one replica; ``extra`` can point them at one database).
         self.dir = tmp_path
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.deployment_id = f"it-{uuid.uuid4().hex[:16]}"
-        self.work_root = tmp_path / "workers"
+        self.deployment_id = deployment_id or f"it-{uuid.uuid4().hex[:16]}"
+        self.work_root = work_root or tmp_path / "workers"
+        self.threads = threads
         self.db_path = tmp_path / "workerlease.db"
         self.config_path = tmp_path / "workerlease.yaml"
         self.log_path = tmp_path / "serve.log"
@@ -209,7 +214,7 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config_path),
-                "--host", "127.0.0.1", "--port", str(self.port), "--threads", "16"]
+                "--host", "127.0.0.1", "--port", str(self.port), "--threads", str(self.threads)]
 
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start ``serve`` without waiting for it."""
