@@ -1,0 +1,278 @@
+"""Run the benchmarks, print the tables, write JSON (and the tables as Markdown beside it).
+
+    python -m tests.benchmarks.run                 # everything (make bench), ~20 min on 2 cores
+    python -m tests.benchmarks.run --quick         # smaller pools and sizes, ~6 min
+    python -m tests.benchmarks.run --only warm     # warm | scale | ttw (repeatable)
+    python -m tests.benchmarks.run --db sqlite     # skip PostgreSQL
+
+Figures and targets: issue 6 and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.benchmarks.common import ROOT, machine_info, sqlite_version
+
+SECTIONS = ("warm", "scale", "ttw")
+FULL = {"ready": 136, "bursts": 2, "levels": [1, 8, 64], "live": [1000, 10000],
+        "history": [1000, 10000, 100000], "repeats": 5, "ttw_samples": 5}
+QUICK = {"ready": 72, "bursts": 1, "levels": [1, 8, 64], "live": [1000],
+         "history": [1000, 10000], "repeats": 3, "ttw_samples": 2}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.run")
+    parser.add_argument("--quick", action="store_true", help="smaller, faster run")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run only this figure (repeatable)")
+    parser.add_argument("--db", default="sqlite,postgres",
+                        help="comma-separated database kinds (default: sqlite,postgres)")
+    parser.add_argument("--out", default=str(ROOT / "var" / "bench" / "results.json"))
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    sections = args.only or list(SECTIONS)
+    kinds = [k.strip() for k in args.db.split(",") if k.strip()]
+    results: dict[str, Any] = {
+        "command": "python -m tests.benchmarks.run " + " ".join(argv or sys.argv[1:]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {**machine_info(), "sqlite": sqlite_version()},
+        "settings": settings,
+    }
+    log(f"machine: {results['machine']}")
+    started = time.monotonic()
+    postgres = _start_postgres(kinds, sections)
+    try:
+        if postgres is not None:
+            results["machine"]["postgresql"] = str(postgres.bin_dir)
+        if "warm" in sections:
+            results["warm"] = _warm(settings, kinds, postgres)
+        if "scale" in sections:
+            results["scale"] = _scale(settings, kinds, postgres)
+        if "ttw" in sections:
+            from tests.benchmarks.time_to_worker import run_time_to_worker
+
+            log("time to worker")
+            results["time_to_worker"] = run_time_to_worker(settings["ttw_samples"], log)
+    finally:
+        if postgres is not None:
+            postgres.stop()
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    results["targets"] = targets(results)
+    markdown = render(results)
+    print(markdown)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    out.with_suffix(".md").write_text(markdown)
+    log(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def _start_postgres(kinds: list[str], sections: list[str]) -> Any:
+    if "postgres" not in kinds or not {"warm", "scale"} & set(sections):
+        return None
+    from tests.support.postgres import PostgresServer, PostgresUnavailable
+
+    try:
+        return PostgresServer.start()
+    except PostgresUnavailable as exc:
+        log(f"PostgreSQL unavailable, skipped: {exc}")
+        return None
+
+
+def _warm(settings: dict[str, Any], kinds: list[str], postgres: Any) -> dict[str, Any]:
+    from tests.benchmarks import warm
+
+    out: dict[str, Any] = {}
+    levels = settings["levels"]
+    for kind in kinds:
+        if kind == "postgres" and postgres is None:
+            continue
+        log(f"warm lease on {kind}")
+        url = postgres.create_database() if kind == "postgres" else None
+        out[kind] = warm.run_database(kind, url, levels, settings["ready"], settings["bursts"],
+                                      log)
+    iterations = {c: max(1, (settings["ready"] - warm.MARGIN) // c) * settings["bursts"]
+                  for c in levels}
+    log("HTTP floor")
+    floor = warm.run_http_floor(levels, iterations, log)
+    out["http_floor"] = floor
+    for kind in kinds:
+        if kind in out:
+            warm.add_ratios(out[kind], floor)
+    return out
+
+
+def _scale(settings: dict[str, Any], kinds: list[str], postgres: Any) -> dict[str, Any]:
+    from tests.benchmarks import scale
+
+    out: dict[str, Any] = {}
+    for kind in kinds:
+        if kind == "postgres":
+            if postgres is None:
+                continue
+            factory = postgres.create_database
+        else:
+            factory = scale.sqlite_urls()
+        log(f"scale on {kind}")
+        out[kind] = scale.run_scale(factory, kind, settings["live"], settings["history"],
+                                    settings["repeats"], log)
+    return out
+
+
+# ---- targets -----------------------------------------------------------------------
+
+
+def _get(data: Any, *path: Any) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key, data.get(str(key)) if not isinstance(key, str) else None)
+    return data
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and met / missed / not measured."""
+    rows = []
+
+    def add(name: str, value: Any, limit: float, below: bool = True) -> None:
+        met = None if value is None else (value < limit if below else value >= limit)
+        rows.append({"target": name, "value": value, "limit": limit,
+                     "status": "not measured" if met is None else ("met" if met else "missed")})
+
+    add("warm lease p99 at 8 clients, SQLite (ms) < 25",
+        _get(r, "warm", "sqlite", "levels", 8, "service_http", "acquire", "p99_ms"), 25)
+    add("throughput at 8 clients vs HTTP floor, SQLite >= 0.4",
+        _get(r, "warm", "sqlite", "levels", 8, "ratios", "throughput_vs_http_floor"), 0.4,
+        below=False)
+    add("lease transaction p50 vs raw-SQL floor at 8 clients, SQLite <= 2x",
+        _get(r, "warm", "sqlite", "levels", 8, "ratios", "txn_p50_vs_sql_floor"), 2.0001)
+    add("lease transaction p50 vs raw-SQL floor at 8 clients, PostgreSQL <= 2x",
+        _get(r, "warm", "postgres", "levels", 8, "ratios", "txn_p50_vs_sql_floor"), 2.0001)
+    add("scheduler pass, 10k live + 100k history, SQLite (ms) < 200",
+        _get(r, "scale", "sqlite", "live", 10000, "history", 100000, "maintain", "median_ms"),
+        200)
+    add("scheduler pass growth 10k -> 100k history (10k live), SQLite < 1.5x",
+        _get(r, "scale", "sqlite", "live", 10000, "growth", "10000->100000", "maintain"), 1.5)
+    add("scheduler pass, 10k live + 100k history, PostgreSQL (ms) < 200",
+        _get(r, "scale", "postgres", "live", 10000, "history", 100000, "maintain",
+             "median_ms"), 200)
+    add("scheduler pass growth 10k -> 100k history (10k live), PostgreSQL < 1.5x",
+        _get(r, "scale", "postgres", "live", 10000, "growth", "10000->100000", "maintain"),
+        1.5)
+    add("time to worker vs direct, local <= 1.3x",
+        _get(r, "time_to_worker", "local", "ratio_median"), 1.3001)
+    add("time to worker vs direct, docker <= 1.3x",
+        _get(r, "time_to_worker", "docker", "ratio_median"), 1.3001)
+    return rows
+
+
+# ---- tables ----------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render(r: dict[str, Any]) -> str:
+    parts = [f"Machine: {r['machine']['nproc']} cores, {r['machine']['cpu_model']}, "
+             f"Python {r['machine']['python']}, SQLite {r['machine']['sqlite']}, "
+             f"commit {str(r['machine']['git_commit'])[:12]}; run took {r['duration_s']} s.",
+             f"Command: `{r['command'].strip()}`"]
+    warm = r.get("warm")
+    if warm:
+        rows = []
+        floor = warm.get("http_floor", {})
+        for kind in ("sqlite", "postgres"):
+            for c, f in (warm.get(kind) or {}).get("levels", {}).items():
+                s, ra = f["service_http"], f.get("ratios", {})
+                fl = floor.get(c, {})
+                rows.append([kind, c, s["acquire"]["n"], s["acquire"]["p50_ms"],
+                             s["acquire"]["p95_ms"], s["acquire"]["p99_ms"],
+                             s["release"]["p99_ms"], s["cycles_per_s"],
+                             _get(fl, "acquire", "p50_ms"), _get(fl, "acquire", "p99_ms"),
+                             _get(fl, "cycles_per_s"), ra.get("http_p99_vs_http_floor"),
+                             ra.get("throughput_vs_http_floor"), s["errors"]])
+        parts.append("### Warm lease over HTTP (POST /v1/leases 201, then DELETE) vs HTTP floor\n"
+                     + _table(["db", "clients", "n", "p50 ms", "p95 ms", "p99 ms",
+                               "DELETE p99 ms", "leases/s", "floor p50 ms", "floor p99 ms",
+                               "floor cycles/s", "p99 ratio", "throughput ratio", "errors"],
+                              rows))
+        rows = []
+        for kind in ("sqlite", "postgres"):
+            for c, f in (warm.get(kind) or {}).get("levels", {}).items():
+                sql, txn, ra = f.get("sql_floor"), f.get("service_txn"), f.get("ratios", {})
+                if not sql or not txn:
+                    continue
+                rows.append([kind, c, sql["acquire"]["p50_ms"], sql["acquire"]["p99_ms"],
+                             sql["cycles_per_s"], txn["acquire"]["p50_ms"],
+                             txn["acquire"]["p99_ms"], txn["cycles_per_s"],
+                             ra.get("txn_p50_vs_sql_floor"), ra.get("txn_p99_vs_sql_floor"),
+                             ra.get("txn_throughput_vs_sql_floor"),
+                             sql["errors"] + txn["errors"]])
+        parts.append("### Lease transaction (leasing.acquire + commit, no HTTP) vs raw-SQL floor\n"
+                     + _table(["db", "clients", "SQL p50 ms", "SQL p99 ms", "SQL cycles/s",
+                               "txn p50 ms", "txn p99 ms", "txn cycles/s", "p50 ratio",
+                               "p99 ratio", "throughput ratio", "errors"], rows))
+    scale = r.get("scale")
+    if scale:
+        rows = []
+        for kind, data in scale.items():
+            for live, per in data["live"].items():
+                for history, m in per["history"].items():
+                    rows.append([kind, live, history] + [m[k]["median_ms"] for k in (
+                        "maintain", "destroy", "reconcile", "admin_leases", "admin_leases_live",
+                        "admin_workers", "admin_workers_live", "admin_events", "admin_pools")])
+                extra = (data.get("with_proposed_indexes") or {}).get(live)
+                if extra:
+                    rows.append([f"{kind} + proposed indexes", live, max(per["history"])]
+                                + [extra[k]["median_ms"] for k in (
+                                    "maintain", "destroy", "reconcile", "admin_leases",
+                                    "admin_leases_live", "admin_workers", "admin_workers_live",
+                                    "admin_events", "admin_pools")])
+        parts.append("### Scale: median ms per call\n" + _table(
+            ["db", "live", "history", "maintain", "destroy", "reconcile", "admin leases",
+             "admin leases live", "admin workers", "admin workers live", "admin events",
+             "admin pools"], rows))
+        rows = []
+        for kind, data in scale.items():
+            for live, per in data["live"].items():
+                for step, g in per["growth"].items():
+                    rows.append([kind, live, step] + [g.get(k) for k in (
+                        "maintain", "destroy", "reconcile", "admin_leases", "admin_workers",
+                        "admin_events")])
+            for step, g in (data.get("live_growth") or {}).items():
+                rows.append([kind, step, ""] + [g.get(k) for k in (
+                    "maintain", "destroy", "reconcile", "admin_leases", "admin_workers",
+                    "admin_events")])
+        parts.append("### Scale: growth factors\n" + _table(
+            ["db", "live", "history step", "maintain", "destroy", "reconcile", "admin leases",
+             "admin workers", "admin events"], rows))
+    ttw = r.get("time_to_worker")
+    if ttw:
+        rows = [[kind, ttw[kind]["service"]["median_s"], ttw[kind]["direct"]["median_s"],
+                 ttw[kind]["ratio_median"], ttw[kind]["service"]["n"]]
+                for kind in ("local", "docker") if kind in ttw]
+        parts.append("### Time to worker (min_ready 0, wait_seconds) vs starting it directly\n"
+                     + _table(["provisioner", "service median s", "direct median s", "ratio",
+                               "n"], rows))
+    parts.append("### Targets\n" + _table(["target", "value", "status"],
+                                          [[t["target"], t["value"], t["status"]]
+                                           for t in r["targets"]]))
+    return "\n\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
