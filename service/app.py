@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, g, jsonify
+from flask import Flask, g, jsonify, request
 from flask_openapi3 import Info, OpenAPI
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
@@ -33,13 +33,15 @@ class Services:
     config: Config
     engine: Engine
     factory: sessionmaker[Session]
+    read_factory: sessionmaker[Session]
     clock: Clock
     waiters: LeaseWaiters = field(default_factory=LeaseWaiters)
 
     def session(self) -> Session:
-        """The request's one session, closed in teardown."""
+        """The request's one session, closed in teardown (read-only for GET requests)."""
         if "db_session" not in g:
-            g.db_session = self.factory()
+            reading = request.method in ("GET", "HEAD")
+            g.db_session = (self.read_factory if reading else self.factory)()
         session: Session = g.db_session
         return session
 
@@ -72,6 +74,7 @@ def create_app(config: Config, *, engine: Engine | None = None,
                       JSON_SORT_KEYS=False)
     engine = engine or make_engine(config.database_url, config.database_pool_size)
     services = Services(config=config, engine=engine, factory=session_factory(engine),
+                        read_factory=session_factory(engine, read_only=True),
                         clock=clock or SystemClock())
     app.extensions["workerlease"] = services
 

@@ -58,6 +58,8 @@ class SchedulerConfig(_Strict):
     enabled: bool = True
     interval: Duration = 5
     reconcile_interval: Duration = 60
+    # How often pending leases are checked against workers on their way (seconds).
+    demand_interval: float = Field(default=0.2, ge=0.05, le=60)
     max_concurrent_creates: int = Field(default=4, ge=1, le=64)
 
     @field_validator("interval", "reconcile_interval")

@@ -20,11 +20,11 @@ from sqlmodel import Session, col, select
 from service import metrics
 from service.clock import Clock
 from service.config import SchedulerConfig
-from service.db import session_scope
+from service.db import session_factory, session_scope
 from service.dispatch import PoolDispatcher
 from service.leasing import expire, fail_pending_of_disabled_pools, serve_pending
 from service.models import Pool
-from service.pools import plan_refill, trim
+from service.pools import counts_by_pool, plan_refill, trim, workers_wanted
 from service.provisioning import ProvisionerSet
 from service.workers import (
     check_health,
@@ -50,8 +50,11 @@ class Runtime:
     settings: SchedulerConfig
     creates: PoolDispatcher = field(init=False)
     destroys: PoolDispatcher = field(init=False)
+    read_factory: sessionmaker[Session] = field(init=False)
 
     def __post_init__(self) -> None:
+        bind = self.factory.kw["bind"]
+        self.read_factory = session_factory(bind, read_only=True)
         self.creates = PoolDispatcher("create", self.settings.max_concurrent_creates)
         self.destroys = PoolDispatcher("destroy", DESTROY_BATCHES_PER_POOL)
 
@@ -77,6 +80,11 @@ def maintain(rt: Runtime, now: datetime | None = None, wait: bool = True) -> Non
         for pool in session.exec(select(Pool)).all():
             serve_pending(session, pool, now)
         trim(session, now)
+    refill(rt, now, wait)
+
+
+def refill(rt: Runtime, now: datetime, wait: bool = True) -> None:
+    """Plan the workers the pools lack, then start creating them in the background."""
     with session_scope(rt.factory) as session:
         plan_refill(session, now)
     for pool in _pools(rt):
@@ -91,6 +99,22 @@ def maintain(rt: Runtime, now: datetime | None = None, wait: bool = True) -> Non
                               pool, worker, now)
     if wait:
         rt.creates.wait()
+
+
+def answer_demand(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
+    """Refill at once when pending leases outnumber the workers on their way.
+
+    Runs far more often than ``maintain`` so a lease waiting with ``min_ready: 0`` (or
+    a drained pool) does not also wait for the next full pass; it reads two indexed
+    counts and writes nothing unless there is a gap to fill.
+    """
+    now = now or rt.clock.now()
+    with session_scope(rt.read_factory) as session:
+        counts = counts_by_pool(session)
+        pools = {p.name: p for p in session.exec(select(Pool)).all()}
+    if any(pools[name].enabled and workers_wanted(pools[name], c) > 0
+           and c.pending_leases > 0 for name, c in counts.items() if name in pools):
+        refill(rt, now, wait)
 
 
 def destroy(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
@@ -109,7 +133,7 @@ def destroy(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None
 
 
 def _pools(rt: Runtime) -> list[Pool]:
-    with session_scope(rt.factory) as session:
+    with session_scope(rt.read_factory) as session:
         return list(session.exec(select(Pool).order_by(col(Pool.name))).all())
 
 
@@ -156,6 +180,8 @@ def start_scheduler(rt: Runtime) -> BackgroundScheduler:
                       seconds=interval, id="maintain", next_run_time=now)
     scheduler.add_job(instrumented("destroy", _no_wait(destroy), rt), "interval",
                       seconds=interval, id="destroy", next_run_time=now)
+    scheduler.add_job(instrumented("demand", _no_wait(answer_demand), rt), "interval",
+                      seconds=rt.settings.demand_interval, id="demand")
     scheduler.start()
     log.info("scheduler_started interval=%ss reconcile_interval=%ss", interval,
              rt.settings.reconcile_interval)

@@ -78,7 +78,6 @@ LIVE_WORKER_STATES = (
 )
 
 _LIVE_LEASE_SQL = text("state IN ('pending', 'active')")
-_UNFINISHED_WORKER_SQL = text("state <> 'destroyed'")
 
 
 def _utc(nullable: bool = False, index: bool = False) -> Any:
@@ -129,15 +128,10 @@ class Worker(SQLModel, table=True):
     __table_args__ = (
         Index("ix_workers_pool_state_ready", "pool", "state", "ready_at"),
         Index("ix_workers_created", "created_at"),
-        # Partial: the scheduler's passes look only at unfinished workers, so
-        # their cost does not grow with the destroyed history.
-        Index(
-            "ix_workers_unfinished",
-            "state",
-            "pool",
-            sqlite_where=_UNFINISHED_WORKER_SQL,
-            postgresql_where=_UNFINISHED_WORKER_SQL,
-        ),
+        # The scheduler's passes select by state: with this index their cost follows the
+        # live workers, not the destroyed history. (Not partial: SQLite cannot match a
+        # partial index to a bound ``state = ?`` parameter.)
+        Index("ix_workers_state_pool", "state", "pool", "created_at"),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -172,14 +166,7 @@ class Lease(SQLModel, table=True):
             postgresql_where=_LIVE_LEASE_SQL,
         ),
         Index("uq_lease_worker", "worker_id", unique=True),
-        Index(
-            "ix_leases_live",
-            "state",
-            "pool",
-            "created_at",
-            sqlite_where=_LIVE_LEASE_SQL,
-            postgresql_where=_LIVE_LEASE_SQL,
-        ),
+        Index("ix_leases_state_pool", "state", "pool", "created_at"),
         Index("ix_leases_tenant_created", "tenant_id", "created_at"),
         Index("ix_leases_created", "created_at"),
     )

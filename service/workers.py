@@ -285,33 +285,46 @@ def check_health(factory: sessionmaker[Session], provisioners: ProvisionerSet,
             metrics.PROVISIONER_ERRORS.labels(pool_name, "describe", _error_kind(exc)).inc()
             log.warning("describe_failed pool=%s error=%s", pool_name, exc)
             continue
-        with session_scope(factory) as session:
-            for worker in pool_workers:
-                changed += _apply_observed_state(session, provisioner.ready_when_running,
-                                                 worker.id, states.get(worker.id), now)
+        needing_change = [w for w in pool_workers
+                          if _change_for(w.state, states.get(w.id),
+                                         provisioner.ready_when_running) is not None]
+        # Only the rows that change are locked, in one statement: locking every running
+        # worker would make concurrent lease requests skip (SKIP LOCKED) healthy ones.
+        if needing_change:
+            with session_scope(factory) as session:
+                changed += _apply_observed_states(session, provisioner.ready_when_running,
+                                                  needing_change, states, now)
     return changed
 
 
-def _apply_observed_state(session: Session, ready_when_running: bool, worker_id: str,
-                          observed: ResourceState | None, now: datetime) -> int:
-    if observed is None or observed == ResourceState.PENDING:
-        return 0
-    worker = session.exec(with_row_locks(select(Worker).where(Worker.id == worker_id),
-                                         session)).first()
-    if worker is None:
-        return 0
-    if observed == ResourceState.GONE and worker.state in (
+def _change_for(state: str, observed: ResourceState | None,
+                ready_when_running: bool) -> str | None:
+    """What an observation means for a worker in ``state``: ``failed``, ``ready`` or nothing."""
+    if observed == ResourceState.GONE and state in (
             WorkerState.PROVISIONING, WorkerState.READY, WorkerState.LEASED):
-        fail_worker(session, worker, "resource gone", now)
-        return 1
+        return WorkerState.FAILED
     if (observed == ResourceState.RUNNING and ready_when_running
-            and worker.state == WorkerState.PROVISIONING):
-        mark_ready(session, worker, None, worker.address, now)
-        pool = session.get(Pool, worker.pool)
-        assert pool is not None
-        serve_pending(session, pool, now)
-        return 1
-    return 0
+            and state == WorkerState.PROVISIONING):
+        return WorkerState.READY
+    return None
+
+
+def _apply_observed_states(session: Session, ready_when_running: bool, workers: list[Worker],
+                           states: dict[str, ResourceState], now: datetime) -> int:
+    statement = select(Worker).where(col(Worker.id).in_([w.id for w in workers]))
+    changed = 0
+    for worker in session.exec(with_row_locks(statement, session)).all():
+        # Re-checked under the lock: the worker may have moved since it was described.
+        change = _change_for(worker.state, states.get(worker.id), ready_when_running)
+        if change == WorkerState.FAILED:
+            fail_worker(session, worker, "resource gone", now)
+        elif change == WorkerState.READY:
+            mark_ready(session, worker, None, worker.address, now)
+            pool = session.get(Pool, worker.pool)
+            assert pool is not None
+            serve_pending(session, pool, now)
+        changed += change is not None
+    return changed
 
 
 # ---- reconciliation --------------------------------------------------------------

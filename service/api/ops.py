@@ -28,7 +28,7 @@ def readyz() -> Any:
     services = svc()
     checks = {"database": "ok", "scheduler": "ok"}
     try:
-        with session_scope(services.factory) as session:
+        with session_scope(services.read_factory) as session:
             beat = session.get(Heartbeat, HEARTBEAT)
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
@@ -53,7 +53,7 @@ def prometheus() -> Response:
 
 def _snapshot() -> dict[str, list[tuple[dict[str, str], float]]]:
     services = svc()
-    with session_scope(services.factory) as session:
+    with session_scope(services.read_factory) as session:
         workers = session.exec(
             select(Worker.pool, Worker.state, func.count())
             .where(Worker.state != WorkerState.DESTROYED)

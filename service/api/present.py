@@ -14,13 +14,22 @@ def leases_out(session: Session, leases: Sequence[Lease], *,
                viewer_tenant_id: str | None) -> list[LeaseOut]:
     """Leases with their workers; the access token only for the lease's own tenant."""
     worker_ids = [lease.worker_id for lease in leases if lease.worker_id]
-    workers = {}
-    if worker_ids:
+    workers: dict[str, Worker] = {}
+    if len(worker_ids) == 1:
+        # The common case (one lease just acquired): the session already holds the row.
+        worker = session.get(Worker, worker_ids[0])
+        workers = {worker.id: worker} if worker else {}
+    elif worker_ids:
         workers = {w.id: w for w in session.exec(
             select(Worker).where(col(Worker.id).in_(worker_ids))).all()}
-    pool_os = {p.name: p.os for p in session.exec(select(Pool)).all()}
-    return [_lease_out(lease, workers.get(lease.worker_id or ""), pool_os.get(lease.pool, ""),
+    pool_os = {name: _pool_os(session, name) for name in {lease.pool for lease in leases}}
+    return [_lease_out(lease, workers.get(lease.worker_id or ""), pool_os[lease.pool],
                        viewer_tenant_id) for lease in leases]
+
+
+def _pool_os(session: Session, name: str) -> str:
+    pool = session.get(Pool, name)  # from the session's identity map after the first lookup
+    return pool.os if pool else ""
 
 
 def lease_out(session: Session, lease: Lease, *, viewer_tenant_id: str | None) -> LeaseOut:

@@ -99,7 +99,7 @@ def upgrade() -> None:
     with op.batch_alter_table('workers', schema=None) as batch_op:
         batch_op.create_index('ix_workers_created', ['created_at'], unique=False)
         batch_op.create_index('ix_workers_pool_state_ready', ['pool', 'state', 'ready_at'], unique=False)
-        batch_op.create_index('ix_workers_unfinished', ['state', 'pool'], unique=False, sqlite_where=sa.text("state <> 'destroyed'"), postgresql_where=sa.text("state <> 'destroyed'"))
+        batch_op.create_index('ix_workers_state_pool', ['state', 'pool', 'created_at'], unique=False)
 
     op.create_table('leases',
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
@@ -121,7 +121,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('leases', schema=None) as batch_op:
         batch_op.create_index('ix_leases_created', ['created_at'], unique=False)
-        batch_op.create_index('ix_leases_live', ['state', 'pool', 'created_at'], unique=False, sqlite_where=sa.text("state IN ('pending', 'active')"), postgresql_where=sa.text("state IN ('pending', 'active')"))
+        batch_op.create_index('ix_leases_state_pool', ['state', 'pool', 'created_at'], unique=False)
         batch_op.create_index('ix_leases_tenant_created', ['tenant_id', 'created_at'], unique=False)
         batch_op.create_index('uq_lease_live_tenant_pool', ['tenant_id', 'pool'], unique=True, sqlite_where=sa.text("state IN ('pending', 'active')"), postgresql_where=sa.text("state IN ('pending', 'active')"))
         batch_op.create_index('uq_lease_worker', ['worker_id'], unique=True)
@@ -135,12 +135,12 @@ def downgrade() -> None:
         batch_op.drop_index('uq_lease_worker')
         batch_op.drop_index('uq_lease_live_tenant_pool', sqlite_where=sa.text("state IN ('pending', 'active')"), postgresql_where=sa.text("state IN ('pending', 'active')"))
         batch_op.drop_index('ix_leases_tenant_created')
-        batch_op.drop_index('ix_leases_live', sqlite_where=sa.text("state IN ('pending', 'active')"), postgresql_where=sa.text("state IN ('pending', 'active')"))
+        batch_op.drop_index('ix_leases_state_pool')
         batch_op.drop_index('ix_leases_created')
 
     op.drop_table('leases')
     with op.batch_alter_table('workers', schema=None) as batch_op:
-        batch_op.drop_index('ix_workers_unfinished', sqlite_where=sa.text("state <> 'destroyed'"), postgresql_where=sa.text("state <> 'destroyed'"))
+        batch_op.drop_index('ix_workers_state_pool')
         batch_op.drop_index('ix_workers_pool_state_ready')
         batch_op.drop_index('ix_workers_created')
 
