@@ -10,6 +10,7 @@ pysqlite recipe). ``synchronous=NORMAL`` in WAL survives a process crash
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -36,6 +37,9 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
     )
 
 
+_HOLDS_WRITER = "workerlease_holds_writer_lock"
+
+
 def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -50,14 +54,31 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
+    # Writers of this process queue on a lock before asking SQLite: SQLite's own busy
+    # handler sleeps in growing steps (up to 100 ms) and is not first come, first served,
+    # which shows as a long latency tail under concurrent lease requests.
+    writer = threading.Lock()
+
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         # Readers take no write lock (WAL lets them run beside the writer); writers queue.
         if connection.get_execution_options().get(READ_ONLY):
             connection.exec_driver_sql("BEGIN")
-        else:
+            return
+        writer.acquire()
+        connection.info[_HOLDS_WRITER] = True
+        try:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _release(connection)
+            raise
 
+    def _release(connection: Any) -> None:
+        if connection.info.pop(_HOLDS_WRITER, False):
+            writer.release()
+
+    event.listen(engine, "commit", _release)
+    event.listen(engine, "rollback", _release)
     return engine
 
 
