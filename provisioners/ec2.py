@@ -716,16 +716,21 @@ class EC2Provisioner(Provisioner):
         found: dict[str, list[str]] = {}
         for batch in _chunks([h.worker_id for h in handles], 200):
             try:
-                for instance in self._describe_pages(Filters=[
-                    {"Name": f"tag:{TAG_WORKER}", "Values": batch},
-                    {"Name": f"tag:{TAG_POOL}", "Values": [self.pool]},
-                    {"Name": "instance-state-name", "Values": list(NOT_TERMINATED_STATES)},
-                ]):
+                for instance in self._describe_pages(
+                    Filters=[
+                        {"Name": f"tag:{TAG_WORKER}", "Values": batch},
+                        {"Name": f"tag:{TAG_POOL}", "Values": [self.pool]},
+                        {"Name": "instance-state-name", "Values": list(NOT_TERMINATED_STATES)},
+                    ]
+                ):
                     tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
                     found.setdefault(tags[TAG_WORKER], []).append(instance["InstanceId"])
             except (ClientError, BotoCoreError, ProvisionerError) as exc:
-                error = exc if isinstance(exc, ProvisionerError) else \
-                    translate_error(exc, "DescribeInstances")
+                error = (
+                    exc
+                    if isinstance(exc, ProvisionerError)
+                    else translate_error(exc, "DescribeInstances")
+                )
                 results.update({worker_id: error for worker_id in batch})
                 continue
             results.update({w: None for w in batch if w not in found})

@@ -56,26 +56,35 @@ class Services:
             raise
 
 
-def create_app(config: Config, *, engine: Engine | None = None,
-               clock: Clock | None = None) -> Flask:
+def create_app(
+    config: Config, *, engine: Engine | None = None, clock: Clock | None = None
+) -> Flask:
     admin_token = config.require_admin_token()
     crypto.configure(config.encryption_key)
     app = OpenAPI(
         __name__,
-        info=Info(title="workerlease", version=__version__,
-                  description="Lease warm-pool worker machines to tenants."),
+        info=Info(
+            title="workerlease",
+            version=__version__,
+            description="Lease warm-pool worker machines to tenants.",
+        ),
         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
         validation_error_status=422,
         validation_error_callback=validation_problem,
         doc_prefix="/docs",
         doc_url="/openapi.json",
     )
-    app.config.update(ADMIN_TOKEN=admin_token, MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
-                      JSON_SORT_KEYS=False)
+    app.config.update(
+        ADMIN_TOKEN=admin_token, MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False
+    )
     engine = engine or make_engine(config.database_url, config.database_pool_size)
-    services = Services(config=config, engine=engine, factory=session_factory(engine),
-                        read_factory=session_factory(engine, read_only=True),
-                        clock=clock or SystemClock())
+    services = Services(
+        config=config,
+        engine=engine,
+        factory=session_factory(engine),
+        read_factory=session_factory(engine, read_only=True),
+        clock=clock or SystemClock(),
+    )
     app.extensions["workerlease"] = services
 
     @app.teardown_appcontext

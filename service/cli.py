@@ -17,8 +17,12 @@ from service.config import Config, ConfigError, load_config
 log = logging.getLogger("workerlease.cli")
 
 CONFIG_OPTION = click.option(
-    "--config", "config_path", envvar="WORKERLEASE_CONFIG", type=click.Path(dir_okay=False),
-    help="YAML config file (or WORKERLEASE_CONFIG).")
+    "--config",
+    "config_path",
+    envvar="WORKERLEASE_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="YAML config file (or WORKERLEASE_CONFIG).",
+)
 
 
 def _load(config_path: str | None) -> Config:
@@ -29,8 +33,9 @@ def _load(config_path: str | None) -> Config:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     # Request lines come from gunicorn's access log; keep library chatter down.
     # "maximum number of running instances reached" is expected for the frequent demand job.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
@@ -46,13 +51,24 @@ def main() -> None:
 @CONFIG_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="gunicorn worker processes")
-@click.option("--threads", default=32, show_default=True, type=click.IntRange(1, 512),
-              help="threads per worker (requests with wait_seconds hold one)")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="gunicorn worker processes",
+)
+@click.option(
+    "--threads",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1, 512),
+    help="threads per worker (requests with wait_seconds hold one)",
+)
 @click.option("--no-scheduler", is_flag=True, help="serve the API only; run jobs elsewhere")
-def serve(config_path: str | None, host: str, port: int, workers: int, threads: int,
-          no_scheduler: bool) -> None:
+def serve(
+    config_path: str | None, host: str, port: int, workers: int, threads: int, no_scheduler: bool
+) -> None:
     """Serve the API (gunicorn) and run the background jobs in this process group."""
     config = _load(config_path)
     try:
@@ -64,15 +80,26 @@ def serve(config_path: str | None, host: str, port: int, workers: int, threads: 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="workerlease-prom-")
     from service.server import run_server
 
-    run_server(config, config_path, host=host, port=port, workers=workers, threads=threads,
-               with_scheduler=not no_scheduler and config.scheduler.enabled)
+    run_server(
+        config,
+        config_path,
+        host=host,
+        port=port,
+        workers=workers,
+        threads=threads,
+        with_scheduler=not no_scheduler and config.scheduler.enabled,
+    )
 
 
 @main.command()
 @CONFIG_OPTION
 @click.option("--public-url", help="how workers reach the API (default: config public_url)")
-@click.option("--exit-with-parent", is_flag=True, hidden=True,
-              help="stop when the parent process dies (used by serve)")
+@click.option(
+    "--exit-with-parent",
+    is_flag=True,
+    hidden=True,
+    help="stop when the parent process dies (used by serve)",
+)
 def scheduler(config_path: str | None, public_url: str | None, exit_with_parent: bool) -> None:
     """Run only the background jobs (for deployments that serve the API elsewhere)."""
     config = _load(config_path)
@@ -176,15 +203,35 @@ def pools(config_path: str | None) -> None:
     factory = _factory(_load(config_path))
     with session_scope(factory) as session:
         counts = counts_by_pool(session)
-        header = ("POOL", "OS", "PROV", "ON", "MIN", "MAX", "PROVISIONING", "READY", "LEASED",
-                  "DESTROYING", "PENDING")
+        header = (
+            "POOL",
+            "OS",
+            "PROV",
+            "ON",
+            "MIN",
+            "MAX",
+            "PROVISIONING",
+            "READY",
+            "LEASED",
+            "DESTROYING",
+            "PENDING",
+        )
         click.echo(" ".join(f"{h:<13}" for h in header))
         for pool in session.exec(select(Pool).order_by(col(Pool.name))).all():
             c = counts.get(pool.name, PoolCounts({}, 0))
             row: tuple[Any, ...] = (
-                pool.name, pool.os, pool.provisioner, pool.enabled, pool.min_ready,
-                pool.max_workers, c.by_state.get("provisioning", 0), c.by_state.get("ready", 0),
-                c.by_state.get("leased", 0), c.by_state.get("destroying", 0), c.pending_leases)
+                pool.name,
+                pool.os,
+                pool.provisioner,
+                pool.enabled,
+                pool.min_ready,
+                pool.max_workers,
+                c.by_state.get("provisioning", 0),
+                c.by_state.get("ready", 0),
+                c.by_state.get("leased", 0),
+                c.by_state.get("destroying", 0),
+                c.pending_leases,
+            )
             click.echo(" ".join(f"{v!s:<13}" for v in row))
             if pool.degraded_reason:
                 click.echo(f"  degraded: {pool.degraded_reason}")
@@ -199,8 +246,10 @@ def check_config(path: str) -> None:
         config.require_admin_token()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{path}: ok ({len(config.pools)} pools: "
-               f"{', '.join(p.name for p in config.pools) or 'none'})")
+    click.echo(
+        f"{path}: ok ({len(config.pools)} pools: "
+        f"{', '.join(p.name for p in config.pools) or 'none'})"
+    )
 
 
 @main.command("gen-key")

@@ -125,7 +125,8 @@ class Config(_Strict):
             except ValueError:
                 raise ValueError(
                     "must be Fernet keys (32 url-safe base64 bytes), comma-separated; "
-                    "generate one with: workerlease gen-key") from None
+                    "generate one with: workerlease gen-key"
+                ) from None
         return value
 
     @model_validator(mode="after")
@@ -133,7 +134,8 @@ class Config(_Strict):
         if not self.database_url.startswith("sqlite") and not self.encryption_key:
             raise ValueError(
                 "encryption_key: required with PostgreSQL (worker tokens are encrypted at "
-                "rest); set WORKERLEASE_ENCRYPTION_KEY (workerlease gen-key makes one)")
+                "rest); set WORKERLEASE_ENCRYPTION_KEY (workerlease gen-key makes one)"
+            )
         return self
 
     def require_admin_token(self) -> str:

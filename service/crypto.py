@@ -54,10 +54,11 @@ def decrypt(stored: str) -> str:
     if _box is None:
         raise SecretDecryptError("an encrypted secret was read but no encryption key is set")
     try:
-        return _box.decrypt(stored[len(PREFIX):].encode()).decode()
+        return _box.decrypt(stored[len(PREFIX) :].encode()).decode()
     except InvalidToken as exc:
-        raise SecretDecryptError("a secret could not be decrypted with the configured keys") \
-            from exc
+        raise SecretDecryptError(
+            "a secret could not be decrypted with the configured keys"
+        ) from exc
 
 
 class EncryptedString(TypeDecorator[str]):

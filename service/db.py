@@ -105,8 +105,9 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def with_row_locks(statement: S, session: Session, *, skip_locked: bool = True,
-                   of: Any = None) -> S:
+def with_row_locks(
+    statement: S, session: Session, *, skip_locked: bool = True, of: Any = None
+) -> S:
     """``FOR UPDATE [SKIP LOCKED]`` where the database has row locks (Airflow's helper).
 
     On SQLite this is a no-op: ``BEGIN IMMEDIATE`` already serialises writers.
@@ -128,6 +129,7 @@ def lock_job(session: Session, job: str) -> None:
     """
     if is_sqlite(session):
         return
-    key = int.from_bytes(hashlib.sha256(f"workerlease:{job}".encode()).digest()[:8], "big",
-                         signed=True)
+    key = int.from_bytes(
+        hashlib.sha256(f"workerlease:{job}".encode()).digest()[:8], "big", signed=True
+    )
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})

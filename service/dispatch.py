@@ -25,8 +25,9 @@ class PoolDispatcher:
     def __init__(self, name: str, per_pool: int, max_threads: int = 64) -> None:
         self.name = name
         self.per_pool = per_pool
-        self._executor = ThreadPoolExecutor(max_workers=max_threads,
-                                            thread_name_prefix=f"{name}-call")
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_threads, thread_name_prefix=f"{name}-call"
+        )
         self._lock = threading.Lock()
         self._running: dict[str, set[str]] = defaultdict(set)  # pool -> keys in flight
         self._futures: set[Future[Any]] = set()
@@ -68,6 +69,7 @@ class PoolDispatcher:
 
     def shutdown(self, timeout: float = 30) -> None:
         if not self.wait(timeout):
-            log.warning("%s_calls_still_running at shutdown; leaving them to the next start",
-                        self.name)
+            log.warning(
+                "%s_calls_still_running at shutdown; leaving them to the next start", self.name
+            )
         self._executor.shutdown(wait=False, cancel_futures=True)

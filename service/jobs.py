@@ -92,11 +92,13 @@ def refill(rt: Runtime, now: datetime, wait: bool = True) -> None:
         if slots == 0:
             continue
         with session_scope(rt.factory) as session:
-            claimed = claim_creates(session, pool.name, now, slots,
-                                    skip=rt.creates.in_flight(pool.name))
+            claimed = claim_creates(
+                session, pool.name, now, slots, skip=rt.creates.in_flight(pool.name)
+            )
         for worker in claimed:
-            rt.creates.submit(pool.name, worker.id, create_one, rt.factory, rt.provisioners,
-                              pool, worker, now)
+            rt.creates.submit(
+                pool.name, worker.id, create_one, rt.factory, rt.provisioners, pool, worker, now
+            )
     if wait:
         rt.creates.wait()
 
@@ -112,8 +114,11 @@ def answer_demand(rt: Runtime, now: datetime | None = None, wait: bool = True) -
     with session_scope(rt.read_factory) as session:
         counts = counts_by_pool(session)
         pools = {p.name: p for p in session.exec(select(Pool)).all()}
-    if any(pools[name].enabled and workers_wanted(pools[name], c) > 0
-           and c.pending_leases > 0 for name, c in counts.items() if name in pools):
+    if any(
+        pools[name].enabled and workers_wanted(pools[name], c) > 0 and c.pending_leases > 0
+        for name, c in counts.items()
+        if name in pools
+    ):
         refill(rt, now, wait)
 
 
@@ -126,8 +131,16 @@ def destroy(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None
         with session_scope(rt.factory) as session:
             claimed = claim_destroys(session, pool.name, now)
         if claimed:
-            rt.destroys.submit(pool.name, f"batch-{claimed[0].id}", destroy_workers, rt.factory,
-                               rt.provisioners, pool, claimed, now)
+            rt.destroys.submit(
+                pool.name,
+                f"batch-{claimed[0].id}",
+                destroy_workers,
+                rt.factory,
+                rt.provisioners,
+                pool,
+                claimed,
+                now,
+            )
     if wait:
         rt.destroys.wait()
 
@@ -174,15 +187,37 @@ def start_scheduler(rt: Runtime) -> BackgroundScheduler:
     now = datetime.now().astimezone()
     interval = rt.settings.interval
     # Reconcile first, at start, so a crash's leftovers go before anything new is made.
-    scheduler.add_job(instrumented("reconcile", reconcile_job, rt), "interval",
-                      seconds=rt.settings.reconcile_interval, id="reconcile", next_run_time=now)
-    scheduler.add_job(instrumented("maintain", _no_wait(maintain), rt), "interval",
-                      seconds=interval, id="maintain", next_run_time=now)
-    scheduler.add_job(instrumented("destroy", _no_wait(destroy), rt), "interval",
-                      seconds=interval, id="destroy", next_run_time=now)
-    scheduler.add_job(instrumented("demand", _no_wait(answer_demand), rt), "interval",
-                      seconds=rt.settings.demand_interval, id="demand")
+    scheduler.add_job(
+        instrumented("reconcile", reconcile_job, rt),
+        "interval",
+        seconds=rt.settings.reconcile_interval,
+        id="reconcile",
+        next_run_time=now,
+    )
+    scheduler.add_job(
+        instrumented("maintain", _no_wait(maintain), rt),
+        "interval",
+        seconds=interval,
+        id="maintain",
+        next_run_time=now,
+    )
+    scheduler.add_job(
+        instrumented("destroy", _no_wait(destroy), rt),
+        "interval",
+        seconds=interval,
+        id="destroy",
+        next_run_time=now,
+    )
+    scheduler.add_job(
+        instrumented("demand", _no_wait(answer_demand), rt),
+        "interval",
+        seconds=rt.settings.demand_interval,
+        id="demand",
+    )
     scheduler.start()
-    log.info("scheduler_started interval=%ss reconcile_interval=%ss", interval,
-             rt.settings.reconcile_interval)
+    log.info(
+        "scheduler_started interval=%ss reconcile_interval=%ss",
+        interval,
+        rt.settings.reconcile_interval,
+    )
     return scheduler

@@ -80,8 +80,13 @@ def _acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) ->
     existing = live_lease(session, tenant_id, pool_name)
     if existing is not None:
         return Acquired(existing, Outcome.EXISTING)
-    lease = Lease(id=new_id("l"), tenant_id=tenant_id, pool=pool.name,
-                  state=LeaseState.PENDING, created_at=now)
+    lease = Lease(
+        id=new_id("l"),
+        tenant_id=tenant_id,
+        pool=pool.name,
+        state=LeaseState.PENDING,
+        created_at=now,
+    )
     # First come, first served: while others wait, a newcomer queues behind them.
     worker = None if _has_pending(session, pool.name) else _claim_ready_worker(session, pool.name)
     if worker is None:
@@ -115,8 +120,9 @@ def live_lease(session: Session, tenant_id: str, pool_name: str) -> Lease | None
 
 
 def _has_pending(session: Session, pool_name: str) -> bool:
-    statement = select(Lease.id).where(Lease.state == LeaseState.PENDING,
-                                       Lease.pool == pool_name).limit(1)
+    statement = (
+        select(Lease.id).where(Lease.state == LeaseState.PENDING, Lease.pool == pool_name).limit(1)
+    )
     return session.exec(statement).first() is not None
 
 
@@ -142,8 +148,17 @@ def _assign(session: Session, lease: Lease, worker: Worker, pool: Pool, now: dat
 
 
 def _record_created(session: Session, lease: Lease, now: datetime) -> None:
-    session.add(Event(at=now, kind="lease", subject_id=lease.id, to_state=LeaseState.PENDING,
-                      reason="requested", pool=lease.pool, tenant_id=lease.tenant_id))
+    session.add(
+        Event(
+            at=now,
+            kind="lease",
+            subject_id=lease.id,
+            to_state=LeaseState.PENDING,
+            reason="requested",
+            pool=lease.pool,
+            tenant_id=lease.tenant_id,
+        )
+    )
 
 
 # ---- pending leases meet ready workers --------------------------------------
@@ -207,8 +222,9 @@ def release(session: Session, tenant_id: str, lease_id: str, now: datetime) -> L
     return lease
 
 
-def end_lease(session: Session, lease: Lease, reason: EndReason, detail: str,
-              now: datetime) -> None:
+def end_lease(
+    session: Session, lease: Lease, reason: EndReason, detail: str, now: datetime
+) -> None:
     """End a live lease; its worker, if any, goes to destroying (never reused)."""
     state = END_STATE_FOR_REASON[reason]
     if lease.state == LeaseState.PENDING and state == LeaseState.EXPIRED:
@@ -231,8 +247,9 @@ def schedule_destroy(session: Session, worker: Worker, reason: str, now: datetim
 
 
 def revoke_lease(session: Session, lease_id: str, now: datetime, detail: str) -> Lease:
-    statement = with_row_locks(select(Lease).where(Lease.id == lease_id), session,
-                               skip_locked=False)
+    statement = with_row_locks(
+        select(Lease).where(Lease.id == lease_id), session, skip_locked=False
+    )
     lease = session.exec(statement).first()
     if lease is None:
         raise NotFound(f"no lease {lease_id!r}")
@@ -243,8 +260,9 @@ def revoke_lease(session: Session, lease_id: str, now: datetime, detail: str) ->
 
 def end_tenant_leases(session: Session, tenant_id: str, now: datetime) -> int:
     """A disabled tenant: active leases are revoked, pending ones fail."""
-    statement = select(Lease).where(Lease.tenant_id == tenant_id,
-                                    col(Lease.state).in_(LIVE_LEASE_STATES))
+    statement = select(Lease).where(
+        Lease.tenant_id == tenant_id, col(Lease.state).in_(LIVE_LEASE_STATES)
+    )
     leases = session.exec(with_row_locks(statement, session, skip_locked=False)).all()
     for lease in leases:
         reason = EndReason.REVOKED if lease.state == LeaseState.ACTIVE else EndReason.FAILED

@@ -22,23 +22,53 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
-_BUCKETS_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
-                 120, 300, 600, 1800)
+_BUCKETS_FAST = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+)
 _BUCKETS_SLOW = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
-LEASE_WAIT = Histogram("workerlease_lease_wait_seconds",
-                       "Time from lease request to an assigned worker", ["pool"],
-                       buckets=_BUCKETS_FAST)
-PROVISIONING = Histogram("workerlease_provisioning_seconds",
-                         "Time from worker row created to agent ready", ["pool"],
-                         buckets=_BUCKETS_SLOW)
-PROVISIONER_ERRORS = Counter("workerlease_provisioner_errors_total",
-                             "Provisioner calls that failed", ["pool", "operation", "kind"])
-LEASES_ENDED = Counter("workerlease_leases_ended_total", "Leases ended, by reason",
-                       ["pool", "reason"])
+LEASE_WAIT = Histogram(
+    "workerlease_lease_wait_seconds",
+    "Time from lease request to an assigned worker",
+    ["pool"],
+    buckets=_BUCKETS_FAST,
+)
+PROVISIONING = Histogram(
+    "workerlease_provisioning_seconds",
+    "Time from worker row created to agent ready",
+    ["pool"],
+    buckets=_BUCKETS_SLOW,
+)
+PROVISIONER_ERRORS = Counter(
+    "workerlease_provisioner_errors_total",
+    "Provisioner calls that failed",
+    ["pool", "operation", "kind"],
+)
+LEASES_ENDED = Counter(
+    "workerlease_leases_ended_total", "Leases ended, by reason", ["pool", "reason"]
+)
 JOB_RUNS = Counter("workerlease_job_runs_total", "Background job runs", ["job", "outcome"])
-JOB_DURATION = Histogram("workerlease_job_duration_seconds", "Background job run time", ["job"],
-                         buckets=_BUCKETS_FAST)
+JOB_DURATION = Histogram(
+    "workerlease_job_duration_seconds", "Background job run time", ["job"], buckets=_BUCKETS_FAST
+)
 
 Snapshot = Callable[[], dict[str, list[tuple[dict[str, str], float]]]]
 

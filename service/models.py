@@ -145,7 +145,8 @@ class Worker(SQLModel, table=True):
     agent_url: str | None = Field(default=None, max_length=500)
     # Kept until the agent uses it (create must stay retryable after a crash), then cleared.
     bootstrap_token: str | None = Field(
-        default=None, sa_column=Column(EncryptedString(), nullable=True))
+        default=None, sa_column=Column(EncryptedString(), nullable=True)
+    )
     access_token: str = Field(sa_column=Column(EncryptedString(), nullable=False))
     create_attempts: int = 0
     destroy_attempts: int = 0
@@ -200,7 +201,6 @@ class Event(SQLModel, table=True):
     reason: str = Field(default="", max_length=500)
     pool: str | None = Field(default=None, max_length=63)
     tenant_id: str | None = Field(default=None, max_length=40)
-
 
 
 class Heartbeat(SQLModel, table=True):

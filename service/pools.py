@@ -34,16 +34,25 @@ def apply_config(session: Session, pools: list[PoolConfig], now: datetime) -> No
         if stale.name not in configured and stale.in_config:
             stale.in_config = False
             stale.enabled = False
-            record(session, "pool", stale.name, "removed from config: disabled", now,
-                   pool=stale.name)
+            record(
+                session, "pool", stale.name, "removed from config: disabled", now, pool=stale.name
+            )
     for config in pools:
         row = session.get(Pool, config.name)
         if row is None:
-            row = Pool(name=config.name, min_ready=config.min_ready,
-                       max_workers=config.max_workers, config_min_ready=config.min_ready,
-                       config_max_workers=config.max_workers, os=config.os, provisioner="",
-                       lease_idle_timeout_s=0, lease_max_lifetime_s=0, provision_timeout_s=0,
-                       pending_timeout_s=0)
+            row = Pool(
+                name=config.name,
+                min_ready=config.min_ready,
+                max_workers=config.max_workers,
+                config_min_ready=config.min_ready,
+                config_max_workers=config.max_workers,
+                os=config.os,
+                provisioner="",
+                lease_idle_timeout_s=0,
+                lease_max_lifetime_s=0,
+                provision_timeout_s=0,
+                pending_timeout_s=0,
+            )
             record(session, "pool", config.name, "created from config", now, pool=config.name)
         _apply_pool_config(row, config)
         session.add(row)
@@ -82,8 +91,7 @@ def patch_pool(session: Session, name: str, patch: PoolPatch, now: datetime) -> 
     if patch.enabled is not None:
         pool.enabled = patch.enabled
     session.add(pool)
-    record(session, "pool", name,
-           f"patched: {patch.model_dump(exclude_none=True)}", now, pool=name)
+    record(session, "pool", name, f"patched: {patch.model_dump(exclude_none=True)}", now, pool=name)
     return pool
 
 
@@ -156,10 +164,15 @@ def plan_refill(session: Session, now: datetime) -> list[Worker]:
 
 
 def new_worker(pool_name: str, now: datetime) -> Worker:
-    return Worker(id=new_id("w"), pool=pool_name, state=WorkerState.PROVISIONING,
-                  created_at=now, state_changed_at=now,
-                  bootstrap_token=new_token(BOOTSTRAP_TOKEN_PREFIX),
-                  access_token=new_token(ACCESS_TOKEN_PREFIX))
+    return Worker(
+        id=new_id("w"),
+        pool=pool_name,
+        state=WorkerState.PROVISIONING,
+        created_at=now,
+        state_changed_at=now,
+        bootstrap_token=new_token(BOOTSTRAP_TOKEN_PREFIX),
+        access_token=new_token(ACCESS_TOKEN_PREFIX),
+    )
 
 
 def trim(session: Session, now: datetime) -> int:

@@ -43,17 +43,26 @@ def service_url(config: Config, host: str, port: int) -> str:
     return f"http://{reachable}:{port}"
 
 
-def build_runtime(config: Config, engine: Engine, url: str,
-                  clock: Clock | None = None) -> Runtime:
+def build_runtime(config: Config, engine: Engine, url: str, clock: Clock | None = None) -> Runtime:
     deployment = Deployment(deployment_id=config.deployment_id, service_url=url)
-    return Runtime(factory=session_factory(engine), provisioners=ProvisionerSet(deployment),
-                   clock=clock or SystemClock(), settings=config.scheduler)
+    return Runtime(
+        factory=session_factory(engine),
+        provisioners=ProvisionerSet(deployment),
+        clock=clock or SystemClock(),
+        settings=config.scheduler,
+    )
 
 
 def run_scheduler(rt: Runtime) -> BackgroundScheduler:
     scheduler = start_scheduler(rt)
-    scheduler.add_job(beat, "interval", args=[rt], seconds=rt.settings.interval, id="heartbeat",
-                      next_run_time=datetime.now().astimezone())
+    scheduler.add_job(
+        beat,
+        "interval",
+        args=[rt],
+        seconds=rt.settings.interval,
+        id="heartbeat",
+        next_run_time=datetime.now().astimezone(),
+    )
     return scheduler
 
 

@@ -26,9 +26,13 @@ class Problem(BaseModel):
 
     # Error answers are sent as application/problem+json; declaring only the
     # default application/json would leave them unchecked by schema validators.
-    model_config = ConfigDict(openapi_extra={  # type: ignore[typeddict-unknown-key]
-        "content": {"application/problem+json": {
-            "schema": {"$ref": "#/components/schemas/Problem"}}}})
+    model_config = ConfigDict(
+        openapi_extra={  # type: ignore[typeddict-unknown-key]
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            }
+        }
+    )
 
     type: str = "about:blank"
     status: int
@@ -41,8 +45,9 @@ class Problem(BaseModel):
 
 class LeaseCreate(_In):
     pool: str = Field(pattern=POOL_NAME_RE, description="Name of the pool to lease from")
-    wait_seconds: int = Field(default=0, ge=0, le=60,
-                              description="Wait up to this long for a worker before answering")
+    wait_seconds: int = Field(
+        default=0, ge=0, le=60, description="Wait up to this long for a worker before answering"
+    )
 
 
 class LeasePath(_In):
@@ -62,8 +67,9 @@ class PoolPath(_In):
 
 
 class LeaseStateFilter(_In):
-    state: Literal["pending", "active", "released", "expired", "revoked", "failed", "live",
-                   "all"] = "live"
+    state: Literal[
+        "pending", "active", "released", "expired", "revoked", "failed", "live", "all"
+    ] = "live"
 
 
 class Page(_In):
@@ -74,22 +80,25 @@ class Page(_In):
 class AdminLeaseQuery(Page):
     tenant: str | None = Field(default=None, pattern=ID_RE)
     pool: str | None = Field(default=None, pattern=POOL_NAME_RE)
-    state: Literal["pending", "active", "released", "expired", "revoked", "failed", "live",
-                   "all"] = "all"
+    state: Literal[
+        "pending", "active", "released", "expired", "revoked", "failed", "live", "all"
+    ] = "all"
 
 
 class AdminWorkerQuery(Page):
     pool: str | None = Field(default=None, pattern=POOL_NAME_RE)
-    state: Literal["provisioning", "ready", "leased", "destroying", "destroyed", "failed",
-                   "live", "all"] = "all"
+    state: Literal[
+        "provisioning", "ready", "leased", "destroying", "destroyed", "failed", "live", "all"
+    ] = "all"
 
 
 class EventQuery(_In):
     limit: int = Field(default=100, ge=1, le=1000)
     # Bounded by the column (INTEGER, 32 bits on PostgreSQL): a larger value made the
     # database driver fail (a 500) instead of being refused as a bad query value.
-    before: int | None = Field(default=None, ge=1, le=2**31 - 1,
-                               description="Cursor: events older than this id")
+    before: int | None = Field(
+        default=None, ge=1, le=2**31 - 1, description="Cursor: events older than this id"
+    )
 
 
 # Text that is stored: no control characters (PostgreSQL refuses NUL in text, a 500).

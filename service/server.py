@@ -51,8 +51,9 @@ class SchedulerProcess:
         self._command = command
         self._stopping = threading.Event()
         self._process: subprocess.Popen[bytes] | None = None
-        self._thread = threading.Thread(target=self._supervise, name="scheduler-supervisor",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._supervise, name="scheduler-supervisor", daemon=True
+        )
 
     def start(self) -> None:
         # Spawned here, synchronously, before gunicorn forks its web workers: a fork while
@@ -89,12 +90,27 @@ class SchedulerProcess:
         self._thread.join(5)
 
 
-def run_server(config: Config, config_path: str | None, *, host: str, port: int, workers: int,
-               threads: int, with_scheduler: bool) -> None:
+def run_server(
+    config: Config,
+    config_path: str | None,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    with_scheduler: bool,
+) -> None:
     prepare_database(config).dispose()  # no connection may cross the fork
     url = service_url(config, host, port)
-    command = [sys.executable, "-m", "service.cli", "scheduler", "--public-url", url,
-               "--exit-with-parent"]
+    command = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "scheduler",
+        "--public-url",
+        url,
+        "--exit-with-parent",
+    ]
     if config_path:
         command += ["--config", config_path]
     scheduler = SchedulerProcess(command) if with_scheduler else None

@@ -25,10 +25,12 @@ WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
 }
 
 LEASE_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
-    LeaseState.PENDING: frozenset({LeaseState.ACTIVE, LeaseState.FAILED, LeaseState.RELEASED,
-                                   LeaseState.REVOKED}),
-    LeaseState.ACTIVE: frozenset({LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED,
-                                  LeaseState.FAILED}),
+    LeaseState.PENDING: frozenset(
+        {LeaseState.ACTIVE, LeaseState.FAILED, LeaseState.RELEASED, LeaseState.REVOKED}
+    ),
+    LeaseState.ACTIVE: frozenset(
+        {LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED, LeaseState.FAILED}
+    ),
     LeaseState.RELEASED: frozenset(),
     LeaseState.EXPIRED: frozenset(),
     LeaseState.REVOKED: frozenset(),
@@ -44,31 +46,60 @@ def can_move_worker(current: str, to: WorkerState) -> bool:
     return to in WORKER_TRANSITIONS[WorkerState(current)]
 
 
-def move_worker(session: Session, worker: Worker, to: WorkerState, reason: str,
-                now: datetime) -> None:
+def move_worker(
+    session: Session, worker: Worker, to: WorkerState, reason: str, now: datetime
+) -> None:
     current = WorkerState(worker.state)
     if to not in WORKER_TRANSITIONS[current]:
         raise InvalidTransition(f"worker {worker.id}: {current} -> {to} is not allowed ({reason})")
     worker.state = to
     worker.state_changed_at = now
     session.add(worker)
-    session.add(Event(at=now, kind="worker", subject_id=worker.id, from_state=current,
-                      to_state=to, reason=reason, pool=worker.pool))
+    session.add(
+        Event(
+            at=now,
+            kind="worker",
+            subject_id=worker.id,
+            from_state=current,
+            to_state=to,
+            reason=reason,
+            pool=worker.pool,
+        )
+    )
 
 
-def move_lease(session: Session, lease: Lease, to: LeaseState, reason: str,
-               now: datetime) -> None:
+def move_lease(session: Session, lease: Lease, to: LeaseState, reason: str, now: datetime) -> None:
     current = LeaseState(lease.state)
     if to not in LEASE_TRANSITIONS[current]:
         raise InvalidTransition(f"lease {lease.id}: {current} -> {to} is not allowed ({reason})")
     lease.state = to
     session.add(lease)
-    session.add(Event(at=now, kind="lease", subject_id=lease.id, from_state=current,
-                      to_state=to, reason=reason, pool=lease.pool, tenant_id=lease.tenant_id))
+    session.add(
+        Event(
+            at=now,
+            kind="lease",
+            subject_id=lease.id,
+            from_state=current,
+            to_state=to,
+            reason=reason,
+            pool=lease.pool,
+            tenant_id=lease.tenant_id,
+        )
+    )
 
 
-def record(session: Session, kind: str, subject_id: str, reason: str, now: datetime,
-           pool: str | None = None, tenant_id: str | None = None) -> None:
+def record(
+    session: Session,
+    kind: str,
+    subject_id: str,
+    reason: str,
+    now: datetime,
+    pool: str | None = None,
+    tenant_id: str | None = None,
+) -> None:
     """An audit event that is not a state transition (tenant created, pool patched)."""
-    session.add(Event(at=now, kind=kind, subject_id=subject_id, reason=reason, pool=pool,
-                      tenant_id=tenant_id))
+    session.add(
+        Event(
+            at=now, kind=kind, subject_id=subject_id, reason=reason, pool=pool, tenant_id=tenant_id
+        )
+    )

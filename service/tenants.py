@@ -31,8 +31,14 @@ def disable(session: Session, tenant_id: str, now: datetime) -> Tenant:
         tenant.disabled_at = now
         session.add(tenant)
         ended = end_tenant_leases(session, tenant.id, now)
-        record(session, "tenant", tenant.id, f"disabled; {ended} live leases ended", now,
-               tenant_id=tenant.id)
+        record(
+            session,
+            "tenant",
+            tenant.id,
+            f"disabled; {ended} live leases ended",
+            now,
+            tenant_id=tenant.id,
+        )
     return tenant
 
 

@@ -52,16 +52,22 @@ MAX_DESTROY_BACKOFF_S = 600
 # ---- the agent's ready callback --------------------------------------------------
 
 
-def worker_ready(session: Session, worker_id: str, bootstrap_token: str, agent_url: str,
-                 address: str | None, now: datetime) -> tuple[Worker, list[Lease]]:
+def worker_ready(
+    session: Session,
+    worker_id: str,
+    bootstrap_token: str,
+    agent_url: str,
+    address: str | None,
+    now: datetime,
+) -> tuple[Worker, list[Lease]]:
     """Mark a provisioning worker ready (one-time bootstrap token) and serve waiting leases."""
-    statement = with_row_locks(select(Worker).where(Worker.id == worker_id), session,
-                               skip_locked=False)
+    statement = with_row_locks(
+        select(Worker).where(Worker.id == worker_id), session, skip_locked=False
+    )
     worker = session.exec(statement).first()
     if worker is None:
         raise NotFound(f"no worker {worker_id!r}")
-    if worker.bootstrap_token is None or not secret_equals(bootstrap_token,
-                                                           worker.bootstrap_token):
+    if worker.bootstrap_token is None or not secret_equals(bootstrap_token, worker.bootstrap_token):
         raise Unauthorized("invalid or already used bootstrap token")
     if worker.state != WorkerState.PROVISIONING:
         raise Conflict(f"worker {worker_id} is {worker.state}, not provisioning")
@@ -71,8 +77,9 @@ def worker_ready(session: Session, worker_id: str, bootstrap_token: str, agent_u
     return worker, serve_pending(session, pool, now)
 
 
-def mark_ready(session: Session, worker: Worker, agent_url: str | None, address: str | None,
-               now: datetime) -> None:
+def mark_ready(
+    session: Session, worker: Worker, agent_url: str | None, address: str | None, now: datetime
+) -> None:
     worker.agent_url = agent_url
     worker.address = address or worker.address
     worker.ready_at = now
@@ -84,16 +91,20 @@ def mark_ready(session: Session, worker: Worker, agent_url: str | None, address:
 # ---- create ----------------------------------------------------------------------
 
 
-def claim_creates(session: Session, pool: str, now: datetime, limit: int,
-                  skip: Collection[str] = ()) -> list[Worker]:
+def claim_creates(
+    session: Session, pool: str, now: datetime, limit: int, skip: Collection[str] = ()
+) -> list[Worker]:
     """Provisioning rows of the pool whose resource was not requested (or whose claim lapsed).
 
     ``skip``: worker ids whose create is still running in this process.
     """
     statement = (
         select(Worker)
-        .where(Worker.pool == pool, Worker.state == WorkerState.PROVISIONING,
-               col(Worker.provider_id).is_(None))
+        .where(
+            Worker.pool == pool,
+            Worker.state == WorkerState.PROVISIONING,
+            col(Worker.provider_id).is_(None),
+        )
         .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < now))
         .order_by(col(Worker.created_at))
         .limit(limit)
@@ -108,12 +119,21 @@ def claim_creates(session: Session, pool: str, now: datetime, limit: int,
     return workers
 
 
-def create_one(factory: sessionmaker[Session], provisioners: ProvisionerSet, pool: Pool,
-                worker: Worker, now: datetime) -> None:
-    spec = WorkerSpec(worker_id=worker.id, pool=pool.name, os=pool.os,
-                      deployment_id=provisioners.deployment.deployment_id,
-                      service_url=provisioners.deployment.service_url,
-                      bootstrap_token=worker.bootstrap_token or "")
+def create_one(
+    factory: sessionmaker[Session],
+    provisioners: ProvisionerSet,
+    pool: Pool,
+    worker: Worker,
+    now: datetime,
+) -> None:
+    spec = WorkerSpec(
+        worker_id=worker.id,
+        pool=pool.name,
+        os=pool.os,
+        deployment_id=provisioners.deployment.deployment_id,
+        service_url=provisioners.deployment.service_url,
+        bootstrap_token=worker.bootstrap_token or "",
+    )
     try:
         handle = provisioners.for_pool(pool).create(spec)
     except Exception as exc:
@@ -130,16 +150,24 @@ def create_one(factory: sessionmaker[Session], provisioners: ProvisionerSet, poo
         if pool_row is not None:
             note_create_result(pool_row, None, now)
             session.add(pool_row)
-    log.info("worker_created pool=%s worker=%s provider_id=%s", pool.name, worker.id,
-             handle.provider_id)
+    log.info(
+        "worker_created pool=%s worker=%s provider_id=%s", pool.name, worker.id, handle.provider_id
+    )
 
 
-def _record_create_failure(factory: sessionmaker[Session], pool_name: str, worker_id: str,
-                           exc: Exception, now: datetime) -> None:
+def _record_create_failure(
+    factory: sessionmaker[Session], pool_name: str, worker_id: str, exc: Exception, now: datetime
+) -> None:
     kind = _error_kind(exc)
     metrics.PROVISIONER_ERRORS.labels(pool_name, "create", kind).inc()
-    log.warning("worker_create_failed pool=%s worker=%s kind=%s error=%s", pool_name, worker_id,
-                kind, exc, exc_info=not isinstance(exc, ProvisionerError))
+    log.warning(
+        "worker_create_failed pool=%s worker=%s kind=%s error=%s",
+        pool_name,
+        worker_id,
+        kind,
+        exc,
+        exc_info=not isinstance(exc, ProvisionerError),
+    )
     with session_scope(factory) as session:
         row = session.get(Worker, worker_id)
         pool = session.get(Pool, pool_name)
@@ -179,8 +207,13 @@ def claim_destroys(session: Session, pool: str, now: datetime, limit: int = 500)
     return workers
 
 
-def destroy_workers(factory: sessionmaker[Session], provisioners: ProvisionerSet, pool: Pool,
-                    workers: list[Worker], now: datetime) -> int:
+def destroy_workers(
+    factory: sessionmaker[Session],
+    provisioners: ProvisionerSet,
+    pool: Pool,
+    workers: list[Worker],
+    now: datetime,
+) -> int:
     """Destroy one pool's claimed workers; ``destroyed`` only once the provisioner confirms."""
     handles = [handle_of(w) for w in workers]
     try:
@@ -213,8 +246,13 @@ def _finish_destroy(session: Session, worker: Worker, now: datetime) -> None:
 def _retry_destroy_later(worker: Worker, error: Exception, now: datetime) -> None:
     kind = _error_kind(error)
     metrics.PROVISIONER_ERRORS.labels(worker.pool, "destroy", kind).inc()
-    log.warning("worker_destroy_failed pool=%s worker=%s attempt=%d error=%s", worker.pool,
-                worker.id, worker.destroy_attempts + 1, error)
+    log.warning(
+        "worker_destroy_failed pool=%s worker=%s attempt=%d error=%s",
+        worker.pool,
+        worker.id,
+        worker.destroy_attempts + 1,
+        error,
+    )
     worker.destroy_attempts += 1
     delay = min(MAX_DESTROY_BACKOFF_S, 2 ** min(worker.destroy_attempts, 10))
     worker.next_attempt_at = now + timedelta(seconds=delay)
@@ -225,8 +263,12 @@ def _retry_destroy_later(worker: Worker, error: Exception, now: datetime) -> Non
 def handle_of(worker: Worker) -> WorkerHandle:
     # provider_id may be empty when create never returned: provisioners then find the
     # resource by its worker-id label.
-    return WorkerHandle(worker_id=worker.id, pool=worker.pool,
-                        provider_id=worker.provider_id or "", address=worker.address)
+    return WorkerHandle(
+        worker_id=worker.id,
+        pool=worker.pool,
+        provider_id=worker.provider_id or "",
+        address=worker.address,
+    )
 
 
 def _group_by_pool(workers: Iterable[Worker]) -> dict[str, list[Worker]]:
@@ -255,24 +297,30 @@ def provision_timeouts(session: Session, now: datetime) -> int:
         .join(Pool, col(Pool.name) == col(Worker.pool))
         .where(Worker.state == WorkerState.PROVISIONING)
     )
-    expired = [w for w, pool in session.exec(statement).all()
-               if w.created_at + timedelta(seconds=pool.provision_timeout_s) <= now]
+    expired = [
+        w
+        for w, pool in session.exec(statement).all()
+        if w.created_at + timedelta(seconds=pool.provision_timeout_s) <= now
+    ]
     for worker in expired:
-        locked = session.exec(with_row_locks(select(Worker).where(Worker.id == worker.id),
-                                             session)).first()
+        locked = session.exec(
+            with_row_locks(select(Worker).where(Worker.id == worker.id), session)
+        ).first()
         if locked is not None and locked.state == WorkerState.PROVISIONING:
             fail_worker(session, locked, "provision timeout", now)
     return len(expired)
 
 
-def check_health(factory: sessionmaker[Session], provisioners: ProvisionerSet,
-                 now: datetime) -> int:
+def check_health(
+    factory: sessionmaker[Session], provisioners: ProvisionerSet, now: datetime
+) -> int:
     """Ask provisioners about running workers; the dead fail, RUNNING may mean ready."""
     with session_scope(factory) as session:
         pools = {p.name: p for p in session.exec(select(Pool)).all()}
         statement = select(Worker).where(
-            col(Worker.state).in_((WorkerState.PROVISIONING, WorkerState.READY,
-                                   WorkerState.LEASED)),
+            col(Worker.state).in_(
+                (WorkerState.PROVISIONING, WorkerState.READY, WorkerState.LEASED)
+            ),
             col(Worker.provider_id).is_not(None),
         )
         workers = list(session.exec(statement).all())
@@ -285,32 +333,45 @@ def check_health(factory: sessionmaker[Session], provisioners: ProvisionerSet,
             metrics.PROVISIONER_ERRORS.labels(pool_name, "describe", _error_kind(exc)).inc()
             log.warning("describe_failed pool=%s error=%s", pool_name, exc)
             continue
-        needing_change = [w for w in pool_workers
-                          if _change_for(w.state, states.get(w.id),
-                                         provisioner.ready_when_running) is not None]
+        needing_change = [
+            w
+            for w in pool_workers
+            if _change_for(w.state, states.get(w.id), provisioner.ready_when_running) is not None
+        ]
         # Only the rows that change are locked, in one statement: locking every running
         # worker would make concurrent lease requests skip (SKIP LOCKED) healthy ones.
         if needing_change:
             with session_scope(factory) as session:
-                changed += _apply_observed_states(session, provisioner.ready_when_running,
-                                                  needing_change, states, now)
+                changed += _apply_observed_states(
+                    session, provisioner.ready_when_running, needing_change, states, now
+                )
     return changed
 
 
-def _change_for(state: str, observed: ResourceState | None,
-                ready_when_running: bool) -> str | None:
+def _change_for(state: str, observed: ResourceState | None, ready_when_running: bool) -> str | None:
     """What an observation means for a worker in ``state``: ``failed``, ``ready`` or nothing."""
     if observed == ResourceState.GONE and state in (
-            WorkerState.PROVISIONING, WorkerState.READY, WorkerState.LEASED):
+        WorkerState.PROVISIONING,
+        WorkerState.READY,
+        WorkerState.LEASED,
+    ):
         return WorkerState.FAILED
-    if (observed == ResourceState.RUNNING and ready_when_running
-            and state == WorkerState.PROVISIONING):
+    if (
+        observed == ResourceState.RUNNING
+        and ready_when_running
+        and state == WorkerState.PROVISIONING
+    ):
         return WorkerState.READY
     return None
 
 
-def _apply_observed_states(session: Session, ready_when_running: bool, workers: list[Worker],
-                           states: dict[str, ResourceState], now: datetime) -> int:
+def _apply_observed_states(
+    session: Session,
+    ready_when_running: bool,
+    workers: list[Worker],
+    states: dict[str, ResourceState],
+    now: datetime,
+) -> int:
     statement = select(Worker).where(col(Worker.id).in_([w.id for w in workers]))
     changed = 0
     for worker in session.exec(with_row_locks(statement, session)).all():
@@ -330,8 +391,7 @@ def _apply_observed_states(session: Session, ready_when_running: bool, workers: 
 # ---- reconciliation --------------------------------------------------------------
 
 
-def reconcile(factory: sessionmaker[Session], provisioners: ProvisionerSet,
-              now: datetime) -> int:
+def reconcile(factory: sessionmaker[Session], provisioners: ProvisionerSet, now: datetime) -> int:
     """Destroy every resource of this deployment that the database does not hold live.
 
     The listing is taken before the database is read: a worker row is always
@@ -346,22 +406,28 @@ def reconcile(factory: sessionmaker[Session], provisioners: ProvisionerSet,
         try:
             owned = provisioner.list_owned(deployment_id)
         except Exception as exc:
-            metrics.PROVISIONER_ERRORS.labels(provisioner.pool, "list_owned",
-                                              _error_kind(exc)).inc()
+            metrics.PROVISIONER_ERRORS.labels(
+                provisioner.pool, "list_owned", _error_kind(exc)
+            ).inc()
             log.warning("list_owned_failed provisioner=%s error=%s", provisioner.name, exc)
             continue
         unknown = _not_live(factory, owned)
         if not unknown:
             continue
-        log.warning("orphans_found provisioner=%s count=%d workers=%s", provisioner.name,
-                    len(unknown), ",".join(h.worker_id for h in unknown[:20]))
+        log.warning(
+            "orphans_found provisioner=%s count=%d workers=%s",
+            provisioner.name,
+            len(unknown),
+            ",".join(h.worker_id for h in unknown[:20]),
+        )
         results = provisioner.destroy_many(unknown)
         for worker_id, error in results.items():
             if error is None:
                 orphans += 1
             else:
-                metrics.PROVISIONER_ERRORS.labels(provisioner.pool, "destroy",
-                                                  _error_kind(error)).inc()
+                metrics.PROVISIONER_ERRORS.labels(
+                    provisioner.pool, "destroy", _error_kind(error)
+                ).inc()
                 log.warning("orphan_destroy_failed worker=%s error=%s", worker_id, error)
     return orphans
 
@@ -371,7 +437,11 @@ def _not_live(factory: sessionmaker[Session], owned: list[WorkerHandle]) -> list
         return []
     ids = [h.worker_id for h in owned]
     with session_scope(factory) as session:
-        live = set(session.exec(
-            select(Worker.id).where(col(Worker.id).in_(ids),
-                                    Worker.state != WorkerState.DESTROYED)).all())
+        live = set(
+            session.exec(
+                select(Worker.id).where(
+                    col(Worker.id).in_(ids), Worker.state != WorkerState.DESTROYED
+                )
+            ).all()
+        )
     return [h for h in owned if h.worker_id not in live]

@@ -28,9 +28,17 @@ ENCRYPTION_KEY = "k6LRXbUB0_aVtUzMKLnH2vGqY0JYDSGOIpu8zJOOBUA="
 
 
 def pool_config(name: str = "hosted-ubuntu", **overrides: Any) -> dict[str, Any]:
-    pool = {"name": name, "os": "ubuntu", "provisioner": "fake", "min_ready": 2,
-            "max_workers": 5, "lease_idle_timeout": "60m", "lease_max_lifetime": "72h",
-            "provision_timeout": "10m", "pending_timeout": "30m"}
+    pool = {
+        "name": name,
+        "os": "ubuntu",
+        "provisioner": "fake",
+        "min_ready": 2,
+        "max_workers": 5,
+        "lease_idle_timeout": "60m",
+        "lease_max_lifetime": "72h",
+        "provision_timeout": "10m",
+        "pending_timeout": "30m",
+    }
     pool.update(overrides)
     return pool
 
@@ -72,10 +80,16 @@ def pools() -> list[dict[str, Any]]:
 
 @pytest.fixture
 def config(database_url: str, pools: list[dict[str, Any]], cloud: FakeCloud) -> Config:
-    return config_from_dict({"database_url": database_url, "admin_token": ADMIN_TOKEN,
-                             "encryption_key": ENCRYPTION_KEY,
-                             "deployment_id": "test", "public_url": "http://127.0.0.1:9",
-                             "pools": pools})
+    return config_from_dict(
+        {
+            "database_url": database_url,
+            "admin_token": ADMIN_TOKEN,
+            "encryption_key": ENCRYPTION_KEY,
+            "deployment_id": "test",
+            "public_url": "http://127.0.0.1:9",
+            "pools": pools,
+        }
+    )
 
 
 @pytest.fixture
@@ -140,7 +154,8 @@ class Service:
             response = self.client.post(
                 f"/v1/workers/{worker.id}/ready",
                 json={"agent_url": "http://127.0.0.1:1/", "address": "127.0.0.1"},
-                headers=bearer(resource.spec.bootstrap_token))
+                headers=bearer(resource.spec.bootstrap_token),
+            )
             assert response.status_code == 200, response.get_json()
             ready.append(worker.id)
         return ready
@@ -151,16 +166,18 @@ class Service:
         self.agents_report_ready()
 
     def tenant(self, name: str = "acme") -> dict[str, str]:
-        response = self.client.post("/v1/admin/tenants", json={"name": name},
-                                    headers=bearer(ADMIN_TOKEN))
+        response = self.client.post(
+            "/v1/admin/tenants", json={"name": name}, headers=bearer(ADMIN_TOKEN)
+        )
         assert response.status_code == 201
         body: dict[str, str] = response.get_json()
         return body
 
 
 @pytest.fixture
-def svc(client: FlaskClient, rt: Runtime, clock: ManualClock, cloud: FakeCloud,
-        engine: Engine) -> Service:
+def svc(
+    client: FlaskClient, rt: Runtime, clock: ManualClock, cloud: FakeCloud, engine: Engine
+) -> Service:
     return Service(client, rt, clock, cloud, engine)
 
 

@@ -40,8 +40,14 @@ from service.schemas import (
 )
 from service.workers import fail_worker
 
-bp = APIBlueprint("admin", __name__, url_prefix="/v1/admin", abp_tags=[ADMIN_TAG],
-                  abp_security=BEARER, abp_responses=problems(401, 403, 413, 422, 503))
+bp = APIBlueprint(
+    "admin",
+    __name__,
+    url_prefix="/v1/admin",
+    abp_tags=[ADMIN_TAG],
+    abp_security=BEARER,
+    abp_responses=problems(401, 403, 413, 422, 503),
+)
 bp.before_request(require_admin)
 
 
@@ -58,8 +64,9 @@ def create_tenant(body: TenantCreate) -> Any:
     services = svc()
     with services.transaction() as session:
         tenant, token = tenants.create(session, body.name, services.clock.now())
-        out = TenantCreated(id=tenant.id, name=tenant.name, token=token,
-                            created_at=tenant.created_at)
+        out = TenantCreated(
+            id=tenant.id, name=tenant.name, token=token, created_at=tenant.created_at
+        )
     return out.model_dump(mode="json"), 201
 
 
@@ -67,8 +74,10 @@ def create_tenant(body: TenantCreate) -> Any:
 def list_tenants(query: Page) -> Any:
     session = svc().session()
     rows = tenants.page(session, query.limit, query.offset)
-    return TenantList(tenants=[TenantOut.model_validate(t, from_attributes=True) for t in rows],
-                      next_offset=_next_offset(query, len(rows))).model_dump(mode="json")
+    return TenantList(
+        tenants=[TenantOut.model_validate(t, from_attributes=True) for t in rows],
+        next_offset=_next_offset(query, len(rows)),
+    ).model_dump(mode="json")
 
 
 @bp.delete("/tenants/<tenant_id>", responses={200: TenantOut, **problems(404)})
@@ -89,8 +98,9 @@ def list_pools() -> Any:
     session = svc().session()
     counts = counts_by_pool(session)
     pools = session.exec(select(Pool).order_by(col(Pool.name))).all()
-    return AdminPoolList(pools=[_admin_pool(p, counts.get(p.name)) for p in pools]
-                         ).model_dump(mode="json")
+    return AdminPoolList(pools=[_admin_pool(p, counts.get(p.name)) for p in pools]).model_dump(
+        mode="json"
+    )
 
 
 @bp.patch("/pools/<name>", responses={200: AdminPoolOut, **problems(404)})
@@ -105,14 +115,22 @@ def update_pool(path: PoolPath, body: PoolPatch) -> Any:
 
 def _admin_pool(pool: Pool, counts: PoolCounts | None) -> AdminPoolOut:
     counts = counts or PoolCounts({}, 0)
-    by_state = {state: counts.by_state.get(state, 0) for state in
-                ("provisioning", "ready", "leased", "destroying", "failed")}
+    by_state = {
+        state: counts.by_state.get(state, 0)
+        for state in ("provisioning", "ready", "leased", "destroying", "failed")
+    }
     by_state["pending_leases"] = counts.pending_leases
-    return AdminPoolOut(**pool_out(pool).model_dump(), provisioner=pool.provisioner,
-                        enabled=pool.enabled, min_ready=pool.min_ready,
-                        max_workers=pool.max_workers, provision_timeout_s=pool.provision_timeout_s,
-                        pending_timeout_s=pool.pending_timeout_s,
-                        degraded_reason=pool.degraded_reason, counts=by_state)
+    return AdminPoolOut(
+        **pool_out(pool).model_dump(),
+        provisioner=pool.provisioner,
+        enabled=pool.enabled,
+        min_ready=pool.min_ready,
+        max_workers=pool.max_workers,
+        provision_timeout_s=pool.provision_timeout_s,
+        pending_timeout_s=pool.pending_timeout_s,
+        degraded_reason=pool.degraded_reason,
+        counts=by_state,
+    )
 
 
 # ---- workers ----------------------------------------------------------------------
@@ -128,14 +146,22 @@ def list_workers(query: AdminWorkerQuery) -> Any:
         statement = statement.where(col(Worker.state).in_(LIVE_WORKER_STATES))
     elif query.state != "all":
         statement = statement.where(Worker.state == query.state)
-    rows = session.exec(statement.order_by(col(Worker.created_at).desc(), col(Worker.id))
-                        .offset(query.offset).limit(query.limit)).all()
+    rows = session.exec(
+        statement.order_by(col(Worker.created_at).desc(), col(Worker.id))
+        .offset(query.offset)
+        .limit(query.limit)
+    ).all()
     lease_of = _leases_of(session, [w.id for w in rows])
-    workers = [AdminWorkerOut(**w.model_dump(include=set(AdminWorkerOut.model_fields)
-                                             - {"lease_id"}), lease_id=lease_of.get(w.id))
-               for w in rows]
-    return AdminWorkerList(workers=workers, next_offset=_next_offset(query, len(rows))
-                           ).model_dump(mode="json")
+    workers = [
+        AdminWorkerOut(
+            **w.model_dump(include=set(AdminWorkerOut.model_fields) - {"lease_id"}),
+            lease_id=lease_of.get(w.id),
+        )
+        for w in rows
+    ]
+    return AdminWorkerList(workers=workers, next_offset=_next_offset(query, len(rows))).model_dump(
+        mode="json"
+    )
 
 
 def _leases_of(session: Any, worker_ids: list[str]) -> dict[str, str]:
@@ -160,9 +186,10 @@ def destroy_worker(path: WorkerPath) -> Any:
         elif worker.state in ("provisioning", "ready"):
             fail_worker(session, worker, "destroyed by operator", now)
         lease_id = lease.id if lease else None
-        return AdminWorkerOut(**worker.model_dump(include=set(AdminWorkerOut.model_fields)
-                                                  - {"lease_id"}), lease_id=lease_id
-                              ).model_dump(mode="json")
+        return AdminWorkerOut(
+            **worker.model_dump(include=set(AdminWorkerOut.model_fields) - {"lease_id"}),
+            lease_id=lease_id,
+        ).model_dump(mode="json")
 
 
 # ---- leases -----------------------------------------------------------------------
@@ -180,18 +207,24 @@ def list_leases(query: AdminLeaseQuery) -> Any:
         statement = statement.where(col(Lease.state).in_(LIVE_LEASE_STATES))
     elif query.state != "all":
         statement = statement.where(Lease.state == query.state)
-    rows = session.exec(statement.order_by(col(Lease.created_at).desc(), col(Lease.id))
-                        .offset(query.offset).limit(query.limit)).all()
-    return LeaseList(leases=leases_out(session, rows, viewer_tenant_id=None),
-                     next_offset=_next_offset(query, len(rows))).model_dump(mode="json")
+    rows = session.exec(
+        statement.order_by(col(Lease.created_at).desc(), col(Lease.id))
+        .offset(query.offset)
+        .limit(query.limit)
+    ).all()
+    return LeaseList(
+        leases=leases_out(session, rows, viewer_tenant_id=None),
+        next_offset=_next_offset(query, len(rows)),
+    ).model_dump(mode="json")
 
 
 @bp.delete("/leases/<lease_id>", responses={200: LeaseOut, **problems(404)})
 def revoke_lease(path: LeasePath) -> Any:
     services = svc()
     with services.transaction() as session:
-        lease = leasing.revoke_lease(session, path.lease_id, services.clock.now(),
-                                     "revoked by operator")
+        lease = leasing.revoke_lease(
+            session, path.lease_id, services.clock.now(), "revoked by operator"
+        )
         return leases_out(session, [lease], viewer_tenant_id=None)[0].model_dump(mode="json")
 
 

@@ -16,8 +16,14 @@ from service.leasing import Outcome
 from service.models import LIVE_LEASE_STATES, Lease, LeaseState
 from service.schemas import LeaseCreate, LeaseList, LeaseOut, LeasePath, LeaseStateFilter
 
-bp = APIBlueprint("leases", __name__, url_prefix="/v1/leases", abp_tags=[TENANT_TAG],
-                  abp_security=BEARER, abp_responses=problems(401, 403, 413, 422, 503))
+bp = APIBlueprint(
+    "leases",
+    __name__,
+    url_prefix="/v1/leases",
+    abp_tags=[TENANT_TAG],
+    abp_security=BEARER,
+    abp_responses=problems(401, 403, 413, 422, 503),
+)
 bp.before_request(require_tenant)
 
 RETRY_AFTER_S = 2
@@ -80,8 +86,9 @@ def list_leases(query: LeaseStateFilter) -> Any:
     elif query.state != "all":
         statement = statement.where(Lease.state == query.state)
     leases = session.exec(statement.order_by(col(Lease.created_at).desc()).limit(1000)).all()
-    return LeaseList(leases=leases_out(session, leases, viewer_tenant_id=g.tenant.id)
-                     ).model_dump(mode="json")
+    return LeaseList(leases=leases_out(session, leases, viewer_tenant_id=g.tenant.id)).model_dump(
+        mode="json"
+    )
 
 
 @bp.get("/<lease_id>", responses={200: LeaseOut, **problems(404)})

@@ -57,16 +57,19 @@ def _snapshot() -> dict[str, list[tuple[dict[str, str], float]]]:
         workers = session.exec(
             select(Worker.pool, Worker.state, func.count())
             .where(Worker.state != WorkerState.DESTROYED)
-            .group_by(col(Worker.pool), col(Worker.state))).all()
+            .group_by(col(Worker.pool), col(Worker.state))
+        ).all()
         leases = session.exec(
             select(Lease.pool, Lease.state, func.count())
             .where(col(Lease.state).in_(LIVE_LEASE_STATES))
-            .group_by(col(Lease.pool), col(Lease.state))).all()
+            .group_by(col(Lease.pool), col(Lease.state))
+        ).all()
         pools = session.exec(select(Pool)).all()
     return {
         "workerlease_workers": [({"pool": p, "state": s}, n) for p, s, n in workers],
         "workerlease_leases": [({"pool": p, "state": s}, n) for p, s, n in leases],
-        "workerlease_pool_degraded": [({"pool": p.name}, 1.0 if p.degraded_reason else 0.0)
-                                      for p in pools],
+        "workerlease_pool_degraded": [
+            ({"pool": p.name}, 1.0 if p.degraded_reason else 0.0) for p in pools
+        ],
         "workerlease_pool_min_ready": [({"pool": p.name}, p.min_ready) for p in pools],
     }

@@ -12,8 +12,14 @@ from service.auth import require_tenant
 from service.models import Pool
 from service.schemas import PoolList, PoolOut
 
-bp = APIBlueprint("pools", __name__, url_prefix="/v1/pools", abp_tags=[TENANT_TAG],
-                  abp_security=BEARER, abp_responses=problems(401, 403, 503))
+bp = APIBlueprint(
+    "pools",
+    __name__,
+    url_prefix="/v1/pools",
+    abp_tags=[TENANT_TAG],
+    abp_security=BEARER,
+    abp_responses=problems(401, 403, 503),
+)
 bp.before_request(require_tenant)
 
 
@@ -21,13 +27,18 @@ bp.before_request(require_tenant)
 def list_pools() -> Any:
     """Enabled pools."""
     session = svc().session()
-    pools = session.exec(select(Pool).where(col(Pool.enabled).is_(True))
-                         .order_by(col(Pool.name))).all()
+    pools = session.exec(
+        select(Pool).where(col(Pool.enabled).is_(True)).order_by(col(Pool.name))
+    ).all()
     return PoolList(pools=[pool_out(p) for p in pools]).model_dump(mode="json")
 
 
 def pool_out(pool: Pool) -> PoolOut:
-    return PoolOut(name=pool.name, os=pool.os, description=pool.description,
-                   capabilities=pool.capabilities,
-                   lease_idle_timeout_s=pool.lease_idle_timeout_s,
-                   lease_max_lifetime_s=pool.lease_max_lifetime_s)
+    return PoolOut(
+        name=pool.name,
+        os=pool.os,
+        description=pool.description,
+        capabilities=pool.capabilities,
+        lease_idle_timeout_s=pool.lease_idle_timeout_s,
+        lease_max_lifetime_s=pool.lease_max_lifetime_s,
+    )

@@ -10,8 +10,9 @@ from service.models import Lease, LeaseState, Pool, Worker
 from service.schemas import LeaseOut, WorkerOut
 
 
-def leases_out(session: Session, leases: Sequence[Lease], *,
-               viewer_tenant_id: str | None) -> list[LeaseOut]:
+def leases_out(
+    session: Session, leases: Sequence[Lease], *, viewer_tenant_id: str | None
+) -> list[LeaseOut]:
     """Leases with their workers; the access token only for the lease's own tenant."""
     worker_ids = [lease.worker_id for lease in leases if lease.worker_id]
     workers: dict[str, Worker] = {}
@@ -20,11 +21,15 @@ def leases_out(session: Session, leases: Sequence[Lease], *,
         worker = session.get(Worker, worker_ids[0])
         workers = {worker.id: worker} if worker else {}
     elif worker_ids:
-        workers = {w.id: w for w in session.exec(
-            select(Worker).where(col(Worker.id).in_(worker_ids))).all()}
+        workers = {
+            w.id: w
+            for w in session.exec(select(Worker).where(col(Worker.id).in_(worker_ids))).all()
+        }
     pool_os = {name: _pool_os(session, name) for name in {lease.pool for lease in leases}}
-    return [_lease_out(lease, workers.get(lease.worker_id or ""), pool_os[lease.pool],
-                       viewer_tenant_id) for lease in leases]
+    return [
+        _lease_out(lease, workers.get(lease.worker_id or ""), pool_os[lease.pool], viewer_tenant_id)
+        for lease in leases
+    ]
 
 
 def _pool_os(session: Session, name: str) -> str:
@@ -36,17 +41,32 @@ def lease_out(session: Session, lease: Lease, *, viewer_tenant_id: str | None) -
     return leases_out(session, [lease], viewer_tenant_id=viewer_tenant_id)[0]
 
 
-def _lease_out(lease: Lease, worker: Worker | None, pool_os: str,
-               viewer_tenant_id: str | None) -> LeaseOut:
+def _lease_out(
+    lease: Lease, worker: Worker | None, pool_os: str, viewer_tenant_id: str | None
+) -> LeaseOut:
     worker_out = None
     if worker is not None:
         # A worker of an ended lease is being destroyed: its token is of no use and
         # is not shown any more.
         show_token = viewer_tenant_id == lease.tenant_id and lease.state == LeaseState.ACTIVE
-        worker_out = WorkerOut(id=worker.id, pool=worker.pool, os=pool_os,
-                               address=worker.address, agent_url=worker.agent_url,
-                               access_token=worker.access_token if show_token else None)
-    return LeaseOut(id=lease.id, tenant_id=lease.tenant_id, pool=lease.pool, state=lease.state,
-                    created_at=lease.created_at, activated_at=lease.activated_at,
-                    idle_expires_at=lease.idle_expires_at, expires_at=lease.expires_at,
-                    ended_at=lease.ended_at, end_reason=lease.end_reason, worker=worker_out)
+        worker_out = WorkerOut(
+            id=worker.id,
+            pool=worker.pool,
+            os=pool_os,
+            address=worker.address,
+            agent_url=worker.agent_url,
+            access_token=worker.access_token if show_token else None,
+        )
+    return LeaseOut(
+        id=lease.id,
+        tenant_id=lease.tenant_id,
+        pool=lease.pool,
+        state=lease.state,
+        created_at=lease.created_at,
+        activated_at=lease.activated_at,
+        idle_expires_at=lease.idle_expires_at,
+        expires_at=lease.expires_at,
+        ended_at=lease.ended_at,
+        end_reason=lease.end_reason,
+        worker=worker_out,
+    )

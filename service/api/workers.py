@@ -11,8 +11,14 @@ from service.auth import bearer_token
 from service.schemas import ReadyAck, WorkerPath, WorkerReady
 from service.workers import worker_ready
 
-bp = APIBlueprint("workers", __name__, url_prefix="/v1/workers", abp_tags=[AGENT_TAG],
-                  abp_security=BEARER, abp_responses=problems(401, 404, 409, 413, 422, 503))
+bp = APIBlueprint(
+    "workers",
+    __name__,
+    url_prefix="/v1/workers",
+    abp_tags=[AGENT_TAG],
+    abp_security=BEARER,
+    abp_responses=problems(401, 404, 409, 413, 422, 503),
+)
 
 
 @bp.post("/<worker_id>/ready", responses={200: ReadyAck})
@@ -21,8 +27,9 @@ def ready(path: WorkerPath, body: WorkerReady) -> Any:
     services = svc()
     token = bearer_token()
     with services.transaction() as session:
-        worker, activated = worker_ready(session, path.worker_id, token, body.agent_url,
-                                         body.address, services.clock.now())
+        worker, activated = worker_ready(
+            session, path.worker_id, token, body.agent_url, body.address, services.clock.now()
+        )
         access_token = worker.access_token
     if activated:
         services.waiters.notify()

@@ -15,8 +15,11 @@ def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is None:
         raise RuntimeError("run migrations through service.migrate.upgrade()")
-    context.configure(connection=connection, target_metadata=target_metadata,
-                      render_as_batch=connection.dialect.name == "sqlite")
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
     with context.begin_transaction():
         context.run_migrations()
 

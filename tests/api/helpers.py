@@ -15,8 +15,7 @@ from tests.conftest import Service, admin, bearer
 POOL = "hosted-ubuntu"
 
 
-def request_lease(client: FlaskClient, token: str, pool: str = POOL,
-                  **body: Any) -> TestResponse:
+def request_lease(client: FlaskClient, token: str, pool: str = POOL, **body: Any) -> TestResponse:
     return client.post("/v1/leases", json={"pool": pool, **body}, headers=bearer(token))
 
 

@@ -17,8 +17,10 @@ COLD = "cold-pool"
 
 @pytest.fixture
 def pools() -> list[dict[str, Any]]:
-    return [pool_config(min_ready=2, max_workers=4),
-            pool_config(name=COLD, min_ready=0, max_workers=2)]
+    return [
+        pool_config(min_ready=2, max_workers=4),
+        pool_config(name=COLD, min_ready=0, max_workers=2),
+    ]
 
 
 def _problem(response: TestResponse, status: int) -> dict[str, Any]:
@@ -72,16 +74,20 @@ def test_access_token_is_shown_only_to_the_lease_tenant(svc: Service) -> None:
         assert secret not in text
         assert alice["token"] not in text
     admin_leases = seen[2].get_json()["leases"]
-    assert all(item["worker"] is None or item["worker"]["access_token"] is None
-               for item in admin_leases)
+    assert all(
+        item["worker"] is None or item["worker"]["access_token"] is None for item in admin_leases
+    )
     # The worker's access token is no tenant token either.
     _problem(svc.client.get("/v1/leases", headers=bearer(secret)), 401)
 
 
 def test_missing_or_unknown_token_is_401_with_www_authenticate(svc: Service) -> None:
     for headers in [
-        {}, {"Authorization": "Bearer"}, {"Authorization": "Bearer wlt_not-a-real-token"},
-        {"Authorization": "Bearer garbage"}, {"Authorization": "Basic dXNlcjpwYXNz"},
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer wlt_not-a-real-token"},
+        {"Authorization": "Bearer garbage"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
         {"Authorization": "wlt_token-without-scheme"},
     ]:
         for path in ("/v1/leases", "/v1/pools", "/v1/admin/pools", "/v1/admin/tenants"):
@@ -92,20 +98,22 @@ def test_missing_or_unknown_token_is_401_with_www_authenticate(svc: Service) -> 
 
 def test_unauthenticated_lease_request_creates_nothing(svc: Service) -> None:
     _problem(svc.client.post("/v1/leases", json={"pool": POOL}), 401)
-    _problem(svc.client.post("/v1/leases", json={"pool": POOL},
-                             headers=bearer("wlt_forged")), 401)
+    _problem(svc.client.post("/v1/leases", json={"pool": POOL}, headers=bearer("wlt_forged")), 401)
     assert svc.client.get("/v1/admin/leases", headers=admin()).get_json()["leases"] == []
 
 
 def test_tenant_token_on_admin_endpoints_is_403(svc: Service) -> None:
     token = svc.tenant()["token"]
     for method, path in [
-        ("GET", "/v1/admin/pools"), ("GET", "/v1/admin/tenants"), ("POST", "/v1/admin/tenants"),
-        ("GET", "/v1/admin/leases"), ("GET", "/v1/admin/workers"), ("GET", "/v1/admin/events"),
+        ("GET", "/v1/admin/pools"),
+        ("GET", "/v1/admin/tenants"),
+        ("POST", "/v1/admin/tenants"),
+        ("GET", "/v1/admin/leases"),
+        ("GET", "/v1/admin/workers"),
+        ("GET", "/v1/admin/events"),
         ("PATCH", f"/v1/admin/pools/{POOL}"),
     ]:
-        response = svc.client.open(path, method=method, json={"name": "x"},
-                                   headers=bearer(token))
+        response = svc.client.open(path, method=method, json={"name": "x"}, headers=bearer(token))
         _problem(response, 403)
     assert len(svc.client.get("/v1/admin/tenants", headers=admin()).get_json()["tenants"]) == 1
 
@@ -149,8 +157,9 @@ def test_ready_callback_needs_the_workers_own_one_time_bootstrap_token(svc: Serv
     body = {"agent_url": "http://127.0.0.1:1/"}
 
     def ready(worker_id: str, bootstrap: str) -> TestResponse:
-        return svc.client.post(f"/v1/workers/{worker_id}/ready", json=body,
-                               headers=bearer(bootstrap))
+        return svc.client.post(
+            f"/v1/workers/{worker_id}/ready", json=body, headers=bearer(bootstrap)
+        )
 
     _problem(ready(first.id, "wlb_wrong"), 401)
     _problem(ready(first.id, other), 401)  # another worker's token

@@ -51,8 +51,9 @@ def _assert_invariants(svc: Service) -> list[Lease]:
     leases = lease_rows(svc)
     workers = Counter(lease.worker_id for lease in leases if lease.worker_id)
     assert [w for w, n in workers.items() if n > 1] == [], "a worker is in two leases"
-    live = Counter((lease.tenant_id, lease.pool) for lease in leases
-                   if lease.state in LIVE_LEASE_STATES)
+    live = Counter(
+        (lease.tenant_id, lease.pool) for lease in leases if lease.state in LIVE_LEASE_STATES
+    )
     assert [k for k, n in live.items() if n > 1] == [], "a tenant holds two live leases"
     leased = {w.id for w in svc.workers("leased")}
     assert leased == {lease.worker_id for lease in leases if lease.state == LeaseState.ACTIVE}
@@ -68,8 +69,9 @@ def _warm_fully(svc: Service) -> None:
     raise AssertionError("the pool never reached min_ready")
 
 
-def test_concurrent_requests_from_many_tenants_never_share_a_worker(app: Flask,
-                                                                     svc: Service) -> None:
+def test_concurrent_requests_from_many_tenants_never_share_a_worker(
+    app: Flask, svc: Service
+) -> None:
     _warm_fully(svc)
     tokens = [svc.tenant(f"tenant-{i}")["token"] for i in range(TENANTS)]
 
@@ -93,8 +95,7 @@ def test_concurrent_requests_from_many_tenants_never_share_a_worker(app: Flask,
     _assert_invariants(svc)
 
 
-def test_concurrent_requests_of_one_tenant_all_get_the_same_lease(app: Flask,
-                                                                   svc: Service) -> None:
+def test_concurrent_requests_of_one_tenant_all_get_the_same_lease(app: Flask, svc: Service) -> None:
     _warm_fully(svc)
     token = svc.tenant("busy")["token"]
     others = [svc.tenant(f"other-{i}")["token"] for i in range(TENANTS - SAME_TENANT_THREADS)]
@@ -117,12 +118,26 @@ def test_database_refuses_a_second_live_lease_for_a_tenant_and_pool(svc: Service
     assert request_lease(svc.client, tenant["token"]).status_code == 202
     now = datetime.now(UTC)
     with pytest.raises(IntegrityError), session_scope(session_factory(svc.engine)) as session:
-        session.add(Lease(id="l-00000000000000000001", tenant_id=tenant["id"], pool=POOL,
-                          state=LeaseState.ACTIVE, created_at=now))
+        session.add(
+            Lease(
+                id="l-00000000000000000001",
+                tenant_id=tenant["id"],
+                pool=POOL,
+                state=LeaseState.ACTIVE,
+                created_at=now,
+            )
+        )
     # An ended lease next to the live one is fine: the index covers live states only.
     with session_scope(session_factory(svc.engine)) as session:
-        session.add(Lease(id="l-00000000000000000002", tenant_id=tenant["id"], pool=POOL,
-                          state=LeaseState.RELEASED, created_at=now))
+        session.add(
+            Lease(
+                id="l-00000000000000000002",
+                tenant_id=tenant["id"],
+                pool=POOL,
+                state=LeaseState.RELEASED,
+                created_at=now,
+            )
+        )
 
 
 def test_database_refuses_a_second_lease_on_the_same_worker(svc: Service) -> None:
@@ -132,10 +147,18 @@ def test_database_refuses_a_second_lease_on_the_same_worker(svc: Service) -> Non
     now = datetime.now(UTC)
     with pytest.raises(IntegrityError), session_scope(session_factory(svc.engine)) as session:
         # Even an ended lease may not reuse a worker: workers are never handed out twice.
-        session.add(Lease(id="l-00000000000000000003", tenant_id=other["id"], pool=POOL,
-                          state=LeaseState.RELEASED, worker_id=first["worker"]["id"],
-                          created_at=now))
+        session.add(
+            Lease(
+                id="l-00000000000000000003",
+                tenant_id=other["id"],
+                pool=POOL,
+                state=LeaseState.RELEASED,
+                worker_id=first["worker"]["id"],
+                created_at=now,
+            )
+        )
     with session_scope(session_factory(svc.engine)) as session:
-        holders = session.exec(select(Lease.id).where(
-            col(Lease.worker_id) == first["worker"]["id"])).all()
+        holders = session.exec(
+            select(Lease.id).where(col(Lease.worker_id) == first["worker"]["id"])
+        ).all()
     assert holders == [first["id"]]

@@ -16,8 +16,15 @@ from tests.conftest import Service, bearer, pool_config
 
 @pytest.fixture
 def pools() -> list[dict[str, Any]]:
-    return [pool_config(min_ready=1, max_workers=4, lease_idle_timeout="10m",
-                        lease_max_lifetime="1h", pending_timeout="5m")]
+    return [
+        pool_config(
+            min_ready=1,
+            max_workers=4,
+            lease_idle_timeout="10m",
+            lease_max_lifetime="1h",
+            pending_timeout="5m",
+        )
+    ]
 
 
 def test_second_request_of_a_tenant_returns_its_live_lease_with_200(svc: Service) -> None:
@@ -31,8 +38,7 @@ def test_second_request_of_a_tenant_returns_its_live_lease_with_200(svc: Service
     assert len(svc.workers("leased")) == 1
 
 
-def test_pending_lease_is_answered_202_then_activated_when_a_worker_is_ready(
-        svc: Service) -> None:
+def test_pending_lease_is_answered_202_then_activated_when_a_worker_is_ready(svc: Service) -> None:
     token = svc.tenant()["token"]
     response = request_lease(svc.client, token)
     assert response.status_code == 202
@@ -53,8 +59,10 @@ def test_pending_lease_is_answered_202_then_activated_when_a_worker_is_ready(
     row = lease_row(svc, lease["id"])
     assert (row.state, row.worker_id) == (LeaseState.ACTIVE, got["worker"]["id"])
     assert worker_state(svc, got["worker"]["id"]) == WorkerState.LEASED
-    assert [(e.from_state, e.to_state) for e in events_of(svc, lease["id"])] == \
-        [(None, "pending"), ("pending", "active")]
+    assert [(e.from_state, e.to_state) for e in events_of(svc, lease["id"])] == [
+        (None, "pending"),
+        ("pending", "active"),
+    ]
 
 
 def test_pending_leases_are_served_first_come_first_served(svc: Service) -> None:
@@ -69,8 +77,11 @@ def test_pending_leases_are_served_first_come_first_served(svc: Service) -> None
     svc.tick()
     [_, two, *_] = sorted(svc.workers("provisioning"), key=lambda w: w.id)
     resource = svc.cloud.resources[two.id]
-    ready = svc.client.post(f"/v1/workers/{two.id}/ready", headers=bearer(
-        resource.spec.bootstrap_token), json={"agent_url": "http://127.0.0.1:1/"})
+    ready = svc.client.post(
+        f"/v1/workers/{two.id}/ready",
+        headers=bearer(resource.spec.bootstrap_token),
+        json={"agent_url": "http://127.0.0.1:1/"},
+    )
     assert ready.status_code == 200
 
     assert lease_row(svc, first["id"]).worker_id == two.id
@@ -79,8 +90,7 @@ def test_pending_leases_are_served_first_come_first_served(svc: Service) -> None
     assert lease_row(svc, second["id"]).state == LeaseState.ACTIVE
 
 
-def test_wait_seconds_returns_201_once_a_worker_reports_ready_during_the_wait(
-        svc: Service) -> None:
+def test_wait_seconds_returns_201_once_a_worker_reports_ready_during_the_wait(svc: Service) -> None:
     token = svc.tenant()["token"]
     svc.tick()  # workers are created, their agents have not called back yet
     assert len(svc.workers("provisioning")) == 1

@@ -8,8 +8,9 @@ from tests.conftest import Service, bearer
 def test_warm_lease_is_active_with_worker_and_token(svc: Service) -> None:
     svc.warm()
     tenant = svc.tenant()
-    response = svc.client.post("/v1/leases", json={"pool": "hosted-ubuntu"},
-                               headers=bearer(tenant["token"]))
+    response = svc.client.post(
+        "/v1/leases", json={"pool": "hosted-ubuntu"}, headers=bearer(tenant["token"])
+    )
     assert response.status_code == 201
     lease = response.get_json()
     assert lease["state"] == "active"
@@ -22,8 +23,9 @@ def test_warm_lease_is_active_with_worker_and_token(svc: Service) -> None:
 def test_released_worker_is_destroyed_and_never_reused(svc: Service) -> None:
     svc.warm()
     token = svc.tenant()["token"]
-    first = svc.client.post("/v1/leases", json={"pool": "hosted-ubuntu"},
-                            headers=bearer(token)).get_json()
+    first = svc.client.post(
+        "/v1/leases", json={"pool": "hosted-ubuntu"}, headers=bearer(token)
+    ).get_json()
     released = svc.client.delete(f"/v1/leases/{first['id']}", headers=bearer(token))
     assert released.status_code == 200
     assert released.get_json()["state"] == "released"
@@ -38,6 +40,7 @@ def test_released_worker_is_destroyed_and_never_reused(svc: Service) -> None:
     assert {w.id for w in svc.workers("destroyed")} == {worker_id}
 
     svc.agents_report_ready()
-    second = svc.client.post("/v1/leases", json={"pool": "hosted-ubuntu"},
-                             headers=bearer(token)).get_json()
+    second = svc.client.post(
+        "/v1/leases", json={"pool": "hosted-ubuntu"}, headers=bearer(token)
+    ).get_json()
     assert second["worker"]["id"] != worker_id

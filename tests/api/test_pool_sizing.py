@@ -44,8 +44,7 @@ def test_refill_brings_the_pool_back_to_min_ready_after_leases(svc: Service) -> 
     assert len(_not_destroyed(svc)) == 4
 
 
-def test_refill_never_exceeds_max_workers_counting_every_unfinished_worker(
-        svc: Service) -> None:
+def test_refill_never_exceeds_max_workers_counting_every_unfinished_worker(svc: Service) -> None:
     svc.warm()
     tokens = [svc.tenant(f"t{i}")["token"] for i in range(6)]
     answers = [request_lease(svc.client, token) for token in tokens]
@@ -62,8 +61,7 @@ def test_refill_never_exceeds_max_workers_counting_every_unfinished_worker(
     svc.cloud.inject("destroy", TransientProvisionerError("api down"))
     for answer, token in list(zip(answers, tokens, strict=True))[:2]:
         lease_id = answer.get_json()["id"]
-        assert svc.client.delete(f"/v1/leases/{lease_id}", headers=bearer(token)).status_code \
-            == 200
+        assert svc.client.delete(f"/v1/leases/{lease_id}", headers=bearer(token)).status_code == 200
     svc.tick()  # refill runs before the destroy pass: both still count, nothing starts
     assert admin_pool(svc)["counts"]["destroying"] == 1
     assert len(_not_destroyed(svc)) == 3
@@ -74,8 +72,7 @@ def test_refill_never_exceeds_max_workers_counting_every_unfinished_worker(
     assert len(svc.cloud.live_ids()) <= 4
 
 
-def test_lowering_min_ready_destroys_surplus_ready_workers_at_the_next_tick(
-        svc: Service) -> None:
+def test_lowering_min_ready_destroys_surplus_ready_workers_at_the_next_tick(svc: Service) -> None:
     svc.warm()
     assert len(svc.workers("ready")) == 2
     response = patch_pool(svc, min_ready=0)

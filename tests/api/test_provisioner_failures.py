@@ -30,8 +30,7 @@ def _state(svc: Service, worker_id: str) -> str:
     return worker.state
 
 
-def test_worker_not_ready_within_provision_timeout_is_destroyed_and_replaced(
-        svc: Service) -> None:
+def test_worker_not_ready_within_provision_timeout_is_destroyed_and_replaced(svc: Service) -> None:
     svc.tick()
     slow = {w.id for w in svc.workers("provisioning")}
     assert len(slow) == 2 and slow <= svc.cloud.live_ids()
@@ -52,16 +51,20 @@ def test_worker_not_ready_within_provision_timeout_is_destroyed_and_replaced(
 
 
 def test_failed_create_marks_the_pool_degraded_and_retries_after_backoff(svc: Service) -> None:
-    svc.cloud.inject("create", TransientProvisionerError("quota exceeded"),
-                     TransientProvisionerError("quota exceeded"))
+    svc.cloud.inject(
+        "create",
+        TransientProvisionerError("quota exceeded"),
+        TransientProvisionerError("quota exceeded"),
+    )
     svc.tick()
     failed = _creates(svc)
     assert len(failed) == 2
     for worker_id in failed:
         assert _state(svc, worker_id) == WorkerState.DESTROYED
         assert _destroys(svc, worker_id) == 1  # a half-made resource must not outlive its row
-        assert ("provisioning", "failed") in [(e.from_state, e.to_state)
-                                              for e in events_of(svc, worker_id)]
+        assert ("provisioning", "failed") in [
+            (e.from_state, e.to_state) for e in events_of(svc, worker_id)
+        ]
     pool = admin_pool(svc)
     assert "quota exceeded" in pool["degraded_reason"]
     backoff_until = pool_row(svc).create_backoff_until
@@ -79,13 +82,15 @@ def test_failed_create_marks_the_pool_degraded_and_retries_after_backoff(svc: Se
 
 
 def test_failed_destroy_is_retried_with_backoff_and_confirmed_before_destroyed(
-        svc: Service) -> None:
+    svc: Service,
+) -> None:
     svc.warm()
     token = svc.tenant()["token"]
     lease = request_lease(svc.client, token).get_json()
     worker_id = lease["worker"]["id"]
-    svc.cloud.inject("destroy", TransientProvisionerError("throttled"),
-                     TransientProvisionerError("throttled"))
+    svc.cloud.inject(
+        "destroy", TransientProvisionerError("throttled"), TransientProvisionerError("throttled")
+    )
     svc.client.delete(f"/v1/leases/{lease['id']}", headers=bearer(token))
 
     svc.tick()

@@ -14,13 +14,20 @@ from tests.support.fakes import FakeResource
 
 def _plant(svc: Service, worker_id: str, deployment_id: str) -> None:
     """A resource the platform holds, as a crashed service (or another one) left it."""
-    spec = WorkerSpec(worker_id=worker_id, pool=POOL, os="ubuntu", deployment_id=deployment_id,
-                      service_url="http://127.0.0.1:9", bootstrap_token="wlb_left-behind")
+    spec = WorkerSpec(
+        worker_id=worker_id,
+        pool=POOL,
+        os="ubuntu",
+        deployment_id=deployment_id,
+        service_url="http://127.0.0.1:9",
+        bootstrap_token="wlb_left-behind",
+    )
     svc.cloud.resources[worker_id] = FakeResource(spec)
 
 
 def test_reconcile_destroys_resources_of_this_deployment_the_database_does_not_know(
-        svc: Service) -> None:
+    svc: Service,
+) -> None:
     svc.warm()
     known = {w.id for w in svc.workers("ready")}
     _plant(svc, "w-0000000000000000dead", "test")
@@ -36,8 +43,7 @@ def test_reconcile_destroys_resources_of_this_deployment_the_database_does_not_k
     assert {w.id for w in svc.workers("ready")} == known
 
 
-def test_reconcile_destroys_a_resource_whose_worker_row_is_already_destroyed(
-        svc: Service) -> None:
+def test_reconcile_destroys_a_resource_whose_worker_row_is_already_destroyed(svc: Service) -> None:
     svc.warm()
     worker_id = svc.workers("ready")[0].id
     assert svc.client.delete(f"/v1/admin/workers/{worker_id}", headers=admin()).status_code == 200
@@ -62,9 +68,16 @@ def test_reconcile_leaves_a_worker_whose_create_is_in_flight(svc: Service) -> No
     assert len(claimed) == 2
     provisioner = svc.rt.provisioners.for_pool(pool)
     for worker in claimed:  # the platform has made it; the service has not heard back
-        provisioner.create(WorkerSpec(worker_id=worker.id, pool=POOL, os="ubuntu",
-                                      deployment_id="test", service_url="http://127.0.0.1:9",
-                                      bootstrap_token=worker.bootstrap_token or ""))
+        provisioner.create(
+            WorkerSpec(
+                worker_id=worker.id,
+                pool=POOL,
+                os="ubuntu",
+                deployment_id="test",
+                service_url="http://127.0.0.1:9",
+                bootstrap_token=worker.bootstrap_token or "",
+            )
+        )
         assert handle_of(worker).provider_id == ""
 
     svc.reconcile()

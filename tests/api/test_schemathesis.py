@@ -32,8 +32,12 @@ POOL = "hosted-ubuntu"
 
 def _fuzz(operation: Any, token: str, mode: GenerationMode, **fixed: Any) -> None:
     @given(case=operation.as_strategy(generation_mode=mode, **fixed))
-    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES_PER_OPERATION,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def run(case: Any) -> None:
         case.call_and_validate(headers=bearer(token), checks=CHECKS)
 
@@ -52,13 +56,19 @@ def _pinned(operation: Any, known: dict[str, str]) -> dict[str, Any]:
 
 
 def test_generated_requests_never_get_a_server_error_or_off_schema_answer(
-        app: Flask, svc: Service) -> None:
+    app: Flask, svc: Service
+) -> None:
     svc.warm()
     tenant_token = svc.tenant("fuzz")["token"]
-    lease = svc.client.post("/v1/leases", json={"pool": POOL},
-                            headers=bearer(tenant_token)).get_json()
-    known = {"lease_id": lease["id"], "worker_id": lease["worker"]["id"],
-             "tenant_id": svc.tenant("victim")["id"], "name": POOL}
+    lease = svc.client.post(
+        "/v1/leases", json={"pool": POOL}, headers=bearer(tenant_token)
+    ).get_json()
+    known = {
+        "lease_id": lease["id"],
+        "worker_id": lease["worker"]["id"],
+        "tenant_id": svc.tenant("victim")["id"],
+        "name": POOL,
+    }
     schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
     results = list(schema.get_all_operations())
     assert not [r for r in results if not isinstance(r, Ok)], "the document has bad operations"
@@ -68,12 +78,16 @@ def test_generated_requests_never_get_a_server_error_or_off_schema_answer(
     failures = []
     for operation in operations:
         token = ADMIN_TOKEN if operation.path.startswith("/v1/admin") else tenant_token
-        runs = [(GenerationMode.POSITIVE, {}), (GenerationMode.NEGATIVE, {}),
-                (GenerationMode.POSITIVE, _pinned(operation, known))]
+        runs = [
+            (GenerationMode.POSITIVE, {}),
+            (GenerationMode.NEGATIVE, {}),
+            (GenerationMode.POSITIVE, _pinned(operation, known)),
+        ]
         for mode, fixed in runs:
             try:
                 _fuzz(operation, token, mode, **fixed)
             except Exception as exc:  # report every operation's failure at once
-                failures.append(f"{operation.method.upper()} {operation.path} {mode} "
-                                f"{sorted(fixed)}: {exc}")
+                failures.append(
+                    f"{operation.method.upper()} {operation.path} {mode} {sorted(fixed)}: {exc}"
+                )
     assert not failures, "\n\n".join(failures)

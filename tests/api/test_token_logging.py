@@ -17,8 +17,11 @@ def test_a_whole_lease_flow_logs_no_token(svc: Service, caplog: pytest.LogCaptur
     token = tenant["token"]
     svc.tick()
     bootstrap = {r.spec.bootstrap_token for r in svc.cloud.resources.values()}
-    svc.client.post(f"/v1/workers/{svc.workers('provisioning')[0].id}/ready",
-                    json={"agent_url": "http://127.0.0.1:1/"}, headers=bearer("wlb_wrong"))
+    svc.client.post(
+        f"/v1/workers/{svc.workers('provisioning')[0].id}/ready",
+        json={"agent_url": "http://127.0.0.1:1/"},
+        headers=bearer("wlb_wrong"),
+    )
     svc.agents_report_ready()
     lease = request_lease(svc.client, token).get_json()
     access = lease["worker"]["access_token"]

@@ -134,8 +134,15 @@ def _client_thread(driver: Driver, iterations: int, go: Any, out: dict[str, Any]
         driver.close()
 
 
-def _process_main(driver_path: str, params: dict[str, Any], indexes: list[int],
-                  iterations: int, ready_q: Any, go: Any, result_q: Any) -> None:
+def _process_main(
+    driver_path: str,
+    params: dict[str, Any],
+    indexes: list[int],
+    iterations: int,
+    ready_q: Any,
+    go: Any,
+    result_q: Any,
+) -> None:
     try:
         cls = _load_driver(driver_path)
         drivers = []
@@ -147,8 +154,10 @@ def _process_main(driver_path: str, params: dict[str, Any], indexes: list[int],
         ready_q.put(("error", traceback.format_exc()))
         return
     outs: list[dict[str, Any]] = [{} for _ in drivers]
-    threads = [threading.Thread(target=_client_thread, args=(d, iterations, go, o), daemon=True)
-               for d, o in zip(drivers, outs, strict=True)]
+    threads = [
+        threading.Thread(target=_client_thread, args=(d, iterations, go, o), daemon=True)
+        for d, o in zip(drivers, outs, strict=True)
+    ]
     for thread in threads:
         thread.start()
     ready_q.put(("ready", len(drivers)))
@@ -157,16 +166,22 @@ def _process_main(driver_path: str, params: dict[str, Any], indexes: list[int],
     result_q.put(outs)
 
 
-def run_load(driver_path: str, params: dict[str, Any], clients: int, iterations: int,
-             timeout_s: float = 300) -> LoadResult:
+def run_load(
+    driver_path: str, params: dict[str, Any], clients: int, iterations: int, timeout_s: float = 300
+) -> LoadResult:
     """``clients`` concurrent clients, each ``iterations`` acquire/release cycles."""
     ctx = mp.get_context("spawn")
     n_proc = min(clients, MAX_LOAD_PROCESSES)
     groups = [list(range(i, clients, n_proc)) for i in range(n_proc)]
     ready_q, result_q, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_process_main,
-                         args=(driver_path, params, g, iterations, ready_q, go, result_q),
-                         daemon=True) for g in groups]
+    procs = [
+        ctx.Process(
+            target=_process_main,
+            args=(driver_path, params, g, iterations, ready_q, go, result_q),
+            daemon=True,
+        )
+        for g in groups
+    ]
     for proc in procs:
         proc.start()
     try:

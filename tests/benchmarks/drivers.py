@@ -28,8 +28,7 @@ class _HTTPClient:
         self.pool = params["pool"]
         self.token = params["tokens"][index]
         self.conn: http.client.HTTPConnection | None = None
-        self.headers = {"Authorization": f"Bearer {self.token}",
-                        "Content-Type": "application/json"}
+        self.headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         self.body = json.dumps({"pool": self.pool})
 
     def _request(self, method: str, path: str, body: str | None = None) -> tuple[int, bytes]:
@@ -90,8 +89,9 @@ SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # what SQLAlchemy's DateTime stores in SQL
 class FloorSQL:
     """The allocation as the plain driver does it, no ORM, no audit rows, no pre-checks."""
 
-    CLAIM = ("SELECT id FROM workers WHERE pool = {p} AND state = 'ready' "
-             "ORDER BY ready_at, id LIMIT 1")
+    CLAIM = (
+        "SELECT id FROM workers WHERE pool = {p} AND state = 'ready' ORDER BY ready_at, id LIMIT 1"
+    )
 
     def __init__(self, params: dict[str, Any], index: int) -> None:
         self.url: str = params["url"]
@@ -104,8 +104,12 @@ class FloorSQL:
         if self.sqlite:
             import sqlite3
 
-            self.conn = sqlite3.connect(self.url.removeprefix("sqlite:///"), timeout=30,
-                                        isolation_level=None, check_same_thread=False)
+            self.conn = sqlite3.connect(
+                self.url.removeprefix("sqlite:///"),
+                timeout=30,
+                isolation_level=None,
+                check_same_thread=False,
+            )
             for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
                 self.conn.execute(f"PRAGMA {pragma}")
             self.mark = "?"
@@ -117,16 +121,22 @@ class FloorSQL:
             self.mark = "%s"
         m = self.mark
         self.claim = self.CLAIM.format(p=m) + ("" if self.sqlite else " FOR UPDATE SKIP LOCKED")
-        self.lease_worker = (f"UPDATE workers SET state = 'leased', state_changed_at = {m} "
-                             f"WHERE id = {m}")
+        self.lease_worker = (
+            f"UPDATE workers SET state = 'leased', state_changed_at = {m} WHERE id = {m}"
+        )
         self.insert_lease = (
             "INSERT INTO leases (id, tenant_id, pool, state, worker_id, created_at, "
             "activated_at, idle_expires_at, expires_at) "
-            f"VALUES ({m}, {m}, {m}, 'active', {m}, {m}, {m}, {m}, {m})")
-        self.end_lease = (f"UPDATE leases SET state = 'released', ended_at = {m}, "
-                          f"end_reason = 'released' WHERE id = {m} AND tenant_id = {m}")
-        self.destroy_worker = (f"UPDATE workers SET state = 'destroying', state_changed_at = {m}, "
-                               f"next_attempt_at = {m} WHERE id = {m}")
+            f"VALUES ({m}, {m}, {m}, 'active', {m}, {m}, {m}, {m}, {m})"
+        )
+        self.end_lease = (
+            f"UPDATE leases SET state = 'released', ended_at = {m}, "
+            f"end_reason = 'released' WHERE id = {m} AND tenant_id = {m}"
+        )
+        self.destroy_worker = (
+            f"UPDATE workers SET state = 'destroying', state_changed_at = {m}, "
+            f"next_attempt_at = {m} WHERE id = {m}"
+        )
         self.release(self.acquire())  # warm-up cycle, not measured (one extra ready row)
 
     def _now(self) -> Any:
@@ -156,8 +166,10 @@ class FloorSQL:
                 life = life.replace(tzinfo=None).strftime(SQLITE_TIME)  # type: ignore[assignment]
             cur.execute(self.lease_worker, (t, worker_id))
             lease_id = f"l_{uuid.uuid4().hex[:20]}"
-            cur.execute(self.insert_lease,
-                        (lease_id, self.tenant_id, self.pool, worker_id, t, t, idle, life))
+            cur.execute(
+                self.insert_lease,
+                (lease_id, self.tenant_id, self.pool, worker_id, t, t, idle, life),
+            )
             self._commit(cur)
         except BaseException:
             self.conn.rollback() if not self.sqlite else cur.execute("ROLLBACK")

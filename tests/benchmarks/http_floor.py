@@ -52,19 +52,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=32)
     args = parser.parse_args()
-    _Floor({
-        "bind": f"127.0.0.1:{args.port}",
-        "workers": args.workers,
-        "worker_class": "gthread",
-        "threads": args.threads,
-        "timeout": 120,
-        "keepalive": 5,
-        "accesslog": "-",
-        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
-        "errorlog": "-",
-        "loglevel": "info",
-        "control_socket_disable": True,
-    }).run()
+    _Floor(
+        {
+            "bind": f"127.0.0.1:{args.port}",
+            "workers": args.workers,
+            "worker_class": "gthread",
+            "threads": args.threads,
+            "timeout": 120,
+            "keepalive": 5,
+            "accesslog": "-",
+            "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+            "errorlog": "-",
+            "loglevel": "info",
+            "control_socket_disable": True,
+        }
+    ).run()
 
 
 if __name__ == "__main__":

@@ -20,10 +20,24 @@ from typing import Any
 from tests.benchmarks.common import ROOT, machine_info, sqlite_version
 
 SECTIONS = ("warm", "scale", "ttw")
-FULL = {"ready": 136, "bursts": 2, "levels": [1, 8, 64], "live": [1000, 10000],
-        "history": [1000, 10000, 100000], "repeats": 5, "ttw_samples": 5}
-QUICK = {"ready": 72, "bursts": 1, "levels": [1, 8, 64], "live": [1000],
-         "history": [1000, 10000], "repeats": 3, "ttw_samples": 2}
+FULL = {
+    "ready": 136,
+    "bursts": 2,
+    "levels": [1, 8, 64],
+    "live": [1000, 10000],
+    "history": [1000, 10000, 100000],
+    "repeats": 5,
+    "ttw_samples": 5,
+}
+QUICK = {
+    "ready": 72,
+    "bursts": 1,
+    "levels": [1, 8, 64],
+    "live": [1000],
+    "history": [1000, 10000],
+    "repeats": 3,
+    "ttw_samples": 2,
+}
 
 
 def log(message: str) -> None:
@@ -33,10 +47,14 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.run")
     parser.add_argument("--quick", action="store_true", help="smaller, faster run")
-    parser.add_argument("--only", action="append", choices=SECTIONS,
-                        help="run only this figure (repeatable)")
-    parser.add_argument("--db", default="sqlite,postgres",
-                        help="comma-separated database kinds (default: sqlite,postgres)")
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only this figure (repeatable)"
+    )
+    parser.add_argument(
+        "--db",
+        default="sqlite,postgres",
+        help="comma-separated database kinds (default: sqlite,postgres)",
+    )
     parser.add_argument("--out", default=str(ROOT / "var" / "bench" / "results.json"))
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
@@ -100,10 +118,10 @@ def _warm(settings: dict[str, Any], kinds: list[str], postgres: Any) -> dict[str
             continue
         log(f"warm lease on {kind}")
         url = postgres.create_database() if kind == "postgres" else None
-        out[kind] = warm.run_database(kind, url, levels, settings["ready"], settings["bursts"],
-                                      log)
-    iterations = {c: max(1, (settings["ready"] - warm.MARGIN) // c) * settings["bursts"]
-                  for c in levels}
+        out[kind] = warm.run_database(kind, url, levels, settings["ready"], settings["bursts"], log)
+    iterations = {
+        c: max(1, (settings["ready"] - warm.MARGIN) // c) * settings["bursts"] for c in levels
+    }
     log("HTTP floor")
     floor = warm.run_http_floor(levels, iterations, log)
     out["http_floor"] = floor
@@ -125,8 +143,9 @@ def _scale(settings: dict[str, Any], kinds: list[str], postgres: Any) -> dict[st
         else:
             factory = scale.sqlite_urls()
         log(f"scale on {kind}")
-        out[kind] = scale.run_scale(factory, kind, settings["live"], settings["history"],
-                                    settings["repeats"], log)
+        out[kind] = scale.run_scale(
+            factory, kind, settings["live"], settings["history"], settings["repeats"], log
+        )
     return out
 
 
@@ -147,33 +166,66 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(name: str, value: Any, limit: float, below: bool = True) -> None:
         met = None if value is None else (value < limit if below else value >= limit)
-        rows.append({"target": name, "value": value, "limit": limit,
-                     "status": "not measured" if met is None else ("met" if met else "missed")})
+        rows.append(
+            {
+                "target": name,
+                "value": value,
+                "limit": limit,
+                "status": "not measured" if met is None else ("met" if met else "missed"),
+            }
+        )
 
-    add("warm lease p99 at 8 clients, SQLite (ms) < 25",
-        _get(r, "warm", "sqlite", "levels", 8, "service_http", "acquire", "p99_ms"), 25)
-    add("throughput at 8 clients vs HTTP floor, SQLite >= 0.4",
-        _get(r, "warm", "sqlite", "levels", 8, "ratios", "throughput_vs_http_floor"), 0.4,
-        below=False)
-    add("lease transaction p50 vs raw-SQL floor at 8 clients, SQLite <= 2x",
-        _get(r, "warm", "sqlite", "levels", 8, "ratios", "txn_p50_vs_sql_floor"), 2.0001)
-    add("lease transaction p50 vs raw-SQL floor at 8 clients, PostgreSQL <= 2x",
-        _get(r, "warm", "postgres", "levels", 8, "ratios", "txn_p50_vs_sql_floor"), 2.0001)
-    add("scheduler pass, 10k live + 100k history, SQLite (ms) < 200",
+    add(
+        "warm lease p99 at 8 clients, SQLite (ms) < 25",
+        _get(r, "warm", "sqlite", "levels", 8, "service_http", "acquire", "p99_ms"),
+        25,
+    )
+    add(
+        "throughput at 8 clients vs HTTP floor, SQLite >= 0.4",
+        _get(r, "warm", "sqlite", "levels", 8, "ratios", "throughput_vs_http_floor"),
+        0.4,
+        below=False,
+    )
+    add(
+        "lease transaction p50 vs raw-SQL floor at 8 clients, SQLite <= 2x",
+        _get(r, "warm", "sqlite", "levels", 8, "ratios", "txn_p50_vs_sql_floor"),
+        2.0001,
+    )
+    add(
+        "lease transaction p50 vs raw-SQL floor at 8 clients, PostgreSQL <= 2x",
+        _get(r, "warm", "postgres", "levels", 8, "ratios", "txn_p50_vs_sql_floor"),
+        2.0001,
+    )
+    add(
+        "scheduler pass, 10k live + 100k history, SQLite (ms) < 200",
         _get(r, "scale", "sqlite", "live", 10000, "history", 100000, "maintain", "median_ms"),
-        200)
-    add("scheduler pass growth 10k -> 100k history (10k live), SQLite < 1.5x",
-        _get(r, "scale", "sqlite", "live", 10000, "growth", "10000->100000", "maintain"), 1.5)
-    add("scheduler pass, 10k live + 100k history, PostgreSQL (ms) < 200",
-        _get(r, "scale", "postgres", "live", 10000, "history", 100000, "maintain",
-             "median_ms"), 200)
-    add("scheduler pass growth 10k -> 100k history (10k live), PostgreSQL < 1.5x",
+        200,
+    )
+    add(
+        "scheduler pass growth 10k -> 100k history (10k live), SQLite < 1.5x",
+        _get(r, "scale", "sqlite", "live", 10000, "growth", "10000->100000", "maintain"),
+        1.5,
+    )
+    add(
+        "scheduler pass, 10k live + 100k history, PostgreSQL (ms) < 200",
+        _get(r, "scale", "postgres", "live", 10000, "history", 100000, "maintain", "median_ms"),
+        200,
+    )
+    add(
+        "scheduler pass growth 10k -> 100k history (10k live), PostgreSQL < 1.5x",
         _get(r, "scale", "postgres", "live", 10000, "growth", "10000->100000", "maintain"),
-        1.5)
-    add("time to worker vs direct, local <= 1.3x",
-        _get(r, "time_to_worker", "local", "ratio_median"), 1.3001)
-    add("time to worker vs direct, docker <= 1.3x",
-        _get(r, "time_to_worker", "docker", "ratio_median"), 1.3001)
+        1.5,
+    )
+    add(
+        "time to worker vs direct, local <= 1.3x",
+        _get(r, "time_to_worker", "local", "ratio_median"),
+        1.3001,
+    )
+    add(
+        "time to worker vs direct, docker <= 1.3x",
+        _get(r, "time_to_worker", "docker", "ratio_median"),
+        1.3001,
+    )
     return rows
 
 
@@ -187,10 +239,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
-    parts = [f"Machine: {r['machine']['nproc']} cores, {r['machine']['cpu_model']}, "
-             f"Python {r['machine']['python']}, SQLite {r['machine']['sqlite']}, "
-             f"commit {str(r['machine']['git_commit'])[:12]}; run took {r['duration_s']} s.",
-             f"Command: `{r['command'].strip()}`"]
+    parts = [
+        f"Machine: {r['machine']['nproc']} cores, {r['machine']['cpu_model']}, "
+        f"Python {r['machine']['python']}, SQLite {r['machine']['sqlite']}, "
+        f"commit {str(r['machine']['git_commit'])[:12]}; run took {r['duration_s']} s.",
+        f"Command: `{r['command'].strip()}`",
+    ]
     warm = r.get("warm")
     if warm:
         rows = []
@@ -199,78 +253,224 @@ def render(r: dict[str, Any]) -> str:
             for c, f in (warm.get(kind) or {}).get("levels", {}).items():
                 s, ra = f["service_http"], f.get("ratios", {})
                 fl = floor.get(c, {})
-                rows.append([kind, c, s["acquire"]["n"], s["acquire"]["p50_ms"],
-                             s["acquire"]["p95_ms"], s["acquire"]["p99_ms"],
-                             s["release"]["p99_ms"], s["cycles_per_s"],
-                             _get(fl, "acquire", "p50_ms"), _get(fl, "acquire", "p99_ms"),
-                             _get(fl, "cycles_per_s"), ra.get("http_p99_vs_http_floor"),
-                             ra.get("throughput_vs_http_floor"), s["errors"]])
-        parts.append("### Warm lease over HTTP (POST /v1/leases 201, then DELETE) vs HTTP floor\n"
-                     + _table(["db", "clients", "n", "p50 ms", "p95 ms", "p99 ms",
-                               "DELETE p99 ms", "leases/s", "floor p50 ms", "floor p99 ms",
-                               "floor cycles/s", "p99 ratio", "throughput ratio", "errors"],
-                              rows))
+                rows.append(
+                    [
+                        kind,
+                        c,
+                        s["acquire"]["n"],
+                        s["acquire"]["p50_ms"],
+                        s["acquire"]["p95_ms"],
+                        s["acquire"]["p99_ms"],
+                        s["release"]["p99_ms"],
+                        s["cycles_per_s"],
+                        _get(fl, "acquire", "p50_ms"),
+                        _get(fl, "acquire", "p99_ms"),
+                        _get(fl, "cycles_per_s"),
+                        ra.get("http_p99_vs_http_floor"),
+                        ra.get("throughput_vs_http_floor"),
+                        s["errors"],
+                    ]
+                )
+        parts.append(
+            "### Warm lease over HTTP (POST /v1/leases 201, then DELETE) vs HTTP floor\n"
+            + _table(
+                [
+                    "db",
+                    "clients",
+                    "n",
+                    "p50 ms",
+                    "p95 ms",
+                    "p99 ms",
+                    "DELETE p99 ms",
+                    "leases/s",
+                    "floor p50 ms",
+                    "floor p99 ms",
+                    "floor cycles/s",
+                    "p99 ratio",
+                    "throughput ratio",
+                    "errors",
+                ],
+                rows,
+            )
+        )
         rows = []
         for kind in ("sqlite", "postgres"):
             for c, f in (warm.get(kind) or {}).get("levels", {}).items():
                 sql, txn, ra = f.get("sql_floor"), f.get("service_txn"), f.get("ratios", {})
                 if not sql or not txn:
                     continue
-                rows.append([kind, c, sql["acquire"]["p50_ms"], sql["acquire"]["p99_ms"],
-                             sql["cycles_per_s"], txn["acquire"]["p50_ms"],
-                             txn["acquire"]["p99_ms"], txn["cycles_per_s"],
-                             ra.get("txn_p50_vs_sql_floor"), ra.get("txn_p99_vs_sql_floor"),
-                             ra.get("txn_throughput_vs_sql_floor"),
-                             sql["errors"] + txn["errors"]])
-        parts.append("### Lease transaction (leasing.acquire + commit, no HTTP) vs raw-SQL floor\n"
-                     + _table(["db", "clients", "SQL p50 ms", "SQL p99 ms", "SQL cycles/s",
-                               "txn p50 ms", "txn p99 ms", "txn cycles/s", "p50 ratio",
-                               "p99 ratio", "throughput ratio", "errors"], rows))
+                rows.append(
+                    [
+                        kind,
+                        c,
+                        sql["acquire"]["p50_ms"],
+                        sql["acquire"]["p99_ms"],
+                        sql["cycles_per_s"],
+                        txn["acquire"]["p50_ms"],
+                        txn["acquire"]["p99_ms"],
+                        txn["cycles_per_s"],
+                        ra.get("txn_p50_vs_sql_floor"),
+                        ra.get("txn_p99_vs_sql_floor"),
+                        ra.get("txn_throughput_vs_sql_floor"),
+                        sql["errors"] + txn["errors"],
+                    ]
+                )
+        parts.append(
+            "### Lease transaction (leasing.acquire + commit, no HTTP) vs raw-SQL floor\n"
+            + _table(
+                [
+                    "db",
+                    "clients",
+                    "SQL p50 ms",
+                    "SQL p99 ms",
+                    "SQL cycles/s",
+                    "txn p50 ms",
+                    "txn p99 ms",
+                    "txn cycles/s",
+                    "p50 ratio",
+                    "p99 ratio",
+                    "throughput ratio",
+                    "errors",
+                ],
+                rows,
+            )
+        )
     scale = r.get("scale")
     if scale:
         rows = []
         for kind, data in scale.items():
             for live, per in data["live"].items():
                 for history, m in per["history"].items():
-                    rows.append([kind, live, history] + [m[k]["median_ms"] for k in (
-                        "maintain", "destroy", "reconcile", "admin_leases", "admin_leases_live",
-                        "admin_workers", "admin_workers_live", "admin_events", "admin_pools")])
+                    rows.append(
+                        [kind, live, history]
+                        + [
+                            m[k]["median_ms"]
+                            for k in (
+                                "maintain",
+                                "destroy",
+                                "reconcile",
+                                "admin_leases",
+                                "admin_leases_live",
+                                "admin_workers",
+                                "admin_workers_live",
+                                "admin_events",
+                                "admin_pools",
+                            )
+                        ]
+                    )
                 extra = (data.get("with_proposed_indexes") or {}).get(live)
                 if extra:
-                    rows.append([f"{kind} + proposed indexes", live, max(per["history"])]
-                                + [extra[k]["median_ms"] for k in (
-                                    "maintain", "destroy", "reconcile", "admin_leases",
-                                    "admin_leases_live", "admin_workers", "admin_workers_live",
-                                    "admin_events", "admin_pools")])
-        parts.append("### Scale: median ms per call\n" + _table(
-            ["db", "live", "history", "maintain", "destroy", "reconcile", "admin leases",
-             "admin leases live", "admin workers", "admin workers live", "admin events",
-             "admin pools"], rows))
+                    rows.append(
+                        [f"{kind} + proposed indexes", live, max(per["history"])]
+                        + [
+                            extra[k]["median_ms"]
+                            for k in (
+                                "maintain",
+                                "destroy",
+                                "reconcile",
+                                "admin_leases",
+                                "admin_leases_live",
+                                "admin_workers",
+                                "admin_workers_live",
+                                "admin_events",
+                                "admin_pools",
+                            )
+                        ]
+                    )
+        parts.append(
+            "### Scale: median ms per call\n"
+            + _table(
+                [
+                    "db",
+                    "live",
+                    "history",
+                    "maintain",
+                    "destroy",
+                    "reconcile",
+                    "admin leases",
+                    "admin leases live",
+                    "admin workers",
+                    "admin workers live",
+                    "admin events",
+                    "admin pools",
+                ],
+                rows,
+            )
+        )
         rows = []
         for kind, data in scale.items():
             for live, per in data["live"].items():
                 for step, g in per["growth"].items():
-                    rows.append([kind, live, step] + [g.get(k) for k in (
-                        "maintain", "destroy", "reconcile", "admin_leases", "admin_workers",
-                        "admin_events")])
+                    rows.append(
+                        [kind, live, step]
+                        + [
+                            g.get(k)
+                            for k in (
+                                "maintain",
+                                "destroy",
+                                "reconcile",
+                                "admin_leases",
+                                "admin_workers",
+                                "admin_events",
+                            )
+                        ]
+                    )
             for step, g in (data.get("live_growth") or {}).items():
-                rows.append([kind, step, ""] + [g.get(k) for k in (
-                    "maintain", "destroy", "reconcile", "admin_leases", "admin_workers",
-                    "admin_events")])
-        parts.append("### Scale: growth factors\n" + _table(
-            ["db", "live", "history step", "maintain", "destroy", "reconcile", "admin leases",
-             "admin workers", "admin events"], rows))
+                rows.append(
+                    [kind, step, ""]
+                    + [
+                        g.get(k)
+                        for k in (
+                            "maintain",
+                            "destroy",
+                            "reconcile",
+                            "admin_leases",
+                            "admin_workers",
+                            "admin_events",
+                        )
+                    ]
+                )
+        parts.append(
+            "### Scale: growth factors\n"
+            + _table(
+                [
+                    "db",
+                    "live",
+                    "history step",
+                    "maintain",
+                    "destroy",
+                    "reconcile",
+                    "admin leases",
+                    "admin workers",
+                    "admin events",
+                ],
+                rows,
+            )
+        )
     ttw = r.get("time_to_worker")
     if ttw:
-        rows = [[kind, ttw[kind]["service"]["median_s"], ttw[kind]["direct"]["median_s"],
-                 ttw[kind]["ratio_median"], ttw[kind]["service"]["n"]]
-                for kind in ("local", "docker") if kind in ttw]
-        parts.append("### Time to worker (min_ready 0, wait_seconds) vs starting it directly\n"
-                     + _table(["provisioner", "service median s", "direct median s", "ratio",
-                               "n"], rows))
-    parts.append("### Targets\n" + _table(["target", "value", "status"],
-                                          [[t["target"], t["value"], t["status"]]
-                                           for t in r["targets"]]))
+        rows = [
+            [
+                kind,
+                ttw[kind]["service"]["median_s"],
+                ttw[kind]["direct"]["median_s"],
+                ttw[kind]["ratio_median"],
+                ttw[kind]["service"]["n"],
+            ]
+            for kind in ("local", "docker")
+            if kind in ttw
+        ]
+        parts.append(
+            "### Time to worker (min_ready 0, wait_seconds) vs starting it directly\n"
+            + _table(["provisioner", "service median s", "direct median s", "ratio", "n"], rows)
+        )
+    parts.append(
+        "### Targets\n"
+        + _table(
+            ["target", "value", "status"],
+            [[t["target"], t["value"], t["status"]] for t in r["targets"]],
+        )
+    )
     return "\n\n".join(parts) + "\n"
 
 

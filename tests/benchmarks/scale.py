@@ -57,13 +57,24 @@ def _config(url: str, live: int) -> Any:
     from service.config import config_from_dict
 
     key = None if url.startswith("sqlite") else Fernet.generate_key().decode()
-    return config_from_dict({
-        "encryption_key": key,
-        "database_url": url, "admin_token": ADMIN_TOKEN, "deployment_id": "bench-scale",
-        "scheduler": {"interval": 1},
-        "pools": [{"name": POOL, "os": "ubuntu", "provisioner": "fake",
-                   "min_ready": MIN_READY, "max_workers": live + 1000}],
-    })
+    return config_from_dict(
+        {
+            "encryption_key": key,
+            "database_url": url,
+            "admin_token": ADMIN_TOKEN,
+            "deployment_id": "bench-scale",
+            "scheduler": {"interval": 1},
+            "pools": [
+                {
+                    "name": POOL,
+                    "os": "ubuntu",
+                    "provisioner": "fake",
+                    "min_ready": MIN_READY,
+                    "max_workers": live + 1000,
+                }
+            ],
+        }
+    )
 
 
 class Dataset:
@@ -78,7 +89,7 @@ class Dataset:
     def _insert(self, table: Any, rows: list[dict[str, Any]], chunk: int = 20_000) -> None:
         with self.engine.begin() as conn:
             for i in range(0, len(rows), chunk):
-                conn.execute(table.insert(), rows[i:i + chunk])
+                conn.execute(table.insert(), rows[i : i + chunk])
 
     def seed_live(self) -> None:
         from provisioners.base import WorkerSpec
@@ -87,31 +98,65 @@ class Dataset:
 
         past = self.now - timedelta(hours=1)
         self.tenants = [f"t_bench{i:07d}" for i in range(self.live)]
-        self._insert(Tenant.__table__, [  # type: ignore[attr-defined]
-            {"id": t, "name": t, "token_hash": uuid.uuid4().hex, "enabled": True,
-             "created_at": past} for t in self.tenants])
+        self._insert(
+            Tenant.__table__,
+            [  # type: ignore[attr-defined]
+                {
+                    "id": t,
+                    "name": t,
+                    "token_hash": uuid.uuid4().hex,
+                    "enabled": True,
+                    "created_at": past,
+                }
+                for t in self.tenants
+            ],
+        )
         workers, leases = [], []
         for i, tenant in enumerate(self.tenants):
             wid = f"w_live{i:07d}"
             workers.append(self._worker(wid, "leased", past))
-            leases.append({"id": f"l_live{i:07d}", "tenant_id": tenant, "pool": POOL,
-                           "state": "active", "worker_id": wid, "created_at": past,
-                           "activated_at": past, "idle_expires_at": self.now + timedelta(days=1),
-                           "expires_at": self.now + timedelta(days=3)})
+            leases.append(
+                {
+                    "id": f"l_live{i:07d}",
+                    "tenant_id": tenant,
+                    "pool": POOL,
+                    "state": "active",
+                    "worker_id": wid,
+                    "created_at": past,
+                    "activated_at": past,
+                    "idle_expires_at": self.now + timedelta(days=1),
+                    "expires_at": self.now + timedelta(days=3),
+                }
+            )
         workers += [self._worker(f"w_ready{i:03d}", "ready", past) for i in range(MIN_READY)]
         self._insert(Worker.__table__, workers)  # type: ignore[attr-defined]
         self._insert(Lease.__table__, leases)  # type: ignore[attr-defined]
         for row in workers:
-            spec = WorkerSpec(worker_id=row["id"], pool=POOL, os="ubuntu",
-                              deployment_id="bench-scale", service_url="http://127.0.0.1:9",
-                              bootstrap_token="")
+            spec = WorkerSpec(
+                worker_id=row["id"],
+                pool=POOL,
+                os="ubuntu",
+                deployment_id="bench-scale",
+                service_url="http://127.0.0.1:9",
+                bootstrap_token="",
+            )
             CLOUD.resources[row["id"]] = FakeResource(spec)
 
     def _worker(self, wid: str, state: str, at: datetime) -> dict[str, Any]:
-        return {"id": wid, "pool": POOL, "state": state, "created_at": at,
-                "state_changed_at": at, "ready_at": at, "provider_id": f"fake-{wid}",
-                "address": "127.0.0.1", "agent_url": "http://127.0.0.1:9",
-                "access_token": "wla_bench", "create_attempts": 1, "destroy_attempts": 0}
+        return {
+            "id": wid,
+            "pool": POOL,
+            "state": state,
+            "created_at": at,
+            "state_changed_at": at,
+            "ready_at": at,
+            "provider_id": f"fake-{wid}",
+            "address": "127.0.0.1",
+            "agent_url": "http://127.0.0.1:9",
+            "access_token": "wla_bench",
+            "create_attempts": 1,
+            "destroy_attempts": 0,
+        }
 
     def grow_history(self, total: int) -> None:
         """Ended leases (released) with destroyed workers and two events each, up to ``total``."""
@@ -126,17 +171,45 @@ class Dataset:
             worker = self._worker(wid, "destroyed", at)
             worker["provider_id"] = f"gone-{wid}"
             workers.append(worker)
-            leases.append({"id": lid, "tenant_id": tenant, "pool": POOL, "state": "released",
-                           "worker_id": wid, "created_at": at, "activated_at": at,
-                           "idle_expires_at": at + timedelta(hours=1),
-                           "expires_at": at + timedelta(hours=72),
-                           "ended_at": at + timedelta(minutes=5), "end_reason": "released"})
-            events.append({"at": at, "kind": "lease", "subject_id": lid, "from_state": "active",
-                           "to_state": "released", "reason": "released by tenant", "pool": POOL,
-                           "tenant_id": tenant})
-            events.append({"at": at, "kind": "worker", "subject_id": wid,
-                           "from_state": "destroying", "to_state": "destroyed",
-                           "reason": "provisioner confirmed", "pool": POOL, "tenant_id": None})
+            leases.append(
+                {
+                    "id": lid,
+                    "tenant_id": tenant,
+                    "pool": POOL,
+                    "state": "released",
+                    "worker_id": wid,
+                    "created_at": at,
+                    "activated_at": at,
+                    "idle_expires_at": at + timedelta(hours=1),
+                    "expires_at": at + timedelta(hours=72),
+                    "ended_at": at + timedelta(minutes=5),
+                    "end_reason": "released",
+                }
+            )
+            events.append(
+                {
+                    "at": at,
+                    "kind": "lease",
+                    "subject_id": lid,
+                    "from_state": "active",
+                    "to_state": "released",
+                    "reason": "released by tenant",
+                    "pool": POOL,
+                    "tenant_id": tenant,
+                }
+            )
+            events.append(
+                {
+                    "at": at,
+                    "kind": "worker",
+                    "subject_id": wid,
+                    "from_state": "destroying",
+                    "to_state": "destroyed",
+                    "reason": "provisioner confirmed",
+                    "pool": POOL,
+                    "tenant_id": None,
+                }
+            )
         self._insert(Worker.__table__, workers)  # type: ignore[attr-defined]
         self._insert(Lease.__table__, leases)  # type: ignore[attr-defined]
         self._insert(Event.__table__, events)  # type: ignore[attr-defined]
@@ -153,8 +226,11 @@ def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"median_ms": round(statistics.median(times) * 1000, 2),
-            "max_ms": round(max(times) * 1000, 2), "n": repeats}
+    return {
+        "median_ms": round(statistics.median(times) * 1000, 2),
+        "max_ms": round(max(times) * 1000, 2),
+        "n": repeats,
+    }
 
 
 def _measure(rt: Any, client: Any, repeats: int) -> dict[str, Any]:
@@ -166,6 +242,7 @@ def _measure(rt: Any, client: Any, repeats: int) -> dict[str, Any]:
         def call() -> None:
             response = client.get(path, headers=headers)
             assert response.status_code == 200, response.get_data(as_text=True)[:300]
+
         return call
 
     out = {
@@ -184,8 +261,9 @@ def _explain(engine: Engine, rt: Any, client: Any) -> list[dict[str, Any]]:
 
     seen: dict[str, Any] = {}
 
-    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any,
-                executemany: bool) -> None:
+    def capture(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool
+    ) -> None:
         if not executemany and statement.lstrip().upper().startswith("SELECT"):
             seen.setdefault(statement, parameters)
 
@@ -200,20 +278,29 @@ def _explain(engine: Engine, rt: Any, client: Any) -> list[dict[str, Any]]:
     plans = []
     with engine.connect() as conn:
         for statement, parameters in seen.items():
-            if not any(f"FROM {t}" in statement or f"JOIN {t}" in statement
-                       for t in BIG_TABLES):
+            if not any(f"FROM {t}" in statement or f"JOIN {t}" in statement for t in BIG_TABLES):
                 continue
             rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters).all()
             detail = [str(r[-1]) for r in rows]
-            scans = [d for d in detail if d.startswith("SCAN")
-                     and any(d.split()[1] == t for t in BIG_TABLES)]
-            plans.append({"sql": " ".join(statement.split())[:400], "plan": detail,
-                          "full_scans": scans})
+            scans = [
+                d
+                for d in detail
+                if d.startswith("SCAN") and any(d.split()[1] == t for t in BIG_TABLES)
+            ]
+            plans.append(
+                {"sql": " ".join(statement.split())[:400], "plan": detail, "full_scans": scans}
+            )
     return plans
 
 
-def run_scale(url_factory: Callable[[], str], kind: str, live_sizes: list[int],
-              history_sizes: list[int], repeats: int, log: Any) -> dict[str, Any]:
+def run_scale(
+    url_factory: Callable[[], str],
+    kind: str,
+    live_sizes: list[int],
+    history_sizes: list[int],
+    repeats: int,
+    log: Any,
+) -> dict[str, Any]:
     from service.app import create_app
     from service.db import make_engine
     from service.runtime import build_runtime, prepare_database
@@ -238,12 +325,14 @@ def run_scale(url_factory: Callable[[], str], kind: str, live_sizes: list[int],
                 seeded = time.monotonic() - t0
                 per_history[history] = _measure(rt, client, repeats)
                 m = per_history[history]
-                log(f"  {kind} live={live} history={history} (seeded {seeded:.0f} s): "
+                log(
+                    f"  {kind} live={live} history={history} (seeded {seeded:.0f} s): "
                     f"maintain {m['maintain']['median_ms']} ms, destroy "
                     f"{m['destroy']['median_ms']} ms, reconcile {m['reconcile']['median_ms']} ms,"
                     f" admin leases {m['admin_leases']['median_ms']} ms, workers "
                     f"{m['admin_workers']['median_ms']} ms, events "
-                    f"{m['admin_events']['median_ms']} ms")
+                    f"{m['admin_events']['median_ms']} ms"
+                )
                 t0 = time.monotonic()
             if kind == "sqlite" and live == live_sizes[-1]:
                 out["plans"] = _explain(engine, rt, client)
@@ -254,8 +343,10 @@ def run_scale(url_factory: Callable[[], str], kind: str, live_sizes: list[int],
                     for ddl in PROPOSED_INDEXES:
                         conn.exec_driver_sql(ddl)
                 after = _measure(rt, client, repeats)
-                log(f"  {kind} live={live} history={history_sizes[-1]} with proposed indexes: "
-                    f"maintain {after['maintain']['median_ms']} ms")
+                log(
+                    f"  {kind} live={live} history={history_sizes[-1]} with proposed indexes: "
+                    f"maintain {after['maintain']['median_ms']} ms"
+                )
                 out.setdefault("with_proposed_indexes", {})[live] = after
                 if live == live_sizes[-1]:
                     out["plans_with_proposed_indexes"] = _explain(engine, rt, client)
@@ -265,11 +356,15 @@ def run_scale(url_factory: Callable[[], str], kind: str, live_sizes: list[int],
         out["live"][live] = {"history": per_history, "growth": _growth(per_history)}
     if len(live_sizes) > 1:
         top = history_sizes[-1]
-        small, big = out["live"][live_sizes[0]]["history"][top], \
-            out["live"][live_sizes[-1]]["history"][top]
+        small, big = (
+            out["live"][live_sizes[0]]["history"][top],
+            out["live"][live_sizes[-1]]["history"][top],
+        )
         out["live_growth"] = {
             f"{live_sizes[0]}->{live_sizes[-1]} live at history {top}": {
-                name: ratio(big[name]["median_ms"], small[name]["median_ms"]) for name in small}}
+                name: ratio(big[name]["median_ms"], small[name]["median_ms"]) for name in small
+            }
+        }
     return out
 
 
@@ -277,9 +372,10 @@ def _growth(per_history: dict[int, Any]) -> dict[str, dict[str, float | None]]:
     sizes = sorted(per_history)
     growth: dict[str, dict[str, float | None]] = {}
     for a, b in itertools.pairwise(sizes):
-        growth[f"{a}->{b}"] = {name: ratio(per_history[b][name]["median_ms"],
-                                           per_history[a][name]["median_ms"])
-                               for name in per_history[a]}
+        growth[f"{a}->{b}"] = {
+            name: ratio(per_history[b][name]["median_ms"], per_history[a][name]["median_ms"])
+            for name in per_history[a]
+        }
     return growth
 
 
@@ -288,4 +384,5 @@ def sqlite_urls() -> Callable[[], str]:
 
     def make() -> str:
         return f"sqlite:///{base / f'scale-{uuid.uuid4().hex[:8]}.db'}"
+
     return make

@@ -78,10 +78,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _agent_env(callbacks: _Callbacks, worker_id: str, deployment: str) -> dict[str, str]:
-    return {"WORKERLEASE_URL": callbacks.url, "WORKERLEASE_WORKER_ID": worker_id,
-            "WORKERLEASE_DEPLOYMENT": deployment, "WORKERLEASE_POOL": "direct",
-            "WORKERLEASE_BOOTSTRAP_TOKEN": "wlb_direct", "WORKERLEASE_AGENT_PORT": "0",
-            "WORKERLEASE_AGENT_HOST": "127.0.0.1"}
+    return {
+        "WORKERLEASE_URL": callbacks.url,
+        "WORKERLEASE_WORKER_ID": worker_id,
+        "WORKERLEASE_DEPLOYMENT": deployment,
+        "WORKERLEASE_POOL": "direct",
+        "WORKERLEASE_BOOTSTRAP_TOKEN": "wlb_direct",
+        "WORKERLEASE_AGENT_PORT": "0",
+        "WORKERLEASE_AGENT_HOST": "127.0.0.1",
+    }
 
 
 def direct_local(samples: int, deployment: str) -> list[float]:
@@ -94,13 +99,22 @@ def direct_local(samples: int, deployment: str) -> list[float]:
         for _ in range(samples):
             worker_id = f"w_direct{uuid.uuid4().hex[:10]}"
             workdir = Path(tempfile.mkdtemp(prefix="wl-bench-direct-"))
-            env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(workdir),
-                   **_agent_env(callbacks, worker_id, deployment),
-                   "WORKERLEASE_PROVISIONER": "local"}
+            env = {
+                "PATH": os.environ.get("PATH", os.defpath),
+                "HOME": str(workdir),
+                **_agent_env(callbacks, worker_id, deployment),
+                "WORKERLEASE_PROVISIONER": "local",
+            }
             t0 = time.monotonic()
-            proc = subprocess.Popen([sys.executable, str(AGENT_FILE)], cwd=workdir, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, str(AGENT_FILE)],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             try:
                 times.append(callbacks.wait_for(worker_id, 30) - t0)
             finally:
@@ -137,10 +151,14 @@ def direct_docker(samples: int, deployment: str) -> list[float]:
             worker_id = f"w_direct{uuid.uuid4().hex[:10]}"
             t0 = time.monotonic()
             container = client.containers.run(
-                IMAGE, detach=True, network_mode="host", init=True,
+                IMAGE,
+                detach=True,
+                network_mode="host",
+                init=True,
                 environment=_agent_env(callbacks, worker_id, deployment),
                 labels={"workerlease.deployment": deployment, "workerlease.worker": worker_id},
-                name=f"wl-bench-{worker_id}")
+                name=f"wl-bench-{worker_id}",
+            )
             try:
                 times.append(callbacks.wait_for(worker_id, 60) - t0)
             finally:
@@ -155,8 +173,15 @@ def direct_docker(samples: int, deployment: str) -> list[float]:
 def via_service(samples: int, with_docker: bool, log: Any) -> tuple[dict[str, list[float]], str]:
     pools = [pool("ttw-local", min_ready=0, max_workers=2)]
     if with_docker:
-        pools.append(pool("ttw-docker", min_ready=0, max_workers=2, provisioner="docker",
-                          options={"image": IMAGE, "network": "host", "pull": "never"}))
+        pools.append(
+            pool(
+                "ttw-docker",
+                min_ready=0,
+                max_workers=2,
+                provisioner="docker",
+                options={"image": IMAGE, "network": "host", "pull": "never"},
+            )
+        )
     server = BenchServer(Path(tempfile.mkdtemp(prefix="wl-bench-ttw-")), pools=pools)
     times: dict[str, list[float]] = {p["name"]: [] for p in pools}
     try:
@@ -166,8 +191,13 @@ def via_service(samples: int, with_docker: bool, log: Any) -> tuple[dict[str, li
             for _ in range(samples):
                 _wait_idle(server, name)
                 t0 = time.monotonic()
-                response = server.request("POST", "/v1/leases", token=token,
-                                          json={"pool": name, "wait_seconds": 60}, timeout=90)
+                response = server.request(
+                    "POST",
+                    "/v1/leases",
+                    token=token,
+                    json={"pool": name, "wait_seconds": 60},
+                    timeout=90,
+                )
                 elapsed = time.monotonic() - t0
                 body = response.json()
                 if body.get("state") != "active":
@@ -199,15 +229,20 @@ def _remove_containers(deployment: str) -> None:
 
         client = docker.from_env()
         for container in client.containers.list(
-                all=True, filters={"label": f"workerlease.deployment={deployment}"}):
+            all=True, filters={"label": f"workerlease.deployment={deployment}"}
+        ):
             container.remove(force=True)
         client.close()
 
 
 def _stats(times: list[float]) -> dict[str, Any]:
-    return {"n": len(times), "median_s": round(statistics.median(times), 3),
-            "min_s": round(min(times), 3), "max_s": round(max(times), 3),
-            "samples_s": [round(t, 3) for t in times]}
+    return {
+        "n": len(times),
+        "median_s": round(statistics.median(times), 3),
+        "min_s": round(min(times), 3),
+        "max_s": round(max(times), 3),
+        "samples_s": [round(t, 3) for t in times],
+    }
 
 
 def run_time_to_worker(samples: int, log: Any) -> dict[str, Any]:
@@ -227,8 +262,9 @@ def run_time_to_worker(samples: int, log: Any) -> dict[str, Any]:
         if kind not in direct:
             continue
         s, d = _stats(service[name]), _stats(direct[kind])
-        out[kind] = {"service": s, "direct": d,
-                     "ratio_median": ratio(s["median_s"], d["median_s"])}
-        log(f"  ttw {kind}: service {s['median_s']} s vs direct {d['median_s']} s "
-            f"-> {out[kind]['ratio_median']}x")
+        out[kind] = {"service": s, "direct": d, "ratio_median": ratio(s["median_s"], d["median_s"])}
+        log(
+            f"  ttw {kind}: service {s['median_s']} s vs direct {d['median_s']} s "
+            f"-> {out[kind]['ratio_median']}x"
+        )
     return out

@@ -55,8 +55,18 @@ class BenchServer(ServerProcess):
         return env
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config_path),
-                "--host", "127.0.0.1", "--port", str(self.port)]
+        return [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
 
     def revoke_live(self) -> int:
         """End leases a failed burst left behind (e.g. a 202), so the pool can refill."""
@@ -71,8 +81,12 @@ class BenchServer(ServerProcess):
             c = self.pool_counts(POOL)
             return c["ready"] >= ready and c["provisioning"] == 0 and c["destroying"] == 0
 
-        wait_until(full, timeout, interval=0.5,
-                   message=lambda: f"pool never refilled: {self.pool_counts(POOL)}")
+        wait_until(
+            full,
+            timeout,
+            interval=0.5,
+            message=lambda: f"pool never refilled: {self.pool_counts(POOL)}",
+        )
 
 
 def seed_ready_workers(url: str, count: int) -> None:
@@ -81,28 +95,40 @@ def seed_ready_workers(url: str, count: int) -> None:
     from service.models import Worker
 
     now = datetime.now(UTC) - timedelta(minutes=5)
-    rows = [{"id": f"w_floor{uuid.uuid4().hex[:16]}", "pool": POOL, "state": "ready",
-             "created_at": now, "state_changed_at": now,
-             "ready_at": now + timedelta(microseconds=i), "access_token": "wla_floor",
-             "create_attempts": 1, "destroy_attempts": 0} for i in range(count)]
+    rows = [
+        {
+            "id": f"w_floor{uuid.uuid4().hex[:16]}",
+            "pool": POOL,
+            "state": "ready",
+            "created_at": now,
+            "state_changed_at": now,
+            "ready_at": now + timedelta(microseconds=i),
+            "access_token": "wla_floor",
+            "create_attempts": 1,
+            "destroy_attempts": 0,
+        }
+        for i in range(count)
+    ]
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
             # Leases a failed service burst left live would collide with the floor's.
-            conn.exec_driver_sql("UPDATE leases SET state = 'revoked', end_reason = 'revoked' "
-                                 "WHERE state IN ('pending', 'active')")
+            conn.exec_driver_sql(
+                "UPDATE leases SET state = 'revoked', end_reason = 'revoked' "
+                "WHERE state IN ('pending', 'active')"
+            )
             conn.execute(Worker.__table__.insert(), rows)  # type: ignore[attr-defined]
     finally:
         engine.dispose()
 
 
-def run_database(kind: str, url: str | None, levels: list[int], ready: int, bursts: int,
-                 log: Any) -> dict[str, Any]:
+def run_database(
+    kind: str, url: str | None, levels: list[int], ready: int, bursts: int, log: Any
+) -> dict[str, Any]:
     """Warm lease + SQL floors on one database kind; ``url`` None means a fresh SQLite file."""
     tmp = Path(tempfile.mkdtemp(prefix=f"wl-bench-{kind}-"))
     extra = {"database_url": url} if url else None
-    server = BenchServer(tmp, pools=[pool(POOL, min_ready=ready, max_workers=ready)],
-                         extra=extra)
+    server = BenchServer(tmp, pools=[pool(POOL, min_ready=ready, max_workers=ready)], extra=extra)
     plan = {c: max(1, (ready - MARGIN) // c) for c in levels}
     out: dict[str, Any] = {"ready_workers": ready, "bursts": bursts, "levels": {}}
     try:
@@ -135,11 +161,14 @@ def run_database(kind: str, url: str | None, levels: list[int], ready: int, burs
     tenant_ids = [t["id"] for t in tenants]
     for c in levels:
         iterations = plan[c] * bursts
-        for name, driver in (("sql_floor", drivers.FLOOR_SQL),
-                             ("service_txn", drivers.SERVICE_TXN)):
+        for name, driver in (
+            ("sql_floor", drivers.FLOOR_SQL),
+            ("service_txn", drivers.SERVICE_TXN),
+        ):
             seed_ready_workers(db_url, c * (iterations + 1) + MARGIN)  # +1: warm-up cycle
-            result = run_load(driver, {"url": db_url, "pool": POOL, "tenant_ids": tenant_ids},
-                              c, iterations)
+            result = run_load(
+                driver, {"url": db_url, "pool": POOL, "tenant_ids": tenant_ids}, c, iterations
+            )
             out["levels"][c][name] = result.as_dict()
             log(f"  {kind} {name} c={c}: {_brief(result)}")
     if url is None:
@@ -153,10 +182,14 @@ def run_http_floor(levels: list[int], iterations: dict[int, int], log: Any) -> d
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="wl-bench-floor-")) / "floor.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.benchmarks.http_floor",
-                                 "--port", str(port)], cwd=ROOT, stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.benchmarks.http_floor", "--port", str(port)],
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     out: dict[str, Any] = {}
     try:
         wait_until(lambda: port_listening(port), 30, message="HTTP floor never listened")
@@ -185,21 +218,26 @@ def add_ratios(db: dict[str, Any], http_floor: dict[int, dict[str, Any]]) -> Non
         sql, txn = figures.get("sql_floor"), figures.get("service_txn")
         ratios: dict[str, Any] = {}
         if floor:
-            ratios["http_p50_vs_http_floor"] = ratio(service["acquire"]["p50_ms"],
-                                                     floor["acquire"]["p50_ms"])
-            ratios["http_p99_vs_http_floor"] = ratio(service["acquire"]["p99_ms"],
-                                                     floor["acquire"]["p99_ms"])
-            ratios["throughput_vs_http_floor"] = ratio(service["cycles_per_s"],
-                                                       floor["cycles_per_s"])
+            ratios["http_p50_vs_http_floor"] = ratio(
+                service["acquire"]["p50_ms"], floor["acquire"]["p50_ms"]
+            )
+            ratios["http_p99_vs_http_floor"] = ratio(
+                service["acquire"]["p99_ms"], floor["acquire"]["p99_ms"]
+            )
+            ratios["throughput_vs_http_floor"] = ratio(
+                service["cycles_per_s"], floor["cycles_per_s"]
+            )
         if sql and txn:
-            ratios["txn_p50_vs_sql_floor"] = ratio(txn["acquire"]["p50_ms"],
-                                                   sql["acquire"]["p50_ms"])
-            ratios["txn_p99_vs_sql_floor"] = ratio(txn["acquire"]["p99_ms"],
-                                                   sql["acquire"]["p99_ms"])
-            ratios["txn_throughput_vs_sql_floor"] = ratio(txn["cycles_per_s"],
-                                                          sql["cycles_per_s"])
-            ratios["http_p50_vs_sql_floor"] = ratio(service["acquire"]["p50_ms"],
-                                                    sql["acquire"]["p50_ms"])
+            ratios["txn_p50_vs_sql_floor"] = ratio(
+                txn["acquire"]["p50_ms"], sql["acquire"]["p50_ms"]
+            )
+            ratios["txn_p99_vs_sql_floor"] = ratio(
+                txn["acquire"]["p99_ms"], sql["acquire"]["p99_ms"]
+            )
+            ratios["txn_throughput_vs_sql_floor"] = ratio(txn["cycles_per_s"], sql["cycles_per_s"])
+            ratios["http_p50_vs_sql_floor"] = ratio(
+                service["acquire"]["p50_ms"], sql["acquire"]["p50_ms"]
+            )
         figures["ratios"] = ratios
 
 
@@ -207,5 +245,7 @@ def _brief(result: LoadResult) -> str:
     d = result.as_dict()
     a = d["acquire"]
     err = f" errors={d['errors']} ({d['first_error']})" if d["errors"] else ""
-    return (f"n={a['n']} p50={a['p50_ms']:.1f} p95={a['p95_ms']:.1f} p99={a['p99_ms']:.1f} ms "
-            f"{d['cycles_per_s']:.0f} cycles/s{err}")
+    return (
+        f"n={a['n']} p50={a['p50_ms']:.1f} p95={a['p95_ms']:.1f} p99={a['p99_ms']:.1f} ms "
+        f"{d['cycles_per_s']:.0f} cycles/s{err}"
+    )

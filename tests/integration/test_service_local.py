@@ -51,25 +51,33 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         server.close()
 
 
-def lease(server: ServerProcess, token: str, wait_seconds: int = 0,
-          pool_name: str = POOL) -> requests.Response:
-    return server.request("POST", "/v1/leases", token=token,
-                          json={"pool": pool_name, "wait_seconds": wait_seconds},
-                          timeout=wait_seconds + 30)
+def lease(
+    server: ServerProcess, token: str, wait_seconds: int = 0, pool_name: str = POOL
+) -> requests.Response:
+    return server.request(
+        "POST",
+        "/v1/leases",
+        token=token,
+        json={"pool": pool_name, "wait_seconds": wait_seconds},
+        timeout=wait_seconds + 30,
+    )
 
 
 def run_script(worker: dict[str, Any], script: str, token: str | None = None) -> requests.Response:
-    return requests.post(f"{worker['agent_url'].rstrip('/')}/run",
-                         json={"script": script, "timeout_s": 20},
-                         headers={"Authorization": f"Bearer {token or worker['access_token']}"},
-                         timeout=30)
+    return requests.post(
+        f"{worker['agent_url'].rstrip('/')}/run",
+        json={"script": script, "timeout_s": 20},
+        headers={"Authorization": f"Bearer {token or worker['access_token']}"},
+        timeout=30,
+    )
 
 
 def live_rows(db_path: Path) -> dict[str, str]:
     """Workers the database holds live (not destroyed): id -> state, read with sqlite3."""
     with sqlite3.connect(db_path, timeout=10) as connection:
         rows = connection.execute(
-            "SELECT id, state FROM workers WHERE state <> 'destroyed'").fetchall()
+            "SELECT id, state FROM workers WHERE state <> 'destroyed'"
+        ).fetchall()
     connection.close()
     return dict(rows)
 
@@ -77,7 +85,8 @@ def live_rows(db_path: Path) -> dict[str, str]:
 def provisioning_rows(db_path: Path) -> list[tuple[str, str | None]]:
     with sqlite3.connect(db_path, timeout=10) as connection:
         rows = connection.execute(
-            "SELECT id, provider_id FROM workers WHERE state = 'provisioning'").fetchall()
+            "SELECT id, provider_id FROM workers WHERE state = 'provisioning'"
+        ).fetchall()
     connection.close()
     return [(str(worker_id), provider) for worker_id, provider in rows]
 
@@ -119,11 +128,17 @@ def test_walkthrough_lease_run_release_refill(make_server: Callable[..., ServerP
     assert released.json()["state"] == "released"
     assert released.json()["end_reason"] == "released"
 
-    wait_until(lambda: worker_id not in server.agents(), 10,
-               message=lambda: f"agent of {worker_id} still running\n{server.log_tail()}")
+    wait_until(
+        lambda: worker_id not in server.agents(),
+        10,
+        message=lambda: f"agent of {worker_id} still running\n{server.log_tail()}",
+    )
     wait_until(lambda: not workdir.exists(), 5, message=f"{workdir} not removed")
-    wait_until(lambda: any(w["id"] == worker_id and w["state"] == "destroyed"
-                           for w in server.workers()), 10, message="worker never destroyed")
+    wait_until(
+        lambda: any(w["id"] == worker_id and w["state"] == "destroyed" for w in server.workers()),
+        10,
+        message="worker never destroyed",
+    )
 
     def refilled() -> bool:
         ready = [w["id"] for w in server.workers("ready")]
@@ -139,7 +154,8 @@ def test_walkthrough_lease_run_release_refill(make_server: Callable[..., ServerP
 
 
 def test_lease_on_empty_pool_waits_for_a_new_worker(
-        make_server: Callable[..., ServerProcess]) -> None:
+    make_server: Callable[..., ServerProcess],
+) -> None:
     server = make_server(pools=[pool(min_ready=0, max_workers=2)]).start()
     token = server.create_tenant("acme")["token"]
     assert server.pool_counts()["ready"] == 0
@@ -170,22 +186,30 @@ def test_lease_on_empty_pool_waits_for_a_new_worker(
 
 
 def test_reconcile_destroys_unknown_agent(make_server: Callable[..., ServerProcess]) -> None:
-    server = make_server(pools=[pool(min_ready=0, max_workers=2)],
-                         scheduler={"reconcile_interval": "2s"}).start()
+    server = make_server(
+        pools=[pool(min_ready=0, max_workers=2)], scheduler={"reconcile_interval": "2s"}
+    ).start()
     stranger = f"w-{uuid.uuid4().hex[:20]}"
     provisioner = LocalProvisioner(POOL, LocalOptions(work_root=str(server.work_root)))
     # The agent calls back to a closed port, so it keeps retrying (it would exit on the
     # service's 404 otherwise) and only the reconcile can make it go away.
-    spec = WorkerSpec(worker_id=stranger, pool=POOL, os="ubuntu",
-                      deployment_id=server.deployment_id,
-                      service_url=f"http://127.0.0.1:{free_port()}",
-                      bootstrap_token="b" * 43)
+    spec = WorkerSpec(
+        worker_id=stranger,
+        pool=POOL,
+        os="ubuntu",
+        deployment_id=server.deployment_id,
+        service_url=f"http://127.0.0.1:{free_port()}",
+        bootstrap_token="b" * 43,
+    )
     handle = provisioner.create(spec)
     child = provisioner._children[int(handle.provider_id)]
     try:
         assert stranger in server.agents()
-        wait_until(lambda: stranger not in server.agents(), 15,
-                   message=lambda: f"unknown agent survived\n{server.log_tail()}")
+        wait_until(
+            lambda: stranger not in server.agents(),
+            15,
+            message=lambda: f"unknown agent survived\n{server.log_tail()}",
+        )
         child.wait(5)  # killed by the service; reap our child
         assert not server.workdir(stranger).exists()
         assert stranger not in {w["id"] for w in server.workers("all")}
@@ -201,9 +225,12 @@ def test_reconcile_destroys_unknown_agent(make_server: Callable[..., ServerProce
 
 
 def test_kill9_while_filling_then_restart_converges(
-        make_server: Callable[..., ServerProcess]) -> None:
-    server = make_server(pools=[pool(min_ready=1, max_workers=6, provision_timeout="15s")],
-                         scheduler={"reconcile_interval": "3s"})
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    server = make_server(
+        pools=[pool(min_ready=1, max_workers=6, provision_timeout="15s")],
+        scheduler={"reconcile_interval": "3s"},
+    )
     server.start()
     token = server.create_tenant("acme")["token"]
     server.wait_ready_workers(1, timeout=30)
@@ -232,12 +259,21 @@ def test_kill9_while_filling_then_restart_converges(
         rows = live_rows(server.db_path)
         agents = set(server.agents())
         states = list(rows.values())
-        return (set(states) <= {"ready", "leased"} and set(rows) == agents
-                and states.count("ready") >= 4)
+        return (
+            set(states) <= {"ready", "leased"}
+            and set(rows) == agents
+            and states.count("ready") >= 4
+        )
 
-    wait_until(settled, 45, interval=0.5, message=lambda: (
-        f"not settled (provisioning at kill {at_kill}): db={live_rows(server.db_path)} "
-        f"agents={sorted(server.agents())}\n{server.log_tail()}"))
+    wait_until(
+        settled,
+        45,
+        interval=0.5,
+        message=lambda: (
+            f"not settled (provisioning at kill {at_kill}): db={live_rows(server.db_path)} "
+            f"agents={sorted(server.agents())}\n{server.log_tail()}"
+        ),
+    )
     rows = live_rows(server.db_path)
     assert set(rows) == set(server.agents())
     api_live = {w["id"] for w in server.workers("live")}
@@ -250,7 +286,8 @@ def test_kill9_while_filling_then_restart_converges(
     with sqlite3.connect(server.db_path, timeout=10) as connection:
         doubled = connection.execute(
             "SELECT worker_id, count(*) FROM leases WHERE worker_id IS NOT NULL "
-            "GROUP BY worker_id HAVING count(*) > 1").fetchall()
+            "GROUP BY worker_id HAVING count(*) > 1"
+        ).fetchall()
     connection.close()
     assert doubled == []
     result = run_script(after["worker"], "echo survived")
@@ -260,8 +297,7 @@ def test_kill9_while_filling_then_restart_converges(
 # ---- 5. SIGTERM exits cleanly and leaves state behind ---------------------------------
 
 
-def test_sigterm_exits_cleanly_and_keeps_leases(
-        make_server: Callable[..., ServerProcess]) -> None:
+def test_sigterm_exits_cleanly_and_keeps_leases(make_server: Callable[..., ServerProcess]) -> None:
     server = make_server(pools=[pool(min_ready=1, max_workers=3)]).start()
     token = server.create_tenant("acme")["token"]
     server.wait_ready_workers(1)
@@ -293,8 +329,7 @@ def test_sigterm_exits_cleanly_and_keeps_leases(
 
 
 def test_idle_expiry_end_to_end(make_server: Callable[..., ServerProcess]) -> None:
-    server = make_server(pools=[pool(min_ready=2, max_workers=4,
-                                     lease_idle_timeout="3s")]).start()
+    server = make_server(pools=[pool(min_ready=2, max_workers=4, lease_idle_timeout="3s")]).start()
     idle = server.create_tenant("idle")["token"]
     busy = server.create_tenant("busy")["token"]
     server.wait_ready_workers(2)
@@ -317,10 +352,15 @@ def test_idle_expiry_end_to_end(make_server: Callable[..., ServerProcess]) -> No
     over = wait_until(ended, 5, message="idle lease never expired")
     assert over["state"] == "expired"
     assert over["end_reason"] == "idle_timeout"
-    wait_until(lambda: idle_worker not in server.agents(), 10,
-               message=lambda: f"agent of expired lease still running\n{server.log_tail()}")
-    assert server.request("POST", f"/v1/leases/{idle_lease['id']}/renew",
-                          token=idle).status_code == 409
+    wait_until(
+        lambda: idle_worker not in server.agents(),
+        10,
+        message=lambda: f"agent of expired lease still running\n{server.log_tail()}",
+    )
+    assert (
+        server.request("POST", f"/v1/leases/{idle_lease['id']}/renew", token=idle).status_code
+        == 409
+    )
 
     still = server.request("GET", f"/v1/leases/{busy_lease['id']}", token=busy).json()
     assert still["state"] == "active"
@@ -339,8 +379,14 @@ def test_serve_refuses_bad_config(make_server: Callable[..., ServerProcess], cas
         server = make_server(scheduler={"intervall": "1s"})
         key = "scheduler.intervall"
     started = time.monotonic()
-    completed = subprocess.run(server.command(), env=server.env(), cwd=server.dir,
-                               capture_output=True, timeout=30, check=False)
+    completed = subprocess.run(
+        server.command(),
+        env=server.env(),
+        cwd=server.dir,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     assert time.monotonic() - started < 15
     assert completed.returncode != 0
     stderr = completed.stderr.decode()

@@ -46,8 +46,11 @@ class FakeCloud:
         return {k: r for k, r in self.resources.items() if not r.destroyed}
 
     def live_ids(self, deployment_id: str | None = None) -> set[str]:
-        return {k for k, r in self.live().items()
-                if deployment_id is None or r.spec.deployment_id == deployment_id}
+        return {
+            k
+            for k, r in self.live().items()
+            if deployment_id is None or r.spec.deployment_id == deployment_id
+        }
 
     def inject(self, operation: str, *errors: Exception) -> None:
         self.fail_next.setdefault(operation, []).extend(errors)
@@ -93,14 +96,18 @@ class FakeProvisioner(Provisioner):
             result = {}
             for handle in handles:
                 resource = CLOUD.resources.get(handle.worker_id)
-                result[handle.worker_id] = (ResourceState.GONE if resource is None
-                                            or resource.destroyed else resource.state)
+                result[handle.worker_id] = (
+                    ResourceState.GONE if resource is None or resource.destroyed else resource.state
+                )
             return result
 
     def list_owned(self, deployment_id: str) -> list[WorkerHandle]:
         with CLOUD.lock:
-            return [WorkerHandle(k, r.spec.pool, f"fake-{k}") for k, r in CLOUD.live().items()
-                    if r.spec.deployment_id == deployment_id]
+            return [
+                WorkerHandle(k, r.spec.pool, f"fake-{k}")
+                for k, r in CLOUD.live().items()
+                if r.spec.deployment_id == deployment_id
+            ]
 
 
 def install() -> FakeCloud:
@@ -124,5 +131,11 @@ class ManualClock:
         return self._now
 
 
-__all__ = ["CLOUD", "FakeCloud", "FakeProvisioner", "ManualClock", "TransientProvisionerError",
-           "install"]
+__all__ = [
+    "CLOUD",
+    "FakeCloud",
+    "FakeProvisioner",
+    "ManualClock",
+    "TransientProvisionerError",
+    "install",
+]

@@ -39,8 +39,13 @@ class LiveService:
         reconcile_job(self.rt)
 
     def call(self, method: str, path: str, token: str = ADMIN_TOKEN, **kwargs: Any) -> Any:
-        response = requests.request(method, self.url + path, timeout=30,
-                                    headers={"Authorization": f"Bearer {token}"}, **kwargs)
+        response = requests.request(
+            method,
+            self.url + path,
+            timeout=30,
+            headers={"Authorization": f"Bearer {token}"},
+            **kwargs,
+        )
         return response
 
     def tenant_token(self, name: str = "acme") -> str:
@@ -54,8 +59,9 @@ class LiveService:
         counts: dict[str, int] = next(p["counts"] for p in pools if p["name"] == pool)
         return counts
 
-    def tick_until(self, done: Callable[[], bool], timeout_s: float = 60,
-                   every_s: float = 0.3) -> None:
+    def tick_until(
+        self, done: Callable[[], bool], timeout_s: float = 60, every_s: float = 0.3
+    ) -> None:
         """Run scheduler rounds until ``done()``; bounded in time."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -67,13 +73,21 @@ class LiveService:
 
 
 @contextmanager
-def live_service(database_url: str, pools: list[dict[str, Any]],
-                 deployment_id: str, **extra: Any) -> Iterator[LiveService]:
+def live_service(
+    database_url: str, pools: list[dict[str, Any]], deployment_id: str, **extra: Any
+) -> Iterator[LiveService]:
     server = make_server("127.0.0.1", 0, lambda e, s: app(e, s), threaded=True)
     url = f"http://127.0.0.1:{server.server_port}"
-    config = config_from_dict({"database_url": database_url, "admin_token": ADMIN_TOKEN,
-                               "deployment_id": deployment_id, "public_url": url,
-                               "pools": pools, **extra})
+    config = config_from_dict(
+        {
+            "database_url": database_url,
+            "admin_token": ADMIN_TOKEN,
+            "deployment_id": deployment_id,
+            "public_url": url,
+            "pools": pools,
+            **extra,
+        }
+    )
     engine = prepare_database(config)
     app = create_app(config, engine=engine)
     rt = build_runtime(config, engine, url)

@@ -6,6 +6,7 @@ session; each test gets a fresh database.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -37,8 +38,9 @@ def _free_port() -> int:
 
 def _as_postgres(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    return subprocess.run(prefix + args, check=True, capture_output=True, text=True,
-                          timeout=120, **kwargs)  # type: ignore[call-overload]
+    return subprocess.run(
+        prefix + args, check=True, capture_output=True, text=True, timeout=120, **kwargs
+    )  # type: ignore[call-overload]
 
 
 @dataclass
@@ -56,8 +58,20 @@ class PostgresServer:
             shutil.chown(base, "postgres", "postgres")
         server = cls(data_dir, _free_port(), bin_dir)
         try:
-            _as_postgres([str(bin_dir / "initdb"), "-D", str(data_dir), "-A", "trust",
-                          "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            _as_postgres(
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(data_dir),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                ]
+            )
             server.resume()
         except subprocess.CalledProcessError as exc:
             raise PostgresUnavailable(f"could not start PostgreSQL: {exc.stderr or exc}") from exc
@@ -66,22 +80,45 @@ class PostgresServer:
     def resume(self) -> None:
         """Start (again) on the same port and data directory."""
         base = self.data_dir.parent
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {base} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
-        _as_postgres([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-o", options,
-                      "-l", str(base / "server.log"), "-w", "-t", "60", "start"])
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {base} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+        )
+        _as_postgres(
+            [
+                str(self.bin_dir / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-o",
+                options,
+                "-l",
+                str(base / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
 
     def pause(self) -> None:
         """Stop the server (fast: clients are disconnected), keeping its data."""
-        _as_postgres([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast",
-                      "-w", "stop"])
+        _as_postgres(
+            [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
+        )
 
     def stop(self) -> None:
-        try:
-            _as_postgres([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m",
-                          "immediate", "-w", "stop"])
-        except subprocess.CalledProcessError:
-            pass
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _as_postgres(
+                [
+                    str(self.bin_dir / "pg_ctl"),
+                    "-D",
+                    str(self.data_dir),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ]
+            )
         shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
     def url(self, database: str = "postgres") -> str:
@@ -91,7 +128,8 @@ class PostgresServer:
         import psycopg
 
         name = f"t_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as connection:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as connection:
             connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)

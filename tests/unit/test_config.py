@@ -31,18 +31,27 @@ def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("value", "seconds"), [
-    ("90s", 90), ("60m", 3600), ("72h", 259200), ("3d", 259200), (45, 45), ("120", 120),
-    (0, 0),
-])
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("90s", 90),
+        ("60m", 3600),
+        ("72h", 259200),
+        ("3d", 259200),
+        (45, 45),
+        ("120", 120),
+        (0, 0),
+    ],
+)
 def test_durations_accept_seconds_and_unit_strings(value: Any, seconds: int) -> None:
     assert parse_duration(value) == seconds
     config = config_from_dict(_raw(_pool(pending_timeout=value)))
     assert config.pools[0].pending_timeout == seconds
 
 
-@pytest.mark.parametrize("value", ["10x", "m", "1.5h", "-5", -5, "", "60 minutes", True, 1.5,
-                                   None, [60]])
+@pytest.mark.parametrize(
+    "value", ["10x", "m", "1.5h", "-5", -5, "", "60 minutes", True, 1.5, None, [60]]
+)
 def test_bad_durations_are_refused_naming_the_key(value: Any) -> None:
     with pytest.raises(ValueError):
         parse_duration(value)
@@ -56,12 +65,15 @@ def test_defaults_mirror_the_hosted_service() -> None:
     assert (pool.provision_timeout, pool.pending_timeout) == (600, 1800)
 
 
-@pytest.mark.parametrize(("raw", "key"), [
-    (_raw(_pool(foo=1)), "pools.0.foo: unknown key"),
-    (_raw(_pool(), _pool(name="second", bar=1)), "pools.1.bar: unknown key"),
-    (_raw(colour="blue"), "colour: unknown key"),
-    (_raw(scheduler={"interval": "5s", "speed": 2}), "scheduler.speed: unknown key"),
-])
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (_raw(_pool(foo=1)), "pools.0.foo: unknown key"),
+        (_raw(_pool(), _pool(name="second", bar=1)), "pools.1.bar: unknown key"),
+        (_raw(colour="blue"), "colour: unknown key"),
+        (_raw(scheduler={"interval": "5s", "speed": 2}), "scheduler.speed: unknown key"),
+    ],
+)
 def test_unknown_keys_are_refused_with_their_dotted_name(raw: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config_from_dict(raw)
@@ -73,11 +85,14 @@ def test_min_ready_above_max_workers_is_refused() -> None:
         config_from_dict(_raw(_pool(min_ready=5, max_workers=2)))
 
 
-@pytest.mark.parametrize(("pool", "key"), [
-    (_pool(os="solaris"), "pools.0.os"),
-    (_pool(name="Bad_Name"), "pools.0.name"),
-    (_pool(max_workers=-1), "pools.0.max_workers"),
-])
+@pytest.mark.parametrize(
+    ("pool", "key"),
+    [
+        (_pool(os="solaris"), "pools.0.os"),
+        (_pool(name="Bad_Name"), "pools.0.name"),
+        (_pool(max_workers=-1), "pools.0.max_workers"),
+    ],
+)
 def test_bad_pool_values_are_refused_naming_the_key(pool: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict(_raw(pool))
@@ -124,16 +139,20 @@ def test_check_config_accepts_a_valid_file(tmp_path: Path) -> None:
     assert "hosted-ubuntu" in result.output
 
 
-@pytest.mark.parametrize(("raw", "key"), [
-    (_raw(_pool(foo=1)), "pools.0.foo: unknown key"),
-    (_raw(_pool(min_ready=3, max_workers=1)), "pools.0"),
-    (_raw(_pool(provisioner="nosuch")), "pools.0.provisioner"),
-    (_raw(_pool(options={"colour": "red"})), "pools.0.options.colour"),
-    (_raw(_pool(lease_max_lifetime="3 weeks")), "pools.0.lease_max_lifetime"),
-    ({"pools": [_pool()]}, "admin_token"),
-])
-def test_check_config_exits_non_zero_naming_the_key(tmp_path: Path, raw: dict[str, Any],
-                                                     key: str) -> None:
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (_raw(_pool(foo=1)), "pools.0.foo: unknown key"),
+        (_raw(_pool(min_ready=3, max_workers=1)), "pools.0"),
+        (_raw(_pool(provisioner="nosuch")), "pools.0.provisioner"),
+        (_raw(_pool(options={"colour": "red"})), "pools.0.options.colour"),
+        (_raw(_pool(lease_max_lifetime="3 weeks")), "pools.0.lease_max_lifetime"),
+        ({"pools": [_pool()]}, "admin_token"),
+    ],
+)
+def test_check_config_exits_non_zero_naming_the_key(
+    tmp_path: Path, raw: dict[str, Any], key: str
+) -> None:
     result = CliRunner().invoke(main, ["check-config", str(_write(tmp_path, raw))])
     assert result.exit_code != 0
     assert key in result.output

@@ -16,7 +16,8 @@ def test_access_and_bootstrap_tokens_are_stored_encrypted(svc: Service) -> None:
     with svc.engine.connect() as connection:
         stored = connection.execute(
             text("SELECT access_token, bootstrap_token FROM workers WHERE id = :id"),
-            {"id": worker.id}).one()
+            {"id": worker.id},
+        ).one()
     assert worker.access_token.startswith("wla_")
     assert stored.access_token.startswith(crypto.PREFIX)
     assert worker.access_token not in stored.access_token
@@ -39,8 +40,9 @@ def test_rotated_keys_still_decrypt_old_values() -> None:
 
 def test_postgresql_without_encryption_key_is_refused() -> None:
     with pytest.raises(ConfigError, match="encryption_key"):
-        config_from_dict({"database_url": "postgresql+psycopg://u@127.0.0.1/db",
-                          "admin_token": ADMIN_TOKEN})
+        config_from_dict(
+            {"database_url": "postgresql+psycopg://u@127.0.0.1/db", "admin_token": ADMIN_TOKEN}
+        )
 
 
 def test_malformed_encryption_key_is_refused_naming_the_key() -> None:

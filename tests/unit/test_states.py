@@ -22,27 +22,41 @@ NOW = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 CREATED = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
 WORKER_ALLOWED = [(a, b) for a in WorkerState for b in WORKER_TRANSITIONS[a]]
-WORKER_FORBIDDEN = [(a, b) for a in WorkerState for b in WorkerState
-                    if b not in WORKER_TRANSITIONS[a]]
+WORKER_FORBIDDEN = [
+    (a, b) for a in WorkerState for b in WorkerState if b not in WORKER_TRANSITIONS[a]
+]
 LEASE_ALLOWED = [(a, b) for a in LeaseState for b in LEASE_TRANSITIONS[a]]
-LEASE_FORBIDDEN = [(a, b) for a in LeaseState for b in LeaseState
-                   if b not in LEASE_TRANSITIONS[a]]
+LEASE_FORBIDDEN = [(a, b) for a in LeaseState for b in LeaseState if b not in LEASE_TRANSITIONS[a]]
 
 
-def _ids(pairs: list[tuple[WorkerState, WorkerState]] | list[tuple[LeaseState, LeaseState]]
-         ) -> list[str]:
+def _ids(
+    pairs: list[tuple[WorkerState, WorkerState]] | list[tuple[LeaseState, LeaseState]],
+) -> list[str]:
     return [f"{a}->{b}" for a, b in pairs]
 
 
 @pytest.fixture
 def session() -> Iterator[Session]:
-    engine = create_engine("sqlite://", poolclass=StaticPool,
-                           connect_args={"check_same_thread": False})
+    engine = create_engine(
+        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+    )
     SQLModel.metadata.create_all(engine)
     with Session(engine) as session:
-        session.add(Pool(name="p", os="ubuntu", provisioner="fake", min_ready=0, max_workers=1,
-                         config_min_ready=0, config_max_workers=1, lease_idle_timeout_s=60,
-                         lease_max_lifetime_s=600, provision_timeout_s=60, pending_timeout_s=60))
+        session.add(
+            Pool(
+                name="p",
+                os="ubuntu",
+                provisioner="fake",
+                min_ready=0,
+                max_workers=1,
+                config_min_ready=0,
+                config_max_workers=1,
+                lease_idle_timeout_s=60,
+                lease_max_lifetime_s=600,
+                provision_timeout_s=60,
+                pending_timeout_s=60,
+            )
+        )
         session.add(Tenant(id="t-1", name="acme", token_hash="h", created_at=CREATED))
         session.commit()
         yield session
@@ -50,8 +64,14 @@ def session() -> Iterator[Session]:
 
 
 def _worker(session: Session, state: WorkerState) -> Worker:
-    worker = Worker(id="w-1", pool="p", state=state, created_at=CREATED,
-                    state_changed_at=CREATED, access_token="wla_x")
+    worker = Worker(
+        id="w-1",
+        pool="p",
+        state=state,
+        created_at=CREATED,
+        state_changed_at=CREATED,
+        access_token="wla_x",
+    )
     session.add(worker)
     session.commit()
     return worker
@@ -78,7 +98,8 @@ def test_transition_tables_cover_every_state() -> None:
 
 @pytest.mark.parametrize(("start", "to"), WORKER_ALLOWED, ids=_ids(WORKER_ALLOWED))
 def test_allowed_worker_transition_moves_the_row_and_writes_an_event(
-        session: Session, start: WorkerState, to: WorkerState) -> None:
+    session: Session, start: WorkerState, to: WorkerState
+) -> None:
     worker = _worker(session, start)
     move_worker(session, worker, to, "because of a test", NOW)
     session.commit()
@@ -94,7 +115,8 @@ def test_allowed_worker_transition_moves_the_row_and_writes_an_event(
 
 @pytest.mark.parametrize(("start", "to"), WORKER_FORBIDDEN, ids=_ids(WORKER_FORBIDDEN))
 def test_forbidden_worker_transition_raises_and_changes_nothing(
-        session: Session, start: WorkerState, to: WorkerState) -> None:
+    session: Session, start: WorkerState, to: WorkerState
+) -> None:
     worker = _worker(session, start)
     with pytest.raises(InvalidTransition, match=f"{start} -> {to}"):
         move_worker(session, worker, to, "a bug", NOW)
@@ -107,7 +129,8 @@ def test_forbidden_worker_transition_raises_and_changes_nothing(
 
 @pytest.mark.parametrize(("start", "to"), LEASE_ALLOWED, ids=_ids(LEASE_ALLOWED))
 def test_allowed_lease_transition_moves_the_row_and_writes_an_event(
-        session: Session, start: LeaseState, to: LeaseState) -> None:
+    session: Session, start: LeaseState, to: LeaseState
+) -> None:
     lease = _lease(session, start)
     move_lease(session, lease, to, "because of a test", NOW)
     session.commit()
@@ -115,15 +138,20 @@ def test_allowed_lease_transition_moves_the_row_and_writes_an_event(
     row = session.get(Lease, "l-1", populate_existing=True)
     assert row is not None and row.state == to
     [event] = _events(session)
-    assert (event.kind, event.subject_id, event.pool, event.tenant_id) == \
-        ("lease", "l-1", "p", "t-1")
+    assert (event.kind, event.subject_id, event.pool, event.tenant_id) == (
+        "lease",
+        "l-1",
+        "p",
+        "t-1",
+    )
     assert (event.from_state, event.to_state) == (start, to)
     assert (event.reason, event.at) == ("because of a test", NOW)
 
 
 @pytest.mark.parametrize(("start", "to"), LEASE_FORBIDDEN, ids=_ids(LEASE_FORBIDDEN))
 def test_forbidden_lease_transition_raises_and_changes_nothing(
-        session: Session, start: LeaseState, to: LeaseState) -> None:
+    session: Session, start: LeaseState, to: LeaseState
+) -> None:
     lease = _lease(session, start)
     with pytest.raises(InvalidTransition, match=f"{start} -> {to}"):
         move_lease(session, lease, to, "a bug", NOW)

@@ -30,28 +30,37 @@ def containers(engine: docker.DockerClient, deployment: str) -> dict[str, str]:
 def live_rows(db_path: Path) -> dict[str, str]:
     with sqlite3.connect(db_path, timeout=10) as connection:
         rows = connection.execute(
-            "SELECT id, state FROM workers WHERE state <> 'destroyed'").fetchall()
+            "SELECT id, state FROM workers WHERE state <> 'destroyed'"
+        ).fetchall()
     connection.close()
     return dict(rows)
 
 
 @pytest.fixture
-def server(tmp_path: Path, testing_image: str,
-           docker_engine: docker.DockerClient) -> Iterator[ServerProcess]:
-    docker_pool = {"name": POOL, "os": "ubuntu", "provisioner": "docker", "min_ready": 1,
-                   "max_workers": 8, "provision_timeout": "30s",
-                   "options": {"image": testing_image, "network": "host", "pull": "never"}}
-    server = ServerProcess(tmp_path, pools=[docker_pool],
-                           scheduler={"reconcile_interval": "3s"})
+def server(
+    tmp_path: Path, testing_image: str, docker_engine: docker.DockerClient
+) -> Iterator[ServerProcess]:
+    docker_pool = {
+        "name": POOL,
+        "os": "ubuntu",
+        "provisioner": "docker",
+        "min_ready": 1,
+        "max_workers": 8,
+        "provision_timeout": "30s",
+        "options": {"image": testing_image, "network": "host", "pull": "never"},
+    }
+    server = ServerProcess(tmp_path, pools=[docker_pool], scheduler={"reconcile_interval": "3s"})
     yield server
     server.close()
     for container in docker_engine.containers.list(
-            all=True, filters={"label": f"{LABEL_DEPLOYMENT}={server.deployment_id}"}):
+        all=True, filters={"label": f"{LABEL_DEPLOYMENT}={server.deployment_id}"}
+    ):
         container.remove(force=True)
 
 
 def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
-        server: ServerProcess, docker_engine: docker.DockerClient) -> None:
+    server: ServerProcess, docker_engine: docker.DockerClient
+) -> None:
     server.start()
     token = server.create_tenant("acme")["token"]
     server.wait_ready_workers(1, timeout=60)
@@ -71,10 +80,17 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
 
     # A container the database never knew (as if created by a request lost in the crash).
     stray = docker_engine.containers.run(
-        "workerlease/testing:0.1.0", detach=True, network_mode="host",
-        entrypoint=["sleep", "300"], name=f"workerlease-w-{'a' * 20}",
-        labels={LABEL_DEPLOYMENT: deployment, LABEL_WORKER: "w-" + "a" * 20,
-                "workerlease.pool": POOL})
+        "workerlease/testing:0.1.0",
+        detach=True,
+        network_mode="host",
+        entrypoint=["sleep", "300"],
+        name=f"workerlease-w-{'a' * 20}",
+        labels={
+            LABEL_DEPLOYMENT: deployment,
+            LABEL_WORKER: "w-" + "a" * 20,
+            "workerlease.pool": POOL,
+        },
+    )
     assert stray.status in ("created", "running")
 
     server.start()
@@ -82,13 +98,21 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
     def converged() -> bool:
         rows = live_rows(server.db_path)
         running = containers(docker_engine, deployment)
-        return (set(running) == set(rows)
-                and set(rows.values()) <= {"ready", "leased"}
-                and list(rows.values()).count("ready") >= 6)
+        return (
+            set(running) == set(rows)
+            and set(rows.values()) <= {"ready", "leased"}
+            and list(rows.values()).count("ready") >= 6
+        )
 
-    wait_until(converged, 120, interval=1, message=lambda: (
-        f"db={live_rows(server.db_path)} containers={containers(docker_engine, deployment)}"
-        f"\n{server.log_tail()}"))
+    wait_until(
+        converged,
+        120,
+        interval=1,
+        message=lambda: (
+            f"db={live_rows(server.db_path)} containers={containers(docker_engine, deployment)}"
+            f"\n{server.log_tail()}"
+        ),
+    )
     assert "w-" + "a" * 20 not in containers(docker_engine, deployment)
     after = server.request("GET", f"/v1/leases/{lease.json()['id']}", token=token).json()
     assert after["state"] == "active" and after["worker"]["id"] == leased_worker
@@ -96,6 +120,9 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
     # All leases end and the pool empties: nothing labelled for the deployment remains.
     server.request("DELETE", f"/v1/leases/{lease.json()['id']}", token=token)
     assert server.admin("PATCH", f"/v1/admin/pools/{POOL}", json={"min_ready": 0}).ok
-    wait_until(lambda: not containers(docker_engine, deployment)
-               and not live_rows(server.db_path), 90, interval=1,
-               message=lambda: f"left: {containers(docker_engine, deployment)}")
+    wait_until(
+        lambda: not containers(docker_engine, deployment) and not live_rows(server.db_path),
+        90,
+        interval=1,
+        message=lambda: f"left: {containers(docker_engine, deployment)}",
+    )

@@ -6,10 +6,11 @@ so their agents call back over loopback); the scheduler's passes are run by the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 
 def docker_pool(image: str, **options: Any) -> dict[str, Any]:
-    return {"name": "hosted-ubuntu", "os": "ubuntu", "provisioner": "docker", "min_ready": 1,
-            "max_workers": 3, "provision_timeout": "2m",
-            "options": {"image": image, "network": "host", "pull": "never", **options}}
+    return {
+        "name": "hosted-ubuntu",
+        "os": "ubuntu",
+        "provisioner": "docker",
+        "min_ready": 1,
+        "max_workers": 3,
+        "provision_timeout": "2m",
+        "options": {"image": image, "network": "host", "pull": "never", **options},
+    }
 
 
 def containers_of(engine: docker.DockerClient, deployment: str) -> dict[str, str]:
@@ -37,13 +44,15 @@ def containers_of(engine: docker.DockerClient, deployment: str) -> dict[str, str
 
 @pytest.fixture
 def live(tmp_path: Path, testing_image: str, deployment: str) -> Iterator[LiveService]:
-    with live_service(f"sqlite:///{tmp_path / 'wl.db'}", [docker_pool(testing_image)],
-                      deployment) as service:
+    with live_service(
+        f"sqlite:///{tmp_path / 'wl.db'}", [docker_pool(testing_image)], deployment
+    ) as service:
         yield service
 
 
 def test_docker_worker_is_leased_runs_a_script_and_is_removed_on_release(
-        live: LiveService, docker_engine: docker.DockerClient, deployment: str) -> None:
+    live: LiveService, docker_engine: docker.DockerClient, deployment: str
+) -> None:
     live.tick_until(lambda: live.pool_counts("hosted-ubuntu")["ready"] >= 1)
     token = live.tenant_token()
     lease = live.call("POST", "/v1/leases", token, json={"pool": "hosted-ubuntu"}).json()
@@ -51,14 +60,24 @@ def test_docker_worker_is_leased_runs_a_script_and_is_removed_on_release(
     worker = lease["worker"]
     assert containers_of(docker_engine, deployment)[worker["id"]] == "running"
 
-    run = requests.post(f"{worker['agent_url']}/run", timeout=30,
-                        headers={"Authorization": f"Bearer {worker['access_token']}"},
-                        json={"script": "echo in-container; cat /etc/debian_version"})
+    run = requests.post(
+        f"{worker['agent_url']}/run",
+        timeout=30,
+        headers={"Authorization": f"Bearer {worker['access_token']}"},
+        json={"script": "echo in-container; cat /etc/debian_version"},
+    )
     assert run.status_code == 200
     assert run.json()["exit_code"] == 0
     assert "in-container" in run.json()["stdout"]
-    assert requests.post(f"{worker['agent_url']}/run", json={"script": "id"}, timeout=30,
-                         headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        requests.post(
+            f"{worker['agent_url']}/run",
+            json={"script": "id"},
+            timeout=30,
+            headers={"Authorization": "Bearer wrong"},
+        ).status_code
+        == 401
+    )
 
     released = live.call("DELETE", f"/v1/leases/{lease['id']}", token).json()
     assert released["state"] == "released"
@@ -70,17 +89,28 @@ def test_docker_worker_is_leased_runs_a_script_and_is_removed_on_release(
 
 
 def test_reconcile_removes_containers_the_database_does_not_know(
-        live: LiveService, docker_engine: docker.DockerClient, deployment: str,
-        testing_image: str) -> None:
+    live: LiveService, docker_engine: docker.DockerClient, deployment: str, testing_image: str
+) -> None:
     live.tick_until(lambda: live.pool_counts("hosted-ubuntu")["ready"] >= 1)
     stray = docker_engine.containers.run(
-        testing_image, detach=True, network_mode="host", name=f"workerlease-w-{os.urandom(10).hex()}",
-        labels={LABEL_DEPLOYMENT: deployment, LABEL_WORKER: "w-" + "0" * 20,
-                "workerlease.pool": "hosted-ubuntu"},
-        entrypoint=["sleep", "300"])
+        testing_image,
+        detach=True,
+        network_mode="host",
+        name=f"workerlease-w-{os.urandom(10).hex()}",
+        labels={
+            LABEL_DEPLOYMENT: deployment,
+            LABEL_WORKER: "w-" + "0" * 20,
+            "workerlease.pool": "hosted-ubuntu",
+        },
+        entrypoint=["sleep", "300"],
+    )
     other = docker_engine.containers.run(
-        testing_image, detach=True, network_mode="host", entrypoint=["sleep", "300"],
-        labels={LABEL_DEPLOYMENT: deployment + "-other", LABEL_WORKER: "w-" + "1" * 20})
+        testing_image,
+        detach=True,
+        network_mode="host",
+        entrypoint=["sleep", "300"],
+        labels={LABEL_DEPLOYMENT: deployment + "-other", LABEL_WORKER: "w-" + "1" * 20},
+    )
     try:
         live.reconcile()
         remaining = containers_of(docker_engine, deployment)
@@ -90,10 +120,8 @@ def test_reconcile_removes_containers_the_database_does_not_know(
         assert other.status == "running"
     finally:
         other.remove(force=True)
-        try:
+        with contextlib.suppress(docker.errors.NotFound):
             stray.remove(force=True)
-        except docker.errors.NotFound:
-            pass
 
 
 class SwitchableProxy:
@@ -132,10 +160,8 @@ class SwitchableProxy:
             pass
         finally:
             for s in (source, sink):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self.server.close()
@@ -150,8 +176,12 @@ def proxy(tmp_path: Path) -> Iterator[SwitchableProxy]:
 
 
 def test_leasing_ready_workers_keeps_working_while_the_daemon_is_down(
-        tmp_path: Path, testing_image: str, deployment: str, proxy: SwitchableProxy,
-        docker_engine: docker.DockerClient) -> None:
+    tmp_path: Path,
+    testing_image: str,
+    deployment: str,
+    proxy: SwitchableProxy,
+    docker_engine: docker.DockerClient,
+) -> None:
     pool = docker_pool(testing_image, docker_host=f"unix://{proxy.path}")
     pool["min_ready"] = 2
     with live_service(f"sqlite:///{tmp_path / 'wl.db'}", [pool], deployment) as live:
@@ -177,7 +207,8 @@ def test_leasing_ready_workers_keeps_working_while_the_daemon_is_down(
 
 
 def test_pool_with_missing_image_is_degraded_not_crashing(
-        tmp_path: Path, deployment: str, docker_engine: docker.DockerClient) -> None:
+    tmp_path: Path, deployment: str, docker_engine: docker.DockerClient
+) -> None:
     pool = docker_pool("workerlease/does-not-exist:0", pull="never")
     with live_service(f"sqlite:///{tmp_path / 'wl.db'}", [pool], deployment) as live:
         live.tick()
@@ -185,4 +216,3 @@ def test_pool_with_missing_image_is_degraded_not_crashing(
         assert "ImageNotFoundError" in (pools[0]["degraded_reason"] or "")
         assert containers_of(docker_engine, deployment) == {}
         assert live.call("GET", "/healthz").status_code == 200
-

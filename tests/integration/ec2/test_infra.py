@@ -125,8 +125,10 @@ def test_example_config_is_a_valid_service_config():
     from service.config import load_config
 
     # Secrets come from the environment, as the example's header says.
-    config = load_config(EXAMPLE_CONFIG, environ={
-        "WORKERLEASE_ENCRYPTION_KEY": "k6LRXbUB0_aVtUzMKLnH2vGqY0JYDSGOIpu8zJOOBUA="})
+    config = load_config(
+        EXAMPLE_CONFIG,
+        environ={"WORKERLEASE_ENCRYPTION_KEY": "k6LRXbUB0_aVtUzMKLnH2vGqY0JYDSGOIpu8zJOOBUA="},
+    )
 
     assert {p.name: p.provisioner for p in config.pools} == {
         "hosted-ubuntu": "ec2",

@@ -32,12 +32,18 @@ def cloud() -> FakeCloud:
 
 
 def _fake_pool() -> dict[str, object]:
-    return {"name": "hosted-ubuntu", "os": "ubuntu", "provisioner": "fake", "min_ready": 1,
-            "max_workers": 4}
+    return {
+        "name": "hosted-ubuntu",
+        "os": "ubuntu",
+        "provisioner": "fake",
+        "min_ready": 1,
+        "max_workers": 4,
+    }
 
 
 def test_requests_get_503_while_the_database_is_down_and_recover_after(
-        own_postgres: PostgresServer, cloud: FakeCloud) -> None:
+    own_postgres: PostgresServer, cloud: FakeCloud
+) -> None:
     url = own_postgres.create_database()
     with live_service(url, [_fake_pool()], "outage", encryption_key=KEY) as live:
         token = live.tenant_token()
@@ -69,7 +75,10 @@ def test_requests_get_503_while_the_database_is_down_and_recover_after(
 
 def _report_ready(live: LiveService, cloud: FakeCloud) -> None:
     for worker_id, resource in cloud.live().items():
-        response = requests.post(f"{live.url}/v1/workers/{worker_id}/ready", timeout=30,
-                                 json={"agent_url": "http://127.0.0.1:1"},
-                                 headers={"Authorization": f"Bearer {resource.spec.bootstrap_token}"})
+        response = requests.post(
+            f"{live.url}/v1/workers/{worker_id}/ready",
+            timeout=30,
+            json={"agent_url": "http://127.0.0.1:1"},
+            headers={"Authorization": f"Bearer {resource.spec.bootstrap_token}"},
+        )
         assert response.status_code == 200, response.text
