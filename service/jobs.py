@@ -39,9 +39,6 @@ from service.workers import (
 log = logging.getLogger("workerlease.jobs")
 
 
-DESTROY_BATCHES_PER_POOL = 1
-
-
 @dataclass
 class Runtime:
     factory: sessionmaker[Session]
@@ -56,7 +53,8 @@ class Runtime:
         bind = self.factory.kw["bind"]
         self.read_factory = session_factory(bind, read_only=True)
         self.creates = PoolDispatcher("create", self.settings.max_concurrent_creates)
-        self.destroys = PoolDispatcher("destroy", DESTROY_BATCHES_PER_POOL)
+        # One destroy batch per pool at a time (destroy_many batches the calls itself).
+        self.destroys = PoolDispatcher("destroy", per_pool=1, max_queued=1)
 
     def close(self) -> None:
         self.creates.shutdown()

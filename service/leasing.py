@@ -97,9 +97,8 @@ def _acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) ->
         return Acquired(lease, Outcome.PENDING)
     session.add(lease)
     _record_created(session, lease, now)
-    session.flush()  # the unique index on (tenant, pool) speaks here, before the worker moves
     _assign(session, lease, worker, pool, now)
-    session.flush()
+    session.flush()  # one INSERT of the active lease; the unique indexes speak here
     return Acquired(lease, Outcome.ACTIVE)
 
 
