@@ -123,6 +123,10 @@ class Provisioner(ABC):
     name: ClassVar[str]
     #: Pydantic model that validates a pool's ``options``.
     Options: ClassVar[type[ProvisionerOptions]] = ProvisionerOptions
+    #: How many workers one ``destroy_many`` call should get. 1 unless the platform has a
+    #: batch call: the service runs several batches of a pool at once, so one slow
+    #: destroy never holds up the others.
+    destroy_batch_size: ClassVar[int] = 1
 
     def __init__(self, pool: str, options: ProvisionerOptions) -> None:
         self.pool = pool

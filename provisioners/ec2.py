@@ -425,6 +425,7 @@ class EC2Provisioner(Provisioner):
 
     name = "ec2"
     Options = EC2Options
+    destroy_batch_size = ID_BATCH  # TerminateInstances takes up to 1000 ids
 
     def __init__(self, pool: str, options: ProvisionerOptions) -> None:
         if not isinstance(options, EC2Options):

@@ -39,6 +39,9 @@ from service.workers import (
 log = logging.getLogger("workerlease.jobs")
 
 
+DESTROYS_PER_POOL = 8
+
+
 @dataclass
 class Runtime:
     factory: sessionmaker[Session]
@@ -53,8 +56,9 @@ class Runtime:
         bind = self.factory.kw["bind"]
         self.read_factory = session_factory(bind, read_only=True)
         self.creates = PoolDispatcher("create", self.settings.max_concurrent_creates)
-        # One destroy batch per pool at a time (destroy_many batches the calls itself).
-        self.destroys = PoolDispatcher("destroy", per_pool=1, max_queued=1)
+        self.destroys = PoolDispatcher(
+            "destroy", per_pool=DESTROYS_PER_POOL, max_queued=DESTROYS_PER_POOL
+        )
 
     def close(self) -> None:
         self.creates.shutdown()
@@ -121,22 +125,28 @@ def answer_demand(rt: Runtime, now: datetime | None = None, wait: bool = True) -
 
 
 def destroy(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
-    """Destroy workers in ``destroying``: one batch per pool in flight at a time."""
+    """Destroy workers in ``destroying``, in batches the pool's provisioner likes.
+
+    Several batches of a pool run at once, so one hanging destroy holds up only itself.
+    """
     now = now or rt.clock.now()
     for pool in _pools(rt):
-        if rt.destroys.free_slots(pool.name) == 0:
+        slots = rt.destroys.free_slots(pool.name)
+        if slots == 0:
             continue
+        size = rt.provisioners.for_pool(pool).destroy_batch_size
         with session_scope(rt.factory) as session:
-            claimed = claim_destroys(session, pool.name, now)
-        if claimed:
+            claimed = claim_destroys(session, pool.name, now, limit=slots * size)
+        for start in range(0, len(claimed), size):
+            batch = claimed[start : start + size]
             rt.destroys.submit(
                 pool.name,
-                f"batch-{claimed[0].id}",
+                batch[0].id,
                 destroy_workers,
                 rt.factory,
                 rt.provisioners,
                 pool,
-                claimed,
+                batch,
                 now,
             )
     if wait:

@@ -19,6 +19,7 @@ from service.jobs import Runtime, start_scheduler
 from service.models import Heartbeat
 from service.pools import apply_config
 from service.provisioning import Deployment, ProvisionerSet
+from service.workers import release_claims
 
 log = logging.getLogger("workerlease.runtime")
 
@@ -54,6 +55,10 @@ def build_runtime(config: Config, engine: Engine, url: str, clock: Clock | None 
 
 
 def run_scheduler(rt: Runtime) -> BackgroundScheduler:
+    with session_scope(rt.factory) as session:
+        released = release_claims(session)
+    if released:
+        log.info("claims_released count=%d (left by a scheduler that stopped)", released)
     scheduler = start_scheduler(rt)
     scheduler.add_job(
         beat,

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 
+from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
@@ -47,6 +48,24 @@ log = logging.getLogger("workerlease.workers")
 # after a crash the claimed rows are picked up again once it lapses.
 CLAIM_FOR = timedelta(seconds=90)
 MAX_DESTROY_BACKOFF_S = 600
+
+
+def release_claims(session: Session) -> int:
+    """Forget every create/destroy claim: called when a scheduler starts.
+
+    A scheduler that was killed leaves claims that would otherwise block its workers
+    until they lapse. Taking them back early is safe because every provisioner call is
+    idempotent per worker id: at worst a call still running in another replica is
+    made a second time.
+    """
+    statement = (
+        update(Worker)
+        .where(col(Worker.claimed_until).is_not(None))
+        .where(col(Worker.state).in_((WorkerState.PROVISIONING, WorkerState.DESTROYING)))
+        .values(claimed_until=None)
+    )
+    result = session.execute(statement)
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 # ---- the agent's ready callback --------------------------------------------------

@@ -36,29 +36,36 @@ def create_lease(body: LeaseCreate) -> Any:
     services = svc()
     with services.transaction() as session:
         acquired = leasing.acquire(session, g.tenant.id, body.pool, services.clock.now())
-    lease = acquired.lease
     if acquired.outcome == Outcome.PENDING:
-        # Under contention (PostgreSQL, SKIP LOCKED) a request may have found every ready
-        # worker locked by transactions that then rolled back: serve the queue right away
-        # instead of at the next scheduler run.
-        with services.transaction() as session:
-            activated = leasing.serve_pending_of(session, body.pool, services.clock.now())
-        if any(a.id == lease.id for a in activated):
-            lease = next(a for a in activated if a.id == lease.id)
-            acquired = leasing.Acquired(lease, Outcome.ACTIVE)
-        if activated:
-            services.waiters.notify()
-    if acquired.outcome == Outcome.PENDING and body.wait_seconds:
+        acquired = _serve_queue_now(acquired, body.pool)
+    lease = acquired.lease
+    if lease.state == LeaseState.PENDING and body.wait_seconds:
         lease = _wait_for_activation(lease.id, body.wait_seconds)
-        if lease.state != LeaseState.PENDING:
+        if lease.state != LeaseState.PENDING and acquired.outcome == Outcome.PENDING:
             acquired = leasing.Acquired(lease, Outcome.ACTIVE)
     with services.transaction() as session:
         out = lease_out(session, lease, viewer_tenant_id=g.tenant.id)
-    status = STATUS[acquired.outcome]
     headers = {"Location": url_for("leases.get_lease", lease_id=lease.id)}
     if out.state == LeaseState.PENDING:
         headers["Retry-After"] = str(RETRY_AFTER_S)
-    return out.model_dump(mode="json"), status, headers
+    return out.model_dump(mode="json"), STATUS[acquired.outcome], headers
+
+
+def _serve_queue_now(acquired: leasing.Acquired, pool: str) -> leasing.Acquired:
+    """Hand free ready workers to the queue at once, not at the next scheduler run.
+
+    Under contention (PostgreSQL, SKIP LOCKED) a request may have found every ready
+    worker locked by transactions that then rolled back.
+    """
+    services = svc()
+    with services.transaction() as session:
+        activated = leasing.serve_pending_of(session, pool, services.clock.now())
+    if activated:
+        services.waiters.notify()
+    for lease in activated:
+        if lease.id == acquired.lease.id:
+            return leasing.Acquired(lease, Outcome.ACTIVE)
+    return acquired
 
 
 def _wait_for_activation(lease_id: str, wait_seconds: int) -> Lease:

@@ -51,8 +51,12 @@ def port_listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait_until(predicate: Callable[[], T | None], timeout: float, interval: float = 0.2,
-               message: str | Callable[[], str] = "condition not met") -> T:
+def wait_until(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    interval: float = 0.2,
+    message: str | Callable[[], str] = "condition not met",
+) -> T:
     """Poll ``predicate`` until it returns something truthy; return that value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -111,8 +115,10 @@ def local_processes(deployment_id: str, agents_only: bool = True) -> dict[int, s
             continue
         pid = int(entry)
         env = _environ(pid)
-        if env.get("WORKERLEASE_PROVISIONER") != "local" or \
-                env.get("WORKERLEASE_DEPLOYMENT") != deployment_id:
+        if (
+            env.get("WORKERLEASE_PROVISIONER") != "local"
+            or env.get("WORKERLEASE_DEPLOYMENT") != deployment_id
+        ):
             continue
         info = proc_info(pid)
         if info is None or info.state in ("Z", "X"):
@@ -150,9 +156,16 @@ def reap_zombie_children(select: Callable[[ProcInfo], bool]) -> int:
 def pool(name: str = "hosted-ubuntu", **overrides: Any) -> dict[str, Any]:
     """A local pool; ``work_root`` is filled in by the server."""
     entry: dict[str, Any] = {
-        "name": name, "os": "ubuntu", "provisioner": "local", "description": "test pool",
-        "min_ready": 1, "max_workers": 4, "lease_idle_timeout": "60m",
-        "lease_max_lifetime": "72h", "provision_timeout": "2m", "pending_timeout": "30m",
+        "name": name,
+        "os": "ubuntu",
+        "provisioner": "local",
+        "description": "test pool",
+        "min_ready": 1,
+        "max_workers": 4,
+        "lease_idle_timeout": "60m",
+        "lease_max_lifetime": "72h",
+        "provision_timeout": "2m",
+        "pending_timeout": "30m",
         "capabilities": ["execution-containers"],
     }
     entry.update(overrides)
@@ -162,11 +175,18 @@ def pool(name: str = "hosted-ubuntu", **overrides: Any) -> dict[str, Any]:
 class ServerProcess:
     """One ``workerlease serve`` subprocess with its own database, port and deployment id."""
 
-    def __init__(self, tmp_path: Path, pools: list[dict[str, Any]] | None = None,
-                 scheduler: dict[str, Any] | None = None, admin_token: str | None = ADMIN_TOKEN,
-                 extra: dict[str, Any] | None = None, port: int | None = None,
-                 deployment_id: str | None = None, work_root: Path | None = None,
-                 threads: int = 16) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        pools: list[dict[str, Any]] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        admin_token: str | None = ADMIN_TOKEN,
+        extra: dict[str, Any] | None = None,
+        port: int | None = None,
+        deployment_id: str | None = None,
+        work_root: Path | None = None,
+        threads: int = 16,
+    ) -> None:
         # ``deployment_id`` / ``work_root``: shared by several replicas of one deployment
         # (each ServerProcess then is one replica; ``extra`` can point them at one database).
         self.dir = tmp_path
@@ -213,8 +233,20 @@ class ServerProcess:
         return env
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config_path),
-                "--host", "127.0.0.1", "--port", str(self.port), "--threads", str(self.threads)]
+        return [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--threads",
+            str(self.threads),
+        ]
 
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start ``serve`` without waiting for it."""
@@ -224,8 +256,14 @@ class ServerProcess:
             log.write(f"\n===== start {time.strftime('%H:%M:%S')} =====\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                self.command(), env=self.env(), cwd=self.dir, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                self.command(),
+                env=self.env(),
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._pgids.add(self.process.pid)
         return self.process
 
@@ -281,8 +319,11 @@ class ServerProcess:
     def _child_groups(pid: int) -> set[int]:
         """Process groups of ``pid``'s children (not ours, not session-less)."""
         own = os.getpgrp()
-        return {info.pgid for info in map(proc_info, _pids())
-                if info is not None and info.ppid == pid and info.pgid not in (own, 0, 1)}
+        return {
+            info.pgid
+            for info in map(proc_info, _pids())
+            if info is not None and info.ppid == pid and info.pgid not in (own, 0, 1)
+        }
 
     @staticmethod
     def _killpg(pgid: int) -> None:
@@ -292,12 +333,16 @@ class ServerProcess:
     def _reap_group(self) -> None:
         """Wait for the groups' other processes (re-parented to us) to exit, and reap them."""
         for pgid in self._pgids:
+
             def in_group(info: ProcInfo, group: int = pgid) -> bool:
                 return info.pgid == group
 
             deadline = time.monotonic() + 15
-            while any(i.state not in ("Z", "X") for i in map(proc_info, _pids())
-                      if i is not None and i.pgid == pgid):
+            while any(
+                i.state not in ("Z", "X")
+                for i in map(proc_info, _pids())
+                if i is not None and i.pgid == pgid
+            ):
                 if time.monotonic() >= deadline:
                     self._killpg(pgid)
                     time.sleep(0.2)
@@ -358,8 +403,9 @@ class ServerProcess:
 
     # -- HTTP ------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, token: str | None = None,
-                **kwargs: Any) -> requests.Response:
+    def request(
+        self, method: str, path: str, token: str | None = None, **kwargs: Any
+    ) -> requests.Response:
         headers = dict(kwargs.pop("headers", {}) or {})
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -394,16 +440,21 @@ class ServerProcess:
         workers: list[dict[str, Any]] = response.json()["workers"]
         return workers
 
-    def wait_ready_workers(self, at_least: int, pool: str = "hosted-ubuntu",
-                           timeout: float = 30.0) -> dict[str, int]:
+    def wait_ready_workers(
+        self, at_least: int, pool: str = "hosted-ubuntu", timeout: float = 30.0
+    ) -> dict[str, int]:
         def enough() -> dict[str, int] | None:
             counts = self.pool_counts(pool)
             return counts if counts["ready"] >= at_least else None
 
         return wait_until(
-            enough, timeout,
-            message=lambda: f"pool {pool} never had {at_least} ready: "
-                            f"{self.pool_counts(pool)}\n{self.log_tail()}")
+            enough,
+            timeout,
+            message=lambda: (
+                f"pool {pool} never had {at_least} ready: "
+                f"{self.pool_counts(pool)}\n{self.log_tail()}"
+            ),
+        )
 
 
 def _pids() -> Iterator[int]:

@@ -1,0 +1,277 @@
+"""Two replicas on one PostgreSQL database, 64 tenants leasing and releasing at once.
+
+Two ``workerlease serve`` processes (each with its own scheduler) share one
+database and one deployment id; a local pool has few ready workers, so most
+requests queue (202) and are served as workers come back. 64 client threads,
+each a tenant of its own, alternate between the replicas doing lease -> release
+cycles; every eighth cycle a tenant sends its lease request to both replicas at
+once and both must answer with the same lease. Afterwards the database (not the
+service's counters) must show: no worker in two leases or leased twice, no
+tenant with two overlapping leases on a pool, every request answered 200/201/202,
+and, once everything is released and settled, the deployment's agent processes
+in /proc are exactly the workers the database holds live.
+
+Quick mode: up to 400 cycles (capped at 75 s); ``WORKERLEASE_CRASH_FULL=1``: 4000
+(capped at 20 min).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from cryptography.fernet import Fernet
+
+from tests.integration.crash.support import FULL, Db, settle
+from tests.support.postgres import PostgresServer
+from tests.support.server import ServerProcess, pool, reap_zombie_children, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+POOL = "hosted-ubuntu"
+CLIENTS = 64
+CYCLES = 4000 if FULL else 400
+WALL_CAP_S = 1200.0 if FULL else 75.0
+MIN_READY, MAX_WORKERS = 6, 24
+PENDING_ROUNDS = 100  # looks at a pending lease this often (0.5-1.2 s apart)
+RACE_EVERY = 8
+REQUEST_TIMEOUT_S = 30.0
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[list[ServerProcess]]:
+    url = postgres_server.create_database()
+    deployment_id = f"it-rep-{random.randrange(16**8):08x}"
+    extra = {
+        "database_url": url,
+        "encryption_key": Fernet.generate_key().decode(),
+        "database_pool_size": 40,
+    }
+    servers = []
+    for index in range(2):
+        directory = tmp_path / f"r{index}"
+        directory.mkdir()
+        servers.append(
+            ServerProcess(
+                directory,
+                pools=[
+                    pool(
+                        min_ready=MIN_READY,
+                        max_workers=MAX_WORKERS,
+                        provision_timeout="60s",
+                        pending_timeout="30m",
+                    )
+                ],
+                scheduler={
+                    "interval": "1s",
+                    "reconcile_interval": "5s",
+                    "max_concurrent_creates": 6,
+                },
+                extra=extra,
+                deployment_id=deployment_id,
+                work_root=tmp_path / "workers",
+                threads=64,
+            )
+        )
+    try:
+        for server in servers:  # one after the other: the first one upgrades the schema
+            server.start(timeout=60)
+        yield servers
+    finally:
+        for server in servers:
+            server.close()
+
+
+class Clients:
+    def __init__(self, replicas: list[ServerProcess], tokens: list[str]) -> None:
+        self.replicas = replicas
+        self.tokens = tokens
+        self.statuses: Counter[str] = Counter()
+        self.problems: list[str] = []
+        self.cycles = 0
+        self.served = 0  # cycles that got an active lease
+        self.gave_up = 0  # cycles whose lease was still pending after PENDING_ROUNDS asks
+        self.next_cycle = 0
+        self.lock = threading.Lock()
+        self.deadline = time.monotonic() + WALL_CAP_S
+        self.lease_ids: set[str] = set()
+        self.worker_leases: dict[str, set[str]] = {}
+
+    def claim_cycle(self) -> int | None:
+        with self.lock:
+            if self.next_cycle >= CYCLES or time.monotonic() >= self.deadline:
+                return None
+            self.next_cycle += 1
+            return self.next_cycle
+
+    def call(
+        self, client: int, replica: int, method: str, path: str, **kwargs: Any
+    ) -> dict[str, Any] | None:
+        server = self.replicas[replica % 2]
+        try:
+            # A new connection per request: a kept-alive one may be closed by the server
+            # just as it is reused, and that reset would be the client's, not the service's.
+            response = requests.request(
+                method,
+                f"{server.url}{path}",
+                timeout=REQUEST_TIMEOUT_S,
+                headers={"Authorization": f"Bearer {self.tokens[client]}"},
+                **kwargs,
+            )
+        except requests.RequestException as exc:
+            with self.lock:
+                self.statuses["no answer"] += 1
+                self.problems.append(f"{method} {path} on replica {replica % 2}: {exc}")
+            return None
+        with self.lock:
+            self.statuses[str(response.status_code)] += 1
+            if response.status_code not in (200, 201, 202):
+                self.problems.append(
+                    f"{method} {path} on replica {replica % 2}: "
+                    f"{response.status_code} {response.text[:300]}"
+                )
+                return None
+        body: dict[str, Any] = response.json()
+        with self.lock:
+            self.lease_ids.add(body["id"])
+            worker = (body.get("worker") or {}).get("id")
+            if worker:
+                self.worker_leases.setdefault(worker, set()).add(body["id"])
+        return body
+
+    def lease(self, client: int, replica: int, wait: int) -> dict[str, Any] | None:
+        return self.call(
+            client, replica, "POST", "/v1/leases", json={"pool": POOL, "wait_seconds": wait}
+        )
+
+    def run(self, client: int) -> None:
+        rng = random.Random(client)
+        pool_threads = ThreadPoolExecutor(2)
+        try:
+            for turn in range(100_000):
+                cycle = self.claim_cycle()
+                if cycle is None:
+                    return
+                replica = client + turn
+                if turn % RACE_EVERY == RACE_EVERY - 1:
+                    # The same tenant on both replicas at once: one lease, two answers.
+                    answers = list(
+                        pool_threads.map(lambda r: self.lease(client, r, 1), (replica, replica + 1))
+                    )
+                    if any(a is None for a in answers):
+                        return
+                    ids = {a["id"] for a in answers if a}
+                    if len(ids) != 1:
+                        with self.lock:
+                            self.problems.append(f"tenant {client} got two leases {ids}")
+                        return
+                    body = answers[0]
+                else:
+                    body = self.lease(client, replica, rng.randint(1, 3))
+                for attempt in range(PENDING_ROUNDS):  # still pending: wait, look again
+                    if body is None or body["state"] != "pending":
+                        break
+                    time.sleep(rng.uniform(0.5, 1.2))
+                    if attempt % 3 == 0:  # asking again answers 200 with the same lease
+                        body = self.lease(client, replica + attempt, 0)
+                    else:
+                        body = self.call(
+                            client, replica + attempt, "GET", f"/v1/leases/{body['id']}"
+                        )
+                if body is None:
+                    return
+                active = body["state"] == "active"
+                if active:
+                    time.sleep(rng.uniform(0.0, 0.05))
+                released = self.call(client, replica + 1, "DELETE", f"/v1/leases/{body['id']}")
+                if released is None:
+                    return
+                if released["state"] not in ("released", "expired", "failed"):
+                    with self.lock:
+                        self.problems.append(f"release of {body['id']} gave {released['state']}")
+                with self.lock:
+                    self.cycles += 1
+                    self.served += active
+                    self.gave_up += not active
+        finally:
+            pool_threads.shutdown(wait=True)
+
+
+def test_two_replicas_64_tenants_lease_and_release(replicas: list[ServerProcess]) -> None:
+    first = replicas[0]
+    db = Db(first.config["database_url"])
+    tokens = [first.create_tenant(f"tenant-{i:02d}")["token"] for i in range(CLIENTS)]
+    first.wait_ready_workers(MIN_READY, timeout=60)
+
+    clients = Clients(replicas, tokens)
+    started = time.monotonic()
+    threads = [threading.Thread(target=clients.run, args=(i,), daemon=True) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(1.0, clients.deadline - time.monotonic() + 4 * REQUEST_TIMEOUT_S))
+    elapsed = time.monotonic() - started
+    stuck = sum(t.is_alive() for t in threads)
+    print(
+        f"{clients.cycles} cycles ({clients.served} with a worker, {clients.gave_up} gave "
+        f"up) in {elapsed:.1f}s by {CLIENTS} tenants on 2 replicas; "
+        f"answers {dict(clients.statuses)}"
+    )
+    assert stuck == 0, f"{stuck} client threads still waiting"
+
+    # -- from the database: nobody shared a worker, nobody held two leases at once --------
+    leases = db.leases()
+    assert clients.lease_ids <= set(leases), "a lease a client was given is not in the database"
+    assert db.doubly_leased_workers() == []
+    assert {w: ids for w, ids in clients.worker_leases.items() if len(ids) > 1} == {}
+    assert db.tenants_with_two_live() == []
+    overlaps = []
+    by_tenant: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in leases.values():
+        by_tenant.setdefault((row["tenant_id"], row["pool"]), []).append(row)
+    for history in by_tenant.values():
+        history.sort(key=lambda r: r["created_at"])
+        for before, after in itertools.pairwise(history):
+            if before["ended_at"] is None or before["ended_at"] > after["created_at"]:
+                overlaps.append((before["id"], after["id"]))
+    assert overlaps == [], f"a tenant held two leases on a pool at once: {overlaps[:10]}"
+    activated = db.query("SELECT count(*) FROM leases WHERE worker_id IS NOT NULL")[0][0]
+    assert activated >= clients.served
+
+    # -- every request answered ------------------------------------------------------------
+    unanswered = {k: n for k, n in clients.statuses.items() if k not in ("200", "201", "202")}
+    assert unanswered == {}, f"{unanswered}: {clients.problems[:10]}"
+    assert clients.problems == []
+    assert clients.cycles >= min(CYCLES, 200), f"only {clients.cycles} cycles"
+    assert clients.served >= clients.cycles * 0.9, "most tenants never got a worker"
+
+    # -- everything released: agents in /proc equal the live rows -----------------------------
+    live = db.query("SELECT count(*) FROM leases WHERE state IN ('pending', 'active')")[0][0]
+    assert live == 0
+
+    def reap(pids: set[int]) -> None:
+        for server in replicas:
+            server.seen_agent_pids |= pids
+        reap_zombie_children(lambda info: info.pid in replicas[0].seen_agent_pids)
+
+    snap, took = settle(
+        db,
+        first.deployment_id,
+        60,
+        reap=reap,
+        min_s=6,
+        quiet=lambda s: not s.in_progress and sorted(s.rows.values()) == ["ready"] * MIN_READY,
+    )
+    assert snap is not None and snap.equal(), snap.describe() if snap else "no snapshot"
+    assert sorted(snap.rows.values()) == ["ready"] * MIN_READY, snap.describe()
+    print(f"settled after {took:.1f}s: {len(snap.agents)} agents = {len(snap.live)} live rows")
+    wait_until(lambda: first.pool_counts()["ready"] == MIN_READY, 10)
