@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import current_app
 from flask_openapi3 import Tag
+from sqlalchemy.sql import Select
+from sqlmodel import col
 
 from service.app import Services
 from service.schemas import Problem
+
+S = TypeVar("S", bound=Select[Any])
 
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 PROBLEMS: dict[Any, Any] = {401: Problem, 403: Problem, 404: Problem, 422: Problem, 503: Problem}
@@ -21,6 +25,15 @@ AGENT_TAG = Tag(name="agent", description="Worker agent callbacks")
 def svc() -> Services:
     result: Services = current_app.extensions["workerlease"]
     return result
+
+
+def by_state(statement: S, column: Any, state: str, live: tuple[str, ...]) -> S:
+    """Apply a ``?state=`` filter: a state, ``live`` (the given live states) or ``all``."""
+    if state == "live":
+        return statement.where(col(column).in_(live))
+    if state != "all":
+        return statement.where(column == state)
+    return statement
 
 
 def problems(*codes: int) -> dict[Any, Any]:

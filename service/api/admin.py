@@ -8,7 +8,7 @@ from flask_openapi3 import APIBlueprint
 from sqlmodel import col, select
 
 from service import leasing, tenants
-from service.api import ADMIN_TAG, BEARER, problems, svc
+from service.api import ADMIN_TAG, BEARER, by_state, problems, svc
 from service.api.pools import pool_out
 from service.api.present import leases_out
 from service.auth import require_admin
@@ -142,10 +142,7 @@ def list_workers(query: AdminWorkerQuery) -> Any:
     statement = select(Worker)
     if query.pool:
         statement = statement.where(Worker.pool == query.pool)
-    if query.state == "live":
-        statement = statement.where(col(Worker.state).in_(LIVE_WORKER_STATES))
-    elif query.state != "all":
-        statement = statement.where(Worker.state == query.state)
+    statement = by_state(statement, Worker.state, query.state, LIVE_WORKER_STATES)
     rows = session.exec(
         statement.order_by(col(Worker.created_at).desc(), col(Worker.id))
         .offset(query.offset)
@@ -203,10 +200,7 @@ def list_leases(query: AdminLeaseQuery) -> Any:
         statement = statement.where(Lease.tenant_id == query.tenant)
     if query.pool:
         statement = statement.where(Lease.pool == query.pool)
-    if query.state == "live":
-        statement = statement.where(col(Lease.state).in_(LIVE_LEASE_STATES))
-    elif query.state != "all":
-        statement = statement.where(Lease.state == query.state)
+    statement = by_state(statement, Lease.state, query.state, LIVE_LEASE_STATES)
     rows = session.exec(
         statement.order_by(col(Lease.created_at).desc(), col(Lease.id))
         .offset(query.offset)

@@ -9,7 +9,7 @@ from flask_openapi3 import APIBlueprint
 from sqlmodel import col, select
 
 from service import leasing
-from service.api import BEARER, TENANT_TAG, problems, svc
+from service.api import BEARER, TENANT_TAG, by_state, problems, svc
 from service.api.present import lease_out, leases_out
 from service.auth import require_tenant
 from service.leasing import Outcome
@@ -88,10 +88,7 @@ def list_leases(query: LeaseStateFilter) -> Any:
     """Your leases: live ones by default, ``?state=all`` for every one."""
     session = svc().session()
     statement = select(Lease).where(Lease.tenant_id == g.tenant.id)
-    if query.state == "live":
-        statement = statement.where(col(Lease.state).in_(LIVE_LEASE_STATES))
-    elif query.state != "all":
-        statement = statement.where(Lease.state == query.state)
+    statement = by_state(statement, Lease.state, query.state, LIVE_LEASE_STATES)
     leases = session.exec(statement.order_by(col(Lease.created_at).desc()).limit(1000)).all()
     return LeaseList(leases=leases_out(session, leases, viewer_tenant_id=g.tenant.id)).model_dump(
         mode="json"
