@@ -118,8 +118,3 @@ def _register_openapi_alias(app: OpenAPI) -> None:
         if "doc" not in cache:
             cache["doc"] = app.api_doc
         return jsonify(cache["doc"])
-
-
-def services(app: Flask) -> Services:
-    result: Services = app.extensions["workerlease"]
-    return result

@@ -15,7 +15,6 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -307,12 +306,3 @@ def fail_pending_of_disabled_pools(session: Session, now: datetime) -> int:
     for lease in leases:
         end_lease(session, lease, EndReason.FAILED, "pool disabled or removed", now)
     return len(leases)
-
-
-def count_live_by_state(session: Session) -> dict[tuple[str, str], int]:
-    statement = (
-        select(Lease.pool, Lease.state, func.count())
-        .where(col(Lease.state).in_(LIVE_LEASE_STATES))
-        .group_by(col(Lease.pool), col(Lease.state))
-    )
-    return {(pool, state): n for pool, state, n in session.exec(statement).all()}

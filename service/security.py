@@ -21,12 +21,6 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def token_matches(token: str, expected_hash: str | None) -> bool:
-    if not expected_hash:
-        return False
-    return hmac.compare_digest(hash_token(token), expected_hash)
-
-
 def secret_equals(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 

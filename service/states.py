@@ -42,10 +42,6 @@ class InvalidTransition(RuntimeError):
     """A state change that the transition table does not allow: a bug, never user error."""
 
 
-def can_move_worker(current: str, to: WorkerState) -> bool:
-    return to in WORKER_TRANSITIONS[WorkerState(current)]
-
-
 def move_worker(
     session: Session, worker: Worker, to: WorkerState, reason: str, now: datetime
 ) -> None:
