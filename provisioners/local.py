@@ -136,6 +136,9 @@ class LocalProvisioner(Provisioner):
             live = {p.env.get(ENV_WORKER) for p in _scan() if p.is_agent}
         except OSError as exc:
             raise TransientProvisionerError(f"cannot scan /proc: {exc}") from exc
+        # An agent may have exited between the reap above and the scan (the scan skips
+        # it as a zombie): reap again so it is not left as one until the next call.
+        self._reap()
         return {
             h.worker_id: ResourceState.RUNNING if h.worker_id in live else ResourceState.GONE
             for h in handles
