@@ -1,5 +1,6 @@
 # gunicorn settings for the API when run by an external gunicorn:
-#   WORKERLEASE_CONFIG=/etc/workerlease/config.yaml gunicorn -c infra/gunicorn.conf.py service.wsgi:app
+#   export WORKERLEASE_CONFIG=/etc/workerlease/config.yaml
+#   gunicorn -c infra/gunicorn.conf.py service.wsgi:app
 # plus exactly one `workerlease scheduler` per deployment (see infra/systemd/).
 # `workerlease serve` applies the same settings and starts the scheduler itself.
 import os

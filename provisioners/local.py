@@ -91,7 +91,8 @@ class LocalProvisioner(Provisioner):
         self.agent_host = options.agent_host
         # Calls for one worker id are serialised; calls for different ids run in parallel.
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        # Agents this object started, by pid, with their worker id; reaped by ``_reap``.
+        self._children: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
         self._children_lock = threading.Lock()
 
     def create(self, spec: WorkerSpec) -> WorkerHandle:
@@ -131,14 +132,14 @@ class LocalProvisioner(Provisioner):
         log.info("local_agent_destroyed worker=%s", handle.worker_id)
 
     def describe(self, handles: Iterable[WorkerHandle]) -> dict[str, ResourceState]:
-        self._reap()
         try:
             live = {p.env.get(ENV_WORKER) for p in _scan() if p.is_agent}
         except OSError as exc:
             raise TransientProvisionerError(f"cannot scan /proc: {exc}") from exc
-        # An agent may have exited between the reap above and the scan (the scan skips
-        # it as a zombie): reap again so it is not left as one until the next call.
-        self._reap()
+        # An exiting agent drops out of the scan (its environ is released) before it is a
+        # zombie that can be reaped. Our own children count as running until they are
+        # reaped, so GONE always means gone from /proc, never a zombie left behind.
+        live |= self._reap()
         return {
             h.worker_id: ResourceState.RUNNING if h.worker_id in live else ResourceState.GONE
             for h in handles
@@ -211,7 +212,7 @@ class LocalProvisioner(Provisioner):
                     f"cannot run the agent with python {self.python!r}: {exc}"
                 ) from exc
         with self._children_lock:
-            self._children[child.pid] = child
+            self._children[child.pid] = (child, spec.worker_id)
         return child.pid
 
     def _kill_worker(self, worker_id: str, deployment_id: str | None = None) -> None:
@@ -260,12 +261,18 @@ class LocalProvisioner(Provisioner):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signum)
 
-    def _reap(self) -> None:
-        """Collect exited children so they do not linger as zombies."""
+    def _reap(self) -> set[str]:
+        """Collect exited children so they do not linger as zombies.
+
+        Returns the worker ids of the children still running."""
+        running: set[str] = set()
         with self._children_lock:
-            for pid, child in list(self._children.items()):
-                if child.poll() is not None:
+            for pid, (child, worker_id) in list(self._children.items()):
+                if child.poll() is None:
+                    running.add(worker_id)
+                else:
                     del self._children[pid]
+        return running
 
 
 def _component(value: str) -> str:
