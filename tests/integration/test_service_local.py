@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from provisioners.base import WorkerSpec
+from provisioners.base import ResourceState, WorkerSpec
 from provisioners.local import LocalOptions, LocalProvisioner
 from tests.support.server import (
     ServerProcess,
@@ -182,6 +182,28 @@ def test_lease_on_empty_pool_waits_for_a_new_worker(
     assert result.status_code == 200 and "on-demand" in result.json()["stdout"]
 
 
+def test_a_queued_lease_rings_the_scheduler_instead_of_waiting_for_its_poll(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    # Every poll a minute away: only the doorbell can get this lease a worker in time.
+    server = make_server(
+        pools=[pool(min_ready=0, max_workers=1)],
+        scheduler={"interval": "60s", "demand_interval": 60},
+    ).start()
+    token = server.create_tenant("acme")["token"]
+    wait_until(
+        lambda: "scheduler_started" in server.log_text(),
+        20,
+        message=lambda: f"scheduler never started:\n{server.log_tail()}",
+    )
+
+    response = lease(server, token, wait_seconds=30)
+
+    assert response.status_code == 201, response.text
+    assert response.json()["state"] == "active"
+    assert response.json()["worker"]["id"] in server.agents()
+
+
 # ---- 3. reconcile removes an agent the database does not know --------------------------
 
 
@@ -202,7 +224,6 @@ def test_reconcile_destroys_unknown_agent(make_server: Callable[..., ServerProce
         bootstrap_token="b" * 43,
     )
     handle = provisioner.create(spec)
-    child = provisioner._children[int(handle.provider_id)]
     try:
         assert stranger in server.agents()
         wait_until(
@@ -210,15 +231,14 @@ def test_reconcile_destroys_unknown_agent(make_server: Callable[..., ServerProce
             15,
             message=lambda: f"unknown agent survived\n{server.log_tail()}",
         )
-        child.wait(5)  # killed by the service; reap our child
+        # Killed by the service; our provisioner started it, so it reaps it here.
+        wait_until(lambda: provisioner.describe([handle])[stranger] == ResourceState.GONE, 5)
         assert not server.workdir(stranger).exists()
         assert stranger not in {w["id"] for w in server.workers("all")}
         assert stranger in server.log_text()  # orphans_found names it
         assert server.request("GET", "/readyz").status_code == 200
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(5)
+        provisioner.destroy(handle)  # idempotent: kills and reaps it if the test failed early
 
 
 # ---- 4. kill -9 while filling, restart on the same database --------------------------
