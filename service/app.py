@@ -18,6 +18,7 @@ from service import __version__, crypto
 from service.clock import Clock, SystemClock
 from service.config import Config
 from service.db import make_engine, session_factory
+from service.doorbell import Bell, NoBell, bell_for
 from service.errors import register_error_handlers, validation_problem
 from service.waiters import LeaseWaiters
 
@@ -36,6 +37,7 @@ class Services:
     read_factory: sessionmaker[Session]
     clock: Clock
     waiters: LeaseWaiters = field(default_factory=LeaseWaiters)
+    bell: Bell = field(default_factory=NoBell)
 
     def session(self) -> Session:
         """The request's one session, closed in teardown (read-only for GET requests)."""
@@ -84,6 +86,7 @@ def create_app(
         factory=session_factory(engine),
         read_factory=session_factory(engine, read_only=True),
         clock=clock or SystemClock(),
+        bell=bell_for(engine),
     )
     app.extensions["workerlease"] = services
 

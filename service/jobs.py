@@ -8,11 +8,13 @@ pass is also safe when several replicas run it at once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from apscheduler.events import EVENT_SCHEDULER_SHUTDOWN, SchedulerEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
@@ -22,6 +24,7 @@ from service.clock import Clock
 from service.config import SchedulerConfig
 from service.db import session_factory, session_scope
 from service.dispatch import PoolDispatcher
+from service.doorbell import Bell, NoBell
 from service.leasing import expire, fail_pending_of_disabled_pools, serve_pending
 from service.models import Pool
 from service.pools import counts_by_pool, plan_refill, trim, workers_wanted
@@ -40,6 +43,7 @@ log = logging.getLogger("workerlease.jobs")
 
 
 DESTROYS_PER_POOL = 8
+STOP_CHECK_S = 0.5  # how soon the demand loop notices stop()
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Runtime:
     provisioners: ProvisionerSet
     clock: Clock
     settings: SchedulerConfig
+    bell: Bell = field(default_factory=NoBell)
     creates: PoolDispatcher = field(init=False)
     destroys: PoolDispatcher = field(init=False)
     read_factory: sessionmaker[Session] = field(init=False)
@@ -187,6 +192,51 @@ def instrumented(name: str, job: Callable[[Runtime], None], rt: Runtime) -> Call
     return run
 
 
+class DemandLoop:
+    """The demand pass, run when the doorbell rings or every ``demand_interval``.
+
+    A thread of its own rather than an APScheduler job: a ring must start a pass at
+    once, and a ring during a pass must start another right after it (the lease may
+    have committed after the pass read the counts), never two passes at once.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._stop = threading.Event()
+        self._run_pass = instrumented("demand", _no_wait(answer_demand), rt)
+        # Bound now, not in the thread: a ring sent once the scheduler is up is heard.
+        self._listener = rt.bell.listener()
+        self._thread = threading.Thread(target=self._loop, name="demand", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._wait_for_ring(self._rt.settings.demand_interval):
+                    metrics.DOORBELL.labels("woke").inc()
+                if not self._stop.is_set():
+                    self._run_pass()
+        finally:
+            self._listener.close()
+
+    def _wait_for_ring(self, interval: float) -> bool:
+        """True when the bell rang, False after ``interval``; soon after ``stop()`` either way."""
+        deadline = time.monotonic() + interval
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._listener.wait(min(remaining, STOP_CHECK_S)):
+                return True
+        return False
+
+
 def start_scheduler(rt: Runtime) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(
         job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 30},
@@ -216,13 +266,14 @@ def start_scheduler(rt: Runtime) -> BackgroundScheduler:
         id="destroy",
         next_run_time=now,
     )
-    scheduler.add_job(
-        instrumented("demand", _no_wait(answer_demand), rt),
-        "interval",
-        seconds=rt.settings.demand_interval,
-        id="demand",
-    )
+    demand = DemandLoop(rt)
+
+    def stop_demand(_event: SchedulerEvent) -> None:
+        demand.stop()
+
+    scheduler.add_listener(stop_demand, EVENT_SCHEDULER_SHUTDOWN)
     scheduler.start()
+    demand.start()
     log.info(
         "scheduler_started interval=%ss reconcile_interval=%ss",
         interval,

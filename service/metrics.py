@@ -66,6 +66,11 @@ LEASES_ENDED = Counter(
     "workerlease_leases_ended_total", "Leases ended, by reason", ["pool", "reason"]
 )
 JOB_RUNS = Counter("workerlease_job_runs_total", "Background job runs", ["job", "outcome"])
+DOORBELL = Counter(
+    "workerlease_doorbell_total",
+    "Demand doorbell: rang, undelivered (the poll covers it), woke the scheduler, listen_error",
+    ["event"],
+)
 JOB_DURATION = Histogram(
     "workerlease_job_duration_seconds", "Background job run time", ["job"], buckets=_BUCKETS_FAST
 )

@@ -15,6 +15,7 @@ from service import crypto, migrate
 from service.clock import Clock, SystemClock
 from service.config import Config
 from service.db import lock_job, make_engine, session_factory, session_scope
+from service.doorbell import bell_for
 from service.jobs import Runtime, start_scheduler
 from service.models import Heartbeat
 from service.pools import apply_config
@@ -51,6 +52,7 @@ def build_runtime(config: Config, engine: Engine, url: str, clock: Clock | None 
         provisioners=ProvisionerSet(deployment),
         clock=clock or SystemClock(),
         settings=config.scheduler,
+        bell=bell_for(engine),
     )
 
 

@@ -38,6 +38,8 @@ def create_lease(body: LeaseCreate) -> Any:
         acquired = leasing.acquire(session, g.tenant.id, body.pool, services.clock.now())
     if acquired.outcome == Outcome.PENDING:
         acquired = _serve_queue_now(acquired, body.pool)
+    if acquired.lease.state == LeaseState.PENDING:
+        services.bell.ring()  # the scheduler refills now, not at its next poll
     lease = acquired.lease
     if lease.state == LeaseState.PENDING and body.wait_seconds:
         lease = _wait_for_activation(lease.id, body.wait_seconds)

@@ -1,0 +1,76 @@
+"""The PostgreSQL doorbell: NOTIFY from the API side, LISTEN in the scheduler, on a real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+
+from service.doorbell import PostgresBell, bell_for
+from tests.support.postgres import PostgresServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+
+@pytest.fixture
+def engine(postgres_server: PostgresServer) -> Iterator[Engine]:
+    engine = create_engine(postgres_server.create_database())
+    yield engine
+    engine.dispose()
+
+
+def _bell(engine: Engine) -> PostgresBell:
+    bell = bell_for(engine)
+    assert isinstance(bell, PostgresBell)
+    return bell
+
+
+def test_a_notify_wakes_the_listener(engine: Engine) -> None:
+    bell = _bell(engine)
+    listener = bell.listener()
+    try:
+        assert listener.wait(0.1) is False  # connects and LISTENs; nothing rang
+        threading.Timer(0.2, bell.ring).start()
+        started = time.monotonic()
+        assert listener.wait(30) is True
+        assert time.monotonic() - started < 10
+        assert listener.wait(0.1) is False
+    finally:
+        listener.close()
+
+
+def test_the_listener_reconnects_after_its_connection_is_killed(engine: Engine) -> None:
+    bell = _bell(engine)
+    listener = bell.listener()
+    try:
+        assert listener.wait(0.1) is False
+        conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE query LIKE 'LISTEN %'"
+            ).fetchone()
+        assert killed == (1,)
+        assert listener.wait(0.2) is False  # the loss is noticed, logged and backed off
+
+        deadline = time.monotonic() + 20
+        heard = False
+        while not heard and time.monotonic() < deadline:
+            bell.ring()
+            heard = listener.wait(0.5)
+        assert heard, "the listener never came back"
+    finally:
+        listener.close()
+
+
+def test_ringing_while_the_database_is_unreachable_is_harmless() -> None:
+    engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    try:
+        _bell(engine).ring()  # refused connection: logged and counted, not raised
+    finally:
+        engine.dispose()
