@@ -78,6 +78,8 @@ class _Proc:
 class LocalProvisioner(Provisioner):
     name = "local"
     Options = LocalOptions
+    #: One /proc scan and one wait serve the whole batch (see ``destroy_many``).
+    destroy_batch_size = 32
 
     def __init__(self, pool: str, options: ProvisionerOptions) -> None:
         if not isinstance(options, LocalOptions):
@@ -108,7 +110,10 @@ class LocalProvisioner(Provisioner):
                     ):
                         return self._handle(proc)
                 # Leftovers of an earlier agent of this id (its scripts' children) go first.
-                self._kill_worker(spec.worker_id, spec.deployment_id)
+                if self._kill_workers({spec.worker_id}, spec.deployment_id):
+                    raise TransientProvisionerError(
+                        f"leftovers of worker {spec.worker_id} survive SIGKILL"
+                    )
                 self._fresh_dir(workdir)
                 pid = self._start_agent(spec, workdir)
             except OSError as exc:
@@ -119,17 +124,40 @@ class LocalProvisioner(Provisioner):
         )
 
     def destroy(self, handle: WorkerHandle) -> None:
-        with self._lock_for(handle.worker_id):
+        error = self.destroy_many([handle])[handle.worker_id]
+        if error is not None:
+            raise error
+
+    def destroy_many(self, handles: Iterable[WorkerHandle]) -> dict[str, Exception | None]:
+        """Stop every process of the workers with one /proc scan and one wait for all.
+
+        Destroying one by one scanned /proc several times per worker while it waited
+        for each in turn; released workers come in bursts.
+        """
+        worker_ids = {handle.worker_id for handle in handles}
+        results: dict[str, Exception | None] = {}
+        with contextlib.ExitStack() as held:
+            for lock in self._locks_for(worker_ids):
+                held.enter_context(lock)
             try:
-                self._kill_worker(handle.worker_id)
-                pattern = f"*/{_glob_escape(_component(handle.worker_id))}"
-                for workdir in self.work_root.glob(pattern):
-                    shutil.rmtree(workdir)
+                survivors = self._kill_workers(worker_ids)
             except OSError as exc:
-                raise TransientProvisionerError(
-                    f"cannot destroy local worker {handle.worker_id}: {exc}"
-                ) from exc
-        log.info("local_agent_destroyed worker=%s", handle.worker_id)
+                error = TransientProvisionerError(f"cannot stop local workers: {exc}")
+                return dict.fromkeys(worker_ids, error)
+            for worker_id in worker_ids:
+                results[worker_id] = self._finish_destroy(worker_id, survivors)
+        return results
+
+    def _finish_destroy(self, worker_id: str, survivors: set[str]) -> Exception | None:
+        if worker_id in survivors:
+            return TransientProvisionerError(f"processes of worker {worker_id} survive SIGKILL")
+        try:
+            for workdir in self.work_root.glob(f"*/{_glob_escape(_component(worker_id))}"):
+                shutil.rmtree(workdir)
+        except OSError as exc:
+            return TransientProvisionerError(f"cannot remove the directory of {worker_id}: {exc}")
+        log.info("local_agent_destroyed worker=%s", worker_id)
+        return None
 
     def describe(self, handles: Iterable[WorkerHandle]) -> dict[str, ResourceState]:
         try:
@@ -164,7 +192,11 @@ class LocalProvisioner(Provisioner):
     # -- helpers -------------------------------------------------------------
 
     def _lock_for(self, worker_id: str) -> threading.Lock:
-        return self._locks[zlib.crc32(worker_id.encode()) % LOCK_STRIPES]
+        return self._locks[_stripe(worker_id)]
+
+    def _locks_for(self, worker_ids: Iterable[str]) -> list[threading.Lock]:
+        """The stripes of several ids, in one global order so two batches cannot deadlock."""
+        return [self._locks[i] for i in sorted({_stripe(w) for w in worker_ids})]
 
     def _handle(self, proc: _Proc) -> WorkerHandle:
         return WorkerHandle(
@@ -215,41 +247,45 @@ class LocalProvisioner(Provisioner):
             self._children[child.pid] = (child, spec.worker_id)
         return child.pid
 
-    def _kill_worker(self, worker_id: str, deployment_id: str | None = None) -> None:
-        """SIGTERM every process group holding a process of the worker, then SIGKILL.
+    def _kill_workers(self, worker_ids: set[str], deployment_id: str | None = None) -> set[str]:
+        """SIGTERM every process group holding a process of the workers, then SIGKILL.
 
+        Returns the ids of workers with processes that survived even SIGKILL.
         ``deployment_id`` narrows the match when known (handles do not carry it)."""
-        groups = self._groups_of(worker_id, deployment_id)
+        groups = self._groups_of(worker_ids, deployment_id)
         if not groups:
-            return
-        self._signal(groups, signal.SIGTERM)
-        if self._wait_gone(worker_id, deployment_id, groups, TERM_GRACE_S):
-            return
-        log.warning("local_agent_kill worker=%s groups=%s", worker_id, sorted(groups))
-        groups |= self._groups_of(worker_id, deployment_id)
-        self._signal(groups, signal.SIGKILL)
-        if not self._wait_gone(worker_id, deployment_id, groups, KILL_GRACE_S):
-            raise TransientProvisionerError(f"processes of worker {worker_id} survive SIGKILL")
+            return set()
+        self._signal(set(groups), signal.SIGTERM)
+        if not self._wait_gone(worker_ids, deployment_id, set(groups), TERM_GRACE_S):
+            groups |= self._groups_of(worker_ids, deployment_id)
+            log.warning("local_agent_kill groups=%s", sorted(groups))
+            self._signal(set(groups), signal.SIGKILL)
+            self._wait_gone(worker_ids, deployment_id, set(groups), KILL_GRACE_S)
+        return set(self._groups_of(worker_ids, deployment_id).values())
 
     @staticmethod
-    def _groups_of(worker_id: str, deployment_id: str | None) -> set[int]:
+    def _groups_of(worker_ids: set[str], deployment_id: str | None) -> dict[int, str]:
+        """Process group -> worker id, for every live process of the workers."""
         own = os.getpgrp()
-        return {
-            p.pgid
-            for p in _scan()
-            if p.env.get(ENV_WORKER) == worker_id
-            and deployment_id in (None, p.env.get(ENV_DEPLOYMENT))
-            and p.pgid > 1
-            and p.pgid != own
-        }
+        groups: dict[int, str] = {}
+        for proc in _scan():
+            worker_id = proc.env.get(ENV_WORKER)
+            if (
+                worker_id in worker_ids
+                and deployment_id in (None, proc.env.get(ENV_DEPLOYMENT))
+                and proc.pgid > 1
+                and proc.pgid != own
+            ):
+                groups[proc.pgid] = worker_id
+        return groups
 
     def _wait_gone(
-        self, worker_id: str, deployment_id: str | None, groups: set[int], grace_s: float
+        self, worker_ids: set[str], deployment_id: str | None, groups: set[int], grace_s: float
     ) -> bool:
         deadline = time.monotonic() + grace_s
         while True:
             self._reap()
-            if not self._groups_of(worker_id, deployment_id) and not _live_groups(groups):
+            if not self._groups_of(worker_ids, deployment_id) and not _live_groups(groups):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -273,6 +309,10 @@ class LocalProvisioner(Provisioner):
                 else:
                     del self._children[pid]
         return running
+
+
+def _stripe(worker_id: str) -> int:
+    return zlib.crc32(worker_id.encode()) % LOCK_STRIPES
 
 
 def _component(value: str) -> str:

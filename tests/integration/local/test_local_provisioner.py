@@ -219,6 +219,38 @@ def test_destroy_escalates_to_sigkill(
     assert not alive(child)
 
 
+def test_destroy_many_stops_a_batch_with_one_wait_and_leaves_others_alone(
+    provisioner: LocalProvisioner,
+    service: FakeService,
+    spec: Callable[..., WorkerSpec],
+    work_root: Path,
+    deployment: str,
+) -> None:
+    workers = [spec() for _ in range(4)]
+    handles = [provisioner.create(worker) for worker in workers]
+    children = {
+        w.worker_id: int(service.run(w.worker_id, "sleep 300 >/dev/null 2>&1 &\necho $!")["stdout"])
+        for w in workers
+    }
+    # One worker ignores SIGTERM: the batch escalates to SIGKILL and still ends every one.
+    stubborn = workers[0].worker_id
+    children[stubborn] = int(
+        service.run(stubborn, "trap '' TERM\nsleep 300 >/dev/null 2>&1 &\necho $!")["stdout"]
+    )
+    kept = handles.pop()
+
+    results = provisioner.destroy_many(handles)
+
+    assert results == {h.worker_id: None for h in handles}
+    for handle in handles:
+        assert not alive(int(handle.provider_id))
+        assert not alive(children[handle.worker_id])
+        assert not (work_root / deployment / handle.worker_id).exists()
+    assert alive(int(kept.provider_id)) and alive(children[kept.worker_id])
+    assert [h.worker_id for h in provisioner.list_owned(deployment)] == [kept.worker_id]
+    assert provisioner.destroy_many(handles) == {h.worker_id: None for h in handles}  # again
+
+
 def test_agent_that_exits_is_reaped_and_gone(
     provisioner: LocalProvisioner, service: FakeService, spec: Callable[..., WorkerSpec]
 ) -> None:
