@@ -13,7 +13,7 @@ from service.config import PoolConfig
 from service.db import lock_job, with_row_locks
 from service.errors import InvalidRequest, NotFound
 from service.leasing import schedule_destroy
-from service.models import Lease, LeaseState, Pool, Worker, WorkerState
+from service.models import LIVE_WORKER_STATES, Lease, LeaseState, Pool, Worker, WorkerState
 from service.schemas import PoolPatch
 from service.security import ACCESS_TOKEN_PREFIX, BOOTSTRAP_TOKEN_PREFIX, new_id, new_token
 from service.states import record
@@ -116,7 +116,8 @@ def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
     counts: dict[str, PoolCounts] = {}
     workers_q = (
         select(Worker.pool, Worker.state, func.count())
-        .where(Worker.state != WorkerState.DESTROYED)
+        # IN, not "!= destroyed": the (state, pool) index then skips all of history.
+        .where(col(Worker.state).in_(LIVE_WORKER_STATES))
         .group_by(col(Worker.pool), col(Worker.state))
     )
     for pool, state, n in session.exec(workers_q).all():
