@@ -1,0 +1,122 @@
+"""Where a warm lease's CPU goes: POST /v1/leases + DELETE in-process, under cProfile.
+
+    .venv/bin/python -m tests.benchmarks.profile_lease [--cycles 300] [--top 35]
+
+No HTTP server and no load generator: the Flask test client calls the app on a
+temporary SQLite file whose pool holds ready worker rows (inserted directly, so
+no provisioner runs). It prints the milliseconds of CPU per cycle without the
+profiler, then the functions that cost most (cumulative and own time) with it.
+This is the tool behind the "per-request CPU" figures in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+POOL = "profile"
+ADMIN_TOKEN = "profile-admin-token-0123456789"
+
+
+def _app(db: Path, ready: int) -> tuple[Any, Any]:
+    from service.app import create_app
+    from service.config import config_from_dict
+    from service.runtime import prepare_database
+
+    config = config_from_dict(
+        {
+            "database_url": f"sqlite:///{db}",
+            "admin_token": ADMIN_TOKEN,
+            "deployment_id": "profile",
+            "log_level": "WARNING",
+            "pools": [
+                {
+                    "name": POOL,
+                    "os": "ubuntu",
+                    "provisioner": "local",
+                    "min_ready": 0,
+                    "max_workers": ready,
+                }
+            ],
+        }
+    )
+    engine = prepare_database(config)
+    return create_app(config, engine=engine), engine
+
+
+def _add_ready_workers(engine: Any, count: int, start: int) -> None:
+    from service.models import Worker
+
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "id": f"w_prof{start + i:07d}",
+            "pool": POOL,
+            "state": "ready",
+            "created_at": now,
+            "state_changed_at": now,
+            "ready_at": now,
+            "provider_id": "0",
+            "address": "127.0.0.1",
+            "agent_url": "http://127.0.0.1:9",
+            "access_token": "wla_profile",
+            "create_attempts": 1,
+            "destroy_attempts": 0,
+        }
+        for i in range(count)
+    ]
+    with engine.begin() as connection:
+        connection.execute(Worker.__table__.insert(), rows)  # type: ignore[attr-defined]
+
+
+def _cycles(client: Any, token: str, count: int) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    for _ in range(count):
+        created = client.post("/v1/leases", json={"pool": POOL}, headers=headers)
+        assert created.status_code == 201, created.get_data(as_text=True)
+        lease_id = created.get_json()["id"]
+        released = client.delete(f"/v1/leases/{lease_id}", headers=headers)
+        assert released.status_code == 200, released.get_data(as_text=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=300)
+    parser.add_argument("--top", type=int, default=35)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="workerlease-profile-") as tmp:
+        app, engine = _app(Path(tmp) / "profile.db", ready=3 * args.cycles + 10)
+        client = app.test_client()
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        created = client.post("/v1/admin/tenants", json={"name": "acme"}, headers=admin)
+        token = created.get_json()["token"]
+        _add_ready_workers(engine, 3 * args.cycles + 10, 0)
+        _cycles(client, token, 10)  # warm-up: imports, statement caches, connections
+
+        started, cpu = time.perf_counter(), time.process_time()
+        _cycles(client, token, args.cycles)
+        wall_ms = (time.perf_counter() - started) * 1000 / args.cycles
+        cpu_ms = (time.process_time() - cpu) * 1000 / args.cycles
+        print(f"per POST+DELETE cycle, no profiler: {wall_ms:.2f} ms wall, {cpu_ms:.2f} ms CPU")
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        _cycles(client, token, args.cycles)
+        profiler.disable()
+        stats = pstats.Stats(profiler).strip_dirs()
+        print(f"\n--- cumulative, {args.cycles} cycles ---")
+        stats.sort_stats("cumulative").print_stats(args.top)
+        print(f"\n--- own time, {args.cycles} cycles ---")
+        stats.sort_stats("tottime").print_stats(args.top)
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
