@@ -53,6 +53,10 @@ class Outcome(enum.Enum):
 class Acquired:
     lease: Lease
     outcome: Outcome
+    # The rows the lease was made from. Holding them keeps them in the session's
+    # (weak) identity map, so the answer is built without reading them again.
+    worker: Worker | None = None
+    pool: Pool | None = None
 
 
 # ---- acquire ----------------------------------------------------------------
@@ -98,7 +102,7 @@ def _acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) ->
     _record_created(session, lease, now)
     _assign(session, lease, worker, pool, now)
     session.flush()  # one INSERT of the active lease; the unique indexes speak here
-    return Acquired(lease, Outcome.ACTIVE)
+    return Acquired(lease, Outcome.ACTIVE, worker, pool)
 
 
 def enabled_pool(session: Session, pool_name: str) -> Pool:

@@ -34,23 +34,32 @@ STATUS = {Outcome.ACTIVE: 201, Outcome.PENDING: 202, Outcome.EXISTING: 200}
 def create_lease(body: LeaseCreate) -> Any:
     """Lease a worker: 201 active, 202 pending, 200 the live lease you already hold."""
     services = svc()
+    tenant_id = g.tenant.id
     with services.transaction() as session:
-        acquired = leasing.acquire(session, g.tenant.id, body.pool, services.clock.now())
+        acquired = leasing.acquire(session, tenant_id, body.pool, services.clock.now())
+        if acquired.lease.state != LeaseState.PENDING:
+            # The warm path answers from the rows this transaction holds: no second one.
+            out = lease_out(session, acquired.lease, viewer_tenant_id=tenant_id)
+            return _lease_answer(out, acquired.outcome)
     if acquired.outcome == Outcome.PENDING:
         acquired = _serve_queue_now(acquired, body.pool)
-    if acquired.lease.state == LeaseState.PENDING:
-        services.bell.ring()  # the scheduler refills now, not at its next poll
     lease = acquired.lease
+    if lease.state == LeaseState.PENDING:
+        services.bell.ring()  # the scheduler refills now, not at its next poll
     if lease.state == LeaseState.PENDING and body.wait_seconds:
         lease = _wait_for_activation(lease.id, body.wait_seconds)
         if lease.state != LeaseState.PENDING and acquired.outcome == Outcome.PENDING:
             acquired = leasing.Acquired(lease, Outcome.ACTIVE)
     with services.transaction() as session:
-        out = lease_out(session, lease, viewer_tenant_id=g.tenant.id)
-    headers = {"Location": url_for("leases.get_lease", lease_id=lease.id)}
+        out = lease_out(session, lease, viewer_tenant_id=tenant_id)
+    return _lease_answer(out, acquired.outcome)
+
+
+def _lease_answer(out: LeaseOut, outcome: Outcome) -> Any:
+    headers = {"Location": url_for("leases.get_lease", lease_id=out.id)}
     if out.state == LeaseState.PENDING:
         headers["Retry-After"] = str(RETRY_AFTER_S)
-    return out.model_dump(mode="json"), STATUS[acquired.outcome], headers
+    return out.model_dump(mode="json"), STATUS[outcome], headers
 
 
 def _serve_queue_now(acquired: leasing.Acquired, pool: str) -> leasing.Acquired:
