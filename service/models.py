@@ -77,7 +77,19 @@ LIVE_WORKER_STATES = (
     WorkerState.FAILED,
 )
 
-_LIVE_LEASE_SQL = text("state IN ('pending', 'active')")
+
+
+def _state_in(states: tuple[str, ...]) -> str:
+    return "state IN (" + ", ".join(f"'{state}'" for state in states) + ")"
+
+
+# Partial-index predicates. Queries that should use these indexes must render the
+# same IN list as literals (``service.api.live_states``): neither SQLite nor a generic
+# PostgreSQL plan matches a partial index to bound parameters.
+LIVE_LEASE_SQL = _state_in(LIVE_LEASE_STATES)
+LIVE_WORKER_SQL = _state_in(LIVE_WORKER_STATES)
+_LIVE_LEASE_SQL = text(LIVE_LEASE_SQL)
+_LIVE_WORKER_SQL = text(LIVE_WORKER_SQL)
 
 
 def _utc(nullable: bool = False, index: bool = False) -> Any:
@@ -132,6 +144,14 @@ class Worker(SQLModel, table=True):
         # live workers, not the destroyed history. (Not partial: SQLite cannot match a
         # partial index to a bound ``state = ?`` parameter.)
         Index("ix_workers_state_pool", "state", "pool", "created_at"),
+        # The admin list of live workers, newest first: its cost follows the live
+        # workers, however long the history.
+        Index(
+            "ix_workers_live_created",
+            "created_at",
+            sqlite_where=_LIVE_WORKER_SQL,
+            postgresql_where=_LIVE_WORKER_SQL,
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -170,6 +190,12 @@ class Lease(SQLModel, table=True):
         Index("ix_leases_state_pool", "state", "pool", "created_at"),
         Index("ix_leases_tenant_created", "tenant_id", "created_at"),
         Index("ix_leases_created", "created_at"),
+        Index(
+            "ix_leases_live_created",
+            "created_at",
+            sqlite_where=_LIVE_LEASE_SQL,
+            postgresql_where=_LIVE_LEASE_SQL,
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=40)

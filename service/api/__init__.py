@@ -6,7 +6,9 @@ from typing import Any, TypeVar
 
 from flask import current_app
 from flask_openapi3 import Tag
+from sqlalchemy import bindparam
 from sqlalchemy.sql import Select
+from sqlalchemy.sql.elements import BindParameter
 from sqlmodel import col
 
 from service.app import Services
@@ -30,7 +32,11 @@ def svc() -> Services:
 def by_state(statement: S, column: Any, state: str, live: tuple[str, ...]) -> S:
     """Apply a ``?state=`` filter: a state, ``live`` (the given live states) or ``all``."""
     if state == "live":
-        return statement.where(col(column).in_(live))
+        # Literal values, so the partial "live" indexes (service.models) match them.
+        states: BindParameter[list[str]] = bindparam(
+            "live_states", [str(s) for s in live], expanding=True, literal_execute=True
+        )
+        return statement.where(col(column).in_(states))
     if state != "all":
         return statement.where(column == state)
     return statement
