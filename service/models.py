@@ -78,7 +78,6 @@ LIVE_WORKER_STATES = (
 )
 
 
-
 def _state_in(states: tuple[str, ...]) -> str:
     return "state IN (" + ", ".join(f"'{state}'" for state in states) + ")"
 
