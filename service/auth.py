@@ -8,11 +8,14 @@ unauthenticated caller learns nothing about the request shape.
 from __future__ import annotations
 
 from flask import current_app, g, request
+from sqlalchemy import bindparam
 from sqlmodel import select
 
 from service.errors import Forbidden, Unauthorized
 from service.models import Tenant
 from service.security import TENANT_TOKEN_PREFIX, hash_token, secret_equals
+
+_TENANT_BY_TOKEN_HASH = select(Tenant).where(Tenant.token_hash == bindparam("token_hash"))
 
 
 def bearer_token() -> str:
@@ -36,7 +39,9 @@ def require_tenant() -> None:
         session = current_app.extensions["workerlease"].session()
         # Lookup by the hash's unique index; the hash itself is never compared byte-wise
         # against user input, so timing reveals nothing about stored tokens.
-        tenant = session.exec(select(Tenant).where(Tenant.token_hash == hash_token(token))).first()
+        tenant = session.exec(
+            _TENANT_BY_TOKEN_HASH, params={"token_hash": hash_token(token)}
+        ).first()
     if tenant is None or not tenant.enabled:
         raise Unauthorized("unknown or revoked token")
     g.tenant = tenant

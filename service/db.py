@@ -13,7 +13,7 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
@@ -115,6 +115,23 @@ def with_row_locks(
     if session.get_bind().dialect.name == "sqlite":
         return statement
     return statement.with_for_update(skip_locked=skip_locked, of=of)
+
+
+class Prepared(Generic[S]):
+    """A hot-path statement built once, with its row-locking variant built once too.
+
+    Building a statement and its cache key costs more than running it on SQLite
+    (about 100 us of the 170 us a small SELECT took); values go in as bound
+    parameters (``bindparam``) at execution.
+    """
+
+    def __init__(self, statement: S, *, skip_locked: bool = True) -> None:
+        self.plain = statement
+        self.locked = statement.with_for_update(skip_locked=skip_locked)
+
+    def for_update(self, session: Session) -> S:
+        """As ``with_row_locks``: the locking variant where the database has row locks."""
+        return self.plain if is_sqlite(session) else self.locked
 
 
 def is_sqlite(session: Session) -> bool:

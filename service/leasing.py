@@ -15,16 +15,16 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import bindparam
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from service import metrics
-from service.db import with_row_locks
+from service.db import Prepared, with_row_locks
 from service.errors import Conflict, NotFound
 from service.models import (
     LIVE_LEASE_STATES,
     EndReason,
-    Event,
     Lease,
     LeaseState,
     Pool,
@@ -32,7 +32,7 @@ from service.models import (
     WorkerState,
 )
 from service.security import new_id
-from service.states import move_lease, move_worker
+from service.states import move_lease, move_worker, record
 
 END_STATE_FOR_REASON = {
     EndReason.RELEASED: LeaseState.RELEASED,
@@ -112,30 +112,42 @@ def enabled_pool(session: Session, pool_name: str) -> Pool:
     return pool
 
 
+# The warm lease's statements, built once (see ``Prepared``).
+_LIVE_LEASE = select(Lease).where(
+    Lease.tenant_id == bindparam("tenant_id"),
+    Lease.pool == bindparam("pool"),
+    col(Lease.state).in_(LIVE_LEASE_STATES),
+)
+_ANY_PENDING = (
+    select(Lease.id)
+    .where(Lease.state == LeaseState.PENDING, Lease.pool == bindparam("pool"))
+    .limit(1)
+)
+_OLDEST_READY_WORKER = Prepared(
+    select(Worker)
+    .where(Worker.pool == bindparam("pool"), Worker.state == WorkerState.READY)
+    .order_by(col(Worker.ready_at), col(Worker.id))
+    .limit(1)
+)
+_TENANT_LEASE = Prepared(
+    select(Lease).where(
+        Lease.id == bindparam("lease_id"), Lease.tenant_id == bindparam("tenant_id")
+    ),
+    skip_locked=False,
+)
+
+
 def live_lease(session: Session, tenant_id: str, pool_name: str) -> Lease | None:
-    statement = select(Lease).where(
-        Lease.tenant_id == tenant_id,
-        Lease.pool == pool_name,
-        col(Lease.state).in_(LIVE_LEASE_STATES),
-    )
-    return session.exec(statement).first()
+    return session.exec(_LIVE_LEASE, params={"tenant_id": tenant_id, "pool": pool_name}).first()
 
 
 def _has_pending(session: Session, pool_name: str) -> bool:
-    statement = (
-        select(Lease.id).where(Lease.state == LeaseState.PENDING, Lease.pool == pool_name).limit(1)
-    )
-    return session.exec(statement).first() is not None
+    return session.exec(_ANY_PENDING, params={"pool": pool_name}).first() is not None
 
 
 def _claim_ready_worker(session: Session, pool_name: str) -> Worker | None:
-    statement = (
-        select(Worker)
-        .where(Worker.pool == pool_name, Worker.state == WorkerState.READY)
-        .order_by(col(Worker.ready_at), col(Worker.id))
-        .limit(1)
-    )
-    return session.exec(with_row_locks(statement, session)).first()
+    statement = _OLDEST_READY_WORKER.for_update(session)
+    return session.exec(statement, params={"pool": pool_name}).first()
 
 
 def _assign(session: Session, lease: Lease, worker: Worker, pool: Pool, now: datetime) -> None:
@@ -150,16 +162,15 @@ def _assign(session: Session, lease: Lease, worker: Worker, pool: Pool, now: dat
 
 
 def _record_created(session: Session, lease: Lease, now: datetime) -> None:
-    session.add(
-        Event(
-            at=now,
-            kind="lease",
-            subject_id=lease.id,
-            to_state=LeaseState.PENDING,
-            reason="requested",
-            pool=lease.pool,
-            tenant_id=lease.tenant_id,
-        )
+    record(
+        session,
+        "lease",
+        lease.id,
+        "requested",
+        now,
+        pool=lease.pool,
+        tenant_id=lease.tenant_id,
+        to_state=LeaseState.PENDING,
     )
 
 
@@ -195,10 +206,8 @@ def serve_pending_of(session: Session, pool_name: str, now: datetime) -> list[Le
 
 def tenant_lease(session: Session, tenant_id: str, lease_id: str, *, lock: bool = False) -> Lease:
     """The tenant's lease, or 404 (another tenant's lease is never revealed)."""
-    statement = select(Lease).where(Lease.id == lease_id, Lease.tenant_id == tenant_id)
-    if lock:
-        statement = with_row_locks(statement, session, skip_locked=False)
-    lease = session.exec(statement).first()
+    statement = _TENANT_LEASE.for_update(session) if lock else _TENANT_LEASE.plain
+    lease = session.exec(statement, params={"lease_id": lease_id, "tenant_id": tenant_id}).first()
     if lease is None:
         raise NotFound(f"no lease {lease_id!r}")
     return lease
