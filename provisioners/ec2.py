@@ -14,14 +14,16 @@ runs the agent's own installer (``images/agent/install.sh --service``, or
 ``install.ps1``, which always registers and starts the agent's task).
 :func:`render_user_data` is the single place that builds it.
 
-Every EC2 call passes a client-side rate limiter shared by all pools of the
-process that talk to the same region and endpoint, so a refill burst does not
-drain the account's EC2 token buckets (which other tools in the account share).
+Every EC2 request (botocore's retries included) passes a client-side rate limiter
+shared by all pools of the process that talk to the same region and endpoint, so
+a refill burst does not drain the account's EC2 token buckets (which other tools
+in the account share).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import importlib.resources
@@ -367,6 +369,12 @@ BUDGETS: dict[str, _Budget] = {
     "terminate": _Budget(calls=5, period=1.05),
     "describe": _Budget(calls=20, period=1.05),
 }
+# The operations this provisioner sends, and the budget each draws from.
+FAMILY_OF_OPERATION = {
+    "RunInstances": "run",
+    "TerminateInstances": "terminate",
+    "DescribeInstances": "describe",
+}
 _limiters: dict[tuple[str, str, str], RateLimiter] = {}
 _limiters_lock = threading.Lock()
 
@@ -451,26 +459,35 @@ class EC2Provisioner(Provisioner):
                     user_agent_extra="workerlease",
                 )
                 # A Session per provisioner: boto3's default session is not thread-safe.
-                self._client = boto3.session.Session().client(
+                client = boto3.session.Session().client(
                     "ec2",
                     region_name=self.opts.region,
                     endpoint_url=self.opts.endpoint_url,
                     config=config,
                 )
+                # Every request on the wire waits its turn, botocore's own retries
+                # included: limiting calls alone let retries exceed the budget.
+                for operation, family in FAMILY_OF_OPERATION.items():
+                    client.meta.events.register(
+                        f"before-send.ec2.{operation}", functools.partial(self._throttle, family)
+                    )
+                self._client = client
             return self._client
 
-    def _call(self, family: str, operation: str, **params: Any) -> dict[str, Any]:
-        """One rate-limited EC2 call; botocore exceptions pass through untranslated."""
+    def _throttle(self, family: str, **_: Any) -> None:
         rate_limiter(self.opts.region, self.opts.endpoint_url, family).acquire(
             self.opts.throttle_max_wait_s
         )
+
+    def _call(self, operation: str, **params: Any) -> dict[str, Any]:
+        """One EC2 call (rate limited per request); botocore exceptions pass through."""
         result: dict[str, Any] = getattr(self.client(), operation)(**params)
         return result
 
     def _describe_pages(self, **params: Any) -> Iterator[dict[str, Any]]:
         """Every instance DescribeInstances returns, one rate-limited page at a time."""
         while True:
-            page = self._call("describe", "describe_instances", **params)
+            page = self._call("describe_instances", **params)
             for reservation in page.get("Reservations", []):
                 yield from reservation.get("Instances", [])
             token = page.get("NextToken")
@@ -520,7 +537,7 @@ class EC2Provisioner(Provisioner):
         for market, instance_type, subnet in self._placements():
             params = self._run_params(spec, user_data, market, instance_type, subnet)
             try:
-                response = self._call("run", "run_instances", **params)
+                response = self._call("run_instances", **params)
             except (ClientError, BotoCoreError) as exc:
                 error = translate_error(exc, "RunInstances")
                 if not isinstance(error, CapacityError):
@@ -738,7 +755,7 @@ class EC2Provisioner(Provisioner):
         return found
 
     def _terminate(self, ids: list[str]) -> dict[str, Any]:
-        return self._call("terminate", "terminate_instances", InstanceIds=ids)
+        return self._call("terminate_instances", InstanceIds=ids)
 
     def _dropping_missing(
         self, ids: list[str], call: Callable[[list[str]], T]

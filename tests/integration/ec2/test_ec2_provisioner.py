@@ -10,8 +10,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 from botocore.awsrequest import AWSResponse
@@ -75,7 +77,11 @@ def fail_run_instances(
 
 
 def count_calls(client: Any, operation: str) -> list[float]:
-    """Record the monotonic time of each ``operation`` call the client makes."""
+    """Record the monotonic time of each ``operation`` request the client sends.
+
+    ``before-send`` fires once per HTTP attempt, botocore's retries included, after
+    the provisioner's rate limiter (registered first on the same event) let it go.
+    """
     times: list[float] = []
     lock = threading.Lock()
 
@@ -83,7 +89,7 @@ def count_calls(client: Any, operation: str) -> list[float]:
         with lock:
             times.append(time.monotonic())
 
-    client.meta.events.register(f"before-call.ec2.{operation}", handler)
+    client.meta.events.register(f"before-send.ec2.{operation}", handler)
     return times
 
 
@@ -326,6 +332,78 @@ def test_concurrent_creates_never_exceed_two_run_instances_per_second(
     tightest = min(later - earlier for earlier, later in zip(starts, starts[2:], strict=False))
     assert tightest >= 1.0, f"3 RunInstances calls within {tightest:.3f}s"
     assert len(provisioner.list_owned(deployment_id)) == 50
+
+
+class _ThrottlingEC2(ThreadingHTTPServer):
+    """An EC2 endpoint on 127.0.0.1 that finds no instances and throttles every launch."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ThrottlingHandler)
+        self.launch_requests = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ThrottlingHandler(BaseHTTPRequestHandler):
+    server: _ThrottlingEC2
+    NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
+
+    def do_POST(self) -> None:
+        form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+        if form["Action"] == ["RunInstances"]:
+            self.server.launch_requests += 1
+            status, body = (
+                503,
+                (
+                    "<Response><Errors><Error><Code>RequestLimitExceeded</Code>"
+                    "<Message>Request limit exceeded.</Message></Error></Errors>"
+                    "<RequestID>r</RequestID></Response>"
+                ),
+            )
+        else:  # DescribeInstances: nothing launched yet
+            status, body = (
+                200,
+                (
+                    f'<DescribeInstancesResponse xmlns="{self.NS}"><requestId>r</requestId>'
+                    "<reservationSet/></DescribeInstancesResponse>"
+                ),
+            )
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_botocore_retries_pass_the_rate_limiter_too(make_provisioner, make_spec, monkeypatch):
+    server = _ThrottlingEC2()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    turns: list[str] = []
+    original = RateLimiter.acquire
+
+    def counted(limiter: RateLimiter, max_wait: float) -> None:
+        turns.append("run" if limiter.calls == 2 else "other")
+        original(limiter, max_wait)
+
+    monkeypatch.setattr(RateLimiter, "acquire", counted)
+    try:
+        provisioner = make_provisioner(endpoint_url=server.url, max_attempts=3)
+        with pytest.raises(TransientProvisionerError, match="RequestLimitExceeded"):
+            provisioner.create(make_spec())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert server.launch_requests == 4  # the call and botocore's three retries...
+    assert turns.count("run") == 4  # ...each waited for its turn at the limiter
 
 
 def test_rate_limiter_refuses_a_wait_beyond_the_bound():

@@ -114,13 +114,21 @@ class RunInstancesTap:
 
     A ``before-call`` handler that returns a response short-circuits botocore's HTTP
     request, so the injected capacity error looks to the provisioner like EC2's own.
+    ``times`` are taken at ``before-send``, when a request really leaves (after the
+    provisioner's rate limiter, which waits on the same event).
     """
 
     def __init__(self, client: Any) -> None:
         self.lock = threading.Lock()
         self.calls: list[tuple[float, str | None]] = []  # (monotonic time, subnet)
+        self.sent: list[float] = []
         self.failing: set[str] = set()
         client.meta.events.register("before-call.ec2.RunInstances", self._handler)
+        client.meta.events.register("before-send.ec2.RunInstances", self._sent)
+
+    def _sent(self, **_: Any) -> None:
+        with self.lock:
+            self.sent.append(time.monotonic())
 
     def _handler(
         self, params: dict[str, Any], **_: Any
@@ -142,7 +150,7 @@ class RunInstancesTap:
     @property
     def times(self) -> list[float]:
         with self.lock:
-            return sorted(t for t, _ in self.calls)
+            return sorted(self.sent)
 
 
 # ---------------------------------------------------------------- fixtures
