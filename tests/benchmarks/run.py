@@ -358,25 +358,6 @@ def render(r: dict[str, Any]) -> str:
                             )
                         ]
                     )
-                extra = (data.get("with_proposed_indexes") or {}).get(live)
-                if extra:
-                    rows.append(
-                        [f"{kind} + proposed indexes", live, max(per["history"])]
-                        + [
-                            extra[k]["median_ms"]
-                            for k in (
-                                "maintain",
-                                "destroy",
-                                "reconcile",
-                                "admin_leases",
-                                "admin_leases_live",
-                                "admin_workers",
-                                "admin_workers_live",
-                                "admin_events",
-                                "admin_pools",
-                            )
-                        ]
-                    )
         parts.append(
             "### Scale: median ms per call\n"
             + _table(

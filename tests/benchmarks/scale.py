@@ -41,14 +41,6 @@ ENDPOINTS = {
     "admin_pools": "/v1/admin/pools",
 }
 BIG_TABLES = ("leases", "workers", "events")
-# SQLite uses a partial index only when the query's WHERE implies the index's WHERE
-# literally; ``state = ?`` (a bound parameter) never implies ``state IN ('pending',
-# 'active')``, so the partial indexes serve no parameterised query. Plain indexes
-# leading with ``state`` do.
-PROPOSED_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS ix_leases_state_pool_created ON leases (state, pool, created_at)",
-    "CREATE INDEX IF NOT EXISTS ix_workers_state_pool ON workers (state, pool)",
-)
 
 
 def _config(url: str, live: int) -> Any:
@@ -336,20 +328,6 @@ def run_scale(
                 t0 = time.monotonic()
             if kind == "sqlite" and live == live_sizes[-1]:
                 out["plans"] = _explain(engine, rt, client)
-            if kind == "sqlite":
-                # What-if, on this scratch database only: the plain indexes proposed in
-                # docs/benchmarks.md, then the same measurement again.
-                with engine.begin() as conn:
-                    for ddl in PROPOSED_INDEXES:
-                        conn.exec_driver_sql(ddl)
-                after = _measure(rt, client, repeats)
-                log(
-                    f"  {kind} live={live} history={history_sizes[-1]} with proposed indexes: "
-                    f"maintain {after['maintain']['median_ms']} ms"
-                )
-                out.setdefault("with_proposed_indexes", {})[live] = after
-                if live == live_sizes[-1]:
-                    out["plans_with_proposed_indexes"] = _explain(engine, rt, client)
         finally:
             rt.provisioners.close()
             engine.dispose()
