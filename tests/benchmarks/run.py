@@ -226,6 +226,11 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         _get(r, "time_to_worker", "docker", "ratio_median"),
         1.3001,
     )
+    add(
+        "docker: worker row created -> ready vs direct docker run <= 1.3x",
+        _get(r, "time_to_worker", "docker", "row_to_ready_ratio"),
+        1.3001,
+    )
     return rows
 
 
@@ -436,14 +441,18 @@ def render(r: dict[str, Any]) -> str:
                 ttw[kind]["service"]["median_s"],
                 ttw[kind]["direct"]["median_s"],
                 ttw[kind]["ratio_median"],
+                ttw[kind]["row_to_ready"]["median_s"],
+                ttw[kind]["row_to_ready_ratio"],
                 ttw[kind]["service"]["n"],
             ]
             for kind in ("local", "docker")
             if kind in ttw
         ]
+        header = ["provisioner", "service median s", "direct median s", "ratio"]
+        header += ["worker row -> ready median s", "row -> ready ratio", "n"]
         parts.append(
             "### Time to worker (min_ready 0, wait_seconds) vs starting it directly\n"
-            + _table(["provisioner", "service median s", "direct median s", "ratio", "n"], rows)
+            + _table(header, rows)
         )
     parts.append(
         "### Targets\n"
