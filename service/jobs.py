@@ -216,10 +216,16 @@ class DemandLoop:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        interval = self._rt.settings.demand_interval
         try:
             while not self._stop.is_set():
-                if self._wait_for_ring(self._rt.settings.demand_interval):
-                    metrics.DOORBELL.labels("woke").inc()
+                try:
+                    if self._wait_for_ring(interval):
+                        metrics.DOORBELL.labels("woke").inc()
+                except Exception:  # a broken bell must not stop the poll
+                    metrics.DOORBELL.labels("listen_error").inc()
+                    log.exception("doorbell_wait_failed; polling")
+                    self._stop.wait(interval)
                 if not self._stop.is_set():
                     self._run_pass()
         finally:
