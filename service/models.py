@@ -83,12 +83,10 @@ def _state_in(states: tuple[str, ...]) -> str:
 
 
 # Partial-index predicates. Queries that should use these indexes must render the
-# same IN list as literals (``service.api.live_states``): neither SQLite nor a generic
+# same IN list as literals (``service.api.by_state``): neither SQLite nor a generic
 # PostgreSQL plan matches a partial index to bound parameters.
-LIVE_LEASE_SQL = _state_in(LIVE_LEASE_STATES)
-LIVE_WORKER_SQL = _state_in(LIVE_WORKER_STATES)
-_LIVE_LEASE_SQL = text(LIVE_LEASE_SQL)
-_LIVE_WORKER_SQL = text(LIVE_WORKER_SQL)
+_LIVE_LEASE_SQL = text(_state_in(LIVE_LEASE_STATES))
+_LIVE_WORKER_SQL = text(_state_in(LIVE_WORKER_STATES))
 
 
 def _utc(nullable: bool = False, index: bool = False) -> Any:

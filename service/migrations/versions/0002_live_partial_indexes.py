@@ -19,7 +19,7 @@ down_revision = '0001'
 branch_labels = None
 depends_on = None
 
-# Frozen copies of service.models.LIVE_WORKER_SQL / LIVE_LEASE_SQL at this revision.
+# Frozen copies of the predicates in service.models at this revision.
 LIVE_WORKERS = "state IN ('provisioning', 'ready', 'leased', 'destroying', 'failed')"
 LIVE_LEASES = "state IN ('pending', 'active')"
 
