@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: install checkov run tenant test test-quick lint typecheck check bench system-deps \
+.PHONY: install checkov run tenant test test-crash-full test-quick lint typecheck check bench system-deps \
         docker-engine postgres images clean
 
 $(VENV)/.installed: pyproject.toml
@@ -61,6 +61,11 @@ system-deps: docker-engine postgres
 
 test: install checkov system-deps images
 	WORKERLEASE_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)
+
+# The crash suite in full: 52 SIGKILL runs and 4000 lease/release cycles (make test runs
+# its quick mode). Needs what make test needs; takes several minutes more.
+test-crash-full: install system-deps images
+	WORKERLEASE_CRASH_FULL=1 $(PY) -m pytest tests/integration/crash $(PYTEST_ARGS)
 
 # Unit and API tests only: no Docker, PostgreSQL or moto needed.
 test-quick: install
