@@ -20,6 +20,8 @@ from typing import Any
 from tests.benchmarks.common import ROOT, machine_info, sqlite_version
 
 SECTIONS = ("warm", "scale", "ttw")
+# The figures whose growth with history (and with live leases) the scale table shows.
+GROWTH_KEYS = ("maintain", "destroy", "reconcile", "admin_leases", "admin_workers", "admin_events")
 FULL = {
     "ready": 136,
     "bursts": 2,
@@ -387,35 +389,9 @@ def render(r: dict[str, Any]) -> str:
         for kind, data in scale.items():
             for live, per in data["live"].items():
                 for step, g in per["growth"].items():
-                    rows.append(
-                        [kind, live, step]
-                        + [
-                            g.get(k)
-                            for k in (
-                                "maintain",
-                                "destroy",
-                                "reconcile",
-                                "admin_leases",
-                                "admin_workers",
-                                "admin_events",
-                            )
-                        ]
-                    )
+                    rows.append([kind, live, step] + [g.get(k) for k in GROWTH_KEYS])
             for step, g in (data.get("live_growth") or {}).items():
-                rows.append(
-                    [kind, step, ""]
-                    + [
-                        g.get(k)
-                        for k in (
-                            "maintain",
-                            "destroy",
-                            "reconcile",
-                            "admin_leases",
-                            "admin_workers",
-                            "admin_events",
-                        )
-                    ]
-                )
+                rows.append([kind, step, ""] + [g.get(k) for k in GROWTH_KEYS])
         parts.append(
             "### Scale: growth factors\n"
             + _table(
