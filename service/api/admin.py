@@ -115,11 +115,8 @@ def update_pool(path: PoolPath, body: PoolPatch) -> Any:
 
 def _admin_pool(pool: Pool, counts: PoolCounts | None) -> AdminPoolOut:
     counts = counts or PoolCounts({}, 0)
-    by_state = {
-        state: counts.by_state.get(state, 0)
-        for state in ("provisioning", "ready", "leased", "destroying", "failed")
-    }
-    by_state["pending_leases"] = counts.pending_leases
+    counted = {str(state): counts.by_state.get(state, 0) for state in LIVE_WORKER_STATES}
+    counted["pending_leases"] = counts.pending_leases
     return AdminPoolOut(
         **pool_out(pool).model_dump(),
         provisioner=pool.provisioner,
@@ -129,7 +126,7 @@ def _admin_pool(pool: Pool, counts: PoolCounts | None) -> AdminPoolOut:
         provision_timeout_s=pool.provision_timeout_s,
         pending_timeout_s=pool.pending_timeout_s,
         degraded_reason=pool.degraded_reason,
-        counts=by_state,
+        counts=counted,
     )
 
 

@@ -40,7 +40,7 @@ class BenchServer(ServerProcess):
     """``workerlease serve`` with its default web settings and a ``bench-`` deployment id."""
 
     def __init__(self, tmp: Path, **kwargs: Any) -> None:
-        super().__init__(tmp, **kwargs)
+        super().__init__(tmp, threads=None, **kwargs)
         self.deployment_id = f"bench-{uuid.uuid4().hex[:12]}"
         self.config["deployment_id"] = self.deployment_id
         self.config["log_level"] = "WARNING"
@@ -53,20 +53,6 @@ class BenchServer(ServerProcess):
 
             env["WORKERLEASE_ENCRYPTION_KEY"] = Fernet.generate_key().decode()
         return env
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--config",
-            str(self.config_path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
 
     def revoke_live(self) -> int:
         """End leases a failed burst left behind (e.g. a 202), so the pool can refill."""

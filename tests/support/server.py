@@ -185,7 +185,7 @@ class ServerProcess:
         port: int | None = None,
         deployment_id: str | None = None,
         work_root: Path | None = None,
-        threads: int = 16,
+        threads: int | None = 16,  # None: serve's own default
     ) -> None:
         # ``deployment_id`` / ``work_root``: shared by several replicas of one deployment
         # (each ServerProcess then is one replica; ``extra`` can point them at one database).
@@ -244,8 +244,7 @@ class ServerProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--threads",
-            str(self.threads),
+            *(["--threads", str(self.threads)] if self.threads else []),
         ]
 
     def spawn(self) -> subprocess.Popen[bytes]:
