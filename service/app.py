@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, g, jsonify, request
@@ -17,10 +17,10 @@ from sqlmodel import Session
 from service import __version__, crypto
 from service.clock import Clock, SystemClock
 from service.config import Config
-from service.db import make_engine, session_factory
-from service.doorbell import Bell, NoBell, bell_for
+from service.db import make_engine, session_factory, transaction
+from service.doorbell import bell_for
 from service.errors import register_error_handlers, validation_problem
-from service.waiters import LeaseWaiters
+from service.lease_flow import LeaseFlow
 
 log = logging.getLogger("workerlease.app")
 
@@ -36,8 +36,7 @@ class Services:
     factory: sessionmaker[Session]
     read_factory: sessionmaker[Session]
     clock: Clock
-    waiters: LeaseWaiters = field(default_factory=LeaseWaiters)
-    bell: Bell = field(default_factory=NoBell)
+    flow: LeaseFlow
 
     def session(self) -> Session:
         """The request's one session, closed in teardown (read-only for GET requests)."""
@@ -49,13 +48,9 @@ class Services:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        session = self.session()
-        try:
+        """One transaction on the request's session."""
+        with transaction(self.session()) as session:
             yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
 
 
 def create_app(
@@ -80,13 +75,14 @@ def create_app(
         ADMIN_TOKEN=admin_token, MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False
     )
     engine = engine or make_engine(config.database_url, config.database_pool_size)
+    clock = clock or SystemClock()
     services = Services(
         config=config,
         engine=engine,
         factory=session_factory(engine),
         read_factory=session_factory(engine, read_only=True),
-        clock=clock or SystemClock(),
-        bell=bell_for(engine),
+        clock=clock,
+        flow=LeaseFlow(clock, bell_for(engine)),
     )
     app.extensions["workerlease"] = services
 

@@ -104,7 +104,9 @@ def scheduler(config_path: str | None, public_url: str | None, exit_with_parent:
     """Run only the background jobs (for deployments that serve the API elsewhere)."""
     config = _load(config_path)
     _setup_logging(config.log_level)
-    from service.runtime import build_runtime, prepare_database, run_scheduler, service_url
+    from service.passes.runtime import build_runtime
+    from service.scheduler import run_scheduler
+    from service.startup import prepare_database, service_url
 
     url = public_url or service_url(config, "127.0.0.1", 8080)
     stop = threading.Event()
@@ -145,7 +147,7 @@ def db() -> None:
 def db_upgrade(config_path: str | None) -> None:
     """Upgrade the schema to the latest migration and apply the config's pools."""
     from service.migrate import current_revision
-    from service.runtime import prepare_database
+    from service.startup import prepare_database
 
     config = _load(config_path)
     engine = prepare_database(config)
@@ -279,7 +281,7 @@ def images_build(name: str) -> None:
 
 def _factory(config: Config) -> Any:
     from service.db import make_engine, session_factory
-    from service.runtime import prepare_database
+    from service.startup import prepare_database
 
     engine = make_engine(config.database_url, config.database_pool_size)
     prepare_database(config, engine)

@@ -92,15 +92,23 @@ def session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[
 
 
 @contextmanager
-def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One transaction: commit on success, roll back on any error."""
-    session = factory()
+def transaction(session: Session) -> Iterator[Session]:
+    """One transaction on an open session: commit on success, roll back on any error."""
     try:
         yield session
         session.commit()
     except BaseException:
         session.rollback()
         raise
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A new session for one transaction, closed afterwards."""
+    session = factory()
+    try:
+        with transaction(session):
+            yield session
     finally:
         session.close()
 

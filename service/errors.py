@@ -51,11 +51,6 @@ class InvalidRequest(DomainError):
     title = "Invalid request"
 
 
-class Unavailable(DomainError):
-    status = 503
-    title = "Service unavailable"
-
-
 def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
     body = {"type": "about:blank", "status": status, "title": title, "detail": detail, **extra}
     response = jsonify(body)

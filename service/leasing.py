@@ -201,6 +201,13 @@ def serve_pending_of(session: Session, pool_name: str, now: datetime) -> list[Le
     return serve_pending(session, pool, now) if pool is not None else []
 
 
+def serve_all_pending(session: Session, now: datetime) -> list[Lease]:
+    activated: list[Lease] = []
+    for pool in session.exec(select(Pool)).all():
+        activated += serve_pending(session, pool, now)
+    return activated
+
+
 # ---- renew / release / revoke -------------------------------------------------
 
 

@@ -84,7 +84,7 @@ class DatabaseCollector(Collector):
     HELP = {
         "workerlease_workers": "Workers per pool and state (destroyed excluded)",
         "workerlease_leases": "Live leases per pool and state",
-        "workerlease_pool_degraded": "1 when the pool's creates are failing",
+        "workerlease_pool_degraded": "1 when the pool's creates or destroys are failing",
         "workerlease_pool_min_ready": "The pool's warm-pool target",
     }
 

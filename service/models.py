@@ -127,9 +127,12 @@ class Pool(SQLModel, table=True):
     lease_max_lifetime_s: int
     provision_timeout_s: int
     pending_timeout_s: int
-    degraded_reason: str | None = None
+    degraded_reason: str | None = None  # creates are failing (cleared by the next success)
     create_failures: int = 0
     create_backoff_until: datetime | None = _utc(nullable=True)
+    # Destroys are failing with a permanent error: resources may be leaking until an
+    # operator acts (cleared by the next confirmed destroy in the pool).
+    destroy_error: str | None = None
 
 
 class Worker(SQLModel, table=True):

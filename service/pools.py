@@ -143,6 +143,19 @@ def workers_wanted(pool: Pool, counts: PoolCounts) -> int:
     return max(0, min(demand - supply, room))
 
 
+def demand_outruns_supply(session: Session) -> bool:
+    """True when some enabled pool has pending leases and room for workers it lacks."""
+    counts = counts_by_pool(session)
+    if not any(c.pending_leases for c in counts.values()):
+        return False
+    pools = {p.name: p for p in session.exec(select(Pool)).all()}
+    return any(
+        pools[name].enabled and c.pending_leases > 0 and workers_wanted(pools[name], c) > 0
+        for name, c in counts.items()
+        if name in pools
+    )
+
+
 def plan_refill(session: Session, now: datetime) -> list[Worker]:
     """Commit-ready rows (state provisioning) for every worker the pools lack.
 

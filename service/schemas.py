@@ -171,7 +171,11 @@ class AdminPoolOut(PoolOut):
     max_workers: int
     provision_timeout_s: int
     pending_timeout_s: int
-    degraded_reason: str | None
+    degraded_reason: str | None = Field(description="Why creates are failing, if they are")
+    destroy_error: str | None = Field(
+        default=None,
+        description="A permanent destroy failure: resources may be leaking until fixed",
+    )
     counts: dict[str, int]
 
 
@@ -238,8 +242,3 @@ class EventList(BaseModel):
 
 class ReadyAck(BaseModel):
     access_token: str
-
-
-class Health(BaseModel):
-    status: str
-    checks: dict[str, str] = Field(default_factory=dict)

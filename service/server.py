@@ -21,7 +21,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from service.config import Config
-from service.runtime import prepare_database, service_url
+from service.startup import prepare_database, service_url
 
 log = logging.getLogger("workerlease.server")
 

@@ -1,37 +1,30 @@
-"""Worker lifecycle: agent callback, create, destroy, health checks and reconciliation.
+"""Workers: the agent's ready callback, claims, recorded results, timeouts and health.
 
-The passes here are what the scheduler runs. Each is a plain function of
-``(factory, provisioners, now)`` that a test can call with a fixed clock. Work
-is claimed in the database first (``claimed_until`` under a row lock), then
-provisioner calls happen outside any transaction, then the result is written
-in a new short transaction. So several replicas can run the same pass at once,
-and a crash at any point leaves rows a later pass picks up again.
+Every function here runs inside the caller's transaction (``session``) and takes
+``now`` from the caller's clock; none calls a provisioner. The passes that do
+(``service.passes``) claim work here (``claimed_until`` under a row lock), call
+the provisioner outside any transaction, then record what happened here in a new
+short transaction. So several replicas can run the same pass at once, and a
+crash at any point leaves rows a later pass picks up again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Collection, Iterable
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol, TypeVar
 
-from sqlalchemy import select as sa_select
 from sqlalchemy import update
-from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session, col, select
 
-from provisioners import (
-    ProvisionerError,
-    ResourceState,
-    WorkerHandle,
-    WorkerSpec,
-)
 from service import metrics
-from service.db import session_scope, with_row_locks
+from service.db import with_row_locks
 from service.errors import Conflict, NotFound, Unauthorized
-from service.leasing import end_lease, schedule_destroy, serve_pending
+from service.leasing import end_lease, revoke_lease, schedule_destroy, serve_pending
 from service.models import (
+    LIVE_LEASE_STATES,
     LIVE_WORKER_STATES,
     EndReason,
     Lease,
@@ -41,9 +34,8 @@ from service.models import (
     WorkerState,
 )
 from service.pools import note_create_result
-from service.provisioning import ProvisionerSet
 from service.security import secret_equals
-from service.states import move_worker
+from service.states import move_worker, record
 
 log = logging.getLogger("workerlease.workers")
 
@@ -51,6 +43,15 @@ log = logging.getLogger("workerlease.workers")
 # after a crash the claimed rows are picked up again once it lapses.
 CLAIM_FOR = timedelta(seconds=90)
 MAX_DESTROY_BACKOFF_S = 600
+
+
+@dataclass(frozen=True)
+class CallFailure:
+    """A provisioner call that failed, as recorded here (the passes translate exceptions)."""
+
+    kind: str  # the provisioner's error class: the metric label, so causes stay distinct
+    detail: str
+    permanent: bool  # retrying cannot help until an operator changes something
 
 
 def release_claims(session: Session) -> int:
@@ -69,9 +70,6 @@ def release_claims(session: Session) -> int:
     )
     result = session.execute(statement)
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
-
-
-# ---- the agent's ready callback --------------------------------------------------
 
 
 def worker_ready(
@@ -110,9 +108,6 @@ def mark_ready(
     metrics.PROVISIONING.labels(worker.pool).observe((now - worker.created_at).total_seconds())
 
 
-# ---- create ----------------------------------------------------------------------
-
-
 def claim_creates(
     session: Session, pool: str, now: datetime, limit: int, skip: Collection[str] = ()
 ) -> list[Worker]:
@@ -141,76 +136,42 @@ def claim_creates(
     return workers
 
 
-def create_one(
-    factory: sessionmaker[Session],
-    provisioners: ProvisionerSet,
-    pool: Pool,
-    worker: Worker,
+def record_create(
+    session: Session,
+    pool_name: str,
+    worker_id: str,
+    provider_id: str,
+    address: str | None,
     now: datetime,
 ) -> None:
-    spec = WorkerSpec(
-        worker_id=worker.id,
-        pool=pool.name,
-        os=pool.os,
-        deployment_id=provisioners.deployment.deployment_id,
-        service_url=provisioners.deployment.service_url,
-        bootstrap_token=worker.bootstrap_token or "",
-    )
-    try:
-        handle = provisioners.for_pool(pool).create(spec)
-    except Exception as exc:
-        _record_create_failure(factory, pool.name, worker.id, exc, now)
-        return
-    with session_scope(factory) as session:
-        row = session.get(Worker, worker.id)
-        pool_row = session.get(Pool, pool.name)
-        if row is not None:
-            row.provider_id = handle.provider_id
-            row.address = row.address or handle.address
-            row.claimed_until = None
-            session.add(row)
-        if pool_row is not None:
-            note_create_result(pool_row, None, now)
-            session.add(pool_row)
-    log.info(
-        "worker_created pool=%s worker=%s provider_id=%s", pool.name, worker.id, handle.provider_id
-    )
+    """The provisioner launched the worker's resource: remember where it is."""
+    row = session.get(Worker, worker_id)
+    if row is not None:
+        row.provider_id = provider_id
+        row.address = row.address or address
+        row.claimed_until = None
+        session.add(row)
+    pool = session.get(Pool, pool_name)
+    if pool is not None:
+        note_create_result(pool, None, now)
+        session.add(pool)
 
 
-def _record_create_failure(
-    factory: sessionmaker[Session], pool_name: str, worker_id: str, exc: Exception, now: datetime
+def record_create_failure(
+    session: Session, pool_name: str, worker_id: str, failure: CallFailure, now: datetime
 ) -> None:
-    kind = _error_kind(exc)
-    metrics.PROVISIONER_ERRORS.labels(pool_name, "create", kind).inc()
-    log.warning(
-        "worker_create_failed pool=%s worker=%s kind=%s error=%s",
-        pool_name,
-        worker_id,
-        kind,
-        exc,
-        exc_info=not isinstance(exc, ProvisionerError),
-    )
-    with session_scope(factory) as session:
-        row = session.get(Worker, worker_id)
-        pool = session.get(Pool, pool_name)
-        if row is not None and row.state == WorkerState.PROVISIONING:
-            row.last_error = f"create: {exc}"[:1000]
-            move_worker(session, row, WorkerState.FAILED, f"create failed ({kind})", now)
-            # Destroy too: a half-created resource must not outlive its row.
-            schedule_destroy(session, row, "cleanup after failed create", now)
-        if pool is not None:
-            note_create_result(pool, f"{kind}: {exc}", now)
-            session.add(pool)
-
-
-def _error_kind(exc: Exception) -> str:
-    """The metric label: the provisioner's own error class, so causes stay distinct."""
-    if isinstance(exc, ProvisionerError):
-        return type(exc).__name__
-    return "unexpected"
-
-
-# ---- destroy ---------------------------------------------------------------------
+    """The create failed: the worker fails (and is destroyed), the pool backs off."""
+    metrics.PROVISIONER_ERRORS.labels(pool_name, "create", failure.kind).inc()
+    row = session.get(Worker, worker_id)
+    if row is not None and row.state == WorkerState.PROVISIONING:
+        row.last_error = f"create: {failure.detail}"[:1000]
+        move_worker(session, row, WorkerState.FAILED, f"create failed ({failure.kind})", now)
+        # Destroy too: a half-created resource must not outlive its row.
+        schedule_destroy(session, row, "cleanup after failed create", now)
+    pool = session.get(Pool, pool_name)
+    if pool is not None:
+        note_create_result(pool, f"{failure.kind}: {failure.detail}", now)
+        session.add(pool)
 
 
 def claim_destroys(session: Session, pool: str, now: datetime, limit: int = 500) -> list[Worker]:
@@ -229,31 +190,37 @@ def claim_destroys(session: Session, pool: str, now: datetime, limit: int = 500)
     return workers
 
 
-def destroy_workers(
-    factory: sessionmaker[Session],
-    provisioners: ProvisionerSet,
-    pool: Pool,
-    workers: list[Worker],
-    now: datetime,
+def record_destroys(
+    session: Session, pool_name: str, results: dict[str, CallFailure | None], now: datetime
 ) -> int:
-    """Destroy one pool's claimed workers; ``destroyed`` only once the provisioner confirms."""
-    handles = [handle_of(w) for w in workers]
-    try:
-        results = provisioners.for_pool(pool).destroy_many(handles)
-    except Exception as exc:  # a provisioner bug is retried like any failure
-        results = {h.worker_id: exc for h in handles}
+    """Record one destroy batch: ``destroyed`` only where the provisioner confirmed.
+
+    A permanent failure is surfaced on the pool (``destroy_error``, shown as degraded)
+    and in the audit log; the worker is still retried, slowly, so an operator's fix
+    is picked up and no resource is ever given up on. A confirmed destroy in the
+    pool clears the mark.
+    """
     destroyed = 0
-    with session_scope(factory) as session:
-        for worker_id, error in results.items():
-            row = session.get(Worker, worker_id)
-            if row is None or row.state != WorkerState.DESTROYING:
-                continue
-            if error is None:
-                _finish_destroy(session, row, now)
-                destroyed += 1
-            else:
-                _retry_destroy_later(row, error, now)
-                session.add(row)
+    permanent: CallFailure | None = None
+    for worker_id, failure in results.items():
+        row = session.get(Worker, worker_id)
+        if row is None or row.state != WorkerState.DESTROYING:
+            continue
+        if failure is None:
+            _finish_destroy(session, row, now)
+            destroyed += 1
+            continue
+        _retry_destroy_later(session, row, failure, now)
+        if failure.permanent:
+            permanent = failure
+    pool = session.get(Pool, pool_name)
+    if pool is not None:
+        if permanent is not None:
+            pool.destroy_error = f"{permanent.kind}: {permanent.detail}"[:500]
+        elif destroyed and pool.destroy_error is not None:
+            pool.destroy_error = None
+            record(session, "pool", pool_name, "destroys succeed again", now, pool=pool_name)
+        session.add(pool)
     return destroyed
 
 
@@ -265,58 +232,50 @@ def _finish_destroy(session: Session, worker: Worker, now: datetime) -> None:
     log.info("worker_destroyed pool=%s worker=%s", worker.pool, worker.id)
 
 
-def _retry_destroy_later(worker: Worker, error: Exception, now: datetime) -> None:
-    kind = _error_kind(error)
-    metrics.PROVISIONER_ERRORS.labels(worker.pool, "destroy", kind).inc()
+def _retry_destroy_later(
+    session: Session, worker: Worker, failure: CallFailure, now: datetime
+) -> None:
+    metrics.PROVISIONER_ERRORS.labels(worker.pool, "destroy", failure.kind).inc()
+    worker.destroy_attempts += 1
+    delay = destroy_retry_delay(worker.destroy_attempts, failure.permanent)
     log.warning(
-        "worker_destroy_failed pool=%s worker=%s attempt=%d error=%s",
+        "worker_destroy_failed pool=%s worker=%s attempt=%d kind=%s permanent=%s "
+        "retry_in=%.0fs error=%s",
         worker.pool,
         worker.id,
-        worker.destroy_attempts + 1,
-        error,
+        worker.destroy_attempts,
+        failure.kind,
+        failure.permanent,
+        delay,
+        failure.detail,
     )
-    worker.destroy_attempts += 1
-    delay = min(MAX_DESTROY_BACKOFF_S, 2 ** min(worker.destroy_attempts, 10))
+    if failure.permanent:
+        record(
+            session,
+            "worker",
+            worker.id,
+            f"destroy failed permanently ({failure.kind}); retrying every "
+            f"{MAX_DESTROY_BACKOFF_S // 60} min: {failure.detail}"[:1000],
+            now,
+            pool=worker.pool,
+        )
     worker.next_attempt_at = now + timedelta(seconds=delay)
     worker.claimed_until = None
-    worker.last_error = f"destroy: {error}"[:1000]
+    worker.last_error = f"destroy: {failure.detail}"[:1000]
+    session.add(worker)
 
 
-class WorkerLocation(Protocol):
-    """What finds a worker's resource: a ``Worker`` row, or just those columns."""
+def destroy_retry_delay(attempts: int, permanent: bool) -> float:
+    """Seconds until the next destroy attempt: exponential, capped, jittered.
 
-    @property
-    def id(self) -> str: ...
-    @property
-    def pool(self) -> str: ...
-    @property
-    def provider_id(self) -> str | None: ...
-    @property
-    def address(self) -> str | None: ...
-
-
-_Located = TypeVar("_Located", bound=WorkerLocation)
-
-
-def handle_of(worker: WorkerLocation) -> WorkerHandle:
-    # provider_id may be empty when create never returned: provisioners then find the
-    # resource by its worker-id label.
-    return WorkerHandle(
-        worker_id=worker.id,
-        pool=worker.pool,
-        provider_id=worker.provider_id or "",
-        address=worker.address,
+    Jitter spreads the retries of a batch that failed together (a daemon restart, a
+    throttled API) so they do not all come back in the same second. A permanent error
+    waits the longest: only an operator's change can make it succeed.
+    """
+    ceiling = (
+        MAX_DESTROY_BACKOFF_S if permanent else min(MAX_DESTROY_BACKOFF_S, 2 ** min(attempts, 10))
     )
-
-
-def _group_by_pool(workers: Iterable[_Located]) -> dict[str, list[_Located]]:
-    grouped: dict[str, list[_Located]] = defaultdict(list)
-    for worker in workers:
-        grouped[worker.pool].append(worker)
-    return grouped
-
-
-# ---- health and timeouts ---------------------------------------------------------
+    return ceiling * random.uniform(0.5, 1.0)
 
 
 def fail_worker(session: Session, worker: Worker, reason: str, now: datetime) -> None:
@@ -326,6 +285,26 @@ def fail_worker(session: Session, worker: Worker, reason: str, now: datetime) ->
     if lease is not None and lease.state == LeaseState.ACTIVE:
         end_lease(session, lease, EndReason.FAILED, f"worker failed: {reason}", now)
     schedule_destroy(session, worker, "cleanup of failed worker", now)
+
+
+def destroy_by_operator(
+    session: Session, worker_id: str, now: datetime
+) -> tuple[Worker, str | None]:
+    """An operator destroys a worker now: its live lease is revoked, an idle one fails.
+
+    Returns the worker and the id of its lease, if it ever had one.
+    """
+    worker = session.exec(
+        with_row_locks(select(Worker).where(Worker.id == worker_id), session, skip_locked=False)
+    ).first()
+    if worker is None:
+        raise NotFound(f"no worker {worker_id!r}")
+    lease = session.exec(select(Lease).where(Lease.worker_id == worker.id)).first()
+    if lease is not None and lease.state in LIVE_LEASE_STATES:
+        revoke_lease(session, lease.id, now, "worker destroyed by operator")
+    elif worker.state in (WorkerState.PROVISIONING, WorkerState.READY):
+        fail_worker(session, worker, "destroyed by operator", now)
+    return worker, lease.id if lease is not None else None
 
 
 def provision_timeouts(session: Session, now: datetime) -> int:
@@ -349,80 +328,42 @@ def provision_timeouts(session: Session, now: datetime) -> int:
     return len(expired)
 
 
-def check_health(
-    factory: sessionmaker[Session], provisioners: ProvisionerSet, now: datetime
-) -> int:
-    """Ask provisioners about running workers; the dead fail, RUNNING may mean ready."""
-    with session_scope(factory) as session:
-        pools = {p.name: p for p in session.exec(select(Pool)).all()}
-        # Plain columns, not Worker objects: this reads every running worker on every
-        # pass, and building ORM objects (tokens decrypted) was most of its cost.
-        statement = sa_select(
-            col(Worker.id),
-            col(Worker.pool),
-            col(Worker.state),
-            col(Worker.provider_id),
-            col(Worker.address),
-        ).where(
-            col(Worker.state).in_(
-                (WorkerState.PROVISIONING, WorkerState.READY, WorkerState.LEASED)
-            ),
-            col(Worker.provider_id).is_not(None),
-        )
-        workers = list(session.execute(statement).all())
-    changed = 0
-    for pool_name, pool_workers in _group_by_pool(workers).items():
-        provisioner = provisioners.for_pool(pools[pool_name])
-        try:
-            states = provisioner.describe([handle_of(w) for w in pool_workers])
-        except Exception as exc:
-            metrics.PROVISIONER_ERRORS.labels(pool_name, "describe", _error_kind(exc)).inc()
-            log.warning("describe_failed pool=%s error=%s", pool_name, exc)
-            continue
-        needing_change = [
-            w
-            for w in pool_workers
-            if _change_for(w.state, states.get(w.id), provisioner.ready_when_running) is not None
-        ]
-        # Only the rows that change are locked, in one statement: locking every running
-        # worker would make concurrent lease requests skip (SKIP LOCKED) healthy ones.
-        if needing_change:
-            with session_scope(factory) as session:
-                changed += _apply_observed_states(
-                    session, provisioner.ready_when_running, needing_change, states, now
-                )
-    return changed
+# What a provisioner's answer means for a worker: gone while it should exist fails it;
+# running is enough to be ready for provisioners whose images carry no agent.
+_FAILS_WHEN_GONE = (WorkerState.PROVISIONING, WorkerState.READY, WorkerState.LEASED)
 
 
-def _change_for(state: str, observed: ResourceState | None, ready_when_running: bool) -> str | None:
-    """What an observation means for a worker in ``state``: ``failed``, ``ready`` or nothing."""
-    if observed == ResourceState.GONE and state in (
-        WorkerState.PROVISIONING,
-        WorkerState.READY,
-        WorkerState.LEASED,
-    ):
+def health_change(
+    state: str, gone: bool, running: bool, ready_when_running: bool
+) -> WorkerState | None:
+    """The move an observation asks of a worker in ``state``: failed, ready, or none."""
+    if gone and state in _FAILS_WHEN_GONE:
         return WorkerState.FAILED
-    if (
-        observed == ResourceState.RUNNING
-        and ready_when_running
-        and state == WorkerState.PROVISIONING
-    ):
+    if running and ready_when_running and state == WorkerState.PROVISIONING:
         return WorkerState.READY
     return None
 
 
-def _apply_observed_states(
+def apply_health(
     session: Session,
+    worker_ids: Collection[str],
+    gone: Collection[str],
+    running: Collection[str],
     ready_when_running: bool,
-    workers: list[_Located],
-    states: dict[str, ResourceState],
     now: datetime,
 ) -> int:
-    statement = select(Worker).where(col(Worker.id).in_([w.id for w in workers]))
+    """Apply what the provisioner saw to these workers; return how many moved.
+
+    Only these rows are locked, in one statement: locking every running worker would
+    make concurrent lease requests skip (SKIP LOCKED) healthy ones.
+    """
+    statement = select(Worker).where(col(Worker.id).in_(list(worker_ids)))
     changed = 0
     for worker in session.exec(with_row_locks(statement, session)).all():
         # Re-checked under the lock: the worker may have moved since it was described.
-        change = _change_for(worker.state, states.get(worker.id), ready_when_running)
+        change = health_change(
+            worker.state, worker.id in gone, worker.id in running, ready_when_running
+        )
         if change == WorkerState.FAILED:
             fail_worker(session, worker, "resource gone", now)
         elif change == WorkerState.READY:
@@ -434,57 +375,7 @@ def _apply_observed_states(
     return changed
 
 
-# ---- reconciliation --------------------------------------------------------------
-
-
-def reconcile(factory: sessionmaker[Session], provisioners: ProvisionerSet, now: datetime) -> int:
-    """Destroy every resource of this deployment that the database does not hold live.
-
-    The listing is taken before the database is read: a worker row is always
-    committed before its resource is created, so anything listed that has no
-    unfinished row is an orphan (left by a crash, or by a deleted database).
-    """
-    with session_scope(factory) as session:
-        pools = list(session.exec(select(Pool)).all())
-    deployment_id = provisioners.deployment.deployment_id
-    orphans = 0
-    for provisioner in provisioners.distinct(pools):
-        try:
-            owned = provisioner.list_owned(deployment_id)
-        except Exception as exc:
-            metrics.PROVISIONER_ERRORS.labels(
-                provisioner.pool, "list_owned", _error_kind(exc)
-            ).inc()
-            log.warning("list_owned_failed provisioner=%s error=%s", provisioner.name, exc)
-            continue
-        unknown = _not_live(factory, owned)
-        if not unknown:
-            continue
-        log.warning(
-            "orphans_found provisioner=%s count=%d workers=%s",
-            provisioner.name,
-            len(unknown),
-            ",".join(h.worker_id for h in unknown[:20]),
-        )
-        results = provisioner.destroy_many(unknown)
-        for worker_id, error in results.items():
-            if error is None:
-                orphans += 1
-            else:
-                metrics.PROVISIONER_ERRORS.labels(
-                    provisioner.pool, "destroy", _error_kind(error)
-                ).inc()
-                log.warning("orphan_destroy_failed worker=%s error=%s", worker_id, error)
-    return orphans
-
-
-def _not_live(factory: sessionmaker[Session], owned: list[WorkerHandle]) -> list[WorkerHandle]:
-    if not owned:
-        return []
-    # Every live id (the state index; cost follows the live workers), not "these ids":
-    # an IN list of thousands of listed ids cost far more, on PostgreSQL above all.
-    with session_scope(factory) as session:
-        live = set(
-            session.exec(select(Worker.id).where(col(Worker.state).in_(LIVE_WORKER_STATES))).all()
-        )
-    return [h for h in owned if h.worker_id not in live]
+def live_worker_ids(session: Session) -> set[str]:
+    """Every worker id the provisioners should hold (the state index; cost follows the live)."""
+    statement = select(Worker.id).where(col(Worker.state).in_(LIVE_WORKER_STATES))
+    return set(session.exec(statement).all())

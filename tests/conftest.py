@@ -17,9 +17,12 @@ from sqlmodel import Session, select
 from service.app import create_app
 from service.config import Config, config_from_dict
 from service.db import session_factory, session_scope
-from service.jobs import Runtime, destroy, maintain, reconcile_job
 from service.models import Worker
-from service.runtime import build_runtime, prepare_database
+from service.passes.destroy import destroy
+from service.passes.maintain import maintain
+from service.passes.reconcile import reconcile
+from service.passes.runtime import Runtime, build_runtime
+from service.startup import prepare_database
 from tests.support.fakes import FakeCloud, ManualClock, install
 from tests.support.postgres import PostgresServer, PostgresUnavailable
 
@@ -132,7 +135,7 @@ class Service:
         destroy(self.rt)
 
     def reconcile(self) -> None:
-        reconcile_job(self.rt)
+        reconcile(self.rt)
 
     def session(self) -> Session:
         return session_factory(self.engine)()

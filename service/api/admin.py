@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from flask_openapi3 import APIBlueprint
-from sqlmodel import col, select
 
-from service import leasing, tenants
-from service.api import ADMIN_TAG, BEARER, by_state, problems, svc
+from service import leasing, listing, tenants, workers
+from service.api import ADMIN_TAG, BEARER, problems, svc
 from service.api.pools import pool_out
 from service.api.present import leases_out
 from service.auth import require_admin
-from service.errors import NotFound
-from service.models import LIVE_LEASE_STATES, LIVE_WORKER_STATES, Event, Lease, Pool, Worker
-from service.pools import PoolCounts, counts_by_pool, patch_pool
+from service.models import LIVE_WORKER_STATES, Pool, Worker
+from service.pools import PoolCounts, patch_pool
 from service.schemas import (
     AdminLeaseQuery,
     AdminPoolList,
@@ -38,7 +36,6 @@ from service.schemas import (
     TenantPath,
     WorkerPath,
 )
-from service.workers import fail_worker
 
 bp = APIBlueprint(
     "admin",
@@ -95,12 +92,8 @@ def disable_tenant(path: TenantPath) -> Any:
 @bp.get("/pools", responses={200: AdminPoolList})
 def list_pools() -> Any:
     """Every pool with its settings and counts per worker state and pending leases."""
-    session = svc().session()
-    counts = counts_by_pool(session)
-    pools = session.exec(select(Pool).order_by(col(Pool.name))).all()
-    return AdminPoolList(pools=[_admin_pool(p, counts.get(p.name)) for p in pools]).model_dump(
-        mode="json"
-    )
+    rows = listing.pools_with_counts(svc().session())
+    return AdminPoolList(pools=[_admin_pool(p, c) for p, c in rows]).model_dump(mode="json")
 
 
 @bp.patch("/pools/<name>", responses={200: AdminPoolOut, **problems(404)})
@@ -109,12 +102,11 @@ def update_pool(path: PoolPath, body: PoolPatch) -> Any:
     services = svc()
     with services.transaction() as session:
         pool = patch_pool(session, path.name, body, services.clock.now())
-        counts = counts_by_pool(session)
-        return _admin_pool(pool, counts.get(pool.name)).model_dump(mode="json")
+        counts = listing.pool_counts(session, pool.name)
+        return _admin_pool(pool, counts).model_dump(mode="json")
 
 
-def _admin_pool(pool: Pool, counts: PoolCounts | None) -> AdminPoolOut:
-    counts = counts or PoolCounts({}, 0)
+def _admin_pool(pool: Pool, counts: PoolCounts) -> AdminPoolOut:
     counted = {str(state): counts.by_state.get(state, 0) for state in LIVE_WORKER_STATES}
     counted["pending_leases"] = counts.pending_leases
     return AdminPoolOut(
@@ -126,6 +118,7 @@ def _admin_pool(pool: Pool, counts: PoolCounts | None) -> AdminPoolOut:
         provision_timeout_s=pool.provision_timeout_s,
         pending_timeout_s=pool.pending_timeout_s,
         degraded_reason=pool.degraded_reason,
+        destroy_error=pool.destroy_error,
         counts=counted,
     )
 
@@ -135,34 +128,11 @@ def _admin_pool(pool: Pool, counts: PoolCounts | None) -> AdminPoolOut:
 
 @bp.get("/workers", responses={200: AdminWorkerList})
 def list_workers(query: AdminWorkerQuery) -> Any:
-    session = svc().session()
-    statement = select(Worker)
-    if query.pool:
-        statement = statement.where(Worker.pool == query.pool)
-    statement = by_state(statement, Worker.state, query.state, LIVE_WORKER_STATES)
-    rows = session.exec(
-        statement.order_by(col(Worker.created_at).desc(), col(Worker.id))
-        .offset(query.offset)
-        .limit(query.limit)
-    ).all()
-    lease_of = _leases_of(session, [w.id for w in rows])
-    workers = [
-        AdminWorkerOut(
-            **w.model_dump(include=set(AdminWorkerOut.model_fields) - {"lease_id"}),
-            lease_id=lease_of.get(w.id),
-        )
-        for w in rows
-    ]
-    return AdminWorkerList(workers=workers, next_offset=_next_offset(query, len(rows))).model_dump(
-        mode="json"
-    )
-
-
-def _leases_of(session: Any, worker_ids: list[str]) -> dict[str, str]:
-    if not worker_ids:
-        return {}
-    statement = select(Lease.worker_id, Lease.id).where(col(Lease.worker_id).in_(worker_ids))
-    return {worker_id: lease_id for worker_id, lease_id in session.exec(statement).all()}
+    rows = listing.workers_page(svc().session(), query.pool, query.state, query.limit, query.offset)
+    return AdminWorkerList(
+        workers=[_admin_worker(w, lease_id) for w, lease_id in rows],
+        next_offset=_next_offset(query, len(rows)),
+    ).model_dump(mode="json")
 
 
 @bp.delete("/workers/<worker_id>", responses={200: AdminWorkerOut, **problems(404)})
@@ -170,20 +140,17 @@ def destroy_worker(path: WorkerPath) -> Any:
     """Destroy the worker now (its lease, if any, is revoked)."""
     services = svc()
     with services.transaction() as session:
-        worker = session.get(Worker, path.worker_id)
-        if worker is None:
-            raise NotFound(f"no worker {path.worker_id!r}")
-        now = services.clock.now()
-        lease = session.exec(select(Lease).where(Lease.worker_id == worker.id)).first()
-        if lease is not None and lease.state in LIVE_LEASE_STATES:
-            leasing.revoke_lease(session, lease.id, now, "worker destroyed by operator")
-        elif worker.state in ("provisioning", "ready"):
-            fail_worker(session, worker, "destroyed by operator", now)
-        lease_id = lease.id if lease else None
-        return AdminWorkerOut(
-            **worker.model_dump(include=set(AdminWorkerOut.model_fields) - {"lease_id"}),
-            lease_id=lease_id,
-        ).model_dump(mode="json")
+        worker, lease_id = workers.destroy_by_operator(
+            session, path.worker_id, services.clock.now()
+        )
+        return _admin_worker(worker, lease_id).model_dump(mode="json")
+
+
+def _admin_worker(worker: Worker, lease_id: str | None) -> AdminWorkerOut:
+    return AdminWorkerOut(
+        **worker.model_dump(include=set(AdminWorkerOut.model_fields) - {"lease_id"}),
+        lease_id=lease_id,
+    )
 
 
 # ---- leases -----------------------------------------------------------------------
@@ -192,17 +159,14 @@ def destroy_worker(path: WorkerPath) -> Any:
 @bp.get("/leases", responses={200: LeaseList})
 def list_leases(query: AdminLeaseQuery) -> Any:
     session = svc().session()
-    statement = select(Lease)
-    if query.tenant:
-        statement = statement.where(Lease.tenant_id == query.tenant)
-    if query.pool:
-        statement = statement.where(Lease.pool == query.pool)
-    statement = by_state(statement, Lease.state, query.state, LIVE_LEASE_STATES)
-    rows = session.exec(
-        statement.order_by(col(Lease.created_at).desc(), col(Lease.id))
-        .offset(query.offset)
-        .limit(query.limit)
-    ).all()
+    rows = listing.leases_page(
+        session,
+        tenant_id=query.tenant,
+        pool=query.pool,
+        state=query.state,
+        limit=query.limit,
+        offset=query.offset,
+    )
     return LeaseList(
         leases=leases_out(session, rows, viewer_tenant_id=None),
         next_offset=_next_offset(query, len(rows)),
@@ -225,11 +189,7 @@ def revoke_lease(path: LeasePath) -> Any:
 @bp.get("/events", responses={200: EventList})
 def list_events(query: EventQuery) -> Any:
     """The audit log, newest first; pass ``next_before`` as ``before`` for the next page."""
-    session = svc().session()
-    statement = select(Event).order_by(col(Event.id).desc()).limit(query.limit)
-    if query.before is not None:
-        statement = statement.where(col(Event.id) < query.before)
-    rows = session.exec(statement).all()
+    rows = listing.events_page(svc().session(), query.before, query.limit)
     events = [EventOut.model_validate(e, from_attributes=True) for e in rows]
     next_before = rows[-1].id if len(rows) == query.limit else None
     return EventList(events=events, next_before=next_before).model_dump(mode="json")

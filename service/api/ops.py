@@ -5,14 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
-from sqlalchemy import func
-from sqlmodel import col, select
 
-from service import metrics
+from service import heartbeats, listing, metrics
 from service.api import svc
 from service.db import session_scope
-from service.models import LIVE_LEASE_STATES, Heartbeat, Lease, Pool, Worker, WorkerState
-from service.runtime import HEARTBEAT
 
 bp = Blueprint("ops", __name__)
 
@@ -29,7 +25,7 @@ def readyz() -> Any:
     checks = {"database": "ok", "scheduler": "ok"}
     try:
         with session_scope(services.read_factory) as session:
-            beat = session.get(Heartbeat, HEARTBEAT)
+            beat = heartbeats.last_beat(session, heartbeats.SCHEDULER)
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
         checks["scheduler"] = "unknown"
@@ -52,24 +48,14 @@ def prometheus() -> Response:
 
 
 def _snapshot() -> dict[str, list[tuple[dict[str, str], float]]]:
-    services = svc()
-    with session_scope(services.read_factory) as session:
-        workers = session.exec(
-            select(Worker.pool, Worker.state, func.count())
-            .where(Worker.state != WorkerState.DESTROYED)
-            .group_by(col(Worker.pool), col(Worker.state))
-        ).all()
-        leases = session.exec(
-            select(Lease.pool, Lease.state, func.count())
-            .where(col(Lease.state).in_(LIVE_LEASE_STATES))
-            .group_by(col(Lease.pool), col(Lease.state))
-        ).all()
-        pools = session.exec(select(Pool)).all()
+    with session_scope(svc().read_factory) as session:
+        fleet = listing.fleet_counts(session)
     return {
-        "workerlease_workers": [({"pool": p, "state": s}, n) for p, s, n in workers],
-        "workerlease_leases": [({"pool": p, "state": s}, n) for p, s, n in leases],
+        "workerlease_workers": [({"pool": p, "state": s}, n) for p, s, n in fleet.workers],
+        "workerlease_leases": [({"pool": p, "state": s}, n) for p, s, n in fleet.leases],
         "workerlease_pool_degraded": [
-            ({"pool": p.name}, 1.0 if p.degraded_reason else 0.0) for p in pools
+            ({"pool": p.name}, 1.0 if p.degraded_reason or p.destroy_error else 0.0)
+            for p in fleet.pools
         ],
-        "workerlease_pool_min_ready": [({"pool": p.name}, p.min_ready) for p in pools],
+        "workerlease_pool_min_ready": [({"pool": p.name}, p.min_ready) for p in fleet.pools],
     }

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from flask_openapi3 import APIBlueprint
-from sqlmodel import col, select
 
+from service import listing
 from service.api import BEARER, TENANT_TAG, problems, svc
 from service.auth import require_tenant
 from service.models import Pool
@@ -26,10 +26,7 @@ bp.before_request(require_tenant)
 @bp.get("", responses={200: PoolList})
 def list_pools() -> Any:
     """Enabled pools."""
-    session = svc().session()
-    pools = session.exec(
-        select(Pool).where(col(Pool.enabled).is_(True)).order_by(col(Pool.name))
-    ).all()
+    pools = listing.enabled_pools(svc().session())
     return PoolList(pools=[pool_out(p) for p in pools]).model_dump(mode="json")
 
 

@@ -9,7 +9,6 @@ from flask_openapi3 import APIBlueprint
 from service.api import AGENT_TAG, BEARER, problems, svc
 from service.auth import bearer_token
 from service.schemas import ReadyAck, WorkerPath, WorkerReady
-from service.workers import worker_ready
 
 bp = APIBlueprint(
     "workers",
@@ -25,12 +24,7 @@ bp = APIBlueprint(
 def ready(path: WorkerPath, body: WorkerReady) -> Any:
     """The agent is up: the worker becomes ready and receives its access token."""
     services = svc()
-    token = bearer_token()
-    with services.transaction() as session:
-        worker, activated = worker_ready(
-            session, path.worker_id, token, body.agent_url, body.address, services.clock.now()
-        )
-        access_token = worker.access_token
-    if activated:
-        services.waiters.notify()
+    access_token = services.flow.worker_ready(
+        services.session(), path.worker_id, bearer_token(), body.agent_url, body.address
+    )
     return ReadyAck(access_token=access_token).model_dump()

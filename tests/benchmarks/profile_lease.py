@@ -27,7 +27,7 @@ ADMIN_TOKEN = "profile-admin-token-0123456789"
 def _app(db: Path, ready: int) -> tuple[Any, Any]:
     from service.app import create_app
     from service.config import config_from_dict
-    from service.runtime import prepare_database
+    from service.startup import prepare_database
 
     config = config_from_dict(
         {

@@ -6,8 +6,8 @@ workers the fake cloud knows as running, idle deadlines a day away, so nothing
 expires), 10 ready workers (``min_ready`` is 10: refill has nothing to do) and
 history: ended leases with their destroyed workers and two audit events each,
 added in steps to 1k, 10k and 100k. At each step the harness times
-``jobs.maintain`` (expire, health, activate, trim, refill), ``jobs.destroy`` and
-``jobs.reconcile_job``, and the admin list endpoints' first page through the Flask
+``passes.maintain`` (expire, health, activate, trim, refill), ``passes.destroy`` and
+``passes.reconcile``, and the admin list endpoints' first page through the Flask
 test client. On SQLite it also records ``EXPLAIN QUERY PLAN`` for every statement
 those issue at the largest size and flags full scans of the big tables.
 """
@@ -226,7 +226,9 @@ def _timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
 
 
 def _measure(rt: Any, client: Any, repeats: int) -> dict[str, Any]:
-    from service import jobs
+    from service.passes.destroy import destroy
+    from service.passes.maintain import maintain
+    from service.passes.reconcile import reconcile
 
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -238,9 +240,9 @@ def _measure(rt: Any, client: Any, repeats: int) -> dict[str, Any]:
         return call
 
     out = {
-        "maintain": _timed(lambda: jobs.maintain(rt), repeats),
-        "destroy": _timed(lambda: jobs.destroy(rt), repeats),
-        "reconcile": _timed(lambda: jobs.reconcile_job(rt), repeats),
+        "maintain": _timed(lambda: maintain(rt), repeats),
+        "destroy": _timed(lambda: destroy(rt), repeats),
+        "reconcile": _timed(lambda: reconcile(rt), repeats),
     }
     for name, path in ENDPOINTS.items():
         out[name] = _timed(get(path), repeats * 2)
@@ -249,7 +251,8 @@ def _measure(rt: Any, client: Any, repeats: int) -> dict[str, Any]:
 
 def _explain(engine: Engine, rt: Any, client: Any) -> list[dict[str, Any]]:
     """EXPLAIN QUERY PLAN of every statement one maintain pass and the admin pages issue."""
-    from service import jobs
+    from service.passes.destroy import destroy
+    from service.passes.maintain import maintain
 
     seen: dict[str, Any] = {}
 
@@ -261,8 +264,8 @@ def _explain(engine: Engine, rt: Any, client: Any) -> list[dict[str, Any]]:
 
     event.listen(engine, "before_cursor_execute", capture)
     try:
-        jobs.maintain(rt)
-        jobs.destroy(rt)
+        maintain(rt)
+        destroy(rt)
         for path in ENDPOINTS.values():
             client.get(path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     finally:
@@ -295,7 +298,8 @@ def run_scale(
 ) -> dict[str, Any]:
     from service.app import create_app
     from service.db import make_engine
-    from service.runtime import build_runtime, prepare_database
+    from service.passes.runtime import build_runtime
+    from service.startup import prepare_database
     from tests.support import fakes
 
     out: dict[str, Any] = {"live": {}, "plans": None}

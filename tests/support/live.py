@@ -19,8 +19,11 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from service.app import create_app
 from service.config import config_from_dict
-from service.jobs import Runtime, destroy, maintain, reconcile_job
-from service.runtime import build_runtime, prepare_database
+from service.passes.destroy import destroy
+from service.passes.maintain import maintain
+from service.passes.reconcile import reconcile
+from service.passes.runtime import Runtime, build_runtime
+from service.startup import prepare_database
 
 ADMIN_TOKEN = "live-admin-token-0123456789"
 
@@ -36,7 +39,7 @@ class LiveService:
         destroy(self.rt)
 
     def reconcile(self) -> None:
-        reconcile_job(self.rt)
+        reconcile(self.rt)
 
     def call(self, method: str, path: str, token: str = ADMIN_TOKEN, **kwargs: Any) -> Any:
         response = requests.request(

@@ -23,7 +23,7 @@ from sqlmodel import select
 
 from service.db import session_scope
 from service.models import Worker
-from service.runtime import run_scheduler
+from service.scheduler import run_scheduler
 from tests.integration.crash.doubles import Control, install
 from tests.support.live import LiveService, live_service
 from tests.support.server import wait_until

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from service.jobs import destroy, maintain
+from service.passes.destroy import destroy
+from service.passes.maintain import maintain
 from tests.support.fakes import FakeCloud, install
 from tests.support.live import LiveService, live_service
 from tests.support.postgres import PostgresServer

@@ -5,10 +5,11 @@ from __future__ import annotations
 from provisioners import WorkerSpec
 from service.db import session_scope
 from service.models import Pool, WorkerState
+from service.passes.provisioning import handle_of
 from service.pools import plan_refill
-from service.workers import claim_creates, handle_of
+from service.workers import claim_creates, destroy_by_operator
 from tests.api.helpers import POOL
-from tests.conftest import Service, admin
+from tests.conftest import Service
 from tests.support.fakes import FakeResource
 
 
@@ -46,7 +47,8 @@ def test_reconcile_destroys_resources_of_this_deployment_the_database_does_not_k
 def test_reconcile_destroys_a_resource_whose_worker_row_is_already_destroyed(svc: Service) -> None:
     svc.warm()
     worker_id = svc.workers("ready")[0].id
-    assert svc.client.delete(f"/v1/admin/workers/{worker_id}", headers=admin()).status_code == 200
+    with session_scope(svc.rt.factory) as session:
+        destroy_by_operator(session, worker_id, svc.clock.now())
     svc.tick()
     assert [w.state for w in svc.workers() if w.id == worker_id] == [WorkerState.DESTROYED]
     svc.cloud.resources[worker_id].destroyed = False  # the platform kept it after all

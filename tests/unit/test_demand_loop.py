@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from service import jobs
+from service import scheduler
 from service.doorbell import Bell, Listener
-from service.jobs import Runtime
+from service.passes.runtime import Runtime
 
 
 class _BrokenListener(Listener):
@@ -33,10 +33,10 @@ def test_a_broken_bell_leaves_the_poll_running(
     def count_pass(_rt: Runtime, now: Any = None, wait: bool = True) -> None:
         passes.append(time.monotonic())
 
-    monkeypatch.setattr(jobs, "answer_demand", count_pass)
+    monkeypatch.setattr(scheduler, "answer_demand", count_pass)
     rt.bell = _BrokenBell()
     rt.settings = rt.settings.model_copy(update={"demand_interval": 0.05})
-    loop = jobs.DemandLoop(rt)
+    loop = scheduler.DemandLoop(rt)
     loop.start()
     try:
         deadline = time.monotonic() + 10

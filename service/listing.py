@@ -1,0 +1,141 @@
+"""The read side: the queries behind list endpoints, ``/metrics`` and readiness.
+
+Read-only; each function takes the request's session. Lists of live rows render
+their state list as literals (``by_state``) so the partial "live" indexes of
+``service.models`` match them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import bindparam, func
+from sqlalchemy.sql import Select
+from sqlalchemy.sql.elements import BindParameter
+from sqlmodel import Session, col, select
+
+from service.models import (
+    LIVE_LEASE_STATES,
+    LIVE_WORKER_STATES,
+    Event,
+    Lease,
+    Pool,
+    Worker,
+)
+from service.pools import PoolCounts, counts_by_pool
+
+S = TypeVar("S", bound=Select[Any])
+
+
+def by_state(statement: S, column: Any, state: str, live: tuple[str, ...]) -> S:
+    """Apply a ``?state=`` filter: a state, ``live`` (the given live states) or ``all``."""
+    if state == "live":
+        # Literal values, so the partial "live" indexes (service.models) match them.
+        states: BindParameter[list[str]] = bindparam(
+            "live_states", [str(s) for s in live], expanding=True, literal_execute=True
+        )
+        return statement.where(col(column).in_(states))
+    if state != "all":
+        return statement.where(column == state)
+    return statement
+
+
+def enabled_pools(session: Session) -> Sequence[Pool]:
+    return session.exec(
+        select(Pool).where(col(Pool.enabled).is_(True)).order_by(col(Pool.name))
+    ).all()
+
+
+def pools_with_counts(session: Session) -> list[tuple[Pool, PoolCounts]]:
+    """Every pool with its live workers per state and its pending leases."""
+    counts = counts_by_pool(session)
+    pools = session.exec(select(Pool).order_by(col(Pool.name))).all()
+    return [(pool, counts.get(pool.name, PoolCounts({}, 0))) for pool in pools]
+
+
+def pool_counts(session: Session, pool: str) -> PoolCounts:
+    return counts_by_pool(session).get(pool, PoolCounts({}, 0))
+
+
+def workers_page(
+    session: Session, pool: str | None, state: str, limit: int, offset: int
+) -> list[tuple[Worker, str | None]]:
+    """Workers newest first, each with the id of its lease (a worker has at most one)."""
+    statement = select(Worker)
+    if pool:
+        statement = statement.where(Worker.pool == pool)
+    statement = by_state(statement, Worker.state, state, LIVE_WORKER_STATES)
+    rows = session.exec(
+        statement.order_by(col(Worker.created_at).desc(), col(Worker.id))
+        .offset(offset)
+        .limit(limit)
+    ).all()
+    lease_of = _leases_of(session, [w.id for w in rows])
+    return [(w, lease_of.get(w.id)) for w in rows]
+
+
+def _leases_of(session: Session, worker_ids: list[str]) -> dict[str, str]:
+    if not worker_ids:
+        return {}
+    statement = select(Lease.worker_id, Lease.id).where(col(Lease.worker_id).in_(worker_ids))
+    return {
+        worker_id: lease_id for worker_id, lease_id in session.exec(statement).all() if worker_id
+    }
+
+
+def leases_page(
+    session: Session,
+    *,
+    tenant_id: str | None,
+    pool: str | None,
+    state: str,
+    limit: int,
+    offset: int = 0,
+) -> Sequence[Lease]:
+    """Leases newest first, filtered by tenant, pool and ``?state=``."""
+    statement = select(Lease)
+    if tenant_id:
+        statement = statement.where(Lease.tenant_id == tenant_id)
+    if pool:
+        statement = statement.where(Lease.pool == pool)
+    statement = by_state(statement, Lease.state, state, LIVE_LEASE_STATES)
+    return session.exec(
+        statement.order_by(col(Lease.created_at).desc(), col(Lease.id)).offset(offset).limit(limit)
+    ).all()
+
+
+def events_page(session: Session, before: int | None, limit: int) -> Sequence[Event]:
+    """The audit log, newest first, older than the ``before`` cursor."""
+    statement = select(Event).order_by(col(Event.id).desc()).limit(limit)
+    if before is not None:
+        statement = statement.where(col(Event.id) < before)
+    return session.exec(statement).all()
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    """What ``/metrics`` reports from the database, read in one transaction."""
+
+    workers: list[tuple[str, str, int]]  # pool, state, count (live states)
+    leases: list[tuple[str, str, int]]  # pool, state, count (live states)
+    pools: Sequence[Pool]
+
+
+def fleet_counts(session: Session) -> FleetCounts:
+    workers = [
+        (pool, str(state), n)
+        for pool, counts in counts_by_pool(session).items()
+        for state, n in counts.by_state.items()
+    ]
+    leases = session.exec(
+        select(Lease.pool, Lease.state, func.count())
+        .where(col(Lease.state).in_(LIVE_LEASE_STATES))
+        .group_by(col(Lease.pool), col(Lease.state))
+    ).all()
+    return FleetCounts(
+        workers=workers,
+        leases=[(p, str(s), n) for p, s, n in leases],
+        pools=session.exec(select(Pool)).all(),
+    )

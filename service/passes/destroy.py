@@ -1,0 +1,45 @@
+"""Destroy: remove the resources of workers in ``destroying``, in the pool's batch size."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from service.db import session_scope
+from service.models import Pool, Worker
+from service.passes.provisioning import failure_of, handle_of
+from service.passes.runtime import Runtime
+from service.workers import CallFailure, claim_destroys, record_destroys
+
+
+def destroy(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
+    """Claim each pool's due destroys and run them in batches the provisioner likes.
+
+    Several batches of a pool run at once, so one hanging destroy holds up only itself.
+    """
+    now = now or rt.clock.now()
+    for pool in rt.pools():
+        slots = rt.destroys.free_slots(pool.name)
+        if slots == 0:
+            continue
+        size = rt.provisioners.for_pool(pool).destroy_batch_size
+        with session_scope(rt.factory) as session:
+            claimed = claim_destroys(session, pool.name, now, limit=slots * size)
+        for start in range(0, len(claimed), size):
+            batch = claimed[start : start + size]
+            rt.destroys.submit(pool.name, batch[0].id, destroy_batch, rt, pool, batch, now)
+    if wait:
+        rt.destroys.wait()
+
+
+def destroy_batch(rt: Runtime, pool: Pool, workers: list[Worker], now: datetime) -> int:
+    """Destroy one batch and record it; return how many the provisioner confirmed."""
+    handles = [handle_of(w) for w in workers]
+    results: dict[str, CallFailure | None]
+    try:
+        raw = rt.provisioners.for_pool(pool).destroy_many(handles)
+        results = {wid: None if exc is None else failure_of(exc) for wid, exc in raw.items()}
+    except Exception as exc:  # a provisioner bug is recorded and retried like any failure
+        failure = failure_of(exc)
+        results = {h.worker_id: failure for h in handles}
+    with session_scope(rt.factory) as session:
+        return record_destroys(session, pool.name, results, now)

@@ -1,0 +1,41 @@
+"""The full pass over all pools, and the quick one that answers waiting leases."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from service.db import session_scope
+from service.leasing import expire, fail_pending_of_disabled_pools, serve_all_pending
+from service.passes.create import refill
+from service.passes.health import check_health
+from service.passes.runtime import Runtime
+from service.pools import demand_outruns_supply, trim
+from service.workers import provision_timeouts
+
+
+def maintain(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
+    """Expire, check health, serve pending leases, trim and refill: one pass over all pools."""
+    now = now or rt.clock.now()
+    with session_scope(rt.factory) as session:
+        expire(session, now)
+        fail_pending_of_disabled_pools(session, now)
+        provision_timeouts(session, now)
+    check_health(rt, now)
+    with session_scope(rt.factory) as session:
+        serve_all_pending(session, now)
+        trim(session, now)
+    refill(rt, now, wait)
+
+
+def answer_demand(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
+    """Refill at once when pending leases outnumber the workers on their way.
+
+    Runs far more often than ``maintain`` so a lease waiting with ``min_ready: 0`` (or
+    a drained pool) does not also wait for the next full pass; it reads two indexed
+    counts and writes nothing unless there is a gap to fill.
+    """
+    now = now or rt.clock.now()
+    with session_scope(rt.read_factory) as session:
+        wanted = demand_outruns_supply(session)
+    if wanted:
+        refill(rt, now, wait)

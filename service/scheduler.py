@@ -1,0 +1,182 @@
+"""Scheduler wiring, and only that: which pass runs how often, counted and logged.
+
+The passes live in ``service.passes``. Start one scheduler per deployment process
+group (``serve`` starts ``workerlease scheduler`` as its own process, never at
+import time, never once per forked web worker); every pass is also safe when
+several replicas run it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from apscheduler.events import EVENT_SCHEDULER_SHUTDOWN, SchedulerEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from service import heartbeats, metrics
+from service.db import session_scope
+from service.passes.destroy import destroy
+from service.passes.maintain import answer_demand, maintain
+from service.passes.reconcile import reconcile
+from service.passes.runtime import Runtime
+from service.workers import release_claims
+
+log = logging.getLogger("workerlease.scheduler")
+
+STOP_CHECK_S = 0.5  # how soon the demand loop notices stop()
+
+
+def _reconcile(rt: Runtime) -> None:
+    reconcile(rt)
+
+
+def _no_wait(job: Callable[..., None]) -> Callable[[Runtime], None]:
+    def run(rt: Runtime) -> None:
+        job(rt, wait=False)
+
+    return run
+
+
+def instrumented(name: str, job: Callable[[Runtime], None], rt: Runtime) -> Callable[[], None]:
+    """A failing run logs and counts, and the next run tries again."""
+
+    def run() -> None:
+        started = time.perf_counter()
+        try:
+            job(rt)
+        except Exception:
+            metrics.JOB_RUNS.labels(name, "error").inc()
+            log.exception("job_failed job=%s", name)
+        else:
+            metrics.JOB_RUNS.labels(name, "ok").inc()
+        finally:
+            metrics.JOB_DURATION.labels(name).observe(time.perf_counter() - started)
+
+    return run
+
+
+class DemandLoop:
+    """The demand pass, run when the doorbell rings or every ``demand_interval``.
+
+    A thread of its own rather than an APScheduler job: a ring must start a pass at
+    once, and a ring during a pass must start another right after it (the lease may
+    have committed after the pass read the counts), never two passes at once.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._stop = threading.Event()
+        self._run_pass = instrumented("demand", _no_wait(answer_demand), rt)
+        # Bound now, not in the thread: a ring sent once the scheduler is up is heard.
+        self._listener = rt.bell.listener()
+        self._thread = threading.Thread(target=self._loop, name="demand", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        interval = self._rt.settings.demand_interval
+        try:
+            while not self._stop.is_set():
+                try:
+                    if self._wait_for_ring(interval):
+                        metrics.DOORBELL.labels("woke").inc()
+                except Exception:  # a broken bell must not stop the poll
+                    metrics.DOORBELL.labels("listen_error").inc()
+                    log.exception("doorbell_wait_failed; polling")
+                    self._stop.wait(interval)
+                if not self._stop.is_set():
+                    self._run_pass()
+        finally:
+            self._listener.close()
+
+    def _wait_for_ring(self, interval: float) -> bool:
+        """True when the bell rang, False after ``interval``; soon after ``stop()`` either way."""
+        deadline = time.monotonic() + interval
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._listener.wait(min(remaining, STOP_CHECK_S)):
+                return True
+        return False
+
+
+def start_scheduler(rt: Runtime) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(
+        job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 30},
+        timezone="UTC",
+    )
+    now = datetime.now().astimezone()
+    interval = rt.settings.interval
+    # Reconcile first, at start, so a crash's leftovers go before anything new is made.
+    scheduler.add_job(
+        instrumented("reconcile", _reconcile, rt),
+        "interval",
+        seconds=rt.settings.reconcile_interval,
+        id="reconcile",
+        next_run_time=now,
+    )
+    scheduler.add_job(
+        instrumented("maintain", _no_wait(maintain), rt),
+        "interval",
+        seconds=interval,
+        id="maintain",
+        next_run_time=now,
+    )
+    scheduler.add_job(
+        instrumented("destroy", _no_wait(destroy), rt),
+        "interval",
+        seconds=interval,
+        id="destroy",
+        next_run_time=now,
+    )
+    demand = DemandLoop(rt)
+
+    def stop_demand(_event: SchedulerEvent) -> None:
+        demand.stop()
+
+    scheduler.add_listener(stop_demand, EVENT_SCHEDULER_SHUTDOWN)
+    scheduler.start()
+    demand.start()
+    log.info(
+        "scheduler_started interval=%ss reconcile_interval=%ss",
+        interval,
+        rt.settings.reconcile_interval,
+    )
+    return scheduler
+
+
+def run_scheduler(rt: Runtime) -> BackgroundScheduler:
+    """Take back claims a stopped scheduler left, start the jobs and the heartbeat."""
+    with session_scope(rt.factory) as session:
+        released = release_claims(session)
+    if released:
+        log.info("claims_released count=%d (left by a scheduler that stopped)", released)
+    scheduler = start_scheduler(rt)
+    scheduler.add_job(
+        beat,
+        "interval",
+        args=[rt],
+        seconds=rt.settings.interval,
+        id="heartbeat",
+        next_run_time=datetime.now().astimezone(),
+    )
+    return scheduler
+
+
+def beat(rt: Runtime) -> None:
+    """The heartbeat ``/readyz`` reads; a failure is logged and the next beat tries again."""
+    try:
+        with session_scope(rt.factory) as session:
+            heartbeats.beat(session, heartbeats.SCHEDULER, rt.clock.now())
+    except Exception:
+        log.warning("heartbeat_failed", exc_info=True)
