@@ -23,8 +23,12 @@ from service.passes.maintain import maintain
 from service.passes.reconcile import reconcile
 from service.passes.runtime import Runtime, build_runtime
 from service.startup import prepare_database
+from tests.support.entry_points import install_distribution
 from tests.support.fakes import FakeCloud, ManualClock, install
 from tests.support.postgres import PostgresServer, PostgresUnavailable
+
+# The test provisioners (fake, faulty) reach the registry as a third-party package's would.
+install_distribution()
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ENCRYPTION_KEY = "k6LRXbUB0_aVtUzMKLnH2vGqY0JYDSGOIpu8zJOOBUA="

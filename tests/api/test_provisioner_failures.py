@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from provisioners import TransientProvisionerError
+from provisioners import PermanentProvisionerError, TransientProvisionerError
 from service.models import EndReason, LeaseState, WorkerState
 from tests.api.helpers import admin_pool, events_of, lease_row, pool_row, request_lease
 from tests.conftest import Service, bearer, pool_config
@@ -113,6 +113,35 @@ def test_failed_destroy_is_retried_with_backoff_and_confirmed_before_destroyed(
     assert _destroys(svc, worker_id) == 3
     assert _state(svc, worker_id) == WorkerState.DESTROYED
     assert worker_id not in svc.cloud.live_ids()
+
+
+def test_a_permanent_destroy_failure_is_surfaced_on_the_pool_and_in_metrics(
+    svc: Service,
+) -> None:
+    svc.warm()
+    token = svc.tenant()["token"]
+    lease = request_lease(svc.client, token).get_json()
+    worker_id = lease["worker"]["id"]
+    svc.cloud.inject("destroy", PermanentProvisionerError("AccessDenied: not allowed"))
+    svc.client.delete(f"/v1/leases/{lease['id']}", headers=bearer(token))
+
+    svc.tick()
+    assert _state(svc, worker_id) == WorkerState.DESTROYING  # kept: the machine still exists
+    assert "AccessDenied" in (admin_pool(svc)["destroy_error"] or "")
+    metrics = svc.client.get("/metrics").get_data(as_text=True)
+    assert 'workerlease_pool_degraded{pool="hosted-ubuntu"} 1.0' in metrics
+    assert any("destroy failed permanently" in e.reason for e in events_of(svc, worker_id))
+
+    svc.clock.advance(seconds=60)
+    svc.tick()  # a permanent error is not hammered: it waits minutes, not seconds
+    assert _destroys(svc, worker_id) == 1
+
+    svc.clock.advance(minutes=10)  # the operator fixed the permissions
+    svc.tick()
+    assert _state(svc, worker_id) == WorkerState.DESTROYED
+    assert admin_pool(svc)["destroy_error"] is None
+    metrics = svc.client.get("/metrics").get_data(as_text=True)
+    assert 'workerlease_pool_degraded{pool="hosted-ubuntu"} 0.0' in metrics
 
 
 def test_leased_worker_that_vanishes_fails_its_lease(svc: Service) -> None:

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from provisioners import BUILTIN
 from provisioners.base import (
     Provisioner,
     ProvisionerOptions,
@@ -111,8 +110,7 @@ class FakeProvisioner(Provisioner):
 
 
 def install() -> FakeCloud:
-    """Register ``fake`` in the provisioner registry and start from an empty cloud."""
-    BUILTIN["fake"] = ("tests.support.fakes:FakeProvisioner", None)
+    """Start from an empty cloud (``fake`` is registered by tests/conftest.py)."""
     CLOUD.resources.clear()
     CLOUD.calls.clear()
     CLOUD.fail_next.clear()

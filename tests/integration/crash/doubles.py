@@ -15,7 +15,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from provisioners import BUILTIN
 from provisioners.base import (
     Provisioner,
     ProvisionerOptions,
@@ -125,6 +124,5 @@ class FaultyProvisioner(Provisioner):
 
 
 def install() -> Control:
-    BUILTIN["faulty"] = ("tests.integration.crash.doubles:FaultyProvisioner", None)
     CONTROL.reset()
     return CONTROL
