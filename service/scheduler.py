@@ -118,27 +118,15 @@ def start_scheduler(rt: Runtime) -> BackgroundScheduler:
     now = datetime.now().astimezone()
     interval = rt.settings.interval
     # Reconcile first, at start, so a crash's leftovers go before anything new is made.
-    scheduler.add_job(
-        instrumented("reconcile", _reconcile, rt),
-        "interval",
-        seconds=rt.settings.reconcile_interval,
-        id="reconcile",
-        next_run_time=now,
-    )
-    scheduler.add_job(
-        instrumented("maintain", _no_wait(maintain), rt),
-        "interval",
-        seconds=interval,
-        id="maintain",
-        next_run_time=now,
-    )
-    scheduler.add_job(
-        instrumented("destroy", _no_wait(destroy), rt),
-        "interval",
-        seconds=interval,
-        id="destroy",
-        next_run_time=now,
-    )
+    jobs: list[tuple[str, Callable[[Runtime], None], float]] = [
+        ("reconcile", _reconcile, rt.settings.reconcile_interval),
+        ("maintain", _no_wait(maintain), interval),
+        ("destroy", _no_wait(destroy), interval),
+    ]
+    for name, job, every in jobs:
+        scheduler.add_job(
+            instrumented(name, job, rt), "interval", seconds=every, id=name, next_run_time=now
+        )
     demand = DemandLoop(rt)
 
     def stop_demand(_event: SchedulerEvent) -> None:
