@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from service.config import Config, ConfigError, load_config
+from service.passes.provisioning import check_pool_options
 
 log = logging.getLogger("workerlease.cli")
 
@@ -27,9 +28,11 @@ CONFIG_OPTION = click.option(
 
 def _load(config_path: str | None) -> Config:
     try:
-        return load_config(config_path)
+        config = load_config(config_path)
+        check_pool_options(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    return config
 
 
 def _setup_logging(level: str) -> None:

@@ -159,7 +159,11 @@ ENV_OVERRIDES = {
 def load_config(
     path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None
 ) -> Config:
-    """Read, merge environment overrides, validate pools' provisioner options."""
+    """Read, merge environment overrides, validate.
+
+    Pools' provisioner options are checked at process start
+    (``service.passes.provisioning.check_pool_options``): that needs the registry.
+    """
     environ = dict(os.environ) if environ is None else environ
     raw: dict[str, Any] = {}
     path = path if path is not None else environ.get("WORKERLEASE_CONFIG")
@@ -175,8 +179,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
-    _validate_provisioner_options(config)
+        raise ConfigError(describe(exc)) from None
     return config
 
 
@@ -194,23 +197,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _validate_provisioner_options(config: Config) -> None:
-    # Imported here: the registry is cheap, but keep config importable on its own.
-    from provisioners import UnknownProvisionerError, validate_options
-
-    for index, pool in enumerate(config.pools):
-        where = f"pools.{index}"
-        try:
-            validate_options(pool.provisioner, pool.options)
-        except UnknownProvisionerError as exc:
-            raise ConfigError(f"{where}.provisioner: {exc}") from None
-        except ImportError as exc:
-            raise ConfigError(f"{where}.provisioner: {exc}") from None
-        except ValidationError as exc:
-            raise ConfigError(_describe(exc, prefix=f"{where}.options")) from None
-
-
-def _describe(exc: ValidationError, prefix: str = "") -> str:
+def describe(exc: ValidationError, prefix: str = "") -> str:
+    """A validation error as one line per problem, each naming its key."""
     lines = []
     for error in exc.errors():
         location = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")

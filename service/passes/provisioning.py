@@ -17,13 +17,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from pydantic import ValidationError
+
 from provisioners import (
     PermanentProvisionerError,
     Provisioner,
     ProvisionerError,
+    UnknownProvisionerError,
     WorkerHandle,
     provisioner_class,
+    validate_options,
 )
+from service.config import Config, ConfigError, describe
 from service.models import Pool
 from service.workers import CallFailure
 
@@ -74,6 +79,21 @@ class ProvisionerSet:
                 except Exception:  # closing is best effort at shutdown
                     log.exception("provisioner_close_failed")
             self._by_pool.clear()
+
+
+def check_pool_options(config: Config) -> None:
+    """Every pool's provisioner exists and accepts its options; the error names the key.
+
+    Run at process start (the CLI), so a typo fails before anything is served.
+    """
+    for index, pool in enumerate(config.pools):
+        where = f"pools.{index}"
+        try:
+            validate_options(pool.provisioner, pool.options)
+        except (UnknownProvisionerError, ImportError) as exc:
+            raise ConfigError(f"{where}.provisioner: {exc}") from None
+        except ValidationError as exc:
+            raise ConfigError(describe(exc, prefix=f"{where}.options")) from None
 
 
 def _settings_key(pool: Pool) -> str:

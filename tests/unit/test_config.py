@@ -10,7 +10,8 @@ import yaml
 from click.testing import CliRunner
 
 from service.cli import main
-from service.config import ConfigError, config_from_dict, load_config, parse_duration
+from service.config import Config, ConfigError, config_from_dict, load_config, parse_duration
+from service.passes.provisioning import check_pool_options
 
 TOKEN = "a-file-admin-token-0123456789"
 
@@ -98,9 +99,16 @@ def test_bad_pool_values_are_refused_naming_the_key(pool: dict[str, Any], key: s
         config_from_dict(_raw(pool))
 
 
+def _checked(raw: dict[str, Any]) -> Config:
+    """The config as a process start sees it: parsed, then each pool's options checked."""
+    config = config_from_dict(raw)
+    check_pool_options(config)
+    return config
+
+
 def test_unknown_provisioner_is_refused_naming_the_key() -> None:
     with pytest.raises(ConfigError) as caught:
-        config_from_dict(_raw(_pool(), _pool(name="other", provisioner="nosuch")))
+        _checked(_raw(_pool(), _pool(name="other", provisioner="nosuch")))
     message = str(caught.value)
     assert message.startswith("pools.1.provisioner:")
     assert "nosuch" in message
@@ -108,14 +116,14 @@ def test_unknown_provisioner_is_refused_naming_the_key() -> None:
 
 def test_bad_provisioner_options_are_refused_naming_the_option_key() -> None:
     with pytest.raises(ConfigError) as caught:
-        config_from_dict(_raw(_pool(options={"agent_host": "127.0.0.1", "colour": "red"})))
+        _checked(_raw(_pool(options={"agent_host": "127.0.0.1", "colour": "red"})))
     assert "pools.0.options.colour: unknown key" in str(caught.value)
     with pytest.raises(ConfigError, match=r"pools\.0\.options\.agent_host"):
-        config_from_dict(_raw(_pool(options={"agent_host": ["not", "a", "string"]})))
+        _checked(_raw(_pool(options={"agent_host": ["not", "a", "string"]})))
 
 
 def test_good_provisioner_options_are_accepted() -> None:
-    config = config_from_dict(_raw(_pool(options={"agent_host": "127.0.0.1"})))
+    config = _checked(_raw(_pool(options={"agent_host": "127.0.0.1"})))
     assert config.pools[0].options == {"agent_host": "127.0.0.1"}
 
 
