@@ -26,15 +26,22 @@ TEST_PROVISIONERS = {
 }
 
 
-def install_distribution(entries: dict[str, str] = TEST_PROVISIONERS) -> Path:
-    """Write the distribution's metadata, put it on ``sys.path``; return its directory."""
+_installed: list[Path] = []
+
+
+def install_distribution() -> Path:
+    """Write the distribution's metadata once per process, put it on ``sys.path``."""
+    if _installed:
+        return _installed[0]
     root = Path(tempfile.mkdtemp(prefix="wl-entry-points-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     info = root / f"{DISTRIBUTION}-0.0.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {DISTRIBUTION}\nVersion: 0.0.0\n")
-    lines = [f"[{ENTRY_POINT_GROUP}]", *(f"{name} = {target}" for name, target in entries.items())]
+    entries = TEST_PROVISIONERS.items()
+    lines = [f"[{ENTRY_POINT_GROUP}]", *(f"{name} = {target}" for name, target in entries)]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     sys.path.append(str(root))
     importlib.invalidate_caches()
+    _installed.append(root)
     return root

@@ -21,6 +21,7 @@ from provisioners.base import (
     WorkerHandle,
     WorkerSpec,
 )
+from tests.support.entry_points import install_distribution
 
 
 class FakeOptions(ProvisionerOptions):
@@ -110,7 +111,9 @@ class FakeProvisioner(Provisioner):
 
 
 def install() -> FakeCloud:
-    """Start from an empty cloud (``fake`` is registered by tests/conftest.py)."""
+    """Register ``fake`` (an entry point, as a third-party package would) and start from
+    an empty cloud."""
+    install_distribution()
     CLOUD.resources.clear()
     CLOUD.calls.clear()
     CLOUD.fail_next.clear()
