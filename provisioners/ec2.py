@@ -428,18 +428,15 @@ def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
 # --------------------------------------------------------------------------- provisioner
 
 
-class EC2Provisioner(Provisioner):
+class EC2Provisioner(Provisioner[EC2Options]):
     """Workers are EC2 instances; see the module docstring for ownership and throttling."""
 
     name = "ec2"
     Options = EC2Options
     destroy_batch_size = ID_BATCH  # TerminateInstances takes up to 1000 ids
 
-    def __init__(self, pool: str, options: ProvisionerOptions) -> None:
-        if not isinstance(options, EC2Options):
-            options = EC2Options.model_validate(options.model_dump())
+    def __init__(self, pool: str, options: EC2Options) -> None:
         super().__init__(pool, options)
-        self.opts: EC2Options = options
         self._lock = threading.Lock()
         self._client: Any = None
         # instance id -> monotonic launch time, to bridge DescribeInstances' lag.
@@ -452,7 +449,7 @@ class EC2Provisioner(Provisioner):
         with self._lock:
             if self._client is None:
                 config = Config(
-                    retries={"mode": "adaptive", "max_attempts": self.opts.max_attempts},
+                    retries={"mode": "adaptive", "max_attempts": self.options.max_attempts},
                     connect_timeout=5,
                     read_timeout=60,
                     max_pool_connections=32,
@@ -461,8 +458,8 @@ class EC2Provisioner(Provisioner):
                 # A Session per provisioner: boto3's default session is not thread-safe.
                 client = boto3.session.Session().client(
                     "ec2",
-                    region_name=self.opts.region,
-                    endpoint_url=self.opts.endpoint_url,
+                    region_name=self.options.region,
+                    endpoint_url=self.options.endpoint_url,
                     config=config,
                 )
                 # Every request on the wire waits its turn, botocore's own retries
@@ -475,8 +472,8 @@ class EC2Provisioner(Provisioner):
             return self._client
 
     def _throttle(self, family: str, **_: Any) -> None:
-        rate_limiter(self.opts.region, self.opts.endpoint_url, family).acquire(
-            self.opts.throttle_max_wait_s
+        rate_limiter(self.options.region, self.options.endpoint_url, family).acquire(
+            self.options.throttle_max_wait_s
         )
 
     def _call(self, operation: str, **params: Any) -> dict[str, Any]:
@@ -496,8 +493,8 @@ class EC2Provisioner(Provisioner):
             params = {**params, "NextToken": token}
 
     def _os_family(self, spec: WorkerSpec) -> str:
-        if self.opts.os:
-            return self.opts.os
+        if self.options.os:
+            return self.options.os
         return "windows" if spec.os == "windows" else "linux"
 
     def _handle(self, instance: Mapping[str, Any], worker_id: str, pool: str) -> WorkerHandle:
@@ -510,7 +507,7 @@ class EC2Provisioner(Provisioner):
 
     @property
     def ready_when_running(self) -> bool:
-        return self.opts.ready_when == "running"
+        return self.options.ready_when == "running"
 
     def close(self) -> None:
         with self._lock:
@@ -588,25 +585,27 @@ class EC2Provisioner(Provisioner):
     def _placements(self) -> Iterator[tuple[str, str | None, str | None]]:
         markets = (
             ["spot", "on-demand"]
-            if self.opts.market == "spot-then-on-demand"
-            else [self.opts.market]
+            if self.options.market == "spot-then-on-demand"
+            else [self.options.market]
         )
         for market in markets:
-            for instance_type in self.opts.instance_types or (None,):
-                for subnet in self.opts.subnet_ids or (None,):
+            for instance_type in self.options.instance_types or (None,):
+                for subnet in self.options.subnet_ids or (None,):
                     yield market, instance_type, subnet
 
     def user_data(self, spec: WorkerSpec) -> str:
         """The user data for ``spec``; raises PermanentProvisionerError above 16 KB."""
         os_family = self._os_family(spec)
-        if self.opts.ready_when == "running":
-            if not self.opts.user_data_extra:
+        if self.options.ready_when == "running":
+            if not self.options.user_data_extra:
                 return ""
-            return render_user_data({}, os_family, {}, self.opts.user_data_extra)
+            return render_user_data({}, os_family, {}, self.options.user_data_extra)
         env = spec.agent_environment()
-        env["WORKERLEASE_AGENT_PORT"] = str(spec.agent_port or self.opts.agent_port)
+        env["WORKERLEASE_AGENT_PORT"] = str(spec.agent_port or self.options.agent_port)
         env["WORKERLEASE_AGENT_HOST"] = "0.0.0.0"
-        text = render_user_data(env, os_family, agent_files(os_family), self.opts.user_data_extra)
+        text = render_user_data(
+            env, os_family, agent_files(os_family), self.options.user_data_extra
+        )
         size = len(text.encode())
         if size > USER_DATA_LIMIT:
             raise PermanentProvisionerError(
@@ -617,7 +616,7 @@ class EC2Provisioner(Provisioner):
 
     def _tags(self, spec: WorkerSpec) -> list[dict[str, str]]:
         tags = {
-            **self.opts.tags,
+            **self.options.tags,
             "Name": f"workerlease-{spec.worker_id}",
             TAG_DEPLOYMENT: spec.deployment_id,
             TAG_POOL: spec.pool,
@@ -633,7 +632,7 @@ class EC2Provisioner(Provisioner):
         instance_type: str | None,
         subnet: str | None,
     ) -> dict[str, Any]:
-        o = self.opts
+        o = self.options
         tags = self._tags(spec)
         params: dict[str, Any] = {
             "MinCount": 1,
