@@ -1,74 +1,36 @@
-"""EC2 provisioner: one EC2 instance per worker, found again by its tags.
-
-Ownership lives in instance and volume tags (``workerlease:deployment``,
-``workerlease:pool``, ``workerlease:worker``; EC2 tag keys conventionally use
-``:`` where other platforms use ``.``). ``create`` looks for an instance tagged
-with the worker id before launching, so a crash between launch and the service
-recording the result never starts a second machine; the ``ClientToken`` gives
-the same guarantee on real EC2 when the tag lookup has not caught up yet
-(DescribeInstances is eventually consistent).
-
-The instance's user data writes the agent environment (with the one-time
-bootstrap token, never an access token), unpacks the agent embedded in it and
-runs the agent's own installer (``images/agent/install.sh --service``, or
-``install.ps1``, which always registers and starts the agent's task).
-:func:`render_user_data` is the single place that builds it.
-
-Every EC2 request (botocore's retries included) passes a client-side rate limiter
-shared by all pools of the process that talk to the same region and endpoint, so
-a refill burst does not drain the account's EC2 token buckets (which other tools
-in the account share).
-"""
+"""``EC2Provisioner``: one EC2 instance per worker, found again by its tags."""
 
 from __future__ import annotations
 
-import base64
 import functools
-import gzip
 import hashlib
-import importlib.resources
 import logging
 import re
-import shlex
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    NoCredentialsError,
-    NoRegionError,
-    ParamValidationError,
-    PartialCredentialsError,
-)
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from botocore.exceptions import BotoCoreError, ClientError
 
 from provisioners.base import (
     CapacityError,
     PermanentProvisionerError,
     Provisioner,
     ProvisionerError,
-    ProvisionerOptions,
     ResourceState,
-    TransientProvisionerError,
     WorkerHandle,
     WorkerSpec,
 )
+from provisioners.ec2.errors import error_code, translate_error
+from provisioners.ec2.options import TAG_DEPLOYMENT, TAG_POOL, TAG_WORKER, EC2Options
+from provisioners.ec2.throttling import FAMILY_OF_OPERATION, rate_limiter
+from provisioners.userdata import agent_files, render_user_data
 
 log = logging.getLogger(__name__)
 
-TAG_DEPLOYMENT = "workerlease:deployment"
-TAG_POOL = "workerlease:pool"
-TAG_WORKER = "workerlease:worker"
-RESERVED_TAG_PREFIXES = ("workerlease:", "aws:")
-
-DEFAULT_AGENT_PORT = 8750
 USER_DATA_LIMIT = 16 * 1024  # EC2 limit on raw user data, before base64
 ID_BATCH = 1000  # TerminateInstances / DescribeInstances accept up to 1000 ids
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
@@ -78,358 +40,13 @@ NOT_TERMINATED_STATES = (*LIVE_STATES, "shutting-down")
 STATE_MAP = {"pending": ResourceState.PENDING, "running": ResourceState.RUNNING}
 # DescribeInstances may not know an instance for a few seconds after RunInstances.
 LAUNCH_VISIBILITY_GRACE_S = 60.0
-
-# Errors after which another (market, instance type, subnet) may still succeed.
-CAPACITY_CODES = frozenset(
-    {
-        "InsufficientInstanceCapacity",
-        "InsufficientCapacity",
-        "InsufficientHostCapacity",
-        "InsufficientFreeAddressesInSubnet",
-        "Unsupported",  # instance type not offered in this AZ
-        "SpotMaxPriceTooLow",
-        "MaxSpotInstanceCountExceeded",
-        # Account quotas: another type may fall under another quota; if none does, the
-        # resulting CapacityError is transient because destroying workers frees quota.
-        "InstanceLimitExceeded",
-        "VcpuLimitExceeded",
-    }
-)
-TRANSIENT_CODES = frozenset(
-    {
-        "RequestLimitExceeded",
-        "Throttling",
-        "ThrottlingException",
-        "RequestThrottled",
-        "InternalError",
-        "InternalFailure",
-        "ServiceUnavailable",
-        "Unavailable",
-        "RequestTimeout",
-    }
-)
 _INSTANCE_ID = re.compile(r"\bi-[0-9a-f]+\b")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_AGENT_FILES = {
-    "linux": ("workerlease_agent.py", "install.sh"),
-    "windows": ("workerlease_agent.py", "install.ps1"),
-}
 
 T = TypeVar("T")
 
 
-# --------------------------------------------------------------------------- options
-
-
-class LaunchTemplateRef(BaseModel):
-    """A launch template by id or by name, and the version to launch."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str | None = None
-    name: str | None = None
-    version: str = "$Default"
-
-    @model_validator(mode="after")
-    def _one_reference(self) -> LaunchTemplateRef:
-        if (self.id is None) == (self.name is None):
-            raise ValueError("give exactly one of 'id' or 'name'")
-        return self
-
-    def as_param(self) -> dict[str, str]:
-        key = "LaunchTemplateId" if self.id else "LaunchTemplateName"
-        return {key: self.id or self.name or "", "Version": self.version}
-
-
-class EC2Options(ProvisionerOptions):
-    """A pool's ``options`` for ``provisioner: ec2``."""
-
-    region: str
-    endpoint_url: str | None = None  # AWS_ENDPOINT_URL_EC2 works too (botocore)
-    # The image: image_id, or a launch template that names one (image_id then overrides it).
-    image_id: str | None = None
-    launch_template: LaunchTemplateRef | None = None
-    # Tried in order; empty means "whatever the launch template says".
-    instance_types: tuple[str, ...] = ()
-    subnet_ids: tuple[str, ...] = ()
-    security_group_ids: tuple[str, ...] = ()
-    iam_instance_profile: str | None = None  # name or ARN
-    key_name: str | None = None
-    root_volume_gb: int | None = Field(default=None, ge=1, le=16384)
-    root_device_name: str = "/dev/sda1"  # Ubuntu and Windows AMIs; Amazon Linux uses /dev/xvda
-    market: Literal["on-demand", "spot", "spot-then-on-demand"] = "on-demand"
-    user_data_extra: str = ""  # appended to the boot script (shell or PowerShell)
-    tags: dict[str, str] = Field(default_factory=dict)
-    # "running": the image has no agent; the worker is ready once the instance runs.
-    ready_when: Literal["agent", "running"] = "agent"
-    os: Literal["linux", "windows"] | None = None  # default: from the pool's os
-    agent_port: int = Field(default=DEFAULT_AGENT_PORT, ge=1, le=65535)
-    max_attempts: int = Field(default=5, ge=1, le=20)  # botocore adaptive retries per call
-    throttle_max_wait_s: float = Field(default=30.0, gt=0)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> EC2Options:
-        if self.image_id is None and self.launch_template is None:
-            raise ValueError("give image_id, launch_template, or both")
-        if self.launch_template is None and not self.instance_types:
-            raise ValueError("instance_types is required without a launch_template")
-        reserved = [k for k in self.tags if k.startswith(RESERVED_TAG_PREFIXES)]
-        if reserved:
-            raise ValueError(f"tags may not use reserved keys: {', '.join(sorted(reserved))}")
-        return self
-
-
-# --------------------------------------------------------------------------- user data
-
-
-def agent_files(os_family: str) -> dict[str, bytes]:
-    """The agent and its installer for ``os_family`` (``linux`` or ``windows``)."""
-    root = importlib.resources.files("images.agent")
-    files = {}
-    for name in _AGENT_FILES[os_family]:
-        try:
-            files[name] = root.joinpath(name).read_bytes()
-        except (FileNotFoundError, OSError) as exc:
-            raise PermanentProvisionerError(
-                f"agent file images/agent/{name} is missing from this installation"
-            ) from exc
-    return files
-
-
-def render_user_data(
-    env: Mapping[str, str],
-    os_family: str,
-    files: Mapping[str, bytes],
-    extra: str = "",
-) -> str:
-    """The boot script: write ``files`` to a staging directory, run the installer.
-
-    ``env`` is the agent environment (it holds the one-time bootstrap token and
-    must never hold an access token). ``files`` must include the installer for
-    ``os_family`` (``install.sh`` or ``install.ps1``); it is run from the staging
-    directory with ``env`` in its environment and the instance's private IP as
-    ``WORKERLEASE_AGENT_ADVERTISE_HOST``, read from IMDSv2. An empty ``files``
-    renders only ``extra``.
-    """
-    for key, value in env.items():
-        # install.sh / install.ps1 refuse quotes and newlines too; failing here names the key
-        # instead of leaving an instance whose agent never calls back.
-        if not _ENV_NAME.match(key) or "'" in value or "\n" in value or "\r" in value:
-            raise PermanentProvisionerError(
-                f"agent environment {key!r}: names are [A-Za-z_][A-Za-z0-9_]*, "
-                "values may not contain quotes or newlines"
-            )
-    render = _render_powershell if os_family == "windows" else _render_shell
-    return render(env, files, extra)
-
-
-def _packed(data: bytes) -> str:
-    # mtime=0 keeps the output stable, so identical specs give identical user data.
-    return base64.b64encode(gzip.compress(data, compresslevel=9, mtime=0)).decode("ascii")
-
-
-def _render_shell(env: Mapping[str, str], files: Mapping[str, bytes], extra: str) -> str:
-    lines = ["#!/bin/bash", "# workerlease worker bootstrap (provisioners.ec2.render_user_data)"]
-    if files:
-        lines += [
-            "set -euo pipefail",
-            "umask 077",
-            "stage=/run/workerlease-bootstrap",
-            'mkdir -p "$stage" && cd "$stage"',
-        ]
-        for name, data in files.items():
-            lines += [
-                f"base64 -d <<'WL_EOF' | gunzip > {shlex.quote(name)}",
-                _packed(data),
-                "WL_EOF",
-            ]
-        lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(env.items())]
-        lines += [
-            "imds=http://169.254.169.254/latest",
-            "tok=$(curl -sf -m 5 --retry 3 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300'"
-            ' "$imds/api/token" || true)',
-            'if [ -n "$tok" ]; then',
-            "  WORKERLEASE_AGENT_ADVERTISE_HOST=$(curl -sf -m 5"
-            ' -H "X-aws-ec2-metadata-token: $tok" "$imds/meta-data/local-ipv4" || true)',
-            "  export WORKERLEASE_AGENT_ADVERTISE_HOST",
-            "fi",
-            "sh install.sh --service",
-            'cd / && rm -rf "$stage"',
-        ]
-    if extra:
-        lines.append(extra)
-    return "\n".join(lines) + "\n"
-
-
-def _ps_quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _render_powershell(env: Mapping[str, str], files: Mapping[str, bytes], extra: str) -> str:
-    lines = ["<powershell>", "# workerlease worker bootstrap (provisioners.ec2.render_user_data)"]
-    if files:
-        lines += [
-            "$ErrorActionPreference = 'Stop'",
-            "$stage = Join-Path $env:ProgramData 'workerlease-bootstrap'",
-            "New-Item -ItemType Directory -Force -Path $stage | Out-Null",
-            "function Expand-WorkerleaseFile([string]$Packed, [string]$Name) {",
-            "  $in = New-Object IO.MemoryStream(,[Convert]::FromBase64String($Packed))",
-            "  $gz = New-Object IO.Compression.GZipStream($in, [IO.Compression.CompressionMode]::Decompress)",  # noqa: E501
-            "  $out = [IO.File]::Create((Join-Path $stage $Name))",
-            "  try { $gz.CopyTo($out) } finally { $out.Close(); $gz.Close() }",
-            "}",
-        ]
-        lines += [
-            f"Expand-WorkerleaseFile {_ps_quote(_packed(data))} {_ps_quote(name)}"
-            for name, data in files.items()
-        ]
-        lines += [f"$env:{key} = {_ps_quote(value)}" for key, value in sorted(env.items())]
-        lines += [
-            "try {",
-            "  $tok = Invoke-RestMethod -Method Put -TimeoutSec 5"
-            " -Uri 'http://169.254.169.254/latest/api/token'"
-            " -Headers @{'X-aws-ec2-metadata-token-ttl-seconds' = '300'}",
-            "  $env:WORKERLEASE_AGENT_ADVERTISE_HOST = Invoke-RestMethod -TimeoutSec 5"
-            " -Uri 'http://169.254.169.254/latest/meta-data/local-ipv4'"
-            " -Headers @{'X-aws-ec2-metadata-token' = $tok}",
-            "} catch { Write-Warning 'IMDSv2 unavailable: advertise host not set' }",
-            "& powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass"
-            " -File (Join-Path $stage 'install.ps1')",
-            'if ($LASTEXITCODE -ne 0) { throw "install.ps1 failed: $LASTEXITCODE" }',
-            "Remove-Item -Recurse -Force $stage",
-        ]
-    if extra:
-        lines.append(extra)
-    lines.append("</powershell>")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- throttling
-
-
-class RateLimiter:
-    """At most ``calls`` calls start in any ``period`` seconds; callers queue in order.
-
-    A classic token bucket of size b refilled at r/s admits b + r*T calls in a
-    window of T seconds, so it cannot promise "at most 2 per second" with a
-    burst of 2. This is the stricter variant: a bucket of ``calls`` tokens in
-    which each token comes back ``period`` seconds after it was spent. Each
-    caller reserves its start time under the lock, then sleeps outside it, so
-    waiting threads are served first come, first served and none starves.
-    """
-
-    def __init__(
-        self,
-        calls: int,
-        period: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.calls = calls
-        self.period = period
-        self._clock = clock
-        self._sleep = sleep
-        self._lock = threading.Lock()
-        self._starts: deque[float] = deque(maxlen=calls)
-
-    def acquire(self, max_wait: float) -> None:
-        """Wait for a turn; raise TransientProvisionerError if it is over ``max_wait`` away."""
-        with self._lock:
-            now = self._clock()
-            start = now
-            if self._starts:
-                start = max(start, self._starts[-1])
-            if len(self._starts) == self.calls:
-                start = max(start, self._starts[0] + self.period)
-            if start - now > max_wait:
-                raise TransientProvisionerError(
-                    f"client-side EC2 rate limit: next slot in {start - now:.1f}s "
-                    f"(> {max_wait:.0f}s); too many calls queued"
-                )
-            self._starts.append(start)
-        if start > now:
-            self._sleep(start - now)
-
-
-@dataclass(frozen=True)
-class _Budget:
-    calls: int
-    period: float
-
-
-# Budgets per API family. EC2 throttles per account and region with token buckets
-# (https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html): the
-# RunInstances resource bucket refills 2 instances/s, mutating actions refill about
-# 5 requests/s, non-mutating (Describe*) about 20/s. We stay at or below the refill
-# rates, because the buckets are shared with every other tool in the account. The
-# 50 ms added to each period absorbs thread wake-up jitter, so calls observed on the
-# wire also stay within the budget.
-BUDGETS: dict[str, _Budget] = {
-    "run": _Budget(calls=2, period=1.05),
-    "terminate": _Budget(calls=5, period=1.05),
-    "describe": _Budget(calls=20, period=1.05),
-}
-# The operations this provisioner sends, and the budget each draws from.
-FAMILY_OF_OPERATION = {
-    "RunInstances": "run",
-    "TerminateInstances": "terminate",
-    "DescribeInstances": "describe",
-}
-_limiters: dict[tuple[str, str, str], RateLimiter] = {}
-_limiters_lock = threading.Lock()
-
-
-def rate_limiter(region: str, endpoint_url: str | None, family: str) -> RateLimiter:
-    """The process-wide limiter for one API family in one region and endpoint."""
-    key = (region, endpoint_url or "", family)
-    with _limiters_lock:
-        limiter = _limiters.get(key)
-        if limiter is None:
-            budget = BUDGETS[family]
-            limiter = _limiters[key] = RateLimiter(budget.calls, budget.period)
-        return limiter
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def translate_error(exc: Exception, action: str) -> ProvisionerError:
-    """Map a botocore exception to the provisioner's error classes."""
-    if isinstance(exc, ProvisionerError):
-        return exc
-    if isinstance(exc, ClientError):
-        code = _error_code(exc)
-        message = exc.response.get("Error", {}).get("Message", "")
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        text = f"{action} failed: {code}: {message}"
-        if code in CAPACITY_CODES:
-            return CapacityError(text)
-        if code in TRANSIENT_CODES or status >= 500:
-            return TransientProvisionerError(text)
-        return PermanentProvisionerError(text)
-    if isinstance(
-        exc, NoCredentialsError | PartialCredentialsError | NoRegionError | ParamValidationError
-    ):
-        return PermanentProvisionerError(f"{action} failed: {exc}")
-    if isinstance(exc, BotoCoreError):  # connection refused, timeouts, closed connections
-        return TransientProvisionerError(f"{action} failed: {exc}")
-    return PermanentProvisionerError(f"{action} failed: {type(exc).__name__}: {exc}")
-
-
-def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# --------------------------------------------------------------------------- provisioner
-
-
 class EC2Provisioner(Provisioner[EC2Options]):
-    """Workers are EC2 instances; see the module docstring for ownership and throttling."""
+    """Workers are EC2 instances; see the package docstring for ownership and throttling."""
 
     name = "ec2"
     Options = EC2Options
@@ -441,8 +58,6 @@ class EC2Provisioner(Provisioner[EC2Options]):
         self._client: Any = None
         # instance id -> monotonic launch time, to bridge DescribeInstances' lag.
         self._launched: dict[str, float] = {}
-
-    # -- plumbing
 
     def client(self) -> Any:
         """The EC2 client, created on first use (after a test's endpoint exists)."""
@@ -515,8 +130,6 @@ class EC2Provisioner(Provisioner[EC2Options]):
                 self._client.close()
                 self._client = None
 
-    # -- create
-
     def create(self, spec: WorkerSpec) -> WorkerHandle:
         try:
             existing = self._find_instance(spec)
@@ -540,7 +153,7 @@ class EC2Provisioner(Provisioner[EC2Options]):
                 if not isinstance(error, CapacityError):
                     raise error from exc
                 last_exc = exc
-                code = _error_code(exc) if isinstance(exc, ClientError) else "?"
+                code = error_code(exc) if isinstance(exc, ClientError) else "?"
                 where = f"{market}/{instance_type or 'template'}/{subnet or 'default'}"
                 tried.append(f"{where}: {code}")
                 log.info(
@@ -683,8 +296,6 @@ class EC2Provisioner(Provisioner[EC2Options]):
             }
         return params
 
-    # -- destroy
-
     def destroy(self, handle: WorkerHandle) -> None:
         error = self.destroy_many([handle])[handle.worker_id]
         if error is not None:
@@ -775,7 +386,7 @@ class EC2Provisioner(Provisioner[EC2Options]):
             try:
                 results.append(call(batch))
             except ClientError as exc:
-                if _error_code(exc) != "InvalidInstanceID.NotFound":
+                if error_code(exc) != "InvalidInstanceID.NotFound":
                     raise
                 named = set(_INSTANCE_ID.findall(str(exc))) & set(batch)
                 if named:
@@ -787,8 +398,6 @@ class EC2Provisioner(Provisioner[EC2Options]):
                     half = len(batch) // 2
                     todo += [batch[:half], batch[half:]]
         return results, missing
-
-    # -- describe / list
 
     def describe(self, handles: Iterable[WorkerHandle]) -> dict[str, ResourceState]:
         handles = list(handles)
@@ -844,3 +453,8 @@ def client_token(worker_id: str, market: str, instance_type: str | None, subnet:
     digest = hashlib.sha256(f"{worker_id}|{placement}".encode()).hexdigest()
     readable = re.sub(r"[^A-Za-z0-9-]", "", worker_id)[:40]
     return f"wl-{readable}-{digest[:16]}"[:64]
+
+
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
