@@ -137,8 +137,10 @@ class EC2Provisioner(Provisioner[EC2Options]):
             raise translate_error(exc, "DescribeInstances") from exc
         if existing is not None:
             log.info(
-                "ec2.create.found_existing",
-                extra={"pool": spec.pool, "worker": spec.worker_id, "instance": existing},
+                "ec2_create_found_existing pool=%s worker=%s instance=%s",
+                spec.pool,
+                spec.worker_id,
+                existing["InstanceId"],
             )
             return self._handle(existing, spec.worker_id, spec.pool)
         user_data = self.user_data(spec)
@@ -157,23 +159,25 @@ class EC2Provisioner(Provisioner[EC2Options]):
                 where = f"{market}/{instance_type or 'template'}/{subnet or 'default'}"
                 tried.append(f"{where}: {code}")
                 log.info(
-                    "ec2.create.no_capacity",
-                    extra={"pool": spec.pool, "worker": spec.worker_id, "tried": tried[-1]},
+                    "ec2_create_no_capacity pool=%s worker=%s placement=%s code=%s",
+                    spec.pool,
+                    spec.worker_id,
+                    where,
+                    code,
                 )
                 continue
             instance = response["Instances"][0]
             with self._lock:
                 self._launched[instance["InstanceId"]] = time.monotonic()
             log.info(
-                "ec2.create.launched",
-                extra={
-                    "pool": spec.pool,
-                    "worker": spec.worker_id,
-                    "instance": instance["InstanceId"],
-                    "market": market,
-                    "instance_type": instance_type,
-                    "subnet": subnet,
-                },
+                "ec2_create_launched pool=%s worker=%s instance=%s market=%s instance_type=%s"
+                " subnet=%s",
+                spec.pool,
+                spec.worker_id,
+                instance["InstanceId"],
+                market,
+                instance_type,
+                subnet,
             )
             return self._handle(instance, spec.worker_id, spec.pool)
         raise CapacityError(
@@ -190,8 +194,10 @@ class EC2Provisioner(Provisioner[EC2Options]):
         found = sorted(self._describe_pages(Filters=filters), key=lambda i: str(i["LaunchTime"]))
         if len(found) > 1:
             log.warning(
-                "ec2.create.duplicates",
-                extra={"worker": spec.worker_id, "instances": [i["InstanceId"] for i in found]},
+                "ec2_create_duplicates pool=%s worker=%s instances=%s",
+                spec.pool,
+                spec.worker_id,
+                ",".join(i["InstanceId"] for i in found),
             )
         return found[0] if found else None
 
@@ -327,7 +333,11 @@ class EC2Provisioner(Provisioner[EC2Options]):
                 error.__cause__ = exc
             else:
                 if missing:
-                    log.info("ec2.destroy.already_gone", extra={"instances": sorted(missing)})
+                    log.info(
+                        "ec2_destroy_already_gone pool=%s instances=%s",
+                        self.pool,
+                        ",".join(sorted(missing)),
+                    )
             for instance_id in batch:
                 for worker_id in workers_by_instance[instance_id]:
                     results[worker_id] = error
@@ -435,7 +445,11 @@ class EC2Provisioner(Provisioner[EC2Options]):
             for instance in self._describe_pages(Filters=filters, MaxResults=1000):
                 tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
                 if TAG_WORKER not in tags:
-                    log.warning("ec2.list.untagged", extra={"instance": instance["InstanceId"]})
+                    log.warning(
+                        "ec2_list_untagged deployment=%s instance=%s",
+                        deployment_id,
+                        instance["InstanceId"],
+                    )
                     continue
                 handles.append(self._handle(instance, tags[TAG_WORKER], tags.get(TAG_POOL, "")))
         except (ClientError, BotoCoreError) as exc:
