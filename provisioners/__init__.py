@@ -37,8 +37,12 @@ class UnknownProvisionerError(LookupError):
     pass
 
 
-def provisioner_class(name: str) -> type[Provisioner]:
-    """Find a provisioner class by name; a missing SDK names the extra to install."""
+def provisioner_class(name: str) -> type[Provisioner[Any]]:
+    """Find a provisioner class by name; a missing SDK names the extra to install.
+
+    Which options model the class takes is known only at run time: validate a pool's
+    options with its ``Options`` (``cls(pool, cls.Options.model_validate(options))``).
+    """
     if name in BUILTIN:
         target, extra = BUILTIN[name]
         try:
@@ -60,9 +64,9 @@ def validate_options(name: str, options: dict[str, Any]) -> ProvisionerOptions:
     return provisioner_class(name).Options.model_validate(options)
 
 
-def _load(target: str) -> type[Provisioner]:
+def _load(target: str) -> type[Provisioner[Any]]:
     module_name, _, attr = target.partition(":")
-    cls: type[Provisioner] = getattr(importlib.import_module(module_name), attr)
+    cls: type[Provisioner[Any]] = getattr(importlib.import_module(module_name), attr)
     return cls
 
 

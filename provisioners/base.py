@@ -35,7 +35,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -116,21 +116,38 @@ class WorkerHandle:
     address: str | None = None  # where the service host reaches the machine, if known
 
 
-class Provisioner(ABC):
-    """One configured provisioner serves one pool (its options are the pool's)."""
+OptionsT = TypeVar("OptionsT", bound=ProvisionerOptions)
+
+
+class Provisioner(ABC, Generic[OptionsT]):
+    """One configured provisioner serves one pool (its options are the pool's).
+
+    A subclass names its options model twice, as the type parameter (for the type
+    checker: ``self.options`` is that model) and as ``Options`` (for the registry,
+    which validates a pool's ``options`` with it before constructing the provisioner)::
+
+        class DockerProvisioner(Provisioner[DockerOptions]):
+            Options = DockerOptions
+
+    The constructor refuses options of any other model with ``TypeError``.
+    """
 
     #: Registry name, e.g. ``"local"``.
     name: ClassVar[str]
-    #: Pydantic model that validates a pool's ``options``.
+    #: Pydantic model that validates a pool's ``options``; the class's ``OptionsT``.
     Options: ClassVar[type[ProvisionerOptions]] = ProvisionerOptions
     #: How many workers one ``destroy_many`` call should get. 1 unless the platform has a
     #: batch call: the service runs several batches of a pool at once, so one slow
     #: destroy never holds up the others.
     destroy_batch_size: ClassVar[int] = 1
 
-    def __init__(self, pool: str, options: ProvisionerOptions) -> None:
+    def __init__(self, pool: str, options: OptionsT) -> None:
+        if not isinstance(options, self.Options):
+            raise TypeError(
+                f"{type(self).__name__} needs {self.Options.__name__}, got {type(options).__name__}"
+            )
         self.pool = pool
-        self.options = options
+        self.options: OptionsT = options
 
     @abstractmethod
     def create(self, spec: WorkerSpec) -> WorkerHandle:
@@ -170,5 +187,5 @@ class Provisioner(ABC):
         """
         return False
 
-    def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+    def close(self) -> None:
         """Release clients and connections; called when the service stops."""

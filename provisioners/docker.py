@@ -116,15 +116,12 @@ def container_name(worker_id: str) -> str:
     return f"{CONTAINER_PREFIX}{worker_id}"
 
 
-class DockerProvisioner(Provisioner):
+class DockerProvisioner(Provisioner[DockerOptions]):
     name = "docker"
     Options = DockerOptions
 
-    def __init__(self, pool: str, options: ProvisionerOptions) -> None:
-        if not isinstance(options, DockerOptions):
-            raise TypeError(f"DockerProvisioner needs DockerOptions, got {type(options).__name__}")
+    def __init__(self, pool: str, options: DockerOptions) -> None:
         super().__init__(pool, options)
-        self.opts: DockerOptions = options
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
 
@@ -209,8 +206,8 @@ class DockerProvisioner(Provisioner):
         """The engine client, made on first use (one per provisioner, shared by threads)."""
         with self._client_lock:
             if self._client is None:
-                if self.opts.docker_host:
-                    self._client = docker.DockerClient(base_url=self.opts.docker_host)
+                if self.options.docker_host:
+                    self._client = docker.DockerClient(base_url=self.options.docker_host)
                 else:
                     self._client = docker.from_env()
             return self._client
@@ -236,16 +233,16 @@ class DockerProvisioner(Provisioner):
 
     def _create_container(self, spec: WorkerSpec, name: str) -> Container:
         client = self._docker()
-        if self.opts.pull == "always":
+        if self.options.pull == "always":
             self._pull()
         kwargs = self._container_kwargs(spec, name)
         try:
-            container = client.containers.create(self.opts.image, **kwargs)
+            container = client.containers.create(self.options.image, **kwargs)
         except docker_errors.ImageNotFound:
-            if self.opts.pull != "missing":
+            if self.options.pull != "missing":
                 raise
             self._pull()
-            container = client.containers.create(self.opts.image, **kwargs)
+            container = client.containers.create(self.options.image, **kwargs)
         try:
             container.start()
         except docker_errors.APIError:
@@ -257,17 +254,17 @@ class DockerProvisioner(Provisioner):
 
     def _container_kwargs(self, spec: WorkerSpec, name: str) -> dict[str, Any]:
         env = spec.agent_environment()
-        env.update(self.opts.env)
-        port = self.opts.agent_port or spec.agent_port
+        env.update(self.options.env)
+        port = self.options.agent_port or spec.agent_port
         kwargs: dict[str, Any] = {
             "name": name,
             "labels": spec.labels(),
             "detach": True,
             # tini as PID 1: reaps the scripts' orphans and forwards signals to the agent.
             "init": True,
-            "privileged": self.opts.privileged,
+            "privileged": self.options.privileged,
         }
-        if self.opts.network == "host":
+        if self.options.network == "host":
             env["WORKERLEASE_AGENT_HOST"] = "127.0.0.1"
             env["WORKERLEASE_AGENT_PORT"] = str(port)
             kwargs["network_mode"] = "host"
@@ -278,24 +275,24 @@ class DockerProvisioner(Provisioner):
             env["WORKERLEASE_AGENT_PORT"] = str(port)
             env["WORKERLEASE_AGENT_ADVERTISE_HOST"] = "127.0.0.1"
             env["WORKERLEASE_URL"] = _via_host_gateway(env["WORKERLEASE_URL"])
-            kwargs["network"] = self.opts.network
+            kwargs["network"] = self.options.network
             kwargs["ports"] = {f"{port}/tcp": ("127.0.0.1", port)}
             kwargs["extra_hosts"] = {HOST_GATEWAY_NAME: "host-gateway"}
         kwargs["environment"] = env
-        if self.opts.cpus is not None:
-            kwargs["nano_cpus"] = int(self.opts.cpus * 1e9)
-        if self.opts.memory is not None:
-            kwargs["mem_limit"] = self.opts.memory
-        if self.opts.platform is not None:
-            kwargs["platform"] = self.opts.platform
+        if self.options.cpus is not None:
+            kwargs["nano_cpus"] = int(self.options.cpus * 1e9)
+        if self.options.memory is not None:
+            kwargs["mem_limit"] = self.options.memory
+        if self.options.platform is not None:
+            kwargs["platform"] = self.options.platform
         return kwargs
 
     def _pull(self) -> None:
         try:
-            self._docker().images.pull(self.opts.image, platform=self.opts.platform)
+            self._docker().images.pull(self.options.image, platform=self.options.platform)
         except docker_errors.APIError as exc:
             raise ImageNotFoundError(
-                f"image {self.opts.image!r} is not on the engine and pulling it failed: "
+                f"image {self.options.image!r} is not on the engine and pulling it failed: "
                 f"{_explain(exc)}"
             ) from exc
 
@@ -312,7 +309,7 @@ class DockerProvisioner(Provisioner):
             worker_id=worker_id,
             pool=pool,
             provider_id=container_id or "",
-            address=_engine_address(self.opts.docker_host),
+            address=_engine_address(self.options.docker_host),
         )
 
     @contextmanager
@@ -322,8 +319,8 @@ class DockerProvisioner(Provisioner):
             yield
         except docker_errors.ImageNotFound as exc:
             raise ImageNotFoundError(
-                f"{action}: image {self.opts.image!r} not found on the engine "
-                f"(pull={self.opts.pull}): {_explain(exc)}"
+                f"{action}: image {self.options.image!r} not found on the engine "
+                f"(pull={self.options.pull}): {_explain(exc)}"
             ) from exc
         except docker_errors.APIError as exc:
             _raise_api_error(action, exc)
@@ -331,7 +328,7 @@ class DockerProvisioner(Provisioner):
             # Connection refused, socket missing, timeouts, and the SDK's own
             # "Error while fetching server API version" when the client is made.
             raise DockerUnavailableError(
-                f"{action}: Docker engine at {self.opts.docker_host or 'DOCKER_HOST/default'} "
+                f"{action}: Docker engine at {self.options.docker_host or 'DOCKER_HOST/default'} "
                 f"is unreachable: {exc}"
             ) from exc
         except OSError as exc:

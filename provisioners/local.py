@@ -75,15 +75,13 @@ class _Proc:
     is_agent: bool
 
 
-class LocalProvisioner(Provisioner):
+class LocalProvisioner(Provisioner[LocalOptions]):
     name = "local"
     Options = LocalOptions
     #: One /proc scan and one wait serve the whole batch (see ``destroy_many``).
     destroy_batch_size = 32
 
-    def __init__(self, pool: str, options: ProvisionerOptions) -> None:
-        if not isinstance(options, LocalOptions):
-            options = LocalOptions.model_validate(options.model_dump())
+    def __init__(self, pool: str, options: LocalOptions) -> None:
         super().__init__(pool, options)
         if not Path("/proc/self/environ").exists():
             raise PermanentProvisionerError("the local provisioner needs Linux /proc")

@@ -3,7 +3,7 @@
 # The image carries python3, the agent (installed by images/agent/install.sh, the
 # one installer every target uses) and whatever tooling var.extra_packages adds.
 # It holds no worker identity and no token: at boot, user data rendered by
-# provisioners/ec2.py:render_user_data writes the worker's environment and runs
+# provisioners/userdata.py:render_user_data writes the worker's environment and runs
 # the same install.sh --service, which starts the agent.
 #
 #   packer init images/packer/ubuntu.pkr.hcl

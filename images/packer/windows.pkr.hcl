@@ -3,7 +3,7 @@
 # The image carries Python (the agent's only dependency) and the agent installed by
 # images/agent/install.ps1 -NoStart, the one installer every target uses, with its
 # scheduled task disabled. It holds no worker identity and no token: at boot, user
-# data rendered by provisioners/ec2.py:render_user_data writes the worker's
+# data rendered by provisioners/userdata.py:render_user_data writes the worker's
 # environment and runs the same install.ps1, which re-registers and starts the task.
 #
 #   packer init images/packer/windows.pkr.hcl
