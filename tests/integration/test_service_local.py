@@ -130,23 +130,21 @@ def test_walkthrough_lease_run_release_refill(make_server: Callable[..., ServerP
 
     wait_until(
         lambda: worker_id not in server.agents(),
-        10,
+        60,
         message=lambda: f"agent of {worker_id} still running\n{server.log_tail()}",
     )
-    wait_until(lambda: not workdir.exists(), 5, message=f"{workdir} not removed")
+    wait_until(lambda: not workdir.exists(), 60, message=f"{workdir} not removed")
     wait_until(
         lambda: any(w["id"] == worker_id and w["state"] == "destroyed" for w in server.workers()),
-        10,
+        60,
         message="worker never destroyed",
     )
 
-    def refilled() -> bool:
-        ready = [w["id"] for w in server.workers("ready")]
-        return len(ready) >= 1 and worker_id not in ready
+    def refilled() -> set[str]:
+        ready = {w["id"] for w in server.workers("ready")}
+        return ready if ready and worker_id not in ready else set()
 
-    wait_until(refilled, 20, message=lambda: f"no refill: {server.workers()}")
-    fresh = {w["id"] for w in server.workers("ready")}
-    assert fresh and worker_id not in fresh
+    fresh = wait_until(refilled, 60, message=lambda: f"no refill: {server.workers()}")
     assert fresh <= set(server.agents())
 
 
@@ -161,7 +159,6 @@ def test_lease_on_empty_pool_waits_for_a_new_worker(
     assert server.pool_counts()["ready"] == 0
     assert server.agents() == {}
 
-    started = time.monotonic()
     response = lease(server, token, wait_seconds=20)
     assert response.status_code in (201, 202), response.text
     body = response.json()
@@ -173,9 +170,10 @@ def test_lease_on_empty_pool_waits_for_a_new_worker(
             got = server.request("GET", f"/v1/leases/{body['id']}", token=token).json()
             return got if got["state"] == "active" else None
 
-        body = wait_until(active, 20, message="lease never active")
+        # A bound on a hang only (no speed target): a lease that waits for the pending
+        # timeout (30 min) fails it; a slow machine does not.
+        body = wait_until(active, 90, message="lease never active")
     assert body["state"] == "active"
-    assert time.monotonic() - started < 25
     worker = body["worker"]
     assert worker["id"] in server.agents()
     result = run_script(worker, "echo on-demand")
@@ -193,7 +191,7 @@ def test_a_queued_lease_rings_the_scheduler_instead_of_waiting_for_its_poll(
     token = server.create_tenant("acme")["token"]
     wait_until(
         lambda: "scheduler_started" in server.log_text(),
-        20,
+        60,
         message=lambda: f"scheduler never started:\n{server.log_tail()}",
     )
 
@@ -224,18 +222,35 @@ def test_reconcile_destroys_unknown_agent(make_server: Callable[..., ServerProce
         bootstrap_token="b" * 43,
     )
     handle = provisioner.create(spec)
+    pid = int(handle.provider_id)
     try:
-        assert stranger in server.agents()
+        # No look at the agent before the reconcile: a pass (every 2 s) may kill it at any
+        # moment from here on. That it ran is proven by what persists: the pid the
+        # provisioner started, and the service's own log naming it.
+        def destroyed() -> bool:
+            # The service kills the agent, then removes its directory, then logs (about
+            # 200 ms from first to last here): wait for all three, never assert in
+            # between. Our provisioner started the agent, so describe() also reaps it:
+            # GONE means gone from /proc, not a zombie.
+            return (
+                provisioner.describe([handle])[stranger] == ResourceState.GONE
+                and not server.workdir(stranger).exists()
+                and f"local_agent_destroyed worker={stranger}" in server.log_text()
+            )
+
         wait_until(
-            lambda: stranger not in server.agents(),
-            15,
-            message=lambda: f"unknown agent survived\n{server.log_tail()}",
+            destroyed,
+            60,
+            message=lambda: (
+                f"unknown agent {stranger} (pid {pid}) not destroyed: "
+                f"agents={server.agents()} dir={server.workdir(stranger).exists()}\n"
+                f"{server.log_tail()}"
+            ),
         )
-        # Killed by the service; our provisioner started it, so it reaps it here.
-        wait_until(lambda: provisioner.describe([handle])[stranger] == ResourceState.GONE, 5)
-        assert not server.workdir(stranger).exists()
+        assert stranger not in server.agents()
+        orphans = [line for line in server.log_text().splitlines() if "orphans_found" in line]
+        assert any(stranger in line for line in orphans), server.log_tail()
         assert stranger not in {w["id"] for w in server.workers("all")}
-        assert stranger in server.log_text()  # orphans_found names it
         assert server.request("GET", "/readyz").status_code == 200
     finally:
         provisioner.destroy(handle)  # idempotent: kills and reaps it if the test failed early
@@ -253,12 +268,12 @@ def test_kill9_while_filling_then_restart_converges(
     )
     server.start()
     token = server.create_tenant("acme")["token"]
-    server.wait_ready_workers(1, timeout=30)
+    server.wait_ready_workers(1)
     response = lease(server, token)
     assert response.status_code == 201, response.text
     before = response.json()
     leased_worker = before["worker"]["id"]
-    server.wait_ready_workers(1, timeout=30)  # the replacement, so the fill below is all new
+    server.wait_ready_workers(1)  # the replacement, so the fill below is all new
     patched = server.admin("PATCH", f"/v1/admin/pools/{POOL}", json={"min_ready": 4})
     assert patched.status_code == 200, patched.text
 
@@ -267,7 +282,7 @@ def test_kill9_while_filling_then_restart_converges(
         rows = provisioning_rows(server.db_path)
         return rows if any(provider for _, provider in rows) else []
 
-    at_kill = wait_until(filling, 10, interval=0.02, message="the pool never started filling")
+    at_kill = wait_until(filling, 60, interval=0.02, message="the pool never started filling")
     server.kill()  # master, web worker and scheduler at once, mid-fill
     assert server.process is not None and server.process.returncode == -9
     assert not port_listening(server.port)
@@ -275,29 +290,31 @@ def test_kill9_while_filling_then_restart_converges(
 
     server.start()
 
-    def settled() -> bool:
+    def settled() -> dict[str, str] | None:
+        """The live rows, once they equal the agents and the API's live workers."""
         rows = live_rows(server.db_path)
         agents = set(server.agents())
+        api_live = {w["id"] for w in server.workers("live")}
         states = list(rows.values())
-        return (
+        if (
             set(states) <= {"ready", "leased"}
-            and set(rows) == agents
+            and set(rows) == agents == api_live
             and states.count("ready") >= 4
-        )
+            and live_rows(server.db_path) == rows  # not moved while we looked
+        ):
+            return rows
+        return None
 
-    wait_until(
+    # Asserted on the snapshot that settled, not on a second look that may catch a trim.
+    rows = wait_until(
         settled,
-        45,
+        120,
         interval=0.5,
         message=lambda: (
             f"not settled (provisioning at kill {at_kill}): db={live_rows(server.db_path)} "
             f"agents={sorted(server.agents())}\n{server.log_tail()}"
         ),
     )
-    rows = live_rows(server.db_path)
-    assert set(rows) == set(server.agents())
-    api_live = {w["id"] for w in server.workers("live")}
-    assert api_live == set(rows)
 
     after = server.request("GET", f"/v1/leases/{before['id']}", token=token).json()
     assert after["state"] == "active"
@@ -326,11 +343,9 @@ def test_sigterm_exits_cleanly_and_keeps_leases(make_server: Callable[..., Serve
     lease_id = response.json()["id"]
     worker = response.json()["worker"]
 
-    started = time.monotonic()
-    code = server.stop(timeout=15)
-    elapsed = time.monotonic() - started
+    # stop() SIGKILLs after its timeout, so a hang shows as -9; 60 s bounds a hang only.
+    code = server.stop(timeout=60)
     assert code == 0, server.log_tail()
-    assert elapsed < 15
     assert not port_listening(server.port)
     rows = live_rows(server.db_path)
     assert rows.get(worker["id"]) == "leased"
@@ -349,7 +364,9 @@ def test_sigterm_exits_cleanly_and_keeps_leases(make_server: Callable[..., Serve
 
 
 def test_idle_expiry_end_to_end(make_server: Callable[..., ServerProcess]) -> None:
-    server = make_server(pools=[pool(min_ready=2, max_workers=4, lease_idle_timeout="3s")]).start()
+    # 10 s, not less: the busy lease is renewed about every second and must never go idle
+    # for that long even when a renew is slow on a loaded machine.
+    server = make_server(pools=[pool(min_ready=2, max_workers=4, lease_idle_timeout="10s")]).start()
     idle = server.create_tenant("idle")["token"]
     busy = server.create_tenant("busy")["token"]
     server.wait_ready_workers(2)
@@ -359,32 +376,38 @@ def test_idle_expiry_end_to_end(make_server: Callable[..., ServerProcess]) -> No
     idle_lease, busy_lease = first.json(), second.json()
     idle_worker = idle_lease["worker"]["id"]
 
-    for _ in range(4):
-        time.sleep(1)
+    def renew_busy() -> None:
         renewed = server.request("POST", f"/v1/leases/{busy_lease['id']}/renew", token=busy)
         assert renewed.status_code == 200, renewed.text
         assert renewed.json()["state"] == "active"
 
-    def ended() -> dict[str, Any] | None:
+    # Renew the busy lease until the idle one has ended: the outcome, not a fixed sleep.
+    deadline = time.monotonic() + 90
+    while True:
+        renew_busy()
         got = server.request("GET", f"/v1/leases/{idle_lease['id']}", token=idle).json()
-        return got if got["state"] != "active" else None
+        if got["state"] != "active":
+            break
+        assert time.monotonic() < deadline, f"idle lease never expired\n{server.log_tail()}"
+        time.sleep(1)
+    assert got["state"] == "expired"
+    assert got["end_reason"] == "idle_timeout"
+    # The renewed one is still active on its agent, checked now: after the wait below it
+    # could have gone idle itself.
+    renew_busy()
+    still = server.request("GET", f"/v1/leases/{busy_lease['id']}", token=busy).json()
+    assert still["state"] == "active"
+    assert still["worker"]["id"] in server.agents()
 
-    over = wait_until(ended, 5, message="idle lease never expired")
-    assert over["state"] == "expired"
-    assert over["end_reason"] == "idle_timeout"
     wait_until(
         lambda: idle_worker not in server.agents(),
-        10,
+        60,
         message=lambda: f"agent of expired lease still running\n{server.log_tail()}",
     )
     assert (
         server.request("POST", f"/v1/leases/{idle_lease['id']}/renew", token=idle).status_code
         == 409
     )
-
-    still = server.request("GET", f"/v1/leases/{busy_lease['id']}", token=busy).json()
-    assert still["state"] == "active"
-    assert still["worker"]["id"] in server.agents()
 
 
 # ---- 7. bad config refused at start ----------------------------------------------------
@@ -398,16 +421,15 @@ def test_serve_refuses_bad_config(make_server: Callable[..., ServerProcess], cas
     else:
         server = make_server(scheduler={"intervall": "1s"})
         key = "scheduler.intervall"
-    started = time.monotonic()
+    # It must exit, not serve: the timeout bounds a hang only (no speed target).
     completed = subprocess.run(
         server.command(),
         env=server.env(),
         cwd=server.dir,
         capture_output=True,
-        timeout=30,
+        timeout=120,
         check=False,
     )
-    assert time.monotonic() - started < 15
     assert completed.returncode != 0
     stderr = completed.stderr.decode()
     assert key in stderr, stderr

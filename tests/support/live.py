@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import requests
@@ -34,9 +35,10 @@ class LiveService:
     rt: Runtime
     server: BaseWSGIServer
 
-    def tick(self) -> None:
-        maintain(self.rt)
-        destroy(self.rt)
+    def tick(self, now: datetime | None = None) -> None:
+        """One maintain and one destroy pass, at ``now`` (default: the clock's time)."""
+        maintain(self.rt, now)
+        destroy(self.rt, now)
 
     def reconcile(self) -> None:
         reconcile(self.rt)
@@ -63,9 +65,9 @@ class LiveService:
         return counts
 
     def tick_until(
-        self, done: Callable[[], bool], timeout_s: float = 60, every_s: float = 0.3
+        self, done: Callable[[], bool], timeout_s: float = 120, every_s: float = 0.3
     ) -> None:
-        """Run scheduler rounds until ``done()``; bounded in time."""
+        """Run scheduler rounds until ``done()``; ``timeout_s`` bounds a hang only."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.tick()

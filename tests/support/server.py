@@ -266,7 +266,9 @@ class ServerProcess:
         self._pgids.add(self.process.pid)
         return self.process
 
-    def start(self, timeout: float = 30.0) -> ServerProcess:
+    def start(self, timeout: float = 90.0) -> ServerProcess:
+        """Spawn and wait for ``/readyz``; ``timeout`` bounds a hang (gunicorn's boot on a
+        loaded 2-core machine took well over the second it takes on an idle one)."""
         process = self.spawn()
 
         def ready() -> bool:
@@ -440,7 +442,7 @@ class ServerProcess:
         return workers
 
     def wait_ready_workers(
-        self, at_least: int, pool: str = "hosted-ubuntu", timeout: float = 30.0
+        self, at_least: int, pool: str = "hosted-ubuntu", timeout: float = 90.0
     ) -> dict[str, int]:
         def enough() -> dict[str, int] | None:
             counts = self.pool_counts(pool)

@@ -3,7 +3,8 @@
 Resources live in memory (``CONTROL.resources``); ``ready_when_running`` makes a
 created worker ready on the next health pass, so no agent is needed. A test arms
 faults per operation and pool: ``CONTROL.hang("create", "alpha")`` makes the next
-create of pool alpha block until ``CONTROL.unblock()`` (at most ``HANG_MAX_S``),
+create of pool alpha block until ``CONTROL.unblock()`` (at most ``HANG_MAX_S``, far
+longer than any test waits: a hang never ends by itself while a test looks at it),
 ``CONTROL.fail("destroy", "alpha", 2)`` makes the next two destroys raise.
 """
 
@@ -24,7 +25,7 @@ from provisioners.base import (
     WorkerSpec,
 )
 
-HANG_MAX_S = 20.0
+HANG_MAX_S = 300.0
 
 
 @dataclass

@@ -44,10 +44,12 @@ CHAINS = max(1, -(-RUNS // KILLS_PER_CHAIN))
 SEED = int(os.environ.get("WORKERLEASE_CRASH_SEED", str(random.SystemRandom().randrange(2**31))))
 TENANTS = 4
 # After a restart, agents must equal the live rows within this (provision_timeout 8 s,
-# 1 s passes, a 3 s reconcile). A crash in the middle of a destroy batch currently leaves
+# 1 s passes, a 3 s reconcile; it takes a few seconds, but under a loaded 2-core machine
+# 30 s was too tight, hence 60). A crash in the middle of a destroy batch currently leaves
 # the batch's rows claimed for service.workers.CLAIM_FOR (90 s) with their agents running:
-# that run counts as leaked (see the report / docs of this suite).
-SETTLE_S = float(os.environ.get("WORKERLEASE_CRASH_SETTLE_S", "30"))
+# that run counts as leaked (see the report / docs of this suite); 60 s stays below the
+# ~80 s such a claim still has to run after the restart, so it still does.
+SETTLE_S = float(os.environ.get("WORKERLEASE_CRASH_SETTLE_S", "60"))
 SLOW_S = 20.0
 RECONCILE_S = 3.0
 REQUEST_TIMEOUT_S = 8.0
@@ -248,7 +250,7 @@ def test_sigkill_at_random_moments_loses_and_leaks_nothing(
         time.sleep(delay)
         server.kill()
         load.halt()
-        server.start(timeout=60)
+        server.start()
         # At least one reconcile pass (at start, then every 3 s) before the verdict.
         snap, took = settle(
             db, server.deployment_id, SETTLE_S, reap=_reaper(server), min_s=RECONCILE_S + 0.5

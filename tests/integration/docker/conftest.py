@@ -71,7 +71,7 @@ class FakeService:
     def access_token(self, worker_id: str) -> str:
         return f"access-{worker_id}"
 
-    def wait_ready(self, worker_id: str, timeout: float = 30.0) -> ReadyCall:
+    def wait_ready(self, worker_id: str, timeout: float = 120.0) -> ReadyCall:
         with self.cond:
             if not self.cond.wait_for(lambda: worker_id in self.calls, timeout):
                 raise AssertionError(f"no ready callback from {worker_id} in {timeout}s")

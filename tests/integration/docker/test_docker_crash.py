@@ -63,7 +63,7 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
 ) -> None:
     server.start()
     token = server.create_tenant("acme")["token"]
-    server.wait_ready_workers(1, timeout=60)
+    server.wait_ready_workers(1, timeout=120)
     lease = server.request("POST", "/v1/leases", token=token, json={"pool": POOL})
     assert lease.status_code == 201, lease.text
     leased_worker = lease.json()["worker"]["id"]
@@ -73,7 +73,7 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
         rows = live_rows(server.db_path)
         return list(rows.values()).count("provisioning") >= 2
 
-    wait_until(creating, 20, interval=0.02, message="the pool never started filling")
+    wait_until(creating, 120, interval=0.02, message="the pool never started filling")
     server.kill()
     deployment = server.deployment_id
     assert leased_worker in containers(docker_engine, deployment)  # containers outlive it
@@ -106,7 +106,7 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
 
     wait_until(
         converged,
-        120,
+        240,
         interval=1,
         message=lambda: (
             f"db={live_rows(server.db_path)} containers={containers(docker_engine, deployment)}"
@@ -122,7 +122,7 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
     assert server.admin("PATCH", f"/v1/admin/pools/{POOL}", json={"min_ready": 0}).ok
     wait_until(
         lambda: not containers(docker_engine, deployment) and not live_rows(server.db_path),
-        90,
+        180,
         interval=1,
         message=lambda: f"left: {containers(docker_engine, deployment)}",
     )

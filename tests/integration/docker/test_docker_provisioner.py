@@ -50,7 +50,7 @@ def _post_json(url: str, payload: dict[str, Any], token: str) -> dict[str, Any]:
 
 
 def _wait_state(
-    provisioner: DockerProvisioner, handle: WorkerHandle, want: ResourceState, timeout: float = 30
+    provisioner: DockerProvisioner, handle: WorkerHandle, want: ResourceState, timeout: float = 120
 ) -> None:
     deadline = time.monotonic() + timeout
     while (state := provisioner.describe([handle])[handle.worker_id]) != want:

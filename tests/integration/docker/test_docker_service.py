@@ -203,7 +203,7 @@ def test_leasing_ready_workers_keeps_working_while_the_daemon_is_down(
             containers = containers_of(docker_engine, deployment)
             return leased_id not in containers and live.pool_counts("hosted-ubuntu")["ready"] >= 2
 
-        live.tick_until(converged, timeout_s=90, every_s=1)
+        live.tick_until(converged, timeout_s=180, every_s=1)
 
 
 def test_pool_with_missing_image_is_degraded_not_crashing(

@@ -100,7 +100,7 @@ def stack(moto_endpoint: str, images: dict[str, str]) -> dict[str, str]:
         Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
         Capabilities=["CAPABILITY_IAM"],
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # bounds a hang; moto is slow on a loaded machine
     while True:
         described = cloudformation.describe_stacks(StackName=name)["Stacks"][0]
         if not described["StackStatus"].endswith("IN_PROGRESS") or time.monotonic() > deadline:
