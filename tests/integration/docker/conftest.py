@@ -7,6 +7,7 @@ deployment id and every container labelled with it is removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -20,10 +21,31 @@ import docker
 import pytest
 
 from images.build import ImageBuildError, build_image
-from provisioners.base import LABEL_DEPLOYMENT, WorkerSpec
+from provisioners.base import LABEL_DEPLOYMENT, LABEL_WORKER, WorkerSpec
 from provisioners.docker import DockerOptions, DockerProvisioner
 
 POOL = "docker-test"
+
+
+def containers_of(engine: docker.DockerClient, deployment: str) -> dict[str, str]:
+    """Worker id -> container status, from the engine's own listing.
+
+    ``ignore_removed``: the listing inspects each container after listing it, and the
+    service may remove one in between; that container is gone, not an error.
+    """
+    found = engine.containers.list(
+        all=True, ignore_removed=True, filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"}
+    )
+    return {c.labels[LABEL_WORKER]: c.status for c in found}
+
+
+def remove_containers(engine: docker.DockerClient, deployment: str) -> None:
+    """Remove every container of the deployment, also those already going away."""
+    for container in engine.containers.list(
+        all=True, ignore_removed=True, filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"}
+    ):
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
 
 
 @pytest.fixture(scope="session")
@@ -132,10 +154,7 @@ def new_deployment(docker_engine: docker.DockerClient) -> Iterator[Callable[[], 
 
     yield make
     for deployment in made:
-        for container in docker_engine.containers.list(
-            all=True, filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"}
-        ):
-            container.remove(force=True)
+        remove_containers(docker_engine, deployment)
 
 
 @pytest.fixture

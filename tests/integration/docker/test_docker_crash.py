@@ -15,16 +15,12 @@ import docker
 import pytest
 
 from provisioners.base import LABEL_DEPLOYMENT, LABEL_WORKER
+from tests.integration.docker.conftest import containers_of
 from tests.support.server import ServerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 POOL = "hosted-ubuntu"
-
-
-def containers(engine: docker.DockerClient, deployment: str) -> dict[str, str]:
-    found = engine.containers.list(all=True, filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"})
-    return {c.labels[LABEL_WORKER]: c.status for c in found}
 
 
 def live_rows(db_path: Path) -> dict[str, str]:
@@ -52,10 +48,7 @@ def server(
     server = ServerProcess(tmp_path, pools=[docker_pool], scheduler={"reconcile_interval": "3s"})
     yield server
     server.close()
-    for container in docker_engine.containers.list(
-        all=True, filters={"label": f"{LABEL_DEPLOYMENT}={server.deployment_id}"}
-    ):
-        container.remove(force=True)
+    remove_containers_of(docker_engine, server.deployment_id)
 
 
 def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
@@ -76,7 +69,7 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
     wait_until(creating, 120, interval=0.02, message="the pool never started filling")
     server.kill()
     deployment = server.deployment_id
-    assert leased_worker in containers(docker_engine, deployment)  # containers outlive it
+    assert leased_worker in containers_of(docker_engine, deployment)  # containers outlive it
 
     # A container the database never knew (as if created by a request lost in the crash).
     stray = docker_engine.containers.run(
@@ -97,7 +90,7 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
 
     def converged() -> bool:
         rows = live_rows(server.db_path)
-        running = containers(docker_engine, deployment)
+        running = containers_of(docker_engine, deployment)
         return (
             set(running) == set(rows)
             and set(rows.values()) <= {"ready", "leased"}
@@ -109,11 +102,11 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
         240,
         interval=1,
         message=lambda: (
-            f"db={live_rows(server.db_path)} containers={containers(docker_engine, deployment)}"
+            f"db={live_rows(server.db_path)} containers={containers_of(docker_engine, deployment)}"
             f"\n{server.log_tail()}"
         ),
     )
-    assert "w-" + "a" * 20 not in containers(docker_engine, deployment)
+    assert "w-" + "a" * 20 not in containers_of(docker_engine, deployment)
     after = server.request("GET", f"/v1/leases/{lease.json()['id']}", token=token).json()
     assert after["state"] == "active" and after["worker"]["id"] == leased_worker
 
@@ -121,8 +114,8 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
     server.request("DELETE", f"/v1/leases/{lease.json()['id']}", token=token)
     assert server.admin("PATCH", f"/v1/admin/pools/{POOL}", json={"min_ready": 0}).ok
     wait_until(
-        lambda: not containers(docker_engine, deployment) and not live_rows(server.db_path),
+        lambda: not containers_of(docker_engine, deployment) and not live_rows(server.db_path),
         180,
         interval=1,
-        message=lambda: f"left: {containers(docker_engine, deployment)}",
+        message=lambda: f"left: {containers_of(docker_engine, deployment)}",
     )

@@ -31,6 +31,7 @@ from provisioners.docker import (
     ImageNotFoundError,
     container_name,
 )
+from tests.integration.docker.conftest import remove_containers
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -245,10 +246,7 @@ def bridge_network(docker_engine: docker.DockerClient, deployment: str) -> Itera
     network = docker_engine.networks.create(f"{deployment}-net", driver="bridge")
     yield network.name
     # Containers go first: a network with endpoints cannot be removed.
-    for container in docker_engine.containers.list(
-        all=True, filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"}
-    ):
-        container.remove(force=True)
+    remove_containers(docker_engine, deployment)
     network.remove()
 
 

@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from provisioners.base import LABEL_DEPLOYMENT, LABEL_WORKER
+from tests.integration.docker.conftest import containers_of
 from tests.support.live import LiveService, live_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -34,12 +35,6 @@ def docker_pool(image: str, **options: Any) -> dict[str, Any]:
         "provision_timeout": "2m",
         "options": {"image": image, "network": "host", "pull": "never", **options},
     }
-
-
-def containers_of(engine: docker.DockerClient, deployment: str) -> dict[str, str]:
-    """Worker id -> container status, from the engine's own listing."""
-    found = engine.containers.list(all=True, filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"})
-    return {c.labels[LABEL_WORKER]: c.status for c in found}
 
 
 @pytest.fixture

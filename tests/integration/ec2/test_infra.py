@@ -123,6 +123,7 @@ def _pool_options(pool: str, stack: dict[str, str]) -> dict[str, Any]:
 
 def test_example_config_is_a_valid_service_config():
     from service.config import load_config
+    from service.passes.provisioning import check_pool_options
 
     # Secrets come from the environment, as the example's header says.
     config = load_config(
@@ -130,6 +131,7 @@ def test_example_config_is_a_valid_service_config():
         environ={"WORKERLEASE_ENCRYPTION_KEY": "k6LRXbUB0_aVtUzMKLnH2vGqY0JYDSGOIpu8zJOOBUA="},
     )
 
+    check_pool_options(config)  # what serve does at start
     assert {p.name: p.provisioner for p in config.pools} == {
         "hosted-ubuntu": "ec2",
         "hosted-windows": "ec2",
