@@ -15,7 +15,7 @@ import docker
 import pytest
 
 from provisioners.base import LABEL_DEPLOYMENT, LABEL_WORKER
-from tests.integration.docker.conftest import containers_of
+from tests.integration.docker.conftest import containers_of, remove_containers
 from tests.support.server import ServerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -48,7 +48,7 @@ def server(
     server = ServerProcess(tmp_path, pools=[docker_pool], scheduler={"reconcile_interval": "3s"})
     yield server
     server.close()
-    remove_containers_of(docker_engine, server.deployment_id)
+    remove_containers(docker_engine, server.deployment_id)
 
 
 def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
