@@ -8,8 +8,11 @@ import tempfile
 
 bind = os.environ.get("WORKERLEASE_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("WORKERLEASE_WEB_WORKERS", "2"))
-worker_class = "gthread"
-threads = 32  # a lease request with wait_seconds holds a thread for up to 60 s
+# One greenlet per connection: a request that waits (wait_seconds) or a slow client
+# costs a greenlet, not a thread. keepalive is also the timeout for reading a request's
+# headers (the first included): a client that does not finish them is dropped.
+worker_class = "gevent"
+worker_connections = 10_000
 timeout = 120
 graceful_timeout = 70
 keepalive = 5

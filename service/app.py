@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from flask_openapi3 import Info, OpenAPI
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
@@ -25,6 +26,20 @@ from service.lease_flow import LeaseFlow
 log = logging.getLogger("workerlease.app")
 
 MAX_BODY_BYTES = 64 * 1024
+
+
+class BoundedJSON(DefaultJSONProvider):
+    """JSON that turns too deep a nesting into a parse error (a 4xx), never a 500.
+
+    The decoder recurses per level; ``{"a":`` repeated a thousand times raised
+    RecursionError, which the request parser does not treat as bad JSON.
+    """
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError as exc:
+            raise ValueError("JSON nested too deeply") from exc
 
 
 @dataclass
@@ -74,15 +89,22 @@ def create_app(
     app.config.update(
         ADMIN_TOKEN=admin_token, MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False
     )
+    app.json = BoundedJSON(app)
     engine = engine or make_engine(config.database_url, config.database_pool_size)
     clock = clock or SystemClock()
+    read_factory = session_factory(engine, read_only=True)
     services = Services(
         config=config,
         engine=engine,
         factory=session_factory(engine),
-        read_factory=session_factory(engine, read_only=True),
+        read_factory=read_factory,
         clock=clock,
-        flow=LeaseFlow(clock, bell_for(engine)),
+        flow=LeaseFlow(
+            read_factory,
+            clock,
+            bell_for(engine),
+            max_waits_per_tenant=config.max_waits_per_tenant,
+        ),
     )
     app.extensions["workerlease"] = services
 

@@ -1,8 +1,9 @@
 """Bearer authentication for tenants and operators.
 
-Blueprints call :func:`require_tenant` / :func:`require_admin` from
-``before_request`` so authentication happens before body validation: an
-unauthenticated caller learns nothing about the request shape.
+Blueprints call :func:`require_tenant` / :func:`require_admin` /
+:func:`require_bootstrap_token` from ``before_request`` so authentication happens
+before body validation: an unauthenticated caller learns nothing about the request
+shape, nor which worker ids exist.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from flask import current_app, g, request
 from sqlalchemy import bindparam
 from sqlmodel import select
 
+from service import workers
 from service.errors import Forbidden, Unauthorized
 from service.models import Tenant
 from service.security import TENANT_TOKEN_PREFIX, hash_token, secret_equals
@@ -53,3 +55,11 @@ def require_admin() -> None:
         return
     require_tenant()  # a valid tenant token is 403, anything else 401
     raise Forbidden("this endpoint needs the admin token")
+
+
+def require_bootstrap_token() -> None:
+    """The agent's one-time token for the worker in the path, checked before the body."""
+    token = bearer_token()
+    worker_id = (request.view_args or {}).get("worker_id", "")
+    session = current_app.extensions["workerlease"].session()
+    workers.check_bootstrap_token(session, str(worker_id), token)

@@ -62,15 +62,20 @@ def main() -> None:
     help="gunicorn worker processes",
 )
 @click.option(
-    "--threads",
-    default=32,
+    "--connections",
+    default=10_000,
     show_default=True,
-    type=click.IntRange(1, 512),
-    help="threads per worker (requests with wait_seconds hold one)",
+    type=click.IntRange(16, 100_000),
+    help="concurrent connections per worker process (each waiting request holds one)",
 )
 @click.option("--no-scheduler", is_flag=True, help="serve the API only; run jobs elsewhere")
 def serve(
-    config_path: str | None, host: str, port: int, workers: int, threads: int, no_scheduler: bool
+    config_path: str | None,
+    host: str,
+    port: int,
+    workers: int,
+    connections: int,
+    no_scheduler: bool,
 ) -> None:
     """Serve the API (gunicorn) and run the background jobs in this process group."""
     config = _load(config_path)
@@ -89,7 +94,7 @@ def serve(
         host=host,
         port=port,
         workers=workers,
-        threads=threads,
+        connections=connections,
         with_scheduler=not no_scheduler and config.scheduler.enabled,
     )
 

@@ -103,6 +103,9 @@ class Config(_Strict):
     deployment_id: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     database_pool_size: int = Field(default=10, ge=1, le=200)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Lease requests with wait_seconds one tenant may have waiting at once, per web
+    # process; beyond it they are refused with 429 (one tenant must not hold them all).
+    max_waits_per_tenant: int = Field(default=16, ge=1, le=10_000)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     pools: list[PoolConfig] = Field(default_factory=list)
 

@@ -20,9 +20,10 @@ class DomainError(Exception):
     status = 400
     title = "Bad request"
 
-    def __init__(self, detail: str, **extra: Any) -> None:
+    def __init__(self, detail: str, *, retry_after: int | None = None, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.retry_after = retry_after
         self.extra = extra
 
 
@@ -51,15 +52,24 @@ class InvalidRequest(DomainError):
     title = "Invalid request"
 
 
-def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
+class TooManyRequests(DomainError):
+    status = 429
+    title = "Too many requests"
+
+
+def problem(
+    status: int, title: str, detail: str, *, retry_after: int | None = None, **extra: Any
+) -> Response:
     body = {"type": "about:blank", "status": status, "title": title, "detail": detail, **extra}
     response = jsonify(body)
     response.status_code = status
     response.mimetype = PROBLEM_TYPE
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="workerlease"'
-    if status == 503:
-        response.headers["Retry-After"] = "5"
+    if status == 503 and retry_after is None:
+        retry_after = 5
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
     return response
 
 
@@ -76,7 +86,7 @@ def validation_problem(exc: ValidationError) -> Response:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(DomainError)
     def _domain(exc: DomainError) -> Response:
-        return problem(exc.status, exc.title, exc.detail, **exc.extra)
+        return problem(exc.status, exc.title, exc.detail, retry_after=exc.retry_after, **exc.extra)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:

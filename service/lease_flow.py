@@ -9,13 +9,16 @@ wake the requests of this process that wait for it. Views call one method here.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from service import leasing
 from service.clock import Clock
-from service.db import transaction
+from service.db import session_scope, transaction
 from service.doorbell import Bell, NoBell
 from service.leasing import Acquired, Outcome
 from service.models import Lease, LeaseState
@@ -25,29 +28,50 @@ from service.workers import worker_ready
 
 @dataclass
 class LeaseFlow:
+    read_factory: sessionmaker[Session]
     clock: Clock
     bell: Bell = field(default_factory=NoBell)
-    waiters: LeaseWaiters = field(default_factory=LeaseWaiters)
+    max_waits_per_tenant: int = 16
+    waiters: LeaseWaiters = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.waiters = LeaseWaiters(self._settled, per_tenant=self.max_waits_per_tenant)
+
+    def _settled(self, lease_ids: Collection[str]) -> set[str]:
+        with session_scope(self.read_factory) as session:
+            return leasing.settled_leases(session, lease_ids)
 
     def request(
         self, session: Session, tenant_id: str, pool: str, wait_seconds: int | None
     ) -> Acquired:
         """Lease a worker: active now, pending (after waiting up to ``wait_seconds``), or
-        the live lease the tenant already holds. Each step commits on ``session``."""
+        the live lease the tenant already holds. Each step commits on ``session``.
+
+        A request that may wait takes one of its tenant's waiting slots first (429 when
+        none is free), so one tenant cannot hold every waiting request.
+        """
+        with self.waiters.slot(tenant_id) if wait_seconds else nullcontext():
+            return self._request(session, tenant_id, pool, wait_seconds)
+
+    def _request(
+        self, session: Session, tenant_id: str, pool: str, wait_seconds: int | None
+    ) -> Acquired:
         with transaction(session):
             acquired = leasing.acquire(session, tenant_id, pool, self.clock.now())
+        if acquired.outcome != Outcome.PENDING:
+            return acquired  # active, or the lease already held: answered at once
+        acquired = self._serve_queue_now(session, acquired)
         if acquired.lease.state != LeaseState.PENDING:
             return acquired
-        if acquired.outcome == Outcome.PENDING:
-            acquired = self._serve_queue_now(session, acquired)
-            if acquired.lease.state != LeaseState.PENDING:
-                return acquired
         self.bell.ring()  # the scheduler refills now, not at its next poll
         if not wait_seconds:
             return acquired
-        lease = self._wait_for_activation(session, acquired.lease.id, wait_seconds)
-        activated_now = lease.state != LeaseState.PENDING and acquired.outcome == Outcome.PENDING
-        return Acquired(lease, Outcome.ACTIVE if activated_now else acquired.outcome)
+        self.waiters.wait(acquired.lease.id, wait_seconds)
+        with transaction(session):
+            lease = session.get(Lease, acquired.lease.id, populate_existing=True)
+            assert lease is not None
+        activated = lease.state != LeaseState.PENDING
+        return Acquired(lease, Outcome.ACTIVE if activated else Outcome.PENDING)
 
     def worker_ready(
         self,
@@ -63,8 +87,7 @@ class LeaseFlow:
                 session, worker_id, bootstrap_token, agent_url, address, self.clock.now()
             )
             access_token = worker.access_token
-        if activated:
-            self.waiters.notify()
+        self.waiters.notify([lease.id for lease in activated])
         return access_token
 
     def _serve_queue_now(self, session: Session, acquired: Acquired) -> Acquired:
@@ -75,22 +98,8 @@ class LeaseFlow:
         """
         with transaction(session):
             activated = leasing.serve_pending_of(session, acquired.lease.pool, self.clock.now())
-        if activated:
-            self.waiters.notify()
+        self.waiters.notify([lease.id for lease in activated])
         for lease in activated:
             if lease.id == acquired.lease.id:
                 return Acquired(lease, Outcome.ACTIVE)
         return acquired
-
-    def _wait_for_activation(self, session: Session, lease_id: str, wait_seconds: int) -> Lease:
-        latest: dict[str, Lease] = {}
-
-        def settled() -> bool:
-            with transaction(session):
-                lease = session.get(Lease, lease_id, populate_existing=True)
-                assert lease is not None
-                latest["lease"] = lease
-                return lease.state != LeaseState.PENDING
-
-        self.waiters.wait(settled, wait_seconds)
-        return latest["lease"]

@@ -12,6 +12,7 @@ existing lease".
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -199,6 +200,14 @@ def serve_pending(session: Session, pool: Pool, now: datetime) -> list[Lease]:
 def serve_pending_of(session: Session, pool_name: str, now: datetime) -> list[Lease]:
     pool = session.get(Pool, pool_name)
     return serve_pending(session, pool, now) if pool is not None else []
+
+
+def settled_leases(session: Session, lease_ids: Collection[str]) -> set[str]:
+    """The leases among ``lease_ids`` that are no longer pending (one query for all)."""
+    statement = select(Lease.id).where(
+        col(Lease.id).in_(list(lease_ids)), Lease.state != LeaseState.PENDING
+    )
+    return set(session.exec(statement).all())
 
 
 def serve_all_pending(session: Session, now: datetime) -> list[Lease]:

@@ -15,6 +15,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -73,6 +74,20 @@ DOORBELL = Counter(
 )
 JOB_DURATION = Histogram(
     "workerlease_job_duration_seconds", "Background job run time", ["job"], buckets=_BUCKETS_FAST
+)
+
+WAITING = Gauge(
+    "workerlease_waiting_requests",
+    "Lease requests waiting (wait_seconds) for their lease to become active",
+    multiprocess_mode="livesum",
+)
+WAITS_REFUSED = Counter(
+    "workerlease_waits_refused_total",
+    "Lease requests refused (429) because their tenant already had the most waits allowed",
+)
+WAITER_POLL_ERRORS = Counter(
+    "workerlease_waiter_poll_errors_total",
+    "Failed re-reads of the leases that requests wait on (the database was unreachable)",
 )
 
 Snapshot = Callable[[], dict[str, list[tuple[dict[str, str], float]]]]

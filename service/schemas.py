@@ -7,10 +7,11 @@ generated from them.
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.config import POOL_NAME_RE
 
@@ -19,6 +20,25 @@ ID_RE = r"^[a-z]-[0-9a-f]{20}$"
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Body(_In):
+    """A JSON body: types as declared (no ``true`` or ``"5"`` for a number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _no_invisible_characters(value: str) -> str:
+    """Refuse what makes a name display as something else: control, format (bidi,
+    zero-width), line/paragraph separators, surrogates, private-use, unassigned."""
+    for char in value:
+        category = unicodedata.category(char)
+        if category[0] == "C" or category in ("Zl", "Zp"):
+            raise ValueError(f"must not contain the character U+{ord(char):04X} ({category})")
+    return value
+
+
+PrintableName = Annotated[str, AfterValidator(_no_invisible_characters)]
 
 
 class Problem(BaseModel):
@@ -43,7 +63,7 @@ class Problem(BaseModel):
 # ---- requests ---------------------------------------------------------------
 
 
-class LeaseCreate(_In):
+class LeaseCreate(_Body):
     pool: str = Field(pattern=POOL_NAME_RE, description="Name of the pool to lease from")
     wait_seconds: int = Field(
         default=0, ge=0, le=60, description="Wait up to this long for a worker before answering"
@@ -105,17 +125,17 @@ class EventQuery(_In):
 PRINTABLE_RE = r"^[^\x00-\x1f\x7f]*$"
 
 
-class TenantCreate(_In):
-    name: str = Field(min_length=1, max_length=200, pattern=PRINTABLE_RE)
+class TenantCreate(_Body):
+    name: PrintableName = Field(min_length=1, max_length=200, pattern=PRINTABLE_RE)
 
 
-class PoolPatch(_In):
+class PoolPatch(_Body):
     min_ready: int | None = Field(default=None, ge=0, le=100_000)
     max_workers: int | None = Field(default=None, ge=0, le=100_000)
     enabled: bool | None = None
 
 
-class WorkerReady(_In):
+class WorkerReady(_Body):
     agent_url: str = Field(min_length=8, max_length=500, pattern=r"^https?://[^\x00-\x1f\x7f]*$")
     address: str | None = Field(default=None, max_length=255, pattern=PRINTABLE_RE)
 

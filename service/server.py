@@ -13,6 +13,7 @@ database and agents keep running, found again on restart.
 from __future__ import annotations
 
 import logging
+import resource
 import subprocess
 import sys
 import threading
@@ -26,6 +27,18 @@ from service.startup import prepare_database, service_url
 log = logging.getLogger("workerlease.server")
 
 RESTART_DELAY_S = 2.0
+HEADER_TIMEOUT_S = 5
+
+
+def _allow_open_files(connections: int) -> None:
+    """Raise the open-file limit to what ``connections`` need, as far as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 256  # database, log and agent sockets besides the clients
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            log.warning("open_file_limit_low limit=%d connections=%d", target, connections)
 
 
 class _Gunicorn(BaseApplication):
@@ -97,10 +110,11 @@ def run_server(
     host: str,
     port: int,
     workers: int,
-    threads: int,
+    connections: int,
     with_scheduler: bool,
 ) -> None:
     prepare_database(config).dispose()  # no connection may cross the fork
+    _allow_open_files(connections)
     url = service_url(config, host, port)
     command = [
         sys.executable,
@@ -128,11 +142,15 @@ def run_server(
     options = {
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": "gthread",
-        "threads": threads,
+        # One greenlet per connection: a request that waits (wait_seconds) or a client
+        # that is slow to send costs a greenlet, not one of a few threads.
+        "worker_class": "gevent",
+        "worker_connections": connections,
         "timeout": 120,
         "graceful_timeout": 70,  # a lease request may wait up to 60 s
-        "keepalive": 5,
+        # Also the header timeout: the gevent worker reads each request's headers,
+        # the first included, under a timeout of this many seconds, then closes.
+        "keepalive": HEADER_TIMEOUT_S,
         "accesslog": "-",
         "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
         "errorlog": "-",

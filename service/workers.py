@@ -72,6 +72,24 @@ def release_claims(session: Session) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
+# One answer for an unknown worker and a wrong token: no oracle of which ids exist.
+BAD_BOOTSTRAP = "unknown worker, or an invalid or already used bootstrap token"
+
+
+def check_bootstrap_token(session: Session, worker_id: str, bootstrap_token: str) -> Worker:
+    """The worker whose one-time bootstrap token this is, locked; else Unauthorized."""
+    statement = with_row_locks(
+        select(Worker).where(Worker.id == worker_id), session, skip_locked=False
+    )
+    worker = session.exec(statement).first()
+    stored = worker.bootstrap_token if worker is not None else None
+    # Compared even when there is nothing to compare with, so both cases take as long.
+    matches = secret_equals(bootstrap_token, stored or "wlb_" + "-" * 43)
+    if worker is None or stored is None or not matches:
+        raise Unauthorized(BAD_BOOTSTRAP)
+    return worker
+
+
 def worker_ready(
     session: Session,
     worker_id: str,
@@ -81,14 +99,7 @@ def worker_ready(
     now: datetime,
 ) -> tuple[Worker, list[Lease]]:
     """Mark a provisioning worker ready (one-time bootstrap token) and serve waiting leases."""
-    statement = with_row_locks(
-        select(Worker).where(Worker.id == worker_id), session, skip_locked=False
-    )
-    worker = session.exec(statement).first()
-    if worker is None:
-        raise NotFound(f"no worker {worker_id!r}")
-    if worker.bootstrap_token is None or not secret_equals(bootstrap_token, worker.bootstrap_token):
-        raise Unauthorized("invalid or already used bootstrap token")
+    worker = check_bootstrap_token(session, worker_id, bootstrap_token)
     if worker.state != WorkerState.PROVISIONING:
         raise Conflict(f"worker {worker_id} is {worker.state}, not provisioning")
     mark_ready(session, worker, agent_url, address, now)

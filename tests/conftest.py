@@ -86,7 +86,15 @@ def pools() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def config(database_url: str, pools: list[dict[str, Any]], cloud: FakeCloud) -> Config:
+def settings() -> dict[str, Any]:
+    """Top-level config keys a test module overrides."""
+    return {}
+
+
+@pytest.fixture
+def config(
+    database_url: str, pools: list[dict[str, Any]], settings: dict[str, Any], cloud: FakeCloud
+) -> Config:
     return config_from_dict(
         {
             "database_url": database_url,
@@ -95,6 +103,7 @@ def config(database_url: str, pools: list[dict[str, Any]], cloud: FakeCloud) -> 
             "deployment_id": "test",
             "public_url": "http://127.0.0.1:9",
             "pools": pools,
+            **settings,
         }
     )
 

@@ -7,7 +7,7 @@ from typing import Any
 from flask_openapi3 import APIBlueprint
 
 from service.api import AGENT_TAG, BEARER, problems, svc
-from service.auth import bearer_token
+from service.auth import bearer_token, require_bootstrap_token
 from service.schemas import ReadyAck, WorkerPath, WorkerReady
 
 bp = APIBlueprint(
@@ -16,8 +16,9 @@ bp = APIBlueprint(
     url_prefix="/v1/workers",
     abp_tags=[AGENT_TAG],
     abp_security=BEARER,
-    abp_responses=problems(401, 404, 409, 413, 422, 503),
+    abp_responses=problems(401, 409, 413, 422, 503),
 )
+bp.before_request(require_bootstrap_token)
 
 
 @bp.post("/<worker_id>/ready", responses={200: ReadyAck})

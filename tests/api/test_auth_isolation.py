@@ -170,6 +170,19 @@ def test_ready_callback_needs_the_workers_own_one_time_bootstrap_token(svc: Serv
     assert accepted.status_code == 200
     assert accepted.get_json()["access_token"].startswith("wla_")
     assert worker_state(svc, first.id) == WorkerState.READY
-    _problem(ready(first.id, token), 401)  # used once, never again
-    _problem(ready("w-0123456789abcdef0123", token), 404)
+    used = _problem(ready(first.id, token), 401)  # used once, never again
+    unknown = _problem(ready("w-0123456789abcdef0123", token), 401)
+    assert unknown == used  # an unknown worker looks like a wrong token: no oracle of ids
     assert json.dumps(accepted.get_json()).count("wlb_") == 0
+
+
+def test_ready_callback_checks_the_token_before_reading_the_body(svc: Service) -> None:
+    svc.tick()
+    worker = svc.workers("provisioning")[0]
+    for body in ['{"a":' * 1000, "[" * 5000, '{"agent_url": 5}']:
+        response = svc.client.post(
+            f"/v1/workers/{worker.id}/ready",
+            data=body,
+            headers={**bearer("wlb_wrong"), "Content-Type": "application/json"},
+        )
+        _problem(response, 401)

@@ -68,6 +68,8 @@ def test_lease_body_with_wrong_types_or_unknown_fields_is_422_naming_the_field(
         ({"pool": POOL, "wait_seconds": 61}, "wait_seconds"),
         ({"pool": POOL, "wait_seconds": -1}, "wait_seconds"),
         ({"pool": POOL, "wait_seconds": 1.5}, "wait_seconds"),
+        ({"pool": POOL, "wait_seconds": True}, "wait_seconds"),
+        ({"pool": POOL, "wait_seconds": "5"}, "wait_seconds"),
         ({"pool": POOL, "priority": "high"}, "priority"),
         ({}, "pool"),
     ]:
@@ -188,3 +190,21 @@ def test_wrong_method_is_405_problem_with_allow(svc: Service, token: str) -> Non
 
 def test_unknown_path_is_404_problem(svc: Service) -> None:
     _assert_problem(svc.client.get("/v1/nothing-here"), 404)
+
+
+def test_deeply_nested_json_is_a_4xx_problem_never_a_500(svc: Service, token: str) -> None:
+    for body in ['{"a":' * 1000, '{"a":' * 1000 + "1" + "}" * 1000, "[" * 20000 + "]" * 20000]:
+        response = svc.client.post("/v1/leases", data=body, headers={**bearer(token), **JSON})
+        _assert_problem(response, case=body[:10])
+    tenant = svc.client.post("/v1/admin/tenants", data="[" * 20000, headers={**admin(), **JSON})
+    _assert_problem(tenant)
+
+
+def test_tenant_names_that_would_display_as_something_else_are_refused(svc: Service) -> None:
+    for name in ["\u202eevil\u2028x", "a\u200bb", "line\u2029break", "bell\u0007", "rtl\u2067x"]:
+        response = svc.client.post("/v1/admin/tenants", json={"name": name}, headers=admin())
+        assert _assert_problem(response, 422, name)["detail"].startswith("name"), name
+    accepted = svc.client.post(
+        "/v1/admin/tenants", json={"name": "Ünïcode Ltd — 東京"}, headers=admin()
+    )
+    assert accepted.status_code == 201

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -94,22 +95,21 @@ def test_wait_seconds_returns_201_once_a_worker_reports_ready_during_the_wait(sv
     token = svc.tenant()["token"]
     svc.tick()  # workers are created, their agents have not called back yet
     assert len(svc.workers("provisioning")) == 1
+    waiters = svc.client.application.extensions["workerlease"].flow.waiters
 
-    def agent_starts_later() -> None:
-        time.sleep(0.3)
+    def agent_calls_back_once_the_request_waits() -> None:
+        wait_for(lambda: waiters.waiting() == 1, "the lease request never started waiting")
         svc.agents_report_ready()
 
-    agent = threading.Thread(target=agent_starts_later)
-    started = time.monotonic()
+    agent = threading.Thread(target=agent_calls_back_once_the_request_waits)
     agent.start()
-    response = request_lease(svc.client, token, wait_seconds=10)
-    elapsed = time.monotonic() - started
+    response = request_lease(svc.client, token, wait_seconds=60)
     agent.join()
 
+    # 201 after a wait: the activation woke it (a wait that ran out answers 202).
     assert response.status_code == 201
     assert response.get_json()["state"] == "active"
     assert "Retry-After" not in response.headers
-    assert elapsed < 5
     assert lease_row(svc, response.get_json()["id"]).state == LeaseState.ACTIVE
 
 
@@ -117,10 +117,34 @@ def test_wait_seconds_without_a_worker_answers_202_after_the_wait(svc: Service) 
     token = svc.tenant()["token"]
     started = time.monotonic()
     response = request_lease(svc.client, token, wait_seconds=1)
-    elapsed = time.monotonic() - started
+    assert time.monotonic() - started >= 0.9  # it did wait
     assert response.status_code == 202
     assert response.get_json()["state"] == "pending"
-    assert 0.9 <= elapsed < 3
+    assert response.headers["Retry-After"] == "2"
+
+
+def test_a_lease_already_held_is_answered_at_once_even_with_wait_seconds(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = svc.tenant()["token"]
+    first = request_lease(svc.client, token)
+    assert first.status_code == 202
+    waiters = svc.client.application.extensions["workerlease"].flow.waiters
+
+    def must_not_wait(*_args: Any) -> bool:
+        raise AssertionError("a request for a lease already held waited")
+
+    monkeypatch.setattr(waiters, "wait", must_not_wait)
+    again = request_lease(svc.client, token, wait_seconds=60)
+    assert again.status_code == 200
+    assert again.get_json()["id"] == first.get_json()["id"]
+
+
+def wait_for(condition: Callable[[], bool], message: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.01)
 
 
 def test_idle_lease_expires_and_its_worker_is_destroyed(svc: Service) -> None:

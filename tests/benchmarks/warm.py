@@ -40,7 +40,7 @@ class BenchServer(ServerProcess):
     """``workerlease serve`` with its default web settings and a ``bench-`` deployment id."""
 
     def __init__(self, tmp: Path, **kwargs: Any) -> None:
-        super().__init__(tmp, threads=None, **kwargs)
+        super().__init__(tmp, **kwargs)
         self.deployment_id = f"bench-{uuid.uuid4().hex[:12]}"
         self.config["deployment_id"] = self.deployment_id
         self.config["log_level"] = "WARNING"

@@ -185,7 +185,7 @@ class ServerProcess:
         port: int | None = None,
         deployment_id: str | None = None,
         work_root: Path | None = None,
-        threads: int | None = 16,  # None: serve's own default
+        connections: int | None = None,  # None: serve's own default
     ) -> None:
         # ``deployment_id`` / ``work_root``: shared by several replicas of one deployment
         # (each ServerProcess then is one replica; ``extra`` can point them at one database).
@@ -194,7 +194,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.deployment_id = deployment_id or f"it-{uuid.uuid4().hex[:16]}"
         self.work_root = work_root or tmp_path / "workers"
-        self.threads = threads
+        self.connections = connections
         self.db_path = tmp_path / "workerlease.db"
         self.config_path = tmp_path / "workerlease.yaml"
         self.log_path = tmp_path / "serve.log"
@@ -244,7 +244,7 @@ class ServerProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
-            *(["--threads", str(self.threads)] if self.threads else []),
+            *(["--connections", str(self.connections)] if self.connections else []),
         ]
 
     def spawn(self) -> subprocess.Popen[bytes]:

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlmodel import col, select
 
-from service.errors import NotFound, Unauthorized
+from service.errors import Unauthorized
 from service.leasing import acquire, schedule_destroy
 from service.models import Event, Lease, LeaseState, Pool, Worker, WorkerState
 from service.pools import new_worker
@@ -43,7 +43,7 @@ def _destroying(tx: Tx, clock: ManualClock) -> str:
         return worker.id
 
 
-def test_the_bootstrap_token_works_once_and_unknown_workers_are_not_found(
+def test_the_bootstrap_token_works_once_and_an_unknown_worker_looks_the_same(
     tx: Tx, clock: ManualClock
 ) -> None:
     worker_id, token = _provisioning(tx, clock)
@@ -54,8 +54,11 @@ def test_the_bootstrap_token_works_once_and_unknown_workers_are_not_found(
         assert (worker.state, served) == (WorkerState.READY, [])
     with tx() as session, pytest.raises(Unauthorized):
         worker_ready(session, worker_id, token, "http://x/", None, clock.now())
-    with tx() as session, pytest.raises(NotFound):
+    with tx() as session, pytest.raises(Unauthorized) as unknown:
         worker_ready(session, "w-nobody", token, "http://x/", None, clock.now())
+    with tx() as session, pytest.raises(Unauthorized) as wrong:
+        worker_ready(session, worker_id, "wlb_wrong", "http://x/", None, clock.now())
+    assert unknown.value.detail == wrong.value.detail  # no oracle of which ids exist
 
 
 def test_a_ready_callback_hands_the_worker_to_the_oldest_pending_lease(

@@ -83,7 +83,6 @@ def replicas(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[list[S
                 extra=extra,
                 deployment_id=deployment_id,
                 work_root=tmp_path / "workers",
-                threads=64,
             )
         )
     try:
