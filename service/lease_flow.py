@@ -73,6 +73,21 @@ class LeaseFlow:
         activated = lease.state != LeaseState.PENDING
         return Acquired(lease, Outcome.ACTIVE if activated else Outcome.PENDING)
 
+    def await_lease(
+        self, session: Session, tenant_id: str, lease_id: str, wait_seconds: int | None
+    ) -> Lease:
+        """The tenant's lease; a pending one is waited on for up to ``wait_seconds``."""
+        with transaction(session):
+            lease = leasing.tenant_lease(session, tenant_id, lease_id)
+        if lease.state != LeaseState.PENDING or not wait_seconds:
+            return lease
+        with self.waiters.slot(tenant_id):
+            self.waiters.wait(lease_id, wait_seconds)
+        with transaction(session):
+            refreshed = session.get(Lease, lease_id, populate_existing=True)
+            assert refreshed is not None
+        return refreshed
+
     def worker_ready(
         self,
         session: Session,

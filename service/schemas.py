@@ -66,7 +66,17 @@ class Problem(BaseModel):
 class LeaseCreate(_Body):
     pool: str = Field(pattern=POOL_NAME_RE, description="Name of the pool to lease from")
     wait_seconds: int = Field(
-        default=0, ge=0, le=60, description="Wait up to this long for a worker before answering"
+        default=0,
+        ge=0,
+        le=60,
+        description="Wait up to this long for a worker before answering; keep waiting "
+        "afterwards with GET /v1/leases/{id}?wait_seconds=N",
+    )
+
+
+class LeaseWait(_In):
+    wait_seconds: int = Field(
+        default=0, ge=0, le=60, description="While the lease is pending, wait up to this long"
     )
 
 

@@ -13,7 +13,14 @@ from service.api.present import lease_out, leases_out
 from service.auth import require_tenant
 from service.leasing import Outcome
 from service.models import LeaseState
-from service.schemas import LeaseCreate, LeaseList, LeaseOut, LeasePath, LeaseStateFilter
+from service.schemas import (
+    LeaseCreate,
+    LeaseList,
+    LeaseOut,
+    LeasePath,
+    LeaseStateFilter,
+    LeaseWait,
+)
 
 bp = APIBlueprint(
     "leases",
@@ -29,7 +36,7 @@ RETRY_AFTER_S = 2
 STATUS = {Outcome.ACTIVE: 201, Outcome.PENDING: 202, Outcome.EXISTING: 200}
 
 
-@bp.post("", responses={200: LeaseOut, 201: LeaseOut, 202: LeaseOut, **problems(404)})
+@bp.post("", responses={200: LeaseOut, 201: LeaseOut, 202: LeaseOut, **problems(404, 429)})
 def create_lease(body: LeaseCreate) -> Any:
     """Lease a worker: 201 active, 202 pending, 200 the live lease you already hold."""
     services = svc()
@@ -55,11 +62,16 @@ def list_leases(query: LeaseStateFilter) -> Any:
     )
 
 
-@bp.get("/<lease_id>", responses={200: LeaseOut, **problems(404)})
-def get_lease(path: LeasePath) -> Any:
-    session = svc().session()
-    lease = leasing.tenant_lease(session, g.tenant.id, path.lease_id)
-    return lease_out(session, lease, viewer_tenant_id=g.tenant.id).model_dump(mode="json")
+@bp.get("/<lease_id>", responses={200: LeaseOut, **problems(404, 429)})
+def get_lease(path: LeasePath, query: LeaseWait) -> Any:
+    """Your lease; ``?wait_seconds=N`` waits up to N s while it is pending (a long poll)."""
+    services = svc()
+    lease = services.flow.await_lease(
+        services.session(), g.tenant.id, path.lease_id, query.wait_seconds
+    )
+    return lease_out(services.session(), lease, viewer_tenant_id=g.tenant.id).model_dump(
+        mode="json"
+    )
 
 
 @bp.post("/<lease_id>/renew", responses={200: LeaseOut, **problems(404, 409)})

@@ -112,3 +112,27 @@ def test_a_failing_poll_is_counted_and_the_wait_still_ends() -> None:
     waiters = LeaseWaiters(broken, recheck_s=0.01)
     assert waiters.wait("l-1", 0.2) is False
     assert waiters.waiting() == 0
+
+
+def test_a_pending_lease_can_be_long_polled_with_get(svc: Service) -> None:
+    token = svc.tenant()["token"]
+    lease = request_lease(svc.client, token).get_json()
+    assert lease["state"] == "pending"
+    waiters = svc.client.application.extensions["workerlease"].flow.waiters
+    answers: list[TestResponse] = []
+    poll = threading.Thread(
+        target=lambda: answers.append(
+            svc.client.get(
+                f"/v1/leases/{lease['id']}?wait_seconds=60",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        )
+    )
+    poll.start()
+    _eventually(lambda: waiters.waiting() == 1, "the GET never waited")
+    svc.tick()
+    svc.agents_report_ready()
+    poll.join(timeout=60)
+    assert not poll.is_alive()
+    assert answers[0].status_code == 200
+    assert answers[0].get_json()["state"] == "active"

@@ -1,7 +1,7 @@
 """The HTTP floor: empty Flask routes under gunicorn with ``workerlease serve``'s settings.
 
-``python -m tests.benchmarks.http_floor --port N [--threads 32] [--workers 1]``.
-The gunicorn options mirror ``service/server.py`` (gthread, keep-alive 5 s, the
+``python -m tests.benchmarks.http_floor --port N [--connections 10000] [--workers 1]``.
+The gunicorn options mirror ``service/server.py`` (gevent, keep-alive 5 s, the
 access log on stderr in the same format), so the difference to the service is
 the service's own work: auth, validation, the transaction, serialisation.
 """
@@ -50,14 +50,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=10_000)
     args = parser.parse_args()
     _Floor(
         {
             "bind": f"127.0.0.1:{args.port}",
             "workers": args.workers,
-            "worker_class": "gthread",
-            "threads": args.threads,
+            "worker_class": "gevent",  # as service/server.py
+            "worker_connections": args.connections,
             "timeout": 120,
             "keepalive": 5,
             "accesslog": "-",

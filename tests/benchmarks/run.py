@@ -2,7 +2,7 @@
 
     python -m tests.benchmarks.run                 # everything (make bench), ~20 min on 2 cores
     python -m tests.benchmarks.run --quick         # smaller pools and sizes, ~6 min
-    python -m tests.benchmarks.run --only warm     # warm | scale | ttw (repeatable)
+    python -m tests.benchmarks.run --only warm     # warm | scale | ttw | longpoll (repeatable)
     python -m tests.benchmarks.run --db sqlite     # skip PostgreSQL
 
 Figures and targets: issue 6 and docs/benchmarks.md.
@@ -19,7 +19,7 @@ from typing import Any
 
 from tests.benchmarks.common import ROOT, machine_info, sqlite_version
 
-SECTIONS = ("warm", "scale", "ttw")
+SECTIONS = ("warm", "scale", "ttw", "longpoll")
 # The figures whose growth with history (and with live leases) the scale table shows.
 GROWTH_KEYS = ("maintain", "destroy", "reconcile", "admin_leases", "admin_workers", "admin_events")
 FULL = {
@@ -30,6 +30,9 @@ FULL = {
     "history": [1000, 10000, 100000],
     "repeats": 5,
     "ttw_samples": 5,
+    "waits": 2000,
+    "slow_clients": 500,
+    "longpoll_ready": 40,
 }
 QUICK = {
     "ready": 72,
@@ -39,6 +42,9 @@ QUICK = {
     "history": [1000, 10000],
     "repeats": 3,
     "ttw_samples": 2,
+    "waits": 500,
+    "slow_clients": 200,
+    "longpoll_ready": 24,
 }
 
 
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
             log("time to worker")
             results["time_to_worker"] = run_time_to_worker(settings["ttw_samples"], log)
+        if "longpoll" in sections:
+            results["longpoll"] = _longpoll(settings)
     finally:
         if postgres is not None:
             postgres.stop()
@@ -96,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(markdown)
     log(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
+
+
+def _longpoll(settings: dict[str, Any]) -> dict[str, Any]:
+    from tests.benchmarks import longpoll
+
+    log(f"long polls: {settings['waits']} waiting requests (SQLite)")
+    out = {"waits": longpoll.run_longpoll(settings["waits"], settings["longpoll_ready"], 2, log)}
+    log(f"slow clients: {settings['slow_clients']} sockets that never finish their headers")
+    out["slow_clients"] = longpoll.run_slow_clients(settings["slow_clients"], log)
+    return out
 
 
 def _start_postgres(kinds: list[str], sections: list[str]) -> Any:
@@ -219,6 +237,22 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         1.5,
     )
     add(
+        "concurrent idle long polls held (SQLite) >= 2000",
+        _get(r, "longpoll", "waits", "waits_held_min"),
+        2000,
+        below=False,
+    )
+    add(
+        "warm lease p99 while they wait, 8 clients (ms) < 100",
+        _get(r, "longpoll", "waits", "warm_under_waits", "acquire", "p99_ms"),
+        100,
+    )
+    add(
+        "/healthz p99 with 500 slow clients (ms) < 100",
+        _get(r, "longpoll", "slow_clients", "healthz_under_slow_clients", "p99_ms"),
+        100,
+    )
+    add(
         "time to worker vs direct, local <= 1.3x",
         _get(r, "time_to_worker", "local", "ratio_median"),
         1.3001,
@@ -243,6 +277,53 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _render_longpoll(lp: dict[str, Any]) -> str:
+    waits, slow = lp.get("waits", {}), lp.get("slow_clients", {})
+    rows = [
+        [
+            "warm lease, no waits (8 clients)",
+            _get(waits, "warm_without_waits", "acquire", "p50_ms"),
+            _get(waits, "warm_without_waits", "acquire", "p99_ms"),
+            _get(waits, "warm_without_waits", "errors"),
+        ],
+        [
+            f"warm lease, {_get(waits, 'waits_held_min')} waits held (8 clients)",
+            _get(waits, "warm_under_waits", "acquire", "p50_ms"),
+            _get(waits, "warm_under_waits", "acquire", "p99_ms"),
+            _get(waits, "warm_under_waits", "errors"),
+        ],
+        [
+            "/healthz while they wait",
+            _get(waits, "healthz_under_waits", "p50_ms"),
+            _get(waits, "healthz_under_waits", "p99_ms"),
+            None,
+        ],
+        [
+            "/healthz, quiet",
+            _get(slow, "healthz_quiet", "p50_ms"),
+            _get(slow, "healthz_quiet", "p99_ms"),
+            None,
+        ],
+        [
+            f"/healthz, {slow.get('sockets')} slow clients open",
+            _get(slow, "healthz_under_slow_clients", "p50_ms"),
+            _get(slow, "healthz_under_slow_clients", "p99_ms"),
+            None,
+        ],
+    ]
+    dropped = (
+        f"Slow clients dropped by the server: {slow.get('dropped')} of {slow.get('sockets')}, "
+        f"median after {(_get(slow, 'dropped_after', 'p50_ms') or 0) / 1000:.1f} s "
+        f"(header timeout {slow.get('header_timeout_s')} s). Holder: {waits.get('holder')}."
+    )
+    return (
+        "### Long polls and slow clients (SQLite, gevent worker)\n"
+        + _table(["measure", "p50 ms", "p99 ms", "errors"], rows)
+        + "\n\n"
+        + dropped
+    )
 
 
 def render(r: dict[str, Any]) -> str:
@@ -430,6 +511,9 @@ def render(r: dict[str, Any]) -> str:
             "### Time to worker (min_ready 0, wait_seconds) vs starting it directly\n"
             + _table(header, rows)
         )
+    lp = r.get("longpoll")
+    if lp:
+        parts.append(_render_longpoll(lp))
     parts.append(
         "### Targets\n"
         + _table(
