@@ -30,8 +30,9 @@ $(CHECKOV_VENV)/.installed:
 checkov: $(CHECKOV_VENV)/.installed
 
 run: install
-	@mkdir -p var
-	@test -s var/admin-token || $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > var/admin-token
+	@mkdir -p var && chmod 700 var
+	@test -s var/admin-token || (umask 077; $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > var/admin-token)
+	@chmod 600 var/admin-token
 	@echo "workerlease: http://127.0.0.1:$(PORT)  (SQLite var/workerlease.db, local pools from infra/local.yaml)"
 	@echo "Admin token: var/admin-token. Create a tenant in another terminal with:"
 	@echo "  make tenant NAME=acme"

@@ -187,5 +187,12 @@ class Provisioner(ABC, Generic[OptionsT]):
         """
         return False
 
+    @property
+    def warning(self) -> str | None:
+        """What an operator must know about how this pool's workers run (for example,
+        that they are not isolated from the service); None when nothing is amiss.
+        The service shows it in ``/v1/admin/pools`` and logs it."""
+        return None
+
     def close(self) -> None:
         """Release clients and connections; called when the service stops."""

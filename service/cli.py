@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from service.config import Config, ConfigError, load_config
-from service.passes.provisioning import check_pool_options
+from service import startup
+from service.config import Config, ConfigError
 
 log = logging.getLogger("workerlease.cli")
 
@@ -26,13 +26,11 @@ CONFIG_OPTION = click.option(
 )
 
 
-def _load(config_path: str | None) -> Config:
+def _load(config_path: str | None, *, serving: bool = False) -> Config:
     try:
-        config = load_config(config_path)
-        check_pool_options(config)
+        return startup.load(config_path, serving=serving)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    return config
 
 
 def _setup_logging(level: str) -> None:
@@ -48,6 +46,7 @@ def _setup_logging(level: str) -> None:
 @click.group()
 def main() -> None:
     """workerlease: lease warm-pool worker machines to tenants."""
+    startup.make_files_private()
 
 
 @main.command()
@@ -78,7 +77,7 @@ def serve(
     no_scheduler: bool,
 ) -> None:
     """Serve the API (gunicorn) and run the background jobs in this process group."""
-    config = _load(config_path)
+    config = _load(config_path, serving=True)
     try:
         config.require_admin_token()
     except ConfigError as exc:
@@ -110,7 +109,7 @@ def serve(
 )
 def scheduler(config_path: str | None, public_url: str | None, exit_with_parent: bool) -> None:
     """Run only the background jobs (for deployments that serve the API elsewhere)."""
-    config = _load(config_path)
+    config = _load(config_path, serving=True)
     _setup_logging(config.log_level)
     from service.passes.runtime import build_runtime
     from service.scheduler import run_scheduler
@@ -157,7 +156,7 @@ def db_upgrade(config_path: str | None) -> None:
     from service.migrate import current_revision
     from service.startup import prepare_database
 
-    config = _load(config_path)
+    config = _load(config_path, serving=True)
     engine = prepare_database(config)
     click.echo(f"database at revision {current_revision(engine)}")
 

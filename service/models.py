@@ -133,6 +133,8 @@ class Pool(SQLModel, table=True):
     # Destroys are failing with a permanent error: resources may be leaking until an
     # operator acts (cleared by the next confirmed destroy in the pool).
     destroy_error: str | None = None
+    # What the pool's provisioner says an operator must know (e.g. workers not isolated).
+    warning: str | None = None
 
 
 class Worker(SQLModel, table=True):

@@ -222,3 +222,16 @@ def note_create_result(pool: Pool, error: str | None, now: datetime) -> None:
     delay = min(MAX_BACKOFF_S, 5 * 2 ** min(pool.create_failures - 1, 10))
     pool.create_backoff_until = now + timedelta(seconds=delay)
     pool.degraded_reason = error[:500]
+
+
+def record_warnings(session: Session, warnings: dict[str, str | None], now: datetime) -> None:
+    """Keep each pool's provisioner warning; a change is logged and audited."""
+    for pool in session.exec(select(Pool).where(col(Pool.name).in_(list(warnings)))).all():
+        warning = warnings[pool.name]
+        if pool.warning == warning:
+            continue
+        pool.warning = warning
+        session.add(pool)
+        record(session, "pool", pool.name, f"warning: {warning or 'cleared'}", now, pool=pool.name)
+        if warning:
+            log.warning("pool_warning pool=%s warning=%s", pool.name, warning)

@@ -206,6 +206,11 @@ class AdminPoolOut(PoolOut):
         default=None,
         description="A permanent destroy failure: resources may be leaking until fixed",
     )
+    warning: str | None = Field(
+        default=None,
+        description="What the pool's provisioner says an operator must know, e.g. that "
+        "its workers are not isolated from the service",
+    )
     counts: dict[str, int]
 
 

@@ -7,7 +7,8 @@ does both for you).
 
 from __future__ import annotations
 
+from service import startup
 from service.app import create_app
-from service.config import load_config
 
-app = create_app(load_config(None))
+startup.make_files_private()
+app = create_app(startup.load(None, serving=True))

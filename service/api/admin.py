@@ -119,6 +119,7 @@ def _admin_pool(pool: Pool, counts: PoolCounts) -> AdminPoolOut:
         pending_timeout_s=pool.pending_timeout_s,
         degraded_reason=pool.degraded_reason,
         destroy_error=pool.destroy_error,
+        warning=pool.warning,
         counts=counted,
     )
 

@@ -9,7 +9,7 @@ from service.leasing import expire, fail_pending_of_disabled_pools, serve_all_pe
 from service.passes.create import refill
 from service.passes.health import check_health
 from service.passes.runtime import Runtime
-from service.pools import demand_outruns_supply, trim
+from service.pools import demand_outruns_supply, record_warnings, trim
 from service.workers import provision_timeouts
 
 
@@ -24,7 +24,12 @@ def maintain(rt: Runtime, now: datetime | None = None, wait: bool = True) -> Non
     with session_scope(rt.factory) as session:
         serve_all_pending(session, now)
         trim(session, now)
+        record_warnings(session, _provisioner_warnings(rt), now)
     refill(rt, now, wait)
+
+
+def _provisioner_warnings(rt: Runtime) -> dict[str, str | None]:
+    return {pool.name: rt.provisioners.for_pool(pool).warning for pool in rt.pools()}
 
 
 def answer_demand(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:

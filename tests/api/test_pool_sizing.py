@@ -11,6 +11,7 @@ from service.models import EndReason, LeaseState, WorkerState
 from tests.api.helpers import (
     POOL,
     admin_pool,
+    events_of,
     lease_row,
     patch_pool,
     pool_row,
@@ -116,3 +117,15 @@ def test_disabling_a_pool_fails_its_pending_leases_and_hides_it(svc: Service) ->
     listed = svc.client.get("/v1/pools", headers=bearer(other)).get_json()["pools"]
     assert POOL not in [p["name"] for p in listed]
     assert svc.cloud.live_ids() == set()  # no new workers for a disabled pool
+
+
+@pytest.mark.parametrize(
+    "pools", [[pool_config(options={"warning": "workers are not isolated"})]], indirect=False
+)
+def test_a_provisioner_warning_is_shown_on_the_pool_and_audited(
+    svc: Service, pools: list[dict[str, Any]]
+) -> None:
+    assert admin_pool(svc)["warning"] is None  # the scheduler has not looked yet
+    svc.tick()
+    assert admin_pool(svc)["warning"] == "workers are not isolated"
+    assert any("warning: workers are not isolated" in e.reason for e in events_of(svc, POOL))

@@ -26,6 +26,7 @@ from tests.support.entry_points import install_distribution
 
 class FakeOptions(ProvisionerOptions):
     flavour: str = "standard"
+    warning: str | None = None  # what the provisioner tells operators (see Provisioner.warning)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class FakeCloud:
 CLOUD = FakeCloud()
 
 
-class FakeProvisioner(Provisioner):
+class FakeProvisioner(Provisioner[FakeOptions]):
     name = "fake"
     Options = FakeOptions
 
@@ -90,6 +91,10 @@ class FakeProvisioner(Provisioner):
             resource = CLOUD.resources.get(handle.worker_id)
             if resource is not None:
                 resource.destroyed = True
+
+    @property
+    def warning(self) -> str | None:
+        return self.options.warning
 
     def describe(self, handles: Iterable[WorkerHandle]) -> dict[str, ResourceState]:
         with CLOUD.lock:
