@@ -63,3 +63,10 @@ def require_bootstrap_token() -> None:
     worker_id = (request.view_args or {}).get("worker_id", "")
     session = current_app.extensions["workerlease"].session()
     workers.check_bootstrap_token(session, str(worker_id), token)
+
+
+def require_metrics_token() -> None:
+    """``/metrics`` is open unless ``metrics_token`` is set; then only its bearer may read."""
+    expected = current_app.extensions["workerlease"].config.metrics_token
+    if expected is not None and not secret_equals(bearer_token(), expected):
+        raise Unauthorized("this endpoint needs the metrics token")

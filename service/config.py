@@ -103,6 +103,8 @@ class Config(_Strict):
     deployment_id: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     database_pool_size: int = Field(default=10, ge=1, le=200)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # When set, GET /metrics needs "Authorization: Bearer <metrics_token>" (the scraper's).
+    metrics_token: str | None = Field(default=None, min_length=16)
     # Lease requests with wait_seconds one tenant may have waiting at once, per web
     # process; beyond it they are refused with 429 (one tenant must not hold them all).
     max_waits_per_tenant: int = Field(default=16, ge=1, le=10_000)
@@ -156,6 +158,7 @@ ENV_OVERRIDES = {
     "WORKERLEASE_DATABASE_URL": "database_url",
     "WORKERLEASE_PUBLIC_URL": "public_url",
     "WORKERLEASE_ENCRYPTION_KEY": "encryption_key",
+    "WORKERLEASE_METRICS_TOKEN": "metrics_token",
 }
 
 

@@ -8,6 +8,7 @@ from flask import Blueprint, Response, jsonify
 
 from service import heartbeats, listing, metrics
 from service.api import svc
+from service.auth import require_metrics_token
 from service.db import session_scope
 
 bp = Blueprint("ops", __name__)
@@ -43,6 +44,7 @@ def readyz() -> Any:
 
 @bp.get("/metrics")
 def prometheus() -> Response:
+    require_metrics_token()
     body, content_type = metrics.render(_snapshot)
     return Response(body, content_type=content_type)
 

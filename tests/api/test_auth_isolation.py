@@ -186,3 +186,16 @@ def test_ready_callback_checks_the_token_before_reading_the_body(svc: Service) -
             headers={**bearer("wlb_wrong"), "Content-Type": "application/json"},
         )
         _problem(response, 401)
+
+
+@pytest.mark.parametrize("settings", [{"metrics_token": "scrape-token-0123456789"}])
+def test_metrics_need_the_metrics_token_when_one_is_set(svc: Service) -> None:
+    assert svc.client.get("/metrics").status_code == 401
+    assert svc.client.get("/metrics", headers=bearer("wrong-token-0123456789")).status_code == 401
+    answer = svc.client.get("/metrics", headers=bearer("scrape-token-0123456789"))
+    assert answer.status_code == 200
+    assert "workerlease_workers" in answer.get_data(as_text=True)
+
+
+def test_metrics_are_open_when_no_metrics_token_is_set(svc: Service) -> None:
+    assert svc.client.get("/metrics").status_code == 200
