@@ -140,6 +140,9 @@ class Provisioner(ABC, Generic[OptionsT]):
     #: batch call: the service runs several batches of a pool at once, so one slow
     #: destroy never holds up the others.
     destroy_batch_size: ClassVar[int] = 1
+    #: False when one worker's scripts can reach other workers or the service's own
+    #: secrets (the local provisioner without root); the service shows it per pool.
+    isolated: bool = True
 
     def __init__(self, pool: str, options: OptionsT) -> None:
         if not isinstance(options, self.Options):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -21,6 +22,7 @@ import requests
 
 from provisioners.base import ResourceState, WorkerHandle, WorkerSpec
 from provisioners.local import AGENT_FILE, LocalOptions, LocalProvisioner
+from tests.support.server import worker_root
 
 pytestmark = pytest.mark.integration
 
@@ -100,8 +102,10 @@ def service() -> Iterator[FakeService]:
 
 
 @pytest.fixture
-def work_root(tmp_path: Path) -> Path:
-    return tmp_path / "workers"
+def work_root() -> Iterator[Path]:
+    root = worker_root()
+    yield root / "workers"
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
