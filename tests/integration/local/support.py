@@ -49,12 +49,23 @@ class FakeService:
         return str(self.calls[worker_id][0]["agent_url"])
 
     def run(self, worker_id: str, script: str) -> dict[str, Any]:
-        response = requests.post(
-            f"{self.agent_url(worker_id)}/run",
-            json={"script": script, "timeout_s": 10},
-            headers={"Authorization": f"Bearer access-{worker_id}"},
-            timeout=30,
-        )
+        """Run ``script`` through the worker's agent. The callback is recorded before it
+        is answered, so the agent may not hold its access token yet: 503 until it does."""
+        url = f"{self.agent_url(worker_id)}/run"
+        responses: list[requests.Response] = []
+
+        def answered() -> bool:
+            response = requests.post(
+                url,
+                json={"script": script, "timeout_s": 10},
+                headers={"Authorization": f"Bearer access-{worker_id}"},
+                timeout=30,
+            )
+            responses.append(response)
+            return response.status_code != 503
+
+        wait_for(answered)
+        response = responses[-1]
         response.raise_for_status()
         result: dict[str, Any] = response.json()
         return result
