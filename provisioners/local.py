@@ -125,27 +125,7 @@ class LocalProvisioner(Provisioner[LocalOptions]):
         reason = local_uids.isolation_unavailable()
         #: True when each worker runs under a uid of its own (the service is root).
         self.isolated = reason is None
-        if reason is None:
-            self.python = self._python_for_workers()
-            blocker = local_uids.unreachable_part(self.work_root.parent)
-            if blocker is not None:
-                raise PermanentProvisionerError(
-                    f"work_root {self.work_root}: {blocker} is not searchable by other users "
-                    "(o+x), so workers under their own uids could not reach their directories"
-                )
-        elif options.require_isolation:
-            raise PermanentProvisionerError(
-                f"pool {pool}: require_isolation is set but workers cannot get uids of "
-                f"their own: {reason}"
-            )
-        else:
-            self.python = options.python or sys.executable
-            log.warning(
-                "local_workers_not_isolated pool=%s reason=%s: every worker runs under the "
-                "service's uid and can read its environment, database and other workers",
-                pool,
-                reason,
-            )
+        self.python = self._python_for_workers() if reason is None else self._not_isolated(reason)
         # Calls for one worker id are serialised; calls for different ids run in parallel.
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         # Agents this object started, by pid, with their worker id; reaped by ``_reap``.
@@ -266,15 +246,44 @@ class LocalProvisioner(Provisioner[LocalOptions]):
             address=proc.env.get(ENV_AGENT_HOST) or self.agent_host,
         )
 
+    def _not_isolated(self, reason: str) -> str:
+        """Refuse, or warn once for this pool; return the python the agents run with."""
+        if self.options.require_isolation:
+            raise PermanentProvisionerError(
+                f"pool {self.pool}: require_isolation is set but workers cannot get uids "
+                f"of their own: {reason}"
+            )
+        log.warning(
+            "local_workers_not_isolated pool=%s reason=%s: every worker runs under the "
+            "service's uid and can read its environment, database and other workers",
+            self.pool,
+            reason,
+        )
+        return self.options.python or sys.executable
+
     def _python_for_workers(self) -> str:
-        """An interpreter that worker uids can run: the configured one, else the service's,
-        else the system's (the service's may live under a private home, as pyenv's does)."""
+        """Check that worker uids can reach ``work_root``; return a python they can run:
+        the configured one, else the service's, else the system's (the service's may
+        live under a private home, as pyenv's does under /root)."""
+        blocker = local_uids.unreachable_part(self.work_root.parent)
+        if blocker is not None:
+            raise PermanentProvisionerError(
+                f"work_root {self.work_root}: {blocker} is not searchable by other users "
+                "(o+x), so workers under their own uids could not reach their directories"
+            )
         if self.options.python:
             candidates = [self.options.python]
         else:
             candidates = [sys.executable, shutil.which("python3", path=SYSTEM_PYTHONS) or ""]
         for candidate in filter(None, candidates):
             if local_uids.unreachable_part(Path(candidate), stat.S_IXOTH) is None:
+                log.info(
+                    "local_workers_isolated pool=%s uids=%d..%d python=%s",
+                    self.pool,
+                    self.uid_range.start,
+                    self.uid_range.stop - 1,
+                    candidate,
+                )
                 return candidate
         raise PermanentProvisionerError(
             f"no python that workers under their own uids can run among {candidates}; "

@@ -23,7 +23,12 @@ from pathlib import Path
 import pytest
 
 from provisioners import local_uids
-from provisioners.base import CapacityError, WorkerHandle, WorkerSpec
+from provisioners.base import (
+    CapacityError,
+    PermanentProvisionerError,
+    WorkerHandle,
+    WorkerSpec,
+)
 from provisioners.local import MARKER, LocalOptions, LocalProvisioner
 from tests.integration.local.support import POOL, FakeService, alive, wait_for
 from tests.support.server import worker_root
@@ -204,6 +209,15 @@ def test_destroy_kills_a_script_that_scrubbed_its_env_and_left_its_session(
     provisioner.destroy(handle)
 
     assert not alive(escaped)
+
+
+@needs_isolation
+def test_a_work_root_that_worker_uids_cannot_reach_is_refused_at_start(tmp_path: Path) -> None:
+    private = tmp_path.parent  # pytest's own directories are 0700
+    assert not private.stat().st_mode & stat.S_IXOTH
+
+    with pytest.raises(PermanentProvisionerError, match="is not searchable by other users"):
+        LocalProvisioner(POOL, LocalOptions(work_root=str(tmp_path / "workers")))
 
 
 @pytest.fixture
