@@ -1,7 +1,12 @@
 """The ``local`` provisioner: a worker is the agent process on the service host.
 
-For development, tests and single-host demos: there is no isolation between a
-worker's scripts and the service host beyond a directory of its own.
+For development, tests and single-host demos. When the service runs as root, each
+worker runs under a numeric uid and gid of its own (``provisioners/local_uids.py``
+says how they are picked), in a ``0700`` work directory owned by that uid, with an
+environment of only what the agent needs: its scripts cannot signal, trace or read
+another worker or the service (``/proc/PID/environ`` is readable by its own uid
+only). Without root the workers run under the service's own uid and share all it
+can reach: :attr:`LocalProvisioner.isolated` is False and a warning says so.
 
 Ownership lives in each process's environment, read back from
 ``/proc/PID/environ`` (so Linux only): the agent is started with
@@ -10,7 +15,9 @@ Ownership lives in each process's environment, read back from
 process its scripts start inherits them. The marker keeps agents of Docker
 containers, also visible in the host's ``/proc``, from being taken for local ones.
 A script that scrubs its environment *and* leaves its process group escapes
-``destroy``; use the docker or ec2 provisioner where that matters.
+``destroy``, unless the worker has a uid of its own: then ``destroy`` also kills
+every process holding the uid of the worker's live processes. Use the docker or
+ec2 provisioner where a tenant must not see the host at all.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -29,9 +37,14 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
 
 import images.agent
+from provisioners import local_uids
 from provisioners.base import (
+    CapacityError,
     PermanentProvisionerError,
     Provisioner,
     ProvisionerOptions,
@@ -54,6 +67,8 @@ TERM_GRACE_S = 3.0  # SIGTERM -> SIGKILL
 KILL_GRACE_S = 2.0  # SIGKILL -> give up (transient error)
 POLL_S = 0.05
 LOCK_STRIPES = 64
+UID_MAX = 2**31 - 2  # uids above are unsafe for 32-bit signed uid_t users (systemd's advice)
+SYSTEM_PYTHONS = "/usr/local/bin:/usr/bin:/bin"
 
 
 class LocalOptions(ProvisionerOptions):
@@ -63,6 +78,21 @@ class LocalOptions(ProvisionerOptions):
     python: str | None = None
     #: Address the agent binds and advertises.
     agent_host: str = "127.0.0.1"
+    #: First uid (and gid) of the range workers run under when the service is root.
+    #: Above login users (< 60000), systemd's dynamic users (61184-65519), ``nobody``
+    #: and the first 29 subordinate-id blocks ``useradd`` hands out (100000 + 65536 n);
+    #: no /etc/passwd entry is needed. Must not overlap ids the host uses otherwise.
+    uid_range_start: int = Field(2_000_000, ge=65536)
+    #: How many uids workers may use: the most workers running at once on the host.
+    uid_range_size: int = Field(65536, ge=1)
+    #: Refuse to start the pool rather than run workers under the service's uid.
+    require_isolation: bool = False
+
+    @model_validator(mode="after")
+    def _range_fits(self) -> LocalOptions:
+        if self.uid_range_start + self.uid_range_size - 1 > UID_MAX:
+            raise ValueError(f"uid_range_start + uid_range_size - 1 must be <= {UID_MAX}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -73,6 +103,7 @@ class _Proc:
     pgid: int
     env: dict[str, str]
     is_agent: bool
+    uid: int | None  # real uid; None if it exited meanwhile
 
 
 class LocalProvisioner(Provisioner[LocalOptions]):
@@ -87,8 +118,15 @@ class LocalProvisioner(Provisioner[LocalOptions]):
             raise PermanentProvisionerError("the local provisioner needs Linux /proc")
         default_root = Path(tempfile.gettempdir()) / "workerlease-workers"
         self.work_root = Path(options.work_root) if options.work_root else default_root
-        self.python = options.python or sys.executable
         self.agent_host = options.agent_host
+        self.uid_range = range(
+            options.uid_range_start, options.uid_range_start + options.uid_range_size
+        )
+        reason = local_uids.isolation_unavailable()
+        #: True when each worker runs under a uid of its own (the service is root).
+        self.isolated = reason is None
+        self._not_isolated_reason = reason
+        self.python = self._python_for_workers() if reason is None else self._not_isolated(reason)
         # Calls for one worker id are serialised; calls for different ids run in parallel.
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         # Agents this object started, by pid, with their worker id; reaped by ``_reap``.
@@ -112,11 +150,16 @@ class LocalProvisioner(Provisioner[LocalOptions]):
                     raise TransientProvisionerError(
                         f"leftovers of worker {spec.worker_id} survive SIGKILL"
                     )
-                self._fresh_dir(workdir)
-                pid = self._start_agent(spec, workdir)
+                pid = self._start(spec, workdir)
             except OSError as exc:
                 raise TransientProvisionerError(f"cannot start local agent: {exc}") from exc
-        log.info("local_agent_started worker=%s pool=%s pid=%d", spec.worker_id, spec.pool, pid)
+        log.info(
+            "local_agent_started worker=%s pool=%s pid=%d isolated=%s",
+            spec.worker_id,
+            spec.pool,
+            pid,
+            self.isolated,
+        )
         return WorkerHandle(
             spec.worker_id, spec.pool, provider_id=str(pid), address=self.agent_host
         )
@@ -204,7 +247,90 @@ class LocalProvisioner(Provisioner[LocalOptions]):
             address=proc.env.get(ENV_AGENT_HOST) or self.agent_host,
         )
 
-    def _fresh_dir(self, workdir: Path) -> None:
+    @property
+    def warning(self) -> str | None:
+        if self.isolated:
+            return None
+        return (
+            f"local workers are not isolated ({self._not_isolated_reason}): they run under "
+            "the service's uid and can read its environment, database and other workers; "
+            "run the service as root, or use docker or ec2 pools for tenants"
+        )
+
+    def _not_isolated(self, reason: str) -> str:
+        """Refuse, or warn once for this pool; return the python the agents run with."""
+        if self.options.require_isolation:
+            raise PermanentProvisionerError(
+                f"pool {self.pool}: require_isolation is set but workers cannot get uids "
+                f"of their own: {reason}"
+            )
+        log.warning(
+            "local_workers_not_isolated pool=%s reason=%s: every worker runs under the "
+            "service's uid and can read its environment, database and other workers",
+            self.pool,
+            reason,
+        )
+        return self.options.python or sys.executable
+
+    def _python_for_workers(self) -> str:
+        """Check that worker uids can reach ``work_root``; return a python they can run:
+        the configured one, else the service's, else the system's (the service's may
+        live under a private home, as pyenv's does under /root)."""
+        blocker = local_uids.unreachable_part(self.work_root.parent)
+        if blocker is not None:
+            raise PermanentProvisionerError(
+                f"work_root {self.work_root}: {blocker} is not searchable by other users "
+                "(o+x), so workers under their own uids could not reach their directories"
+            )
+        if self.options.python:
+            candidates = [self.options.python]
+        else:
+            candidates = [sys.executable, shutil.which("python3", path=SYSTEM_PYTHONS) or ""]
+        for candidate in filter(None, candidates):
+            if local_uids.unreachable_part(Path(candidate), stat.S_IXOTH) is None:
+                log.info(
+                    "local_workers_isolated pool=%s uids=%d..%d python=%s",
+                    self.pool,
+                    self.uid_range.start,
+                    self.uid_range.stop - 1,
+                    candidate,
+                )
+                return candidate
+        raise PermanentProvisionerError(
+            f"no python that workers under their own uids can run among {candidates}; "
+            "set the pool option 'python' to one that other users can execute"
+        )
+
+    def _start(self, spec: WorkerSpec, workdir: Path) -> int:
+        """A fresh work directory and the agent in it, under a free uid when isolated.
+
+        The uid is picked and the agent started under it while holding the host-wide
+        lock, so the next pick (of any service process on the host) sees it in /proc."""
+        if not self.isolated:
+            self._fresh_dir(workdir, None)
+            return self._start_agent(spec, workdir, None)
+        with local_uids.host_lock():
+            taken = local_uids.ids_in_use() | self._dir_owners()
+            uid = local_uids.pick_uid(self.uid_range.start, len(self.uid_range), taken)
+            if uid is None:
+                raise CapacityError(
+                    f"every uid of {self.uid_range.start}..{self.uid_range.stop - 1} is in use"
+                )
+            self._fresh_dir(workdir, uid)
+            return self._start_agent(spec, workdir, uid)
+
+    def _dir_owners(self) -> set[int]:
+        """Owners of work directories still on disk: their uid may have files to leave."""
+        owners: set[int] = set()
+        for workdir in self.work_root.glob("*/*"):
+            with contextlib.suppress(OSError):
+                owners.add(workdir.lstat().st_uid)
+        return owners
+
+    def _fresh_dir(self, workdir: Path, uid: int | None) -> None:
+        """``work_root/deployment/worker``: the first two ours (searchable, not listable,
+        by workers when isolated), the last the worker's, 0700."""
+        shared_mode = 0o700 if uid is None else 0o711
         self.work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = self.work_root.lstat()
         if self.work_root.is_symlink() or info.st_uid != os.getuid():
@@ -213,29 +339,50 @@ class LocalProvisioner(Provisioner[LocalOptions]):
                 f"work_root {self.work_root} is a symlink or not owned by this user"
             )
         workdir.parent.mkdir(mode=0o700, exist_ok=True)
+        for shared in (self.work_root, workdir.parent):
+            os.chmod(shared, shared_mode, follow_symlinks=False)
         if workdir.exists():
             shutil.rmtree(workdir)
         workdir.mkdir(mode=0o700)
+        (workdir / "tmp").mkdir(mode=0o700)
+        shutil.copyfile(AGENT_FILE, workdir / AGENT_FILE.name)
+        (workdir / "agent.log").touch(mode=0o600)
+        if uid is not None:
+            for path in (
+                workdir,
+                workdir / "tmp",
+                workdir / AGENT_FILE.name,
+                workdir / "agent.log",
+            ):
+                os.chown(path, uid, uid, follow_symlinks=False)
 
-    def _start_agent(self, spec: WorkerSpec, workdir: Path) -> int:
+    def _start_agent(self, spec: WorkerSpec, workdir: Path, uid: int | None) -> int:
+        """Run the agent's copy in ``workdir`` (readable by the worker's uid wherever the
+        service's checkout lives), with an environment made here, none of the service's."""
         env = {
             "PATH": os.environ.get("PATH", os.defpath),
             "HOME": str(workdir),
+            "TMPDIR": str(workdir / "tmp"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             **spec.agent_environment(),
             ENV_AGENT_HOST: self.agent_host,
             MARKER: MARKER_VALUE,
         }
+        as_worker: dict[str, Any] = {}
+        if uid is not None:
+            # umask 077: what its scripts leave in /tmp or /dev/shm is theirs alone.
+            as_worker = {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
         with open(workdir / "agent.log", "ab") as log_file:
             try:
                 child = subprocess.Popen(
-                    [self.python, str(AGENT_FILE)],
+                    [self.python, str(workdir / AGENT_FILE.name)],
                     cwd=workdir,
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
                     start_new_session=True,
+                    **as_worker,
                 )
             except (FileNotFoundError, PermissionError) as exc:
                 raise PermanentProvisionerError(
@@ -248,42 +395,71 @@ class LocalProvisioner(Provisioner[LocalOptions]):
     def _kill_workers(self, worker_ids: set[str], deployment_id: str | None = None) -> set[str]:
         """SIGTERM every process group holding a process of the workers, then SIGKILL.
 
-        Returns the ids of workers with processes that survived even SIGKILL.
-        ``deployment_id`` narrows the match when known (handles do not carry it)."""
-        groups = self._groups_of(worker_ids, deployment_id)
+        A process of the workers is one carrying their id in its environment or, for
+        isolated workers, one holding the uid of such a process (a script that scrubbed
+        its environment). Returns the ids of workers with processes that survived even
+        SIGKILL. ``deployment_id`` narrows the match when known (handles do not carry it)."""
+        uids = self._uids_of(worker_ids, deployment_id)
+        groups = self._groups_of(worker_ids, deployment_id, uids)
         if not groups:
             return set()
         self._signal(set(groups), signal.SIGTERM)
-        if not self._wait_gone(worker_ids, deployment_id, set(groups), TERM_GRACE_S):
-            groups |= self._groups_of(worker_ids, deployment_id)
+        if not self._wait_gone(worker_ids, deployment_id, uids, set(groups), TERM_GRACE_S):
+            groups |= self._groups_of(worker_ids, deployment_id, uids)
             log.warning("local_agent_kill groups=%s", sorted(groups))
             self._signal(set(groups), signal.SIGKILL)
-            self._wait_gone(worker_ids, deployment_id, set(groups), KILL_GRACE_S)
-        return set(self._groups_of(worker_ids, deployment_id).values())
+            self._wait_gone(worker_ids, deployment_id, uids, set(groups), KILL_GRACE_S)
+        return set(self._groups_of(worker_ids, deployment_id, uids).values())
 
-    @staticmethod
-    def _groups_of(worker_ids: set[str], deployment_id: str | None) -> dict[int, str]:
-        """Process group -> worker id, for every live process of the workers."""
-        own = os.getpgrp()
-        groups: dict[int, str] = {}
+    def _uids_of(self, worker_ids: set[str], deployment_id: str | None) -> dict[int, str]:
+        """Uid -> worker id, for isolated workers with a live process carrying their id.
+
+        Only a live process vouches for a uid: a work directory's owner may be a uid that
+        another service process on the host has handed out again since (see local_uids)."""
+        if not self.isolated:
+            return {}
+        uids: dict[int, str] = {}
         for proc in _scan():
-            worker_id = proc.env.get(ENV_WORKER)
+            worker_id = proc.env.get(ENV_WORKER, "")
             if (
                 worker_id in worker_ids
                 and deployment_id in (None, proc.env.get(ENV_DEPLOYMENT))
-                and proc.pgid > 1
-                and proc.pgid != own
+                and proc.uid is not None
+                and proc.uid in self.uid_range
             ):
+                uids[proc.uid] = worker_id
+        return uids
+
+    def _groups_of(
+        self, worker_ids: set[str], deployment_id: str | None, uids: dict[int, str]
+    ) -> dict[int, str]:
+        """Process group -> worker id, for every live process of the workers."""
+        own = os.getpgrp()
+        groups: dict[int, str] = {}
+        for proc in _scan(set(uids)):
+            worker_id: str | None = proc.env.get(ENV_WORKER)
+            if worker_id not in worker_ids or deployment_id not in (
+                None,
+                proc.env.get(ENV_DEPLOYMENT),
+            ):
+                # Its id scrubbed from its environment; its uid is still the worker's.
+                worker_id = uids.get(proc.uid) if proc.uid is not None else None
+            if worker_id is not None and proc.pgid > 1 and proc.pgid != own:
                 groups[proc.pgid] = worker_id
         return groups
 
     def _wait_gone(
-        self, worker_ids: set[str], deployment_id: str | None, groups: set[int], grace_s: float
+        self,
+        worker_ids: set[str],
+        deployment_id: str | None,
+        uids: dict[int, str],
+        groups: set[int],
+        grace_s: float,
     ) -> bool:
         deadline = time.monotonic() + grace_s
         while True:
             self._reap()
-            if not self._groups_of(worker_ids, deployment_id) and not _live_groups(groups):
+            if not self._groups_of(worker_ids, deployment_id, uids) and not _live_groups(groups):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -336,8 +512,9 @@ def _stat_fields(pid: str) -> list[str] | None:
     return fields
 
 
-def _scan() -> list[_Proc]:
-    """Every live process carrying the local marker."""
+def _scan(uids: set[int] | None = None) -> list[_Proc]:
+    """Every live process carrying the local marker, and every one whose real uid is in
+    ``uids`` (marked or not)."""
     marker = f"{MARKER}={MARKER_VALUE}".encode()
     found: list[_Proc] = []
     for entry in os.listdir("/proc"):
@@ -345,11 +522,16 @@ def _scan() -> list[_Proc]:
             continue
         try:
             raw = Path(f"/proc/{entry}/environ").read_bytes()
-            if marker not in raw.split(b"\0"):
-                continue
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue  # exited meanwhile, or not ours to read
+        marked = marker in raw.split(b"\0")
+        uid = local_uids.process_uid(entry) if marked or uids else None
+        if not marked and (uid is None or uid not in (uids or ())):
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
         fields = _stat_fields(entry)
         if fields is None:
             continue
@@ -363,6 +545,7 @@ def _scan() -> list[_Proc]:
                 pgid=int(fields[2]),
                 env=env,
                 is_agent=any(arg.endswith(AGENT_FILE.name.encode()) for arg in cmdline[1:]),
+                uid=uid,
             )
         )
     return found

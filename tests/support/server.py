@@ -1,8 +1,9 @@
 """A real ``workerlease serve`` as a subprocess, for end-to-end tests.
 
 :class:`ServerProcess` writes a config YAML into a temporary directory (SQLite
-there too, a unique ``deployment_id``, the local provisioner's ``work_root``
-there, ``scheduler.interval: 1s``), starts ``workerlease serve`` on a free
+there too, a unique ``deployment_id``, the local provisioner's ``work_root`` in
+a directory of its own that workers under their own uids can reach (see
+:func:`worker_root`), ``scheduler.interval: 1s``), starts ``workerlease serve`` on a free
 127.0.0.1 port in a session of its own with the admin token in the
 environment, and waits for ``/readyz``. ``stop()`` SIGTERMs it (SIGKILL of the
 process group if it hangs) and reaps it; ``kill()`` SIGKILLs the whole process
@@ -20,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,6 +52,17 @@ def port_listening(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def worker_root(prefix: str = "workerlease-it-") -> Path:
+    """A new, empty directory for a local pool's ``work_root`` that workers under uids of
+    their own can reach: under the system temp dir, searchable (0711), not listable.
+
+    pytest's ``tmp_path`` cannot serve: it lies under ``pytest-of-root`` (0700), which the
+    local provisioner refuses when it isolates workers. The caller removes it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o711)
+    return path
 
 
 def wait_until(
@@ -193,7 +207,8 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.deployment_id = deployment_id or f"it-{uuid.uuid4().hex[:16]}"
-        self.work_root = work_root or tmp_path / "workers"
+        self.work_root = work_root or worker_root() / "workers"
+        self._own_work_root = work_root is None
         self.connections = connections
         self.db_path = tmp_path / "workerlease.db"
         self.config_path = tmp_path / "workerlease.yaml"
@@ -357,6 +372,8 @@ class ServerProcess:
         with contextlib.suppress(Exception):
             self.stop()
         self.kill_agents()
+        if self._own_work_root:
+            shutil.rmtree(self.work_root.parent, ignore_errors=True)
 
     def kill_agents(self) -> None:
         for _ in range(3):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 import threading
 import time
 from collections import Counter
@@ -35,7 +36,13 @@ from cryptography.fernet import Fernet
 
 from tests.integration.crash.support import FULL, Db, settle
 from tests.support.postgres import PostgresServer
-from tests.support.server import ServerProcess, pool, reap_zombie_children, wait_until
+from tests.support.server import (
+    ServerProcess,
+    pool,
+    reap_zombie_children,
+    wait_until,
+    worker_root,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -61,6 +68,7 @@ def replicas(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[list[S
         "database_pool_size": 40,
     }
     servers = []
+    shared_root = worker_root()  # one work_root for both replicas, reachable by worker uids
     for index in range(2):
         directory = tmp_path / f"r{index}"
         directory.mkdir()
@@ -82,7 +90,7 @@ def replicas(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[list[S
                 },
                 extra=extra,
                 deployment_id=deployment_id,
-                work_root=tmp_path / "workers",
+                work_root=shared_root / "workers",
             )
         )
     try:
@@ -92,6 +100,7 @@ def replicas(tmp_path: Path, postgres_server: PostgresServer) -> Iterator[list[S
     finally:
         for server in servers:
             server.close()
+        shutil.rmtree(shared_root, ignore_errors=True)
 
 
 class Clients:
