@@ -140,6 +140,7 @@ class Provisioner(ABC, Generic[OptionsT]):
     #: batch call: the service runs several batches of a pool at once, so one slow
     #: destroy never holds up the others.
     destroy_batch_size: ClassVar[int] = 1
+
     def __init__(self, pool: str, options: OptionsT) -> None:
         if not isinstance(options, self.Options):
             raise TypeError(

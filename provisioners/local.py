@@ -137,6 +137,13 @@ class LocalProvisioner(Provisioner[LocalOptions]):
         workdir = self.work_root / _component(spec.deployment_id) / _component(spec.worker_id)
         with self._lock_for(spec.worker_id):
             self._reap()
+            started = self._own_agent(spec.worker_id)
+            if started is not None:
+                # Ours and still running: the /proc scan can miss an agent that has just
+                # started (seen under load: a second create started a second agent).
+                return WorkerHandle(
+                    spec.worker_id, spec.pool, provider_id=str(started), address=self.agent_host
+                )
             try:
                 for proc in _scan():
                     if (
@@ -231,6 +238,14 @@ class LocalProvisioner(Provisioner[LocalOptions]):
         return [self._handle(proc) for proc in found.values()]
 
     # -- helpers -------------------------------------------------------------
+
+    def _own_agent(self, worker_id: str) -> int | None:
+        """The pid of a running agent this object started for ``worker_id``, if any."""
+        with self._children_lock:
+            for pid, (child, child_worker) in self._children.items():
+                if child_worker == worker_id and child.poll() is None:
+                    return pid
+        return None
 
     def _lock_for(self, worker_id: str) -> threading.Lock:
         return self._locks[_stripe(worker_id)]
