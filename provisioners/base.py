@@ -20,8 +20,10 @@ Contract every implementation keeps (the service relies on each point):
 * ``list_owned(deployment_id)`` returns a handle for every resource this
   provisioner holds for the deployment, in any pool, found by the ownership
   labels/tags (``workerlease.deployment``, ``workerlease.pool``,
-  ``workerlease.worker``), so resources left behind by a crash are found.
-* Every resource is labelled with the deployment id, pool name and worker id.
+  ``workerlease.worker``), so resources left behind by a crash are found; each
+  handle carries the resource's ``workerlease.installation`` label (None if absent).
+* Every resource is labelled with the deployment id, pool name and worker id, and
+  with the installation id when the spec has one (``WorkerSpec.labels()``).
 * Errors are raised as :class:`TransientProvisionerError` (worth retrying:
   throttling, timeouts, daemon restarting, capacity) or
   :class:`PermanentProvisionerError` (configuration is wrong: image missing,
@@ -40,6 +42,9 @@ from typing import ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 LABEL_DEPLOYMENT = "workerlease.deployment"
+# The database that made the resource: two services that share a deployment id by
+# mistake (each with its own database) never take each other's resources for orphans.
+LABEL_INSTALLATION = "workerlease.installation"
 LABEL_POOL = "workerlease.pool"
 LABEL_WORKER = "workerlease.worker"
 
@@ -84,6 +89,7 @@ class WorkerSpec:
     bootstrap_token: str
     agent_port: int = 0
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    installation_id: str = ""
 
     def agent_environment(self) -> dict[str, str]:
         """The environment the worker agent is configured by (see images/agent)."""
@@ -91,6 +97,7 @@ class WorkerSpec:
             "WORKERLEASE_URL": self.service_url,
             "WORKERLEASE_WORKER_ID": self.worker_id,
             "WORKERLEASE_DEPLOYMENT": self.deployment_id,
+            "WORKERLEASE_INSTALLATION": self.installation_id,
             "WORKERLEASE_POOL": self.pool,
             "WORKERLEASE_BOOTSTRAP_TOKEN": self.bootstrap_token,
             "WORKERLEASE_AGENT_PORT": str(self.agent_port),
@@ -99,11 +106,14 @@ class WorkerSpec:
         return env
 
     def labels(self) -> dict[str, str]:
-        return {
+        labels = {
             LABEL_DEPLOYMENT: self.deployment_id,
             LABEL_POOL: self.pool,
             LABEL_WORKER: self.worker_id,
         }
+        if self.installation_id:
+            labels[LABEL_INSTALLATION] = self.installation_id
+        return labels
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,7 @@ class WorkerHandle:
     pool: str
     provider_id: str  # pid, container id, instance id ...
     address: str | None = None  # where the service host reaches the machine, if known
+    installation: str | None = None  # the installation label, as ``list_owned`` found it
 
 
 OptionsT = TypeVar("OptionsT", bound=ProvisionerOptions)

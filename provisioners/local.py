@@ -61,6 +61,7 @@ MARKER = "WORKERLEASE_PROVISIONER"
 MARKER_VALUE = "local"
 ENV_WORKER = "WORKERLEASE_WORKER_ID"
 ENV_DEPLOYMENT = "WORKERLEASE_DEPLOYMENT"
+ENV_INSTALLATION = "WORKERLEASE_INSTALLATION"
 ENV_POOL = "WORKERLEASE_POOL"
 ENV_AGENT_HOST = "WORKERLEASE_AGENT_HOST"
 TERM_GRACE_S = 3.0  # SIGTERM -> SIGKILL
@@ -260,6 +261,7 @@ class LocalProvisioner(Provisioner[LocalOptions]):
             pool=proc.env.get(ENV_POOL, ""),
             provider_id=str(proc.pid),
             address=proc.env.get(ENV_AGENT_HOST) or self.agent_host,
+            installation=proc.env.get(ENV_INSTALLATION) or None,
         )
 
     @property

@@ -76,6 +76,12 @@ JOB_DURATION = Histogram(
     "workerlease_job_duration_seconds", "Background job run time", ["job"], buckets=_BUCKETS_FAST
 )
 
+FOREIGN_RESOURCES = Gauge(
+    "workerlease_foreign_resources",
+    "Resources under this deployment id made by another database (left alone by reconcile)",
+    ["provisioner"],
+    multiprocess_mode="max",
+)
 WAITING = Gauge(
     "workerlease_waiting_requests",
     "Lease requests waiting (wait_seconds) for their lease to become active",

@@ -231,6 +231,14 @@ class Event(SQLModel, table=True):
     tenant_id: str | None = Field(default=None, max_length=40)
 
 
+class Installation(SQLModel, table=True):
+    """This database's one random id, made by migration 0005 and never changed."""
+
+    __tablename__ = "installation"
+
+    id: str = Field(primary_key=True, max_length=40)
+
+
 class Heartbeat(SQLModel, table=True):
     """Last sign of life of a background process (the scheduler), for ``/readyz``."""
 

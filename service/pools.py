@@ -13,7 +13,15 @@ from service.config import PoolConfig
 from service.db import lock_job, with_row_locks
 from service.errors import InvalidRequest, NotFound
 from service.leasing import schedule_destroy
-from service.models import LIVE_WORKER_STATES, Lease, LeaseState, Pool, Worker, WorkerState
+from service.models import (
+    LIVE_WORKER_STATES,
+    Installation,
+    Lease,
+    LeaseState,
+    Pool,
+    Worker,
+    WorkerState,
+)
 from service.schemas import PoolPatch
 from service.security import ACCESS_TOKEN_PREFIX, BOOTSTRAP_TOKEN_PREFIX, new_id, new_token
 from service.states import record
@@ -222,6 +230,11 @@ def note_create_result(pool: Pool, error: str | None, now: datetime) -> None:
     delay = min(MAX_BACKOFF_S, 5 * 2 ** min(pool.create_failures - 1, 10))
     pool.create_backoff_until = now + timedelta(seconds=delay)
     pool.degraded_reason = error[:500]
+
+
+def installation_id(session: Session) -> str:
+    """The id of this database (``workerlease.installation`` on every resource it made)."""
+    return session.exec(select(Installation.id)).one()
 
 
 def record_warnings(session: Session, warnings: dict[str, str | None], now: datetime) -> None:

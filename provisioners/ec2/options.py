@@ -12,6 +12,7 @@ from provisioners.base import ProvisionerOptions
 TAG_DEPLOYMENT = "workerlease:deployment"
 TAG_POOL = "workerlease:pool"
 TAG_WORKER = "workerlease:worker"
+TAG_INSTALLATION = "workerlease:installation"
 RESERVED_TAG_PREFIXES = ("workerlease:", "aws:")
 
 DEFAULT_AGENT_PORT = 8750

@@ -25,7 +25,13 @@ from provisioners.base import (
     WorkerSpec,
 )
 from provisioners.ec2.errors import error_code, translate_error
-from provisioners.ec2.options import TAG_DEPLOYMENT, TAG_POOL, TAG_WORKER, EC2Options
+from provisioners.ec2.options import (
+    TAG_DEPLOYMENT,
+    TAG_INSTALLATION,
+    TAG_POOL,
+    TAG_WORKER,
+    EC2Options,
+)
 from provisioners.ec2.throttling import FAMILY_OF_OPERATION, rate_limiter
 from provisioners.userdata import agent_files, render_user_data
 
@@ -113,11 +119,13 @@ class EC2Provisioner(Provisioner[EC2Options]):
         return "windows" if spec.os == "windows" else "linux"
 
     def _handle(self, instance: Mapping[str, Any], worker_id: str, pool: str) -> WorkerHandle:
+        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
         return WorkerHandle(
             worker_id=worker_id,
             pool=pool,
             provider_id=instance["InstanceId"],
             address=instance.get("PrivateIpAddress"),
+            installation=tags.get(TAG_INSTALLATION),
         )
 
     @property
@@ -241,6 +249,8 @@ class EC2Provisioner(Provisioner[EC2Options]):
             TAG_POOL: spec.pool,
             TAG_WORKER: spec.worker_id,
         }
+        if spec.installation_id:
+            tags[TAG_INSTALLATION] = spec.installation_id
         return [{"Key": key, "Value": value} for key, value in tags.items()]
 
     def _run_params(

@@ -47,6 +47,7 @@ def create_one(rt: Runtime, pool: Pool, worker: Worker, now: datetime) -> None:
         deployment_id=rt.provisioners.deployment.deployment_id,
         service_url=rt.provisioners.deployment.service_url,
         bootstrap_token=worker.bootstrap_token or "",
+        installation_id=rt.provisioners.deployment.installation_id,
     )
     try:
         handle = rt.provisioners.for_pool(pool).create(spec)

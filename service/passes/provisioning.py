@@ -39,6 +39,7 @@ log = logging.getLogger("workerlease.provisioning")
 class Deployment:
     deployment_id: str
     service_url: str
+    installation_id: str = ""  # this database's id (service.pools.installation_id)
 
 
 class ProvisionerSet:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from typing import Any
 
 from provisioners import Provisioner, WorkerHandle
 from service import metrics
@@ -23,14 +24,16 @@ def reconcile(rt: Runtime, now: datetime | None = None) -> int:
     live row is an orphan (left by a crash, or by a deleted database).
     """
     orphans = 0
+    deployment = rt.provisioners.deployment
     for provisioner in rt.provisioners.distinct(rt.pools()):
         try:
-            owned = provisioner.list_owned(rt.provisioners.deployment.deployment_id)
+            listed = provisioner.list_owned(deployment.deployment_id)
         except Exception as exc:
             failure = failure_of(exc)
             metrics.PROVISIONER_ERRORS.labels(provisioner.pool, "list_owned", failure.kind).inc()
             log.warning("list_owned_failed provisioner=%s error=%s", provisioner.name, exc)
             continue
+        owned = _ours(provisioner, listed, deployment.deployment_id, deployment.installation_id)
         if owned:
             with session_scope(rt.read_factory) as session:
                 live = live_worker_ids(session)
@@ -38,7 +41,32 @@ def reconcile(rt: Runtime, now: datetime | None = None) -> int:
     return orphans
 
 
-def _destroy_orphans(provisioner: Provisioner, unknown: list[WorkerHandle]) -> int:
+def _ours(
+    provisioner: Provisioner[Any], listed: list[WorkerHandle], deployment_id: str, installation: str
+) -> list[WorkerHandle]:
+    """The resources this database made (or, unlabelled, made before installation ids).
+
+    Another database's resources under the same deployment id are never destroyed:
+    that is another service (or a database that was lost) and an operator's call.
+    """
+    foreign = [h for h in listed if h.installation not in (None, "", installation)]
+    metrics.FOREIGN_RESOURCES.labels(provisioner.name).set(len(foreign))
+    if foreign:
+        log.error(
+            "foreign_resources_found provisioner=%s deployment=%s count=%d installations=%s "
+            "workers=%s: another database uses this deployment_id; they are left alone. Give "
+            "each service its own deployment_id; if that database is gone, remove them with "
+            "the platform's tools (label/tag workerlease.installation)",
+            provisioner.name,
+            deployment_id,
+            len(foreign),
+            ",".join(sorted({str(h.installation) for h in foreign})),
+            ",".join(h.worker_id for h in foreign[:20]),
+        )
+    return [h for h in listed if h not in foreign]
+
+
+def _destroy_orphans(provisioner: Provisioner[Any], unknown: list[WorkerHandle]) -> int:
     if not unknown:
         return 0
     log.warning(

@@ -15,6 +15,7 @@ from service.doorbell import Bell, NoBell, bell_for
 from service.models import Pool
 from service.passes.dispatch import PoolDispatcher
 from service.passes.provisioning import Deployment, ProvisionerSet
+from service.pools import installation_id
 
 DESTROYS_PER_POOL = 8
 
@@ -49,7 +50,11 @@ class Runtime:
 
 
 def build_runtime(config: Config, engine: Engine, url: str, clock: Clock | None = None) -> Runtime:
-    deployment = Deployment(deployment_id=config.deployment_id, service_url=url)
+    with session_scope(session_factory(engine, read_only=True)) as session:
+        installation = installation_id(session)
+    deployment = Deployment(
+        deployment_id=config.deployment_id, service_url=url, installation_id=installation
+    )
     return Runtime(
         factory=session_factory(engine),
         provisioners=ProvisionerSet(deployment),

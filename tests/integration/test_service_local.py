@@ -436,3 +436,33 @@ def test_serve_refuses_bad_config(make_server: Callable[..., ServerProcess], cas
     assert "Traceback" not in stderr
     assert not port_listening(server.port)
     assert local_processes(server.deployment_id, agents_only=False) == {}
+
+
+def test_two_services_sharing_a_deployment_id_leave_each_others_workers_alone(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    """Each has its own database; a shared deployment_id used to mean mutual destruction."""
+    first = make_server(
+        pools=[pool(min_ready=2, max_workers=2)], scheduler={"reconcile_interval": "2s"}
+    ).start()
+    first.wait_ready_workers(2)
+    first_workers = {w["id"] for w in first.workers("ready")}
+    second = make_server(
+        pools=[pool(min_ready=1, max_workers=1)],
+        scheduler={"reconcile_interval": "2s"},
+        deployment_id=first.deployment_id,
+    ).start()
+    second.wait_ready_workers(1)
+    second_workers = {w["id"] for w in second.workers("ready")}
+
+    # Both reconcile several times while the other's agents run, and say so.
+    for server in (first, second):
+        wait_until(
+            lambda server=server: server.log_text().count("foreign_resources_found") >= 2,
+            120,
+            message=lambda server=server: f"no foreign resources seen\n{server.log_tail()}",
+        )
+    agents = first.agents()
+    assert first_workers | second_workers <= set(agents)
+    assert {w["id"] for w in first.workers("ready")} == first_workers
+    assert {w["id"] for w in second.workers("ready")} == second_workers

@@ -109,7 +109,9 @@ class FakeProvisioner(Provisioner[FakeOptions]):
     def list_owned(self, deployment_id: str) -> list[WorkerHandle]:
         with CLOUD.lock:
             return [
-                WorkerHandle(k, r.spec.pool, f"fake-{k}")
+                WorkerHandle(
+                    k, r.spec.pool, f"fake-{k}", installation=r.spec.installation_id or None
+                )
                 for k, r in CLOUD.live().items()
                 if r.spec.deployment_id == deployment_id
             ]

@@ -13,7 +13,7 @@ from tests.conftest import Service
 from tests.support.fakes import FakeResource
 
 
-def _plant(svc: Service, worker_id: str, deployment_id: str) -> None:
+def _plant(svc: Service, worker_id: str, deployment_id: str, installation: str = "") -> None:
     """A resource the platform holds, as a crashed service (or another one) left it."""
     spec = WorkerSpec(
         worker_id=worker_id,
@@ -22,6 +22,7 @@ def _plant(svc: Service, worker_id: str, deployment_id: str) -> None:
         deployment_id=deployment_id,
         service_url="http://127.0.0.1:9",
         bootstrap_token="wlb_left-behind",
+        installation_id=installation,
     )
     svc.cloud.resources[worker_id] = FakeResource(spec)
 
@@ -87,3 +88,23 @@ def test_reconcile_leaves_a_worker_whose_create_is_in_flight(svc: Service) -> No
     assert svc.cloud.live_ids() == {w.id for w in claimed}
     assert not [call for call in svc.cloud.calls if call[0] == "destroy"]
     assert {w.id for w in svc.workers("provisioning")} == {w.id for w in claimed}
+
+
+def test_reconcile_leaves_resources_another_database_made_under_the_same_deployment_id(
+    svc: Service,
+) -> None:
+    """Two services sharing a deployment_id by mistake must not destroy each other's workers."""
+    svc.warm()
+    ours = svc.rt.provisioners.deployment.installation_id
+    assert ours.startswith("i-")
+    assert all(r.spec.installation_id == ours for r in svc.cloud.live().values())
+    _plant(svc, "w-00000000000000other0", "test", installation="i-another-database")
+    _plant(svc, "w-0000000000000000mine", "test", installation=ours)
+
+    svc.reconcile()
+
+    assert "w-00000000000000other0" in svc.cloud.live_ids()
+    assert ("destroy", "w-00000000000000other0") not in svc.cloud.calls
+    assert "w-0000000000000000mine" not in svc.cloud.live_ids()
+    metrics = svc.client.get("/metrics").get_data(as_text=True)
+    assert 'workerlease_foreign_resources{provisioner="fake"} 1.0' in metrics
