@@ -366,6 +366,10 @@ class ServerProcess:
                 reap_zombie_children(in_group)
                 time.sleep(0.1)
             reap_zombie_children(in_group)
+        # Forget them: a group id is a pid, and pids wrap (pid_max is 32768 here and a
+        # busy machine went round in minutes). Kept, a later stop() would wait on, then
+        # SIGKILL, whatever new session (another test's agent) got the number.
+        self._pgids.clear()
 
     def close(self) -> None:
         """Stop the server, then kill and reap every agent left with our deployment id."""
