@@ -9,6 +9,9 @@ the current environment to agent.env there (KEY='value' lines, as install.sh doe
 writes run-agent.ps1 which loads agent.env and runs the agent, registers the
 scheduled task "workerlease-agent" (at startup, as SYSTEM) and starts it.
 The agent logs to agent.log; scripts run in the work folder.
+For an https WORKERLEASE_URL signed by a private CA, put the CA bundle (PEM) on the
+machine first and pass its path as WORKERLEASE_CA_FILE (written to agent.env like the
+rest); Python on Windows also trusts the machine's certificate store.
 
 .PARAMETER Python
 Full path of python.exe (3.9+). Default: the python.exe found on PATH now

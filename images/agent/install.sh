@@ -7,6 +7,9 @@
 # writes every WORKERLEASE_* variable of the environment to /etc/workerlease/agent.env
 # (mode 0600, KEY='value' lines, readable by systemd's EnvironmentFile= and by sh),
 # and with --service installs, enables and starts workerlease-agent.service.
+# For an https WORKERLEASE_URL signed by a private CA, put the CA bundle on the machine
+# first and pass its path as WORKERLEASE_CA_FILE (written to agent.env like the rest);
+# a CA in the system trust store (update-ca-certificates) needs nothing.
 # Needs root and python3 (3.9+). DESTDIR, as usual, stages the files under another root.
 set -eu
 

@@ -23,6 +23,7 @@ import random
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,13 @@ from typing import IO, Any
 
 MAX_BODY = 1 << 20  # request bodies and the ready callback's answer
 MAX_OUTPUT = 1 << 20  # captured stdout / stderr, each
-MAX_DRAIN = 8 << 20  # an oversize body up to this is read and dropped so the 413 arrives
+MAX_DRAIN = 8 << 20  # an authenticated oversize body up to this is dropped so the 413 arrives
+# An unauthenticated body up to this is read and dropped after the 401 is sent, so a
+# client that sent it all before reading the answer sees the 401, not a reset. Anything
+# larger is never read: the connection is closed.
+MAX_REFUSED_DRAIN = 64 << 10
+DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_REQUEST_TIMEOUT_S = 30
 TRUNCATED = "\n[truncated]"
 DEFAULT_RUN_TIMEOUT_S = 60
 MAX_RUN_TIMEOUT_S = 3600
@@ -90,6 +97,9 @@ class Config:
     advertise_host: str
     shell: list[str]
     ready_timeout_s: float
+    ca_file: str | None
+    max_connections: int
+    request_timeout_s: float
 
 
 def load_config(environ: MutableMapping[str, str]) -> Config:
@@ -121,6 +131,15 @@ def load_config(environ: MutableMapping[str, str]) -> Config:
         advertise_host=advertise,
         shell=shell or list(WINDOWS_SHELL if WINDOWS else POSIX_SHELL),
         ready_timeout_s=float(_int_env(environ, "WORKERLEASE_READY_TIMEOUT_S", 600, 0, 86400)),
+        ca_file=environ.get("WORKERLEASE_CA_FILE") or None,
+        max_connections=_int_env(
+            environ, "WORKERLEASE_AGENT_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, 1024
+        ),
+        request_timeout_s=float(
+            _int_env(
+                environ, "WORKERLEASE_AGENT_REQUEST_TIMEOUT_S", DEFAULT_REQUEST_TIMEOUT_S, 1, 3600
+            )
+        ),
     )
 
 
@@ -241,7 +260,28 @@ def _read_capped(file: IO[bytes]) -> str:
     return data.decode("utf-8", "replace")
 
 
+def _refusal(status: int, reason: str, message: str) -> bytes:
+    body = json.dumps({"error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+BUSY_RESPONSE = _refusal(503, "Service Unavailable", "too many connections")
+
+
 class AgentServer(ThreadingHTTPServer):
+    """One thread per connection, at most ``config.max_connections`` of them.
+
+    A connection beyond the limit is answered 503 and closed by the accept loop itself,
+    so it never gets a thread. Each connection must deliver its whole request (headers
+    and body) within ``config.request_timeout_s``, however slowly it trickles: a
+    per-read socket timeout alone lets a client that sends a byte now and then hold its
+    thread forever. The accept loop (``service_actions``) closes overdue connections.
+    """
+
     daemon_threads = True
 
     def __init__(self, config: Config, runner: ScriptRunner) -> None:
@@ -251,6 +291,12 @@ class AgentServer(ThreadingHTTPServer):
         self.config = config
         self.runner = runner
         self._access_token = config.access_token
+        self._slots = threading.BoundedSemaphore(config.max_connections)
+        # connection -> monotonic deadline for its request to have arrived
+        self._reading: dict[socket.socket, float] = {}
+        self._reading_lock = threading.Lock()
+        self._refused = 0  # touched by the accept loop only
+        self._refused_logged_at = 0.0
 
     @property
     def port(self) -> int:
@@ -271,30 +317,93 @@ class AgentServer(ThreadingHTTPServer):
         ok = hmac.compare_digest(given.strip().encode(), expected.encode())
         return 200 if ok else 401
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refused += 1
+            with contextlib.suppress(OSError):
+                request.setblocking(False)  # never let a client stall the accept loop
+                request.send(BUSY_RESPONSE)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread was started to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def reading(self, connection: socket.socket) -> None:
+        """``connection``'s request must have arrived within the request timeout."""
+        with self._reading_lock:
+            self._reading[connection] = time.monotonic() + self.config.request_timeout_s
+
+    def done_reading(self, connection: socket.socket) -> None:
+        """Called before the connection is closed, so it is never shut down after."""
+        with self._reading_lock:
+            self._reading.pop(connection, None)
+
+    def service_actions(self) -> None:
+        """Run by ``serve_forever`` about every 0.5 s: cut overdue requests, log refusals."""
+        now = time.monotonic()
+        with self._reading_lock:
+            overdue = [conn for conn, deadline in self._reading.items() if deadline <= now]
+            for conn in overdue:
+                del self._reading[conn]
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)  # the handler's read returns; it closes
+        if overdue:
+            log("request_timed_out", connections=len(overdue))
+        if self._refused and now - self._refused_logged_at >= 1.0:
+            log("connections_refused", count=self._refused, limit=self.config.max_connections)
+            self._refused = 0
+            self._refused_logged_at = now
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line instead of socketserver's traceback on stderr."""
+        exc = sys.exc_info()[1]
+        log("connection_error", error=f"{type(exc).__name__}: {exc}"[:200])
+
 
 class AgentHandler(BaseHTTPRequestHandler):
     server: AgentServer
     server_version = "workerlease-agent/1"
-    timeout = 60  # a client that stalls mid-request does not hold a thread forever
+
+    def setup(self) -> None:
+        super().setup()
+        # Per read and write: a silent client, or one that never reads the answer.
+        self.connection.settimeout(self.server.config.request_timeout_s)
+        self.server.reading(self.connection)
+
+    def finish(self) -> None:
+        self.server.done_reading(self.connection)
+        super().finish()
 
     def do_GET(self) -> None:
+        self.server.done_reading(self.connection)
         if self.path.split("?", 1)[0] == "/healthz":
-            self._send(200, {"status": "ok", "worker_id": self.server.config.worker_id})
+            self._send(200, {"status": "ok"})  # nothing about the worker: no auth here
         else:
             self._send(404, {"error": "not found"})
 
     def do_POST(self) -> None:
         if self.path.split("?", 1)[0] != "/run":
-            self._send(404, {"error": "not found"})
+            self._refuse(404, "not found")
+            return
+        # The token is checked before any of the body is read.
+        status = self.server.auth_status(self.headers.get("Authorization"))
+        if status != 200:
+            message = "agent not ready" if status == 503 else "missing or invalid access token"
+            self._refuse(status, message)
             return
         body = self._read_body()
         if body is None:
             return
-        status = self.server.auth_status(self.headers.get("Authorization"))
-        if status != 200:
-            message = "agent not ready" if status == 503 else "missing or invalid access token"
-            self._send(status, {"error": message})
-            return
+        self.server.done_reading(self.connection)
         try:
             script, timeout_s = _parse_run(body)
         except ValueError as exc:
@@ -317,12 +426,26 @@ class AgentHandler(BaseHTTPRequestHandler):
         self._send(200, result)
 
     def _method_not_allowed(self) -> None:
-        self._send(405, {"error": "method not allowed"})
+        self._refuse(405, "method not allowed")
 
     do_PUT = do_DELETE = do_PATCH = _method_not_allowed
 
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer without reading the body; then drop a small one so the client, which
+        may have sent it all before reading, gets the answer rather than a reset. A
+        larger body is never read: closing the connection resets it."""
+        self._send(status, {"error": message})
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            return
+        if 0 < length <= MAX_REFUSED_DRAIN:
+            self._drain(length)
+
     def _read_body(self) -> bytes | None:
-        """The request body, or None after answering 400/411/413."""
+        """The request body, or None after answering 400/411/413 (or when it was cut)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self._send(411, {"error": "chunked bodies are not supported; send Content-Length"})
             return None
@@ -335,11 +458,15 @@ class AgentHandler(BaseHTTPRequestHandler):
             self._send(400, {"error": "bad Content-Length"})
             return None
         if length > MAX_BODY:
-            # Read what was sent (within reason) so the client sees the 413, not a reset.
+            # An authenticated client: read what it sent (within reason) so it sees the 413.
             self._drain(min(length, MAX_DRAIN))
             self._send(413, {"error": f"body larger than {MAX_BODY} bytes"})
             return None
-        return self.rfile.read(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True  # the client went away or ran out of time
+            return None
+        return body
 
     def _drain(self, length: int) -> None:
         try:
@@ -374,8 +501,8 @@ class AgentHandler(BaseHTTPRequestHandler):
 def _parse_run(body: bytes) -> tuple[str, int]:
     try:
         data = json.loads(body)
-    except ValueError:
-        raise ValueError("body is not valid JSON") from None
+    except (ValueError, RecursionError):  # RecursionError: e.g. 200000 nested "["
+        raise ValueError("body is not valid JSON, or is nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("body must be a JSON object")
     unknown = sorted(set(data) - {"script", "timeout_s"})
@@ -399,12 +526,39 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def report_ready(config: Config, agent_url: str, stop: threading.Event) -> str | None:
-    """Call the ready callback until it answers; return the access token or None."""
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verification of an ``https`` service URL: the system's trust store, plus
+    ``ca_file`` (PEM) when given; the host name must match the certificate."""
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"WORKERLEASE_CA_FILE {ca_file!r}: {exc}") from None
+    return context
+
+
+def _certificate_error(exc: BaseException) -> str | None:
+    """Why the service's certificate was refused, if that is what ``exc`` is about."""
+    for candidate in (exc, getattr(exc, "reason", None)):  # URLError wraps it in .reason
+        if isinstance(candidate, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {candidate.verify_message or candidate}"
+    return None
+
+
+def report_ready(
+    config: Config, agent_url: str, stop: threading.Event, context: ssl.SSLContext
+) -> str | None:
+    """Call the ready callback until it answers; return the access token or None.
+
+    A certificate that fails verification is final, like a 4xx: retrying cannot make it
+    valid, and the bootstrap token is only ever sent once the service is verified."""
     worker = urllib.parse.quote(config.worker_id, safe="")
     url = f"{config.service_url}/v1/workers/{worker}/ready"
     body = json.dumps({"agent_url": agent_url, "address": config.advertise_host}).encode()
-    opener = urllib.request.build_opener(_NoRedirect())
+    opener = urllib.request.build_opener(
+        _NoRedirect(), urllib.request.HTTPSHandler(context=context)
+    )
     deadline = time.monotonic() + config.ready_timeout_s
     delay = BACKOFF_FIRST_S
     attempt = 0
@@ -423,6 +577,10 @@ def report_ready(config: Config, agent_url: str, stop: threading.Event) -> str |
                 return None
             reason = f"http_{exc.code}"
         except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+            certificate = _certificate_error(exc)
+            if certificate is not None:
+                log("ready_refused", reason="certificate", error=certificate, attempt=attempt)
+                return None
             reason = type(exc).__name__
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -451,6 +609,7 @@ def _access_token_from(answer: bytes, config: Config) -> str | None:
 def main() -> int:
     try:
         config = load_config(os.environ)
+        context = tls_context(config.ca_file)
     except ConfigError as exc:
         log("config_error", error=str(exc))
         return 2
@@ -476,7 +635,7 @@ def main() -> int:
     log("listening", worker=config.worker_id, pool=config.pool, agent_url=agent_url)
     code = 0
     try:
-        token = report_ready(config, agent_url, stop)
+        token = report_ready(config, agent_url, stop, context)
         if token is not None:
             server.set_access_token(token)
             log("ready", worker=config.worker_id)

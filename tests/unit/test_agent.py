@@ -6,9 +6,15 @@ Set WORKERLEASE_AGENT_TEST_PYTHON to run the agent under another interpreter
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import ipaddress
 import json
 import os
+import select
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,6 +28,10 @@ from typing import Any
 
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 AGENT = Path(__file__).resolve().parents[2] / "images" / "agent" / "workerlease_agent.py"
 PYTHON = os.environ.get("WORKERLEASE_AGENT_TEST_PYTHON") or sys.executable
@@ -63,10 +73,9 @@ class FakeService:
         return 200, {"access_token": ACCESS}
 
 
-@pytest.fixture
-def service() -> Iterator[FakeService]:
-    fake = FakeService()
-    fake.release.set()
+@contextlib.contextmanager
+def serving(fake: FakeService, tls: ssl.SSLContext | None = None) -> Iterator[FakeService]:
+    """Run ``fake`` on 127.0.0.1 (over TLS with ``tls``) and set its URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -84,13 +93,27 @@ def service() -> Iterator[FakeService]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    scheme = "http"
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    fake.url = f"{scheme}://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield fake
+    try:
+        yield fake
+    finally:
+        fake.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def service() -> Iterator[FakeService]:
+    fake = FakeService()
     fake.release.set()
-    server.shutdown()
-    server.server_close()
+    with serving(fake):
+        yield fake
 
 
 @dataclass
@@ -174,9 +197,7 @@ def test_ready_callback_reports_the_bound_port_with_the_bootstrap_token(
     assert call.body["address"] == "127.0.0.1"
     host, port = call.body["agent_url"].removeprefix("http://").split(":")
     assert host == "127.0.0.1" and int(port) > 0
-    health = requests.get(f"{agent.url}/healthz", timeout=5)
-    assert health.status_code == 200
-    assert health.json() == {"status": "ok", "worker_id": WORKER}
+    assert requests.get(f"{agent.url}/healthz", timeout=5).status_code == 200
 
 
 def test_advertise_host_is_used_in_agent_url(
@@ -389,3 +410,283 @@ def test_access_token_from_the_environment_wins(
 
     assert agent.run({"script": "true"}).status_code == 401
     assert agent.run({"script": "true"}, token="operator-token").status_code == 200
+
+
+# --- finding 8: nothing unauthenticated is read or revealed; bounded connections --------
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=WAIT_S)
+    sock.settimeout(WAIT_S)  # bounds a hang only
+    return sock
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the agent sends until it closes the connection."""
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        except TimeoutError:
+            raise AssertionError(f"connection still open after {WAIT_S}s: {received!r}") from None
+        if not chunk:
+            return received
+        received += chunk
+
+
+def _status(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1."), answer
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_healthz_reveals_nothing_about_the_worker(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+
+    health = requests.get(f"{agent.url}/healthz", timeout=5)
+
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("length", [1 << 20, 100 << 20])
+@pytest.mark.parametrize("token", ["nope", None])
+def test_unauthenticated_body_is_refused_unread(
+    start_agent: Callable[..., Agent], length: int, token: str | None
+) -> None:
+    agent = start_agent()
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+
+    with _connect(agent.url) as sock:
+        # Headers only: an agent that reads the body before the token waits for it.
+        sock.sendall(
+            f"POST /run HTTP/1.1\r\nHost: agent\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n".encode()
+        )
+        answer = _read_until_closed(sock)  # returns once the agent has closed
+
+    assert _status(answer) == 401
+    assert not (agent.workdir / "ran").exists()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 200_000,
+        b'{"script": ' + b"[" * 200_000,
+        b'{"script": "true", "x": ' + b'{"a": ' * 100_000,
+    ],
+)
+def test_deeply_nested_json_is_400_not_a_traceback(
+    start_agent: Callable[..., Agent], body: bytes
+) -> None:
+    agent = start_agent()
+
+    response = agent.run(body)
+
+    assert response.status_code == 400
+    assert "nested" in response.json()["error"]
+    assert "Traceback" not in agent.log()
+    assert agent.run({"script": "true"}).status_code == 200
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_connections_beyond_the_limit_are_refused_without_a_thread(
+    start_agent: Callable[..., Agent],
+) -> None:
+    agent = start_agent(WORKERLEASE_AGENT_MAX_CONNECTIONS="2")
+    idle_threads = _threads(agent.proc.pid)
+
+    # Connections are accepted in order: the first two take the slots and hold them by
+    # sending nothing; every later one is answered 503 and closed, with no thread of its own.
+    holders = [_connect(agent.url) for _ in range(2)]
+    try:
+        refused = [_connect(agent.url) for _ in range(8)]
+        answers = []
+        for sock in refused:
+            with sock:
+                answers.append(_read_until_closed(sock))
+        assert [_status(a) for a in answers] == [503] * 8
+        assert _threads(agent.proc.pid) <= idle_threads + 2
+        wait_for(lambda: "event=connections_refused" in agent.log())
+    finally:
+        for sock in holders:
+            sock.close()
+
+    # The slots come back once the holders have gone.
+    wait_for(lambda: _healthz_status(agent.url) == 200)
+    assert agent.run({"script": "true"}).status_code == 200
+
+
+def _healthz_status(url: str) -> int:
+    with _connect(url) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: agent\r\n\r\n")
+        return _status(_read_until_closed(sock))
+
+
+def test_a_request_trickling_in_is_cut_at_the_request_timeout(
+    start_agent: Callable[..., Agent],
+) -> None:
+    agent = start_agent(WORKERLEASE_AGENT_REQUEST_TIMEOUT_S="2")
+
+    # One byte every 0.2 s: never idle long enough for a per-read socket timeout.
+    with _connect(agent.url) as sock:
+        sock.sendall(f"POST /run HTTP/1.1\r\nAuthorization: Bearer {ACCESS}\r\nX-Slow: ".encode())
+        deadline = time.monotonic() + WAIT_S
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.sendall(b"a")
+                readable, _, _ = select.select([sock], [], [], 0.2)
+                closed = bool(readable) and not sock.recv(65536)
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+
+    assert closed, "the agent kept reading a request that trickled in for the whole bound"
+    wait_for(lambda: "event=request_timed_out" in agent.log())
+    assert agent.run({"script": "true"}).status_code == 200
+
+
+# --- finding 11a: the ready callback over verified TLS ----------------------------------
+
+
+@dataclass
+class Pki:
+    ca_file: Path
+    server: ssl.SSLContext  # presents a certificate for 127.0.0.1
+    wrong_host: ssl.SSLContext  # the same CA's certificate for another name
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _server_context(
+    directory: Path,
+    name: str,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca: x509.Certificate,
+    san: x509.GeneralName,
+) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A throwaway CA and two server certificates it signed."""
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("workerlease test CA"))
+        .issuer_name(_name("workerlease test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    return Pki(
+        ca_file=ca_file,
+        server=_server_context(directory, "loopback", ca_key, ca, loopback),
+        wrong_host=_server_context(
+            directory, "elsewhere", ca_key, ca, x509.DNSName("elsewhere.example")
+        ),
+    )
+
+
+def test_ready_callback_over_https_with_the_ca_file(
+    pki: Pki, start_agent: Callable[..., Agent]
+) -> None:
+    tls = FakeService()
+    tls.release.set()
+    with serving(tls, pki.server):
+        agent = start_agent(
+            wait_ready=False, WORKERLEASE_URL=tls.url, WORKERLEASE_CA_FILE=str(pki.ca_file)
+        )
+        wait_for(lambda: "event=ready " in agent.log() or agent.proc.poll() is not None)
+
+        [call] = tls.calls
+        assert call.authorization == f"Bearer {BOOTSTRAP}"
+        agent.url = call.body["agent_url"]
+        assert agent.run({"script": "true"}).status_code == 200
+
+
+@pytest.mark.parametrize("case", ["without the CA file", "certificate for another host"])
+def test_ready_callback_refuses_an_unverified_service(
+    pki: Pki, start_agent: Callable[..., Agent], case: str
+) -> None:
+    tls = FakeService()
+    tls.release.set()
+    wrong_host = case == "certificate for another host"
+    env = {"WORKERLEASE_CA_FILE": str(pki.ca_file)} if wrong_host else {}
+    with serving(tls, pki.wrong_host if wrong_host else pki.server):
+        agent = start_agent(wait_ready=False, WORKERLEASE_URL=tls.url, **env)
+
+        assert agent.proc.wait(WAIT_S) == 1, agent.log()
+
+    assert tls.calls == []  # the bootstrap token never went out
+    assert "event=ready_refused reason=certificate" in agent.log()
+    assert "certificate verify failed" in agent.log()
+    assert BOOTSTRAP not in agent.log()
+
+
+def test_unreadable_ca_file_is_a_configuration_error(
+    start_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    not_pem = tmp_path / "not-a-ca.pem"
+    not_pem.write_text("not a certificate\n")
+
+    agent = start_agent(wait_ready=False, WORKERLEASE_CA_FILE=str(not_pem))
+
+    assert agent.proc.wait(WAIT_S) == 2, agent.log()
+    assert "event=config_error" in agent.log() and "WORKERLEASE_CA_FILE" in agent.log()
