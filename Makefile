@@ -9,7 +9,7 @@ PORT ?= 8080
 PYTEST_ARGS ?=
 
 .PHONY: install checkov run tenant test test-crash-full test-quick lint typecheck check bench system-deps \
-        docker-engine postgres images clean
+        docker-engine postgres nginx images clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -55,10 +55,13 @@ docker-engine:
 postgres:
 	bash .ci/ensure-postgres
 
+nginx:
+	bash .ci/ensure-nginx
+
 images: install docker-engine
 	$(PY) -m images.build testing
 
-system-deps: docker-engine postgres
+system-deps: docker-engine postgres nginx
 
 test: install checkov system-deps images
 	WORKERLEASE_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)

@@ -56,6 +56,8 @@ class EC2Options(ProvisionerOptions):
     root_device_name: str = "/dev/sda1"  # Ubuntu and Windows AMIs; Amazon Linux uses /dev/xvda
     market: Literal["on-demand", "spot", "spot-then-on-demand"] = "on-demand"
     user_data_extra: str = ""  # appended to the boot script (shell or PowerShell)
+    # Extra agent settings, e.g. WORKERLEASE_CA_FILE for a service behind a private CA.
+    agent_env: dict[str, str] = Field(default_factory=dict)
     tags: dict[str, str] = Field(default_factory=dict)
     # "running": the image has no agent; the worker is ready once the instance runs.
     ready_when: Literal["agent", "running"] = "agent"

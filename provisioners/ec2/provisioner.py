@@ -228,6 +228,7 @@ class EC2Provisioner(Provisioner[EC2Options]):
                 return ""
             return render_user_data({}, os_family, {}, self.options.user_data_extra)
         env = spec.agent_environment()
+        env.update(self.options.agent_env)
         env["WORKERLEASE_AGENT_PORT"] = str(spec.agent_port or self.options.agent_port)
         env["WORKERLEASE_AGENT_HOST"] = "0.0.0.0"
         text = render_user_data(

@@ -74,7 +74,7 @@ def test_metrics_are_not_served_through_the_proxy() -> None:
 def test_nginx_accepts_the_proxy_config(tmp_path: Path) -> None:
     nginx, openssl = shutil.which("nginx"), shutil.which("openssl")
     if not nginx or not openssl:
-        pytest.skip("nginx or openssl is not installed (apt-get install nginx-light)")
+        pytest.fail("nginx or openssl is missing: run .ci/ensure-nginx (make test does)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subject = ["-subj", "/CN=workerlease.test", "-keyout", str(key), "-out", str(cert)]
     subprocess.run(
