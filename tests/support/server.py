@@ -186,6 +186,7 @@ class ServerProcess:
         deployment_id: str | None = None,
         work_root: Path | None = None,
         threads: int | None = 16,  # None: serve's own default
+        host: str = "127.0.0.1",  # "0.0.0.0" for docker pools' bridge (see provisioners/docker)
     ) -> None:
         # ``deployment_id`` / ``work_root``: shared by several replicas of one deployment
         # (each ServerProcess then is one replica; ``extra`` can point them at one database).
@@ -195,6 +196,7 @@ class ServerProcess:
         self.deployment_id = deployment_id or f"it-{uuid.uuid4().hex[:16]}"
         self.work_root = work_root or tmp_path / "workers"
         self.threads = threads
+        self.host = host
         self.db_path = tmp_path / "workerlease.db"
         self.config_path = tmp_path / "workerlease.yaml"
         self.log_path = tmp_path / "serve.log"
@@ -241,7 +243,7 @@ class ServerProcess:
             "--config",
             str(self.config_path),
             "--host",
-            "127.0.0.1",
+            self.host,
             "--port",
             str(self.port),
             *(["--threads", str(self.threads)] if self.threads else []),
