@@ -43,6 +43,19 @@ def containers_of(engine: docker.DockerClient, deployment: str) -> dict[str, str
     return {c.labels[LABEL_WORKER]: c.status for c in found}
 
 
+def docker_pool(image: str, **options: Any) -> dict[str, Any]:
+    """A pool entry for the live service: ``hosted-ubuntu`` on ``image``, default isolation."""
+    return {
+        "name": "hosted-ubuntu",
+        "os": "ubuntu",
+        "provisioner": "docker",
+        "min_ready": 1,
+        "max_workers": 3,
+        "provision_timeout": "2m",
+        "options": {"image": image, "pull": "never", **options},
+    }
+
+
 def remove_containers(engine: docker.DockerClient, deployment: str) -> None:
     """Remove every container of the deployment, also those already going away."""
     for container in engine.containers.list(

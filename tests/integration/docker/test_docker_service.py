@@ -14,29 +14,16 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import docker
 import pytest
 import requests
 
 from provisioners.base import LABEL_DEPLOYMENT, LABEL_WORKER
-from tests.integration.docker.conftest import containers_of
+from tests.integration.docker.conftest import containers_of, docker_pool
 from tests.support.live import LiveService, live_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
-
-
-def docker_pool(image: str, **options: Any) -> dict[str, Any]:
-    return {
-        "name": "hosted-ubuntu",
-        "os": "ubuntu",
-        "provisioner": "docker",
-        "min_ready": 1,
-        "max_workers": 3,
-        "provision_timeout": "2m",
-        "options": {"image": image, "pull": "never", **options},
-    }
 
 
 @pytest.fixture
