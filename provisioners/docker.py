@@ -88,6 +88,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DOCKER_HOST_SCHEMES = ("unix", "tcp", "ssh", "npipe", "http", "https")
 # How long a name conflict may take to show the container that won it.
 CONFLICT_WAIT_S = 10.0
+# One for the process, not per provisioner: the pools of a deployment share its network,
+# and the engine's duplicate-name check is best effort (its API docs say so).
+_NETWORK_LOCK = threading.Lock()
 
 # The entry point wrapper (see the module docstring): find the address of the interface
 # that routes to the service (a UDP connect sends nothing), advertise it, then exec the
@@ -212,9 +215,6 @@ class DockerProvisioner(Provisioner[DockerOptions]):
         super().__init__(pool, options)
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
-        # Network name -> network; the lock also keeps two threads from creating one twice.
-        self._networks: dict[str, BridgeNetwork] = {}
-        self._network_lock = threading.Lock()
         if options.network == HOST_NETWORK:
             log.warning(
                 "docker_host_network_unsafe pool=%s network=host: tenant scripts can reach "
@@ -407,7 +407,7 @@ class DockerProvisioner(Provisioner[DockerOptions]):
         """
         name = self.options.network or default_network_name(deployment_id)
         client = self._docker()
-        with self._network_lock:
+        with _NETWORK_LOCK:
             try:
                 network = client.networks.get(name)
             except docker_errors.NotFound:
