@@ -25,16 +25,21 @@ def services() -> dict[str, Any]:
     return dict(yaml.safe_load(COMPOSE.read_text())["services"])
 
 
-def _api_ports(services: dict[str, Any]) -> dict[str, int]:
-    """Each API replica's port, checking that it listens on 127.0.0.1 only."""
+def _api_replicas(services: dict[str, Any]) -> dict[str, int]:
+    """Each API replica's port; none publishes it."""
     ports = {}
     for name, service in services.items():
         command = service.get("command", [])
         if command[:1] == ["serve"]:
-            assert command[command.index("--host") + 1] == "127.0.0.1", name
+            assert "ports" not in service, name
             ports[name] = int(command[command.index("--port") + 1])
     assert ports
     return ports
+
+
+def _networks(service: dict[str, Any]) -> set[str]:
+    networks = service.get("networks", [])
+    return set(networks)  # a list of names, or a mapping of names to settings
 
 
 def test_the_proxy_serves_tls_with_the_certificate_from_compose_secrets(
@@ -58,10 +63,32 @@ def test_the_api_is_reachable_from_outside_only_through_the_proxy(
     services: dict[str, Any],
 ) -> None:
     conf = NGINX_CONF.read_text()
-    upstream = re.findall(r"^\s*server 127\.0\.0\.1:(\d+)", conf, re.M)
+    upstream = dict(re.findall(r"^\s*server ([a-z0-9-]+):(\d+)", conf, re.M))
 
-    assert sorted(int(p) for p in upstream) == sorted(_api_ports(services).values())
-    assert "listen_addresses=127.0.0.1" in services["postgres"]["command"]
+    assert {name: int(port) for name, port in upstream.items()} == _api_replicas(services)
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"proxy"}
+    assert services["proxy"]["ports"] == ["443:443"]
+    assert all("network_mode" not in service for service in services.values())
+
+
+def test_the_database_is_on_an_internal_network_workers_cannot_join(
+    services: dict[str, Any],
+) -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert compose["networks"]["db"]["internal"] is True
+    assert _networks(services["postgres"]) == {"db"}
+    joined = {name for name, service in services.items() if "db" in _networks(service)}
+    assert joined == {"postgres", "api-1", "api-2", "scheduler"}
+    assert "db" not in _networks(services["proxy"])
+
+
+def test_no_secret_is_written_in_the_compose_file() -> None:
+    text = COMPOSE.read_text()
+    # A YAML value after a secret-looking key must be a ${...} reference.
+    assert not re.search(r"(?i)(password|token|key): +[^$\s{]", text)
+    for name in ("DB_PASSWORD", "ADMIN_TOKEN", "ENCRYPTION_KEY", "METRICS_TOKEN"):
+        assert f"${{WORKERLEASE_{name}:?" in text
 
 
 def test_metrics_are_not_served_through_the_proxy() -> None:
@@ -87,6 +114,8 @@ def test_nginx_accepts_the_proxy_config(tmp_path: Path) -> None:
     conf = conf.replace("/run/secrets/tls_cert", str(cert))
     conf = conf.replace("/run/secrets/tls_key", str(key))
     conf = conf.replace("pid /tmp/nginx.pid", f"pid {tmp_path / 'nginx.pid'}")
+    # The upstreams are compose service names; here they only need to resolve.
+    conf = re.sub(r"server api-\d+:", "server 127.0.0.1:", conf)
     (tmp_path / "nginx.conf").write_text(conf)
 
     result = subprocess.run(

@@ -79,9 +79,15 @@ class LiveService:
 
 @contextmanager
 def live_service(
-    database_url: str, pools: list[dict[str, Any]], deployment_id: str, **extra: Any
+    database_url: str,
+    pools: list[dict[str, Any]],
+    deployment_id: str,
+    host: str = "127.0.0.1",
+    **extra: Any,
 ) -> Iterator[LiveService]:
-    server = make_server("127.0.0.1", 0, lambda e, s: app(e, s), threaded=True)
+    """``host``: where the server listens ("0.0.0.0" for docker pools on a bridge, whose
+    agents call back at the gateway address); the service URL stays on 127.0.0.1."""
+    server = make_server(host, 0, lambda e, s: app(e, s), threaded=True)
     url = f"http://127.0.0.1:{server.server_port}"
     config = config_from_dict(
         {

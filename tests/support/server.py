@@ -200,6 +200,7 @@ class ServerProcess:
         deployment_id: str | None = None,
         work_root: Path | None = None,
         connections: int | None = None,  # None: serve's own default
+        host: str = "127.0.0.1",  # "0.0.0.0" for docker pools' bridge (see provisioners/docker)
     ) -> None:
         # ``deployment_id`` / ``work_root``: shared by several replicas of one deployment
         # (each ServerProcess then is one replica; ``extra`` can point them at one database).
@@ -210,6 +211,7 @@ class ServerProcess:
         self.work_root = work_root or worker_root() / "workers"
         self._own_work_root = work_root is None
         self.connections = connections
+        self.host = host
         self.db_path = tmp_path / "workerlease.db"
         self.config_path = tmp_path / "workerlease.yaml"
         self.log_path = tmp_path / "serve.log"
@@ -256,7 +258,7 @@ class ServerProcess:
             "--config",
             str(self.config_path),
             "--host",
-            "127.0.0.1",
+            self.host,
             "--port",
             str(self.port),
             *(["--connections", str(self.connections)] if self.connections else []),

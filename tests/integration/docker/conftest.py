@@ -2,7 +2,11 @@
 
 The engine is required, not optional: without one these tests fail with the reason
 (run ``.ci/ensure-docker`` first); they never skip. Every test works under its own
-deployment id and every container labelled with it is removed afterwards.
+deployment id and every container and network labelled with it is removed afterwards.
+
+Servers the agents call back (the fake service, the live service) listen on 0.0.0.0
+with a 127.0.0.1 URL, as ``serve --host 0.0.0.0`` does for docker pools: the
+provisioner hands the agents the bridge gateway's address instead.
 """
 
 from __future__ import annotations
@@ -39,6 +43,19 @@ def containers_of(engine: docker.DockerClient, deployment: str) -> dict[str, str
     return {c.labels[LABEL_WORKER]: c.status for c in found}
 
 
+def docker_pool(image: str, **options: Any) -> dict[str, Any]:
+    """A pool entry for the live service: ``hosted-ubuntu`` on ``image``, default isolation."""
+    return {
+        "name": "hosted-ubuntu",
+        "os": "ubuntu",
+        "provisioner": "docker",
+        "min_ready": 1,
+        "max_workers": 3,
+        "provision_timeout": "2m",
+        "options": {"image": image, "pull": "never", **options},
+    }
+
+
 def remove_containers(engine: docker.DockerClient, deployment: str) -> None:
     """Remove every container of the deployment, also those already going away."""
     for container in engine.containers.list(
@@ -46,6 +63,13 @@ def remove_containers(engine: docker.DockerClient, deployment: str) -> None:
     ):
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True)
+
+
+def remove_networks(engine: docker.DockerClient, deployment: str) -> None:
+    """Remove the deployment's networks (the provisioner makes them); containers go first."""
+    for network in engine.networks.list(filters={"label": f"{LABEL_DEPLOYMENT}={deployment}"}):
+        with contextlib.suppress(docker.errors.NotFound):
+            network.remove()
 
 
 @pytest.fixture(scope="session")
@@ -67,11 +91,17 @@ def docker_engine() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture(scope="session")
 def testing_image(docker_engine: docker.DockerClient) -> str:
-    """``workerlease/testing:<version>``, built when missing (cheap when present)."""
+    """The id of ``workerlease/testing:<version>`` as built from this checkout.
+
+    The id, not the tag: other checkouts on the same engine build the same tag from
+    their own Dockerfile, and a rebuild there must not change the image under a run.
+    """
     try:
-        return build_image("testing")
+        tag = build_image("testing")
     except ImageBuildError as exc:
         pytest.fail(f"cannot build images/testing: {exc}", pytrace=False)
+    image_id: str = docker_engine.images.get(tag).id
+    return image_id
 
 
 @dataclass
@@ -132,7 +162,7 @@ def fake_service() -> Iterator[FakeService]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("0.0.0.0", 0), Handler)
     service.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -155,6 +185,7 @@ def new_deployment(docker_engine: docker.DockerClient) -> Iterator[Callable[[], 
     yield make
     for deployment in made:
         remove_containers(docker_engine, deployment)
+        remove_networks(docker_engine, deployment)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import docker
 import pytest
 
 from provisioners.base import LABEL_DEPLOYMENT, LABEL_WORKER
-from tests.integration.docker.conftest import containers_of, remove_containers
+from tests.integration.docker.conftest import containers_of, remove_containers, remove_networks
 from tests.support.server import ServerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -43,16 +43,19 @@ def server(
         "min_ready": 1,
         "max_workers": 8,
         "provision_timeout": "30s",
-        "options": {"image": testing_image, "network": "host", "pull": "never"},
+        "options": {"image": testing_image, "pull": "never"},
     }
-    server = ServerProcess(tmp_path, pools=[docker_pool], scheduler={"reconcile_interval": "3s"})
+    server = ServerProcess(
+        tmp_path, pools=[docker_pool], scheduler={"reconcile_interval": "3s"}, host="0.0.0.0"
+    )
     yield server
     server.close()
     remove_containers(docker_engine, server.deployment_id)
+    remove_networks(docker_engine, server.deployment_id)
 
 
 def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
-    server: ServerProcess, docker_engine: docker.DockerClient
+    server: ServerProcess, docker_engine: docker.DockerClient, testing_image: str
 ) -> None:
     server.start()
     token = server.create_tenant("acme")["token"]
@@ -73,9 +76,9 @@ def test_kill9_while_creating_containers_then_restart_leaves_nothing_behind(
 
     # A container the database never knew (as if created by a request lost in the crash).
     stray = docker_engine.containers.run(
-        "workerlease/testing:0.1.0",
+        testing_image,
         detach=True,
-        network_mode="host",
+        network_mode="none",
         entrypoint=["sleep", "300"],
         name=f"workerlease-w-{'a' * 20}",
         labels={

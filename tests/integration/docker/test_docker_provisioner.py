@@ -6,7 +6,7 @@ import json
 import socket
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,7 +18,6 @@ from provisioners.base import (
     LABEL_DEPLOYMENT,
     LABEL_POOL,
     LABEL_WORKER,
-    CapacityError,
     PermanentProvisionerError,
     ResourceState,
     TransientProvisionerError,
@@ -30,8 +29,8 @@ from provisioners.docker import (
     DockerUnavailableError,
     ImageNotFoundError,
     container_name,
+    default_network_name,
 )
-from tests.integration.docker.conftest import remove_containers
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -81,13 +80,16 @@ def test_created_worker_runs_labelled_and_its_agent_calls_back_and_runs_scripts(
     assert container.labels[LABEL_DEPLOYMENT] == deployment
     assert container.labels[LABEL_POOL] == POOL
     assert container.labels[LABEL_WORKER] == spec.worker_id
-    assert container.attrs["HostConfig"]["NetworkMode"] == "host"
-    assert (handle.worker_id, handle.pool, handle.address) == (spec.worker_id, POOL, "127.0.0.1")
+    networks = container.attrs["NetworkSettings"]["Networks"]
+    assert list(networks) == [default_network_name(deployment)]
+    bridge_address = networks[default_network_name(deployment)]["IPAddress"]
+    assert (handle.worker_id, handle.pool, handle.address) == (spec.worker_id, POOL, bridge_address)
 
     call = fake_service.wait_ready(spec.worker_id)
     assert call.authorization == f"Bearer {spec.bootstrap_token}"
     agent_url = call.body["agent_url"]
-    assert urlsplit(agent_url).hostname == "127.0.0.1"
+    assert urlsplit(agent_url).hostname == bridge_address  # reached on the bridge, not via a port
+    assert container.attrs["HostConfig"]["PortBindings"] in (None, {})
     assert docker_engine.containers.get(handle.provider_id).status == "running"
 
     result = _post_json(
@@ -98,6 +100,76 @@ def test_created_worker_runs_labelled_and_its_agent_calls_back_and_runs_scripts(
     assert result["exit_code"] == 0
     assert result["stdout"].strip() == f"hello from {spec.worker_id}"
     assert result["timed_out"] is False
+
+
+def test_containers_get_the_isolating_defaults_and_a_labelled_network_of_their_own(
+    docker_engine: docker.DockerClient,
+    make_provisioner: MakeProvisioner,
+    make_spec: MakeSpec,
+    fake_service: Any,
+    deployment: str,
+) -> None:
+    spec = make_spec(deployment)
+    handle = make_provisioner().create(spec)
+
+    host = docker_engine.containers.get(handle.provider_id).attrs["HostConfig"]
+    assert host["NetworkMode"] == default_network_name(deployment)
+    assert (host["CapDrop"], host["SecurityOpt"], host["Privileged"]) == (
+        ["ALL"],
+        ["no-new-privileges"],
+        False,
+    )
+    assert (host["PidsLimit"], host["Memory"], host["MemorySwap"], host["NanoCpus"]) == (
+        512,
+        1 << 30,
+        1 << 30,
+        10**9,
+    )
+    network = docker_engine.networks.get(default_network_name(deployment))
+    assert network.attrs["Driver"] == "bridge"
+    assert network.attrs["Labels"] == {LABEL_DEPLOYMENT: deployment}
+    gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
+    port = urlsplit(fake_service.url).port
+    env = dict(
+        item.split("=", 1)
+        for item in docker_engine.containers.get(handle.provider_id).attrs["Config"]["Env"]
+    )
+    assert env["WORKERLEASE_URL"] == f"http://{gateway}:{port}"  # loopback -> the gateway
+    fake_service.wait_ready(spec.worker_id)
+
+
+def test_pool_options_name_the_network_its_subnet_the_service_url_and_the_limits(
+    docker_engine: docker.DockerClient,
+    make_provisioner: MakeProvisioner,
+    make_spec: MakeSpec,
+    fake_service: Any,
+    deployment: str,
+) -> None:
+    # A subnet of 198.18.0.0/15 (benchmarking range): nothing on this machine uses it.
+    subnet = f"198.18.{int(deployment[-2:], 16)}.0/24"
+    gateway = subnet.replace(".0/24", ".1")
+    provisioner = make_provisioner(
+        network=f"{deployment}-net",
+        subnet=subnet,
+        service_url=f"http://{gateway}:{urlsplit(fake_service.url).port}",
+        pids_limit=100,
+        memory="256m",
+        cpus=0.5,
+        user="65534:65534",
+    )
+    spec = make_spec(deployment)
+    handle = provisioner.create(spec)
+
+    attrs = docker_engine.containers.get(handle.provider_id).attrs
+    host = attrs["HostConfig"]
+    assert host["NetworkMode"] == f"{deployment}-net"
+    assert (host["PidsLimit"], host["Memory"], host["NanoCpus"]) == (100, 256 << 20, 5 * 10**8)
+    assert attrs["Config"]["User"] == "65534:65534"
+    network = docker_engine.networks.get(f"{deployment}-net")
+    assert network.attrs["IPAM"]["Config"] == [{"Subnet": subnet, "Gateway": gateway}]
+    assert network.attrs["Labels"] == {LABEL_DEPLOYMENT: deployment}
+    call = fake_service.wait_ready(spec.worker_id)
+    assert urlsplit(call.body["agent_url"]).hostname == handle.address
 
 
 def test_creating_the_same_worker_twice_gives_one_container(
@@ -191,8 +263,14 @@ def test_exited_worker_is_gone_but_still_listed_until_destroyed(
 
     _wait_state(provisioner, handle, ResourceState.GONE)
 
-    assert provisioner.list_owned(deployment) == [handle]
-    assert provisioner.create(make_spec(deployment, worker_id=handle.worker_id)) == handle
+    # An exited container has no address any more: compare what identifies it.
+    assert [h.provider_id for h in provisioner.list_owned(deployment)] == [handle.provider_id]
+    again = provisioner.create(make_spec(deployment, worker_id=handle.worker_id))
+    assert (again.worker_id, again.provider_id, again.address) == (
+        handle.worker_id,
+        handle.provider_id,
+        None,
+    )
     provisioner.destroy(handle)
     assert provisioner.list_owned(deployment) == []
 
@@ -238,52 +316,4 @@ def test_missing_image_that_cannot_be_pulled_is_an_image_not_found_error(
 
     with pytest.raises(ImageNotFoundError, match="pulling it failed"):
         provisioner.create(make_spec(deployment))
-    assert provisioner.list_owned(deployment) == []
-
-
-@pytest.fixture
-def bridge_network(docker_engine: docker.DockerClient, deployment: str) -> Iterator[str]:
-    network = docker_engine.networks.create(f"{deployment}-net", driver="bridge")
-    yield network.name
-    # Containers go first: a network with endpoints cannot be removed.
-    remove_containers(docker_engine, deployment)
-    network.remove()
-
-
-def test_bridge_network_publishes_the_agent_port_on_loopback_only(
-    docker_engine: docker.DockerClient,
-    make_provisioner: MakeProvisioner,
-    make_spec: MakeSpec,
-    deployment: str,
-    bridge_network: str,
-) -> None:
-    provisioner = make_provisioner(network=bridge_network)
-    handle = provisioner.create(make_spec(deployment))
-
-    container = docker_engine.containers.get(handle.provider_id)
-    env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
-    port = env["WORKERLEASE_AGENT_PORT"]
-    assert container.attrs["HostConfig"]["PortBindings"] == {
-        f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": port}]
-    }
-    assert env["WORKERLEASE_AGENT_HOST"] == "0.0.0.0"
-    assert env["WORKERLEASE_AGENT_ADVERTISE_HOST"] == "127.0.0.1"
-    assert urlsplit(env["WORKERLEASE_URL"]).hostname == "host.docker.internal"
-
-
-def test_a_taken_agent_port_is_a_capacity_error_and_leaves_no_container(
-    make_provisioner: MakeProvisioner,
-    make_spec: MakeSpec,
-    deployment: str,
-    bridge_network: str,
-) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        provisioner = make_provisioner(network=bridge_network, agent_port=taken.getsockname()[1])
-
-        with pytest.raises(CapacityError) as caught:
-            provisioner.create(make_spec(deployment))
-
-    assert isinstance(caught.value, TransientProvisionerError)
     assert provisioner.list_owned(deployment) == []

@@ -1,7 +1,9 @@
 """The whole service on a Docker pool against the real engine: lease, run, release, refill.
 
-The service runs on a real HTTP server on 127.0.0.1 (containers use the host network,
-so their agents call back over loopback); the scheduler's passes are run by the test.
+The service runs on a real HTTP server listening on 0.0.0.0 with a 127.0.0.1 URL, as
+``serve --host 0.0.0.0`` does: the containers sit on their deployment's bridge network
+and their agents call back at its gateway address. The scheduler's passes are run by
+the test.
 """
 
 from __future__ import annotations
@@ -12,35 +14,22 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import docker
 import pytest
 import requests
 
 from provisioners.base import LABEL_DEPLOYMENT, LABEL_WORKER
-from tests.integration.docker.conftest import containers_of
+from tests.integration.docker.conftest import containers_of, docker_pool
 from tests.support.live import LiveService, live_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 
-def docker_pool(image: str, **options: Any) -> dict[str, Any]:
-    return {
-        "name": "hosted-ubuntu",
-        "os": "ubuntu",
-        "provisioner": "docker",
-        "min_ready": 1,
-        "max_workers": 3,
-        "provision_timeout": "2m",
-        "options": {"image": image, "network": "host", "pull": "never", **options},
-    }
-
-
 @pytest.fixture
 def live(tmp_path: Path, testing_image: str, deployment: str) -> Iterator[LiveService]:
     with live_service(
-        f"sqlite:///{tmp_path / 'wl.db'}", [docker_pool(testing_image)], deployment
+        f"sqlite:///{tmp_path / 'wl.db'}", [docker_pool(testing_image)], deployment, host="0.0.0.0"
     ) as service:
         yield service
 
@@ -90,7 +79,7 @@ def test_reconcile_removes_containers_the_database_does_not_know(
     stray = docker_engine.containers.run(
         testing_image,
         detach=True,
-        network_mode="host",
+        network_mode="none",
         name=f"workerlease-w-{os.urandom(10).hex()}",
         labels={
             LABEL_DEPLOYMENT: deployment,
@@ -102,7 +91,7 @@ def test_reconcile_removes_containers_the_database_does_not_know(
     other = docker_engine.containers.run(
         testing_image,
         detach=True,
-        network_mode="host",
+        network_mode="none",
         entrypoint=["sleep", "300"],
         labels={LABEL_DEPLOYMENT: deployment + "-other", LABEL_WORKER: "w-" + "1" * 20},
     )
@@ -179,7 +168,9 @@ def test_leasing_ready_workers_keeps_working_while_the_daemon_is_down(
 ) -> None:
     pool = docker_pool(testing_image, docker_host=f"unix://{proxy.path}")
     pool["min_ready"] = 2
-    with live_service(f"sqlite:///{tmp_path / 'wl.db'}", [pool], deployment) as live:
+    with live_service(
+        f"sqlite:///{tmp_path / 'wl.db'}", [pool], deployment, host="0.0.0.0"
+    ) as live:
         live.tick_until(lambda: live.pool_counts("hosted-ubuntu")["ready"] >= 2)
         proxy.up.clear()  # the daemon "goes away"
         token = live.tenant_token()
@@ -205,7 +196,9 @@ def test_pool_with_missing_image_is_degraded_not_crashing(
     tmp_path: Path, deployment: str, docker_engine: docker.DockerClient
 ) -> None:
     pool = docker_pool("workerlease/does-not-exist:0", pull="never")
-    with live_service(f"sqlite:///{tmp_path / 'wl.db'}", [pool], deployment) as live:
+    with live_service(
+        f"sqlite:///{tmp_path / 'wl.db'}", [pool], deployment, host="0.0.0.0"
+    ) as live:
         live.tick()
         pools = live.call("GET", "/v1/admin/pools").json()["pools"]
         assert "ImageNotFoundError" in (pools[0]["degraded_reason"] or "")
