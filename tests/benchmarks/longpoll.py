@@ -150,7 +150,8 @@ def run_longpoll(waits: int, ready: int, bursts: int, log: Any) -> dict[str, Any
         quiet = _warm_bursts(server, warm_tokens, ready, bursts)
         out["warm_without_waits"] = quiet.as_dict()
         log(f"  warm lease, no waits: p99 {quiet.as_dict()['acquire']['p99_ms']} ms")
-        wait_tokens = [server.create_tenant(f"wait-{i}")["token"] for i in range(waits)]
+        # One more than W: the scarce pool's one worker serves one of them.
+        wait_tokens = [server.create_tenant(f"wait-{i}")["token"] for i in range(waits + 1)]
         out.update(_under_waits(server, warm_tokens, wait_tokens, ready, bursts, log))
     finally:
         server.close()
@@ -165,7 +166,7 @@ def _under_waits(
     bursts: int,
     log: Any,
 ) -> dict[str, Any]:
-    waits = len(wait_tokens)
+    waits = len(wait_tokens) - 1  # one of them gets the scarce pool's worker
     ctx = mp.get_context("spawn")
     result_q = ctx.Queue()
     hold_s = 120.0
@@ -177,10 +178,10 @@ def _under_waits(
     out: dict[str, Any] = {}
     try:
         wait_until(
-            lambda: _metric(server, "workerlease_waiting_requests") >= waits - 1,
+            lambda: _metric(server, "workerlease_waiting_requests") >= waits,
             90,
             interval=1,
-            message=lambda: f"waits never reached {waits - 1}",
+            message=lambda: f"waits never reached {waits}",
         )
         out["waits_reached_after_s"] = round(time.monotonic() - started, 1)
         samples = [_metric(server, "workerlease_waiting_requests")]
