@@ -45,6 +45,7 @@ class LeaseWaiters:
         self._lock = threading.Lock()
         self._events: dict[str, threading.Event] = {}
         self._waiting_on: Counter[str] = Counter()  # lease id -> requests waiting
+        self._waiting = 0  # requests waiting, all leases
         self._by_tenant: Counter[str] = Counter()
         self._poller: threading.Thread | None = None
 
@@ -87,27 +88,29 @@ class LeaseWaiters:
 
     def waiting(self) -> int:
         with self._lock:
-            return sum(self._waiting_on.values())
+            return self._waiting
 
     def _enter(self, lease_id: str) -> threading.Event:
         with self._lock:
             self._waiting_on[lease_id] += 1
+            self._waiting += 1
             event = self._events.setdefault(lease_id, threading.Event())
             if self._poller is None:
                 self._poller = threading.Thread(
                     target=self._poll, name="lease-waiters", daemon=True
                 )
                 self._poller.start()
-            metrics.WAITING.set(sum(self._waiting_on.values()))
+            metrics.WAITING.set(self._waiting)
             return event
 
     def _leave(self, lease_id: str) -> None:
         with self._lock:
             self._waiting_on[lease_id] -= 1
+            self._waiting -= 1
             if self._waiting_on[lease_id] <= 0:
                 del self._waiting_on[lease_id]
                 self._events.pop(lease_id, None)
-            metrics.WAITING.set(sum(self._waiting_on.values()))
+            metrics.WAITING.set(self._waiting)
 
     def _poll(self) -> None:
         """Re-read the waited-on leases until nobody waits; then stop (started again on need)."""

@@ -49,7 +49,11 @@ def _ours(
     Another database's resources under the same deployment id are never destroyed:
     that is another service (or a database that was lost) and an operator's call.
     """
-    foreign = [h for h in listed if h.installation not in (None, "", installation)]
+    ours: list[WorkerHandle] = []
+    foreign: list[WorkerHandle] = []
+    for handle in listed:
+        mine = handle.installation in (None, "", installation)
+        (ours if mine else foreign).append(handle)
     metrics.FOREIGN_RESOURCES.labels(provisioner.name).set(len(foreign))
     if foreign:
         log.error(
@@ -63,7 +67,7 @@ def _ours(
             ",".join(sorted({str(h.installation) for h in foreign})),
             ",".join(h.worker_id for h in foreign[:20]),
         )
-    return [h for h in listed if h not in foreign]
+    return ours
 
 
 def _destroy_orphans(provisioner: Provisioner[Any], unknown: list[WorkerHandle]) -> int:

@@ -25,6 +25,17 @@ def _destroys(svc: Service, worker_id: str) -> int:
     return svc.cloud.calls.count(("destroy", worker_id))
 
 
+def _release_while_destroys_fail(svc: Service, *errors: Exception) -> str:
+    """Lease a warm worker, make its next destroys fail with ``errors``, release it."""
+    svc.warm()
+    token = svc.tenant()["token"]
+    lease = request_lease(svc.client, token).get_json()
+    svc.cloud.inject("destroy", *errors)
+    svc.client.delete(f"/v1/leases/{lease['id']}", headers=bearer(token))
+    worker_id: str = lease["worker"]["id"]
+    return worker_id
+
+
 def _state(svc: Service, worker_id: str) -> str:
     [worker] = [w for w in svc.workers() if w.id == worker_id]
     return worker.state
@@ -84,14 +95,9 @@ def test_failed_create_marks_the_pool_degraded_and_retries_after_backoff(svc: Se
 def test_failed_destroy_is_retried_with_backoff_and_confirmed_before_destroyed(
     svc: Service,
 ) -> None:
-    svc.warm()
-    token = svc.tenant()["token"]
-    lease = request_lease(svc.client, token).get_json()
-    worker_id = lease["worker"]["id"]
-    svc.cloud.inject(
-        "destroy", TransientProvisionerError("throttled"), TransientProvisionerError("throttled")
+    worker_id = _release_while_destroys_fail(
+        svc, TransientProvisionerError("throttled"), TransientProvisionerError("throttled")
     )
-    svc.client.delete(f"/v1/leases/{lease['id']}", headers=bearer(token))
 
     svc.tick()
     assert _state(svc, worker_id) == WorkerState.DESTROYING
@@ -118,12 +124,9 @@ def test_failed_destroy_is_retried_with_backoff_and_confirmed_before_destroyed(
 def test_a_permanent_destroy_failure_is_surfaced_on_the_pool_and_in_metrics(
     svc: Service,
 ) -> None:
-    svc.warm()
-    token = svc.tenant()["token"]
-    lease = request_lease(svc.client, token).get_json()
-    worker_id = lease["worker"]["id"]
-    svc.cloud.inject("destroy", PermanentProvisionerError("AccessDenied: not allowed"))
-    svc.client.delete(f"/v1/leases/{lease['id']}", headers=bearer(token))
+    worker_id = _release_while_destroys_fail(
+        svc, PermanentProvisionerError("AccessDenied: not allowed")
+    )
 
     svc.tick()
     assert _state(svc, worker_id) == WorkerState.DESTROYING  # kept: the machine still exists
