@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from sqlalchemy import String, TypeDecorator
+from sqlalchemy import String, Text, TypeDecorator
 from sqlalchemy.engine import Dialect
 
 PREFIX = "fernet:"
@@ -72,3 +72,10 @@ class EncryptedString(TypeDecorator[str]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
         return None if value is None else decrypt(value)
+
+
+class EncryptedText(EncryptedString):
+    """An encrypted column without a length limit (a task's script, env and files)."""
+
+    impl = Text()
+    cache_ok = True

@@ -14,11 +14,21 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, TypeDecorator, text
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    TypeDecorator,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
-from service.crypto import EncryptedString
+from service.crypto import EncryptedString, EncryptedText
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -67,7 +77,18 @@ class EndReason(enum.StrEnum):
     FAILED = "failed"
 
 
+class TaskState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+
 LIVE_LEASE_STATES = (LeaseState.PENDING, LeaseState.ACTIVE)
+LIVE_TASK_STATES = (TaskState.QUEUED, TaskState.RUNNING)
 # Workers that count against max_workers and that the provisioner should hold.
 LIVE_WORKER_STATES = (
     WorkerState.PROVISIONING,
@@ -135,6 +156,7 @@ class Pool(SQLModel, table=True):
     destroy_error: str | None = None
     # What the pool's provisioner says an operator must know (e.g. workers not isolated).
     warning: str | None = None
+    max_concurrent_tasks: int = 4  # tasks running at once on one worker; the rest queue
 
 
 class Worker(SQLModel, table=True):
@@ -170,6 +192,9 @@ class Worker(SQLModel, table=True):
         default=None, sa_column=Column(EncryptedString(), nullable=True)
     )
     access_token: str = Field(sa_column=Column(EncryptedString(), nullable=False))
+    # The agent's credential for its task endpoints (poll, log, finish), set by the ready
+    # callback. Only its hash is kept: the service never needs to present it.
+    worker_token_hash: str | None = Field(default=None, max_length=64)
     create_attempts: int = 0
     destroy_attempts: int = 0
     next_attempt_at: datetime | None = _utc(nullable=True)
@@ -212,6 +237,57 @@ class Lease(SQLModel, table=True):
     pending_expires_at: datetime | None = _utc(nullable=True)
     ended_at: datetime | None = _utc(nullable=True)
     end_reason: str | None = Field(default=None, max_length=20)
+
+
+class Task(SQLModel, table=True):
+    """A step a tenant runs on its lease's worker; the agent polls for it (docs/tasks.md)."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        Index("ix_tasks_lease_created", "lease_id", "created_at"),
+        # The agent's poll: its worker's queued and running tasks.
+        Index("ix_tasks_worker_state", "worker_id", "state", "created_at"),
+        # The sweep: running tasks past their deadlines, ended ones past retention.
+        Index("ix_tasks_state_started", "state", "started_at"),
+        Index("ix_tasks_finished", "finished_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    lease_id: str = Field(max_length=40, foreign_key="leases.id")
+    tenant_id: str = Field(max_length=40)
+    pool: str = Field(max_length=63)
+    worker_id: str = Field(max_length=40)
+    state: str = Field(max_length=20)
+    shell: str = Field(max_length=20)
+    timeout_s: int
+    container_image: str | None = Field(default=None, max_length=300)
+    created_at: datetime = _utc()
+    started_at: datetime | None = _utc(nullable=True)
+    finished_at: datetime | None = _utc(nullable=True)
+    exit_code: int | None = None
+    error: str | None = Field(default=None, max_length=1000)
+    cancel_requested_at: datetime | None = _utc(nullable=True)
+    # What the tenant sent that may hold secrets (script, env, files) as JSON, encrypted
+    # like worker tokens and erased when the task ends.
+    payload: str | None = Field(default=None, sa_column=Column(EncryptedText(), nullable=True))
+    script_sha256: str = Field(max_length=64)
+    # Bytes of the agent's output stream the service holds (the agent's offsets), and
+    # bytes kept in the log (at most the log limit, plus one marker line).
+    received_bytes: int = 0
+    log_bytes: int = 0
+    log_capped: bool = False
+
+
+class TaskLogChunk(SQLModel, table=True):
+    """A task's output, in the chunks the agent sent; ``offset`` is the kept log's."""
+
+    __tablename__ = "task_log_chunks"
+
+    task_id: str = Field(
+        sa_column=Column(String(40), ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    )
+    offset: int = Field(primary_key=True)
+    data: bytes = Field(sa_column=Column(LargeBinary(), nullable=False))
 
 
 class Event(SQLModel, table=True):
