@@ -22,6 +22,7 @@ from service.db import make_engine, session_factory, transaction
 from service.doorbell import bell_for
 from service.errors import register_error_handlers, validation_problem
 from service.lease_flow import LeaseFlow
+from service.task_flow import TaskFlow
 
 log = logging.getLogger("workerlease.app")
 
@@ -52,6 +53,7 @@ class Services:
     read_factory: sessionmaker[Session]
     clock: Clock
     flow: LeaseFlow
+    tasks: TaskFlow
 
     def session(self) -> Session:
         """The request's one session, closed in teardown (read-only for GET requests)."""
@@ -105,6 +107,12 @@ def create_app(
             bell_for(engine),
             max_waits_per_tenant=config.max_waits_per_tenant,
         ),
+        tasks=TaskFlow(
+            read_factory,
+            clock,
+            log_limit=config.task_log_limit,
+            max_waits_per_tenant=config.max_waits_per_tenant,
+        ),
     )
     app.extensions["workerlease"] = services
 
@@ -121,9 +129,11 @@ def create_app(
 
 
 def _register_blueprints(app: OpenAPI) -> None:
-    from service.api import admin, leases, ops, pools, workers
+    from service.api import admin, leases, ops, pools, tasks, worker_tasks, workers
 
     app.register_api(leases.bp)
+    app.register_api(tasks.bp)
+    app.register_api(worker_tasks.bp)
     app.register_api(pools.bp)
     app.register_api(workers.bp)
     app.register_api(admin.bp)

@@ -1,9 +1,9 @@
 """Bearer authentication for tenants and operators.
 
 Blueprints call :func:`require_tenant` / :func:`require_admin` /
-:func:`require_bootstrap_token` from ``before_request`` so authentication happens
-before body validation: an unauthenticated caller learns nothing about the request
-shape, nor which worker ids exist.
+:func:`require_bootstrap_token` / :func:`require_worker_token` from ``before_request``
+so authentication happens before body validation: an unauthenticated caller learns
+nothing about the request shape, nor which worker ids exist.
 """
 
 from __future__ import annotations
@@ -63,6 +63,15 @@ def require_bootstrap_token() -> None:
     worker_id = (request.view_args or {}).get("worker_id", "")
     session = current_app.extensions["workerlease"].session()
     workers.check_bootstrap_token(session, str(worker_id), token)
+
+
+def require_worker_token() -> None:
+    """The agent's worker token for the worker in the path, checked before the body (on a
+    read session of its own: an agent's long poll must not hold a write transaction)."""
+    token = bearer_token()
+    worker_id = str((request.view_args or {}).get("worker_id", ""))
+    current_app.extensions["workerlease"].tasks.authenticate_worker(worker_id, token)
+    g.worker_id = worker_id
 
 
 def require_metrics_token() -> None:

@@ -82,6 +82,8 @@ class PoolConfig(_Strict):
     provision_timeout: Duration = 10 * 60
     pending_timeout: Duration = 30 * 60
     capabilities: list[str] = Field(default_factory=list)
+    # Tasks one worker runs at once; more wait in order (queued).
+    max_concurrent_tasks: int = Field(default=4, ge=1, le=64)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -108,6 +110,10 @@ class Config(_Strict):
     # Lease requests with wait_seconds one tenant may have waiting at once, per web
     # process; beyond it they are refused with 429 (one tenant must not hold them all).
     max_waits_per_tenant: int = Field(default=16, ge=1, le=10_000)
+    # Tasks and their logs stay readable this long after they end; then they are purged.
+    task_retention: Duration = 7 * 86400
+    # Bytes of output one task keeps; beyond it the rest is dropped (one marker line).
+    task_log_limit: int = Field(default=16 << 20, ge=64 << 10, le=1 << 30)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     pools: list[PoolConfig] = Field(default_factory=list)
 

@@ -52,6 +52,11 @@ class InvalidRequest(DomainError):
     title = "Invalid request"
 
 
+class RangeNotSatisfiable(DomainError):
+    status = 416
+    title = "Range not satisfiable"
+
+
 class TooManyRequests(DomainError):
     status = 429
     title = "Too many requests"

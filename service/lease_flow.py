@@ -22,8 +22,8 @@ from service.db import session_scope, transaction
 from service.doorbell import Bell, NoBell
 from service.leasing import Acquired, Outcome
 from service.models import Lease, LeaseState
-from service.waiters import LeaseWaiters
-from service.workers import worker_ready
+from service.waiters import Waiters, lease_waiters
+from service.workers import Ready, worker_ready
 
 
 @dataclass
@@ -32,10 +32,10 @@ class LeaseFlow:
     clock: Clock
     bell: Bell = field(default_factory=NoBell)
     max_waits_per_tenant: int = 16
-    waiters: LeaseWaiters = field(init=False)
+    waiters: Waiters = field(init=False)
 
     def __post_init__(self) -> None:
-        self.waiters = LeaseWaiters(self._settled, per_tenant=self.max_waits_per_tenant)
+        self.waiters = lease_waiters(self._settled, per_tenant=self.max_waits_per_tenant)
 
     def _settled(self, lease_ids: Collection[str]) -> set[str]:
         with session_scope(self.read_factory) as session:
@@ -95,15 +95,14 @@ class LeaseFlow:
         bootstrap_token: str,
         agent_url: str,
         address: str | None,
-    ) -> str:
-        """The agent is up: the worker is ready (or leased at once). Returns its access token."""
+    ) -> Ready:
+        """The agent is up: the worker is ready (or leased at once)."""
         with transaction(session):
-            worker, activated = worker_ready(
+            ready = worker_ready(
                 session, worker_id, bootstrap_token, agent_url, address, self.clock.now()
             )
-            access_token = worker.access_token
-        self.waiters.notify([lease.id for lease in activated])
-        return access_token
+        self.waiters.notify([lease.id for lease in ready.activated])
+        return ready
 
     def _serve_queue_now(self, session: Session, acquired: Acquired) -> Acquired:
         """Hand free ready workers to the queue at once, not at the next scheduler run.

@@ -16,7 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam
+from sqlalchemy import bindparam, exists
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -25,15 +25,18 @@ from service.db import Prepared, with_row_locks
 from service.errors import Conflict, NotFound
 from service.models import (
     LIVE_LEASE_STATES,
+    LIVE_TASK_STATES,
     EndReason,
     Lease,
     LeaseState,
     Pool,
+    Task,
     Worker,
     WorkerState,
 )
 from service.security import new_id
 from service.states import move_lease, move_worker, record
+from service.tasks import end_lease_tasks
 
 END_STATE_FOR_REASON = {
     EndReason.RELEASED: LeaseState.RELEASED,
@@ -262,6 +265,7 @@ def end_lease(
     metrics.LEASES_ENDED.labels(lease.pool, reason).inc()
     lease.pending_expires_at = None
     if lease.worker_id is not None:
+        end_lease_tasks(session, lease, reason, now)
         worker = session.get(Worker, lease.worker_id)
         if worker is not None and worker.state == WorkerState.LEASED:
             schedule_destroy(session, worker, f"lease {lease.id} ended: {reason}", now)
@@ -301,12 +305,18 @@ def end_tenant_leases(session: Session, tenant_id: str, now: datetime) -> int:
 
 
 def expire(session: Session, now: datetime, batch: int = 500) -> int:
-    """End active leases past their idle or lifetime deadline and pending ones past theirs."""
+    """End active leases past their idle or lifetime deadline and pending ones past theirs.
+
+    A lease running or queueing tasks is not idle (its idle clock restarts when its last
+    task ends); its maximum lifetime still applies."""
     ended = 0
+    busy = exists().where(
+        col(Task.lease_id) == col(Lease.id), col(Task.state).in_(LIVE_TASK_STATES)
+    )
     active_q = (
         select(Lease)
         .where(Lease.state == LeaseState.ACTIVE)
-        .where((col(Lease.idle_expires_at) <= now) | (col(Lease.expires_at) <= now))
+        .where(((col(Lease.idle_expires_at) <= now) & ~busy) | (col(Lease.expires_at) <= now))
         .limit(batch)
     )
     for lease in session.exec(with_row_locks(active_q, session)).all():

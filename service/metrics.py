@@ -95,6 +95,32 @@ WAITER_POLL_ERRORS = Counter(
     "workerlease_waiter_poll_errors_total",
     "Failed re-reads of the leases that requests wait on (the database was unreachable)",
 )
+TASKS_ENDED = Counter(
+    "workerlease_tasks_ended_total", "Tasks ended, by end state", ["pool", "state"]
+)
+TASK_DISPATCH = Histogram(
+    "workerlease_task_dispatch_seconds",
+    "Time from a task submitted to its agent starting it",
+    ["pool"],
+    buckets=_BUCKETS_FAST,
+)
+TASK_LOG_BYTES = Counter("workerlease_task_log_bytes_total", "Bytes of task output kept", ["pool"])
+WAITERS = Gauge(
+    "workerlease_task_waiters",
+    "Requests waiting: agents' polls for work (poll) and tenants following logs (log)",
+    ["kind"],
+    multiprocess_mode="livesum",
+)
+WAITERS_REFUSED = Counter(
+    "workerlease_task_waits_refused_total",
+    "Polls or log follows refused (429): their owner already had the most allowed waiting",
+    ["kind"],
+)
+WAITERS_POLL_ERRORS = Counter(
+    "workerlease_task_waiter_poll_errors_total",
+    "Failed re-reads for waiting polls and log follows (the database was unreachable)",
+    ["kind"],
+)
 
 Snapshot = Callable[[], dict[str, list[tuple[dict[str, str], float]]]]
 

@@ -244,7 +244,7 @@ class Task(SQLModel, table=True):
 
     __tablename__ = "tasks"
     __table_args__ = (
-        Index("ix_tasks_lease_created", "lease_id", "created_at"),
+        Index("uq_tasks_lease_seq", "lease_id", "seq", unique=True),
         # The agent's poll: its worker's queued and running tasks.
         Index("ix_tasks_worker_state", "worker_id", "state", "created_at"),
         # The sweep: running tasks past their deadlines, ended ones past retention.
@@ -254,6 +254,7 @@ class Task(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=40)
     lease_id: str = Field(max_length=40, foreign_key="leases.id")
+    seq: int  # 1, 2, ... within the lease: the order tasks were submitted, and run
     tenant_id: str = Field(max_length=40)
     pool: str = Field(max_length=63)
     worker_id: str = Field(max_length=40)

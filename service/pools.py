@@ -79,6 +79,7 @@ def _apply_pool_config(row: Pool, config: PoolConfig) -> None:
     row.provisioner = config.provisioner
     row.options = dict(config.options)
     row.capabilities = list(config.capabilities)
+    row.max_concurrent_tasks = config.max_concurrent_tasks
     row.lease_idle_timeout_s = config.lease_idle_timeout
     row.lease_max_lifetime_s = config.lease_max_lifetime
     row.provision_timeout_s = config.provision_timeout

@@ -7,11 +7,14 @@ generated from them.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import unicodedata
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from service.config import POOL_NAME_RE
 
@@ -277,3 +280,174 @@ class EventList(BaseModel):
 
 class ReadyAck(BaseModel):
     access_token: str
+    # The agent's credential for its task endpoints (poll, log, finish); shown once.
+    worker_token: str
+
+
+# ---- tasks (docs/tasks.md) --------------------------------------------------------
+
+MAX_SCRIPT_BYTES = 1 << 20
+MAX_ENV_VARS = 64
+MAX_ENV_VALUE_BYTES = 32 << 10
+MAX_FILES_BYTES = 10 << 20
+MAX_FILES = 1000
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A registry reference: no leading "-" (it would be read as an option of docker run).
+IMAGE_RE = r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,299}$"
+TASK_ID_RE = ID_RE
+Shell = Literal["sh", "bash", "powershell", "cmd"]
+TaskStateName = Literal[
+    "queued", "running", "succeeded", "failed", "timed_out", "cancelled", "lost"
+]
+
+
+def _bounded_script(value: str) -> str:
+    if len(value.encode()) > MAX_SCRIPT_BYTES:
+        raise ValueError(f"must be at most {MAX_SCRIPT_BYTES} bytes (UTF-8)")
+    return value
+
+
+def check_relative_path(path: str) -> str:
+    """A path under the task's directory: relative, ``/``-separated, no way out of it."""
+    if not path or len(path) > 255:
+        raise ValueError("a file path must be 1..255 characters")
+    if "\\" in path or ":" in path or "\x00" in path:
+        raise ValueError(f"{path!r}: backslashes, drive letters and NUL are not allowed")
+    if path.startswith("/"):
+        raise ValueError(f"{path!r}: absolute paths are not allowed")
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{path!r}: empty, '.' and '..' segments are not allowed")
+    return path
+
+
+class ContainerSpec(_Body):
+    image: str = Field(pattern=IMAGE_RE, description="Image to run the script in, e.g. alpine:3.20")
+
+
+class TaskCreate(_Body):
+    script: Annotated[str, AfterValidator(_bounded_script)] = Field(
+        min_length=1, description="The script, run by `shell` (at most 1 MiB)"
+    )
+    shell: Shell | None = Field(
+        default=None, description="Default: sh on linux/ubuntu pools, powershell on windows"
+    )
+    timeout_s: int = Field(default=3600, ge=1, le=86400)
+    env: dict[str, str] = Field(
+        default_factory=dict, description="At most 64 variables; never returned or logged"
+    )
+    files: dict[str, str] = Field(
+        default_factory=dict,
+        description="Relative path -> base64 content, written under the task's directory",
+    )
+    container: ContainerSpec | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        if len(env) > MAX_ENV_VARS:
+            raise ValueError(f"at most {MAX_ENV_VARS} variables")
+        for name, value in env.items():
+            if not ENV_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid variable name")
+            if len(value.encode()) > MAX_ENV_VALUE_BYTES or "\x00" in value:
+                raise ValueError(f"{name}: values are at most 32 KiB and hold no NUL")
+        return env
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, files: dict[str, str]) -> dict[str, str]:
+        if len(files) > MAX_FILES:
+            raise ValueError(f"at most {MAX_FILES} files")
+        total = 0
+        for path, content in files.items():
+            check_relative_path(path)
+            try:
+                total += len(base64.b64decode(content, validate=True))
+            except (binascii.Error, ValueError):
+                raise ValueError(f"{path!r}: content is not valid base64") from None
+            if total > MAX_FILES_BYTES:
+                raise ValueError(f"at most {MAX_FILES_BYTES} bytes of files in total")
+        return files
+
+
+class TaskPath(_In):
+    lease_id: str = Field(pattern=ID_RE)
+    task_id: str = Field(pattern=TASK_ID_RE)
+
+
+class TaskLogQuery(_In):
+    offset: int = Field(default=0, ge=0, description="Byte offset to read from")
+    wait_seconds: int = Field(
+        default=0, ge=0, le=60, description="Wait up to this long for output past offset"
+    )
+
+
+class TaskOut(BaseModel):
+    id: str
+    lease_id: str
+    state: TaskStateName
+    exit_code: int | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    shell: Shell
+    timeout_s: int
+    container: ContainerSpec | None
+    log_bytes: int
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskOut]
+
+
+# ---- the agent's task endpoints (worker token) --------------------------------------
+
+
+class WorkerPoll(_Body):
+    running: list[Annotated[str, Field(pattern=TASK_ID_RE)]] = Field(
+        default_factory=list, max_length=256
+    )
+    wait_seconds: int = Field(default=20, ge=0, le=30)
+
+
+class TaskAssignment(BaseModel):
+    id: str
+    script: str
+    shell: Shell
+    timeout_s: int
+    env: dict[str, str]
+    files: dict[str, str]
+    container: ContainerSpec | None
+
+
+class PollAnswer(BaseModel):
+    tasks: list[TaskAssignment]
+    cancel: list[str]
+
+
+class WorkerTaskPath(_In):
+    worker_id: str = Field(pattern=ID_RE)
+    task_id: str = Field(pattern=TASK_ID_RE)
+
+
+class LogChunkQuery(_In):
+    offset: int = Field(ge=0)
+
+
+class LogAck(BaseModel):
+    received: int
+    cancel: bool
+    discard: bool
+
+
+class TaskFinish(_Body):
+    outcome: Literal["exited", "timed_out", "cancelled", "failed_to_start"]
+    exit_code: int | None = None
+    error: str | None = Field(default=None, max_length=2000)
+    log_bytes: int = Field(ge=0)
+
+
+class TaskFinished(BaseModel):
+    state: TaskStateName

@@ -10,6 +10,7 @@ import uuid
 TENANT_TOKEN_PREFIX = "wlt_"
 ACCESS_TOKEN_PREFIX = "wla_"
 BOOTSTRAP_TOKEN_PREFIX = "wlb_"
+WORKER_TOKEN_PREFIX = "wlw_"
 
 
 def new_token(prefix: str) -> str:

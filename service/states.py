@@ -1,7 +1,7 @@
-"""The worker and lease state machines: transition tables and the one function that moves rows.
+"""The worker, lease and task state machines: transition tables and the functions that move rows.
 
-Every state change in the service goes through :func:`move_worker` or
-:func:`move_lease`. A move the table forbids is a bug and raises.
+Every state change in the service goes through :func:`move_worker`,
+:func:`move_lease` or :func:`move_task`. A move the table forbids is a bug and raises.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from sqlalchemy import event, insert
 from sqlalchemy.orm import ORMExecuteState
 from sqlmodel import Session
 
-from service.models import Event, Lease, LeaseState, Worker, WorkerState
+from service.models import Event, Lease, LeaseState, Task, TaskState, Worker, WorkerState
 
 WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.PROVISIONING: frozenset(
@@ -38,6 +38,22 @@ LEASE_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
     LeaseState.EXPIRED: frozenset(),
     LeaseState.REVOKED: frozenset(),
     LeaseState.FAILED: frozenset(),
+}
+
+_TASK_ENDS = frozenset(
+    {
+        TaskState.SUCCEEDED,
+        TaskState.FAILED,
+        TaskState.TIMED_OUT,
+        TaskState.CANCELLED,
+        TaskState.LOST,
+    }
+)
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    # A queued task never ran: it can only be started, cancelled, or lost with its worker.
+    TaskState.QUEUED: frozenset({TaskState.RUNNING, TaskState.CANCELLED, TaskState.LOST}),
+    TaskState.RUNNING: _TASK_ENDS,
+    **{end: frozenset() for end in _TASK_ENDS},
 }
 
 
@@ -73,6 +89,25 @@ def move_lease(session: Session, lease: Lease, to: LeaseState, reason: str, now:
         to,
         pool=lease.pool,
         tenant_id=lease.tenant_id,
+    )
+
+
+def move_task(session: Session, task: Task, to: TaskState, reason: str, now: datetime) -> None:
+    current = TaskState(task.state)
+    if to not in TASK_TRANSITIONS[current]:
+        raise InvalidTransition(f"task {task.id}: {current} -> {to} is not allowed ({reason})")
+    task.state = to
+    session.add(task)
+    _audit(
+        session,
+        now,
+        "task",
+        task.id,
+        reason,
+        current,
+        to,
+        pool=task.pool,
+        tenant_id=task.tenant_id,
     )
 
 

@@ -1,16 +1,20 @@
-"""Requests that wait (``wait_seconds``) for their pending lease to leave ``pending``.
+"""Requests that wait for something another request or process will do.
 
-A waiting request holds no transaction and no database connection, and under the
-gevent server only a greenlet, so thousands can wait at once. Activation in this
-process (an agent's ready callback, the queue served at once) wakes the waiters of
-those leases directly. Activation elsewhere (another replica, the scheduler
-process) is seen by one poll per process: every ``recheck_s`` it reads all the
-leases waited on in one query, so its cost follows the distinct leases waited
-on, not requests times checks (2,000 waiters re-reading their own lease every
-0.5 s would be 4,000 transactions a second).
+Lease requests with ``wait_seconds`` wait for their pending lease to leave
+``pending``; agents wait (long poll) for their worker's next task; tenants
+following a log wait for more output. A waiting request holds no transaction
+and no database connection, and under the gevent server only a greenlet, so
+thousands can wait at once. A change in this process (an agent's ready
+callback, a task submitted, a log chunk stored) wakes the waiters of that key
+directly. A change elsewhere (another replica, the scheduler process) is seen
+by one poll per :class:`Waiters`: every ``recheck_s`` it asks the database
+about all the keys waited on in one query, so its cost follows the distinct
+keys waited on, not requests times checks (2,000 waiters re-reading their own
+lease every 0.5 s would be 4,000 transactions a second).
 
-A tenant may hold at most ``per_tenant`` waiting requests in a process; beyond that
-the request is refused with 429 instead of taking capacity from everyone else.
+An owner (a tenant, a worker) may hold at most ``per_owner`` waiting requests in a
+process; beyond that the request is refused with 429 instead of taking capacity
+from everyone else.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+import prometheus_client
 
 from service import metrics
 from service.errors import TooManyRequests
@@ -30,18 +37,32 @@ log = logging.getLogger("workerlease.waiters")
 RECHECK_S = 0.5
 
 
-class LeaseWaiters:
+@dataclass(frozen=True)
+class WaitMetrics:
+    waiting: prometheus_client.Gauge
+    refused: prometheus_client.Counter
+    poll_errors: prometheus_client.Counter
+
+
+LEASE_WAIT_METRICS = WaitMetrics(metrics.WAITING, metrics.WAITS_REFUSED, metrics.WAITER_POLL_ERRORS)
+
+
+class Waiters:
     def __init__(
         self,
         settled: Callable[[Collection[str]], Collection[str]],
         *,
         recheck_s: float = RECHECK_S,
-        per_tenant: int = 16,
+        per_owner: int = 16,
+        what: str = "requests",
+        wait_metrics: WaitMetrics = LEASE_WAIT_METRICS,
     ) -> None:
-        """``settled(ids)``: the leases among ``ids`` that are no longer pending."""
+        """``settled(keys)``: the keys among ``keys`` whose waiters should wake now."""
         self._settled = settled
         self._recheck_s = recheck_s
-        self._per_tenant = per_tenant
+        self._per_tenant = per_owner
+        self._what = what
+        self._metrics = wait_metrics
         self._lock = threading.Lock()
         self._events: dict[str, threading.Event] = {}
         self._waiting_on: Counter[str] = Counter()  # lease id -> requests waiting
@@ -51,14 +72,14 @@ class LeaseWaiters:
 
     @contextmanager
     def slot(self, tenant_id: str) -> Iterator[None]:
-        """One of the tenant's waiting requests, taken before the request does anything,
+        """One of the owner's waiting requests, taken before the request does anything,
         so a refusal (429) has no side effects."""
         with self._lock:
             if self._by_tenant[tenant_id] >= self._per_tenant:
-                metrics.WAITS_REFUSED.inc()
+                self._metrics.refused.inc()
                 raise TooManyRequests(
-                    f"at most {self._per_tenant} requests of one tenant may wait at once; "
-                    "retry later, or request without wait_seconds and poll the lease",
+                    f"at most {self._per_tenant} {self._what} may wait at once; "
+                    "retry later, or ask again without wait_seconds",
                     retry_after=2,
                 )
             self._by_tenant[tenant_id] += 1
@@ -71,19 +92,33 @@ class LeaseWaiters:
                     del self._by_tenant[tenant_id]
 
     def wait(self, lease_id: str, timeout_s: float) -> bool:
-        """Wait until the lease settles (True) or ``timeout_s`` passes (False)."""
-        event = self._enter(lease_id)
-        try:
+        """Wait until the key settles (True) or ``timeout_s`` passes (False)."""
+        with self.watch(lease_id) as event:
             return event.wait(timeout_s)
+
+    @contextmanager
+    def watch(self, key: str) -> Iterator[threading.Event]:
+        """Register as a waiter of ``key`` *before* looking at the state, then wait on the
+        event: a notify between the look and the wait is not lost."""
+        event = self._enter(key)
+        try:
+            yield event
         finally:
-            self._leave(lease_id)
+            self._leave(key)
 
     def notify(self, lease_ids: Collection[str]) -> None:
-        """These leases left ``pending``: wake whoever waits for them."""
+        """These keys changed: wake whoever waits for them."""
         with self._lock:
             for lease_id in lease_ids:
                 event = self._events.get(lease_id)
                 if event is not None:
+                    event.set()
+
+    def notify_prefix(self, prefix: str) -> None:
+        """Wake the waiters of every key that starts with ``prefix``."""
+        with self._lock:
+            for key, event in self._events.items():
+                if key.startswith(prefix):
                     event.set()
 
     def waiting(self) -> int:
@@ -96,11 +131,9 @@ class LeaseWaiters:
             self._waiting += 1
             event = self._events.setdefault(lease_id, threading.Event())
             if self._poller is None:
-                self._poller = threading.Thread(
-                    target=self._poll, name="lease-waiters", daemon=True
-                )
+                self._poller = threading.Thread(target=self._poll, name="waiters", daemon=True)
                 self._poller.start()
-            metrics.WAITING.set(self._waiting)
+            self._metrics.waiting.set(self._waiting)
             return event
 
     def _leave(self, lease_id: str) -> None:
@@ -110,7 +143,7 @@ class LeaseWaiters:
             if self._waiting_on[lease_id] <= 0:
                 del self._waiting_on[lease_id]
                 self._events.pop(lease_id, None)
-            metrics.WAITING.set(self._waiting)
+            self._metrics.waiting.set(self._waiting)
 
     def _poll(self) -> None:
         """Re-read the waited-on leases until nobody waits; then stop (started again on need)."""
@@ -126,7 +159,19 @@ class LeaseWaiters:
             try:
                 done = self._settled(ids)
             except Exception:  # the database may be down: waiters time out, nothing crashes
-                metrics.WAITER_POLL_ERRORS.inc()
-                log.warning("lease_waiters_poll_failed waiting=%d", len(ids), exc_info=True)
+                self._metrics.poll_errors.inc()
+                log.warning(
+                    "waiters_poll_failed what=%s waiting=%d",
+                    self._what.replace(" ", "_"),
+                    len(ids),
+                    exc_info=True,
+                )
                 continue
             self.notify(done)
+
+
+def lease_waiters(
+    settled: Callable[[Collection[str]], Collection[str]], *, per_tenant: int = 16
+) -> Waiters:
+    """Lease requests waiting (``wait_seconds``) for their pending lease to settle."""
+    return Waiters(settled, per_owner=per_tenant, what="lease requests of one tenant")

@@ -34,7 +34,7 @@ from service.models import (
     WorkerState,
 )
 from service.pools import note_create_result
-from service.security import secret_equals
+from service.security import WORKER_TOKEN_PREFIX, hash_token, new_token, secret_equals
 from service.states import move_worker, record
 
 log = logging.getLogger("workerlease.workers")
@@ -90,6 +90,15 @@ def check_bootstrap_token(session: Session, worker_id: str, bootstrap_token: str
     return worker
 
 
+@dataclass(frozen=True)
+class Ready:
+    """What the ready callback gives the agent, and the leases it activated."""
+
+    worker: Worker
+    worker_token: str  # shown once: only its hash is kept
+    activated: list[Lease]
+
+
 def worker_ready(
     session: Session,
     worker_id: str,
@@ -97,15 +106,37 @@ def worker_ready(
     agent_url: str,
     address: str | None,
     now: datetime,
-) -> tuple[Worker, list[Lease]]:
-    """Mark a provisioning worker ready (one-time bootstrap token) and serve waiting leases."""
+) -> Ready:
+    """Mark a provisioning worker ready (one-time bootstrap token) and serve waiting leases.
+
+    The agent gets its worker token here: the credential of its task endpoints, which
+    no tenant ever holds (tenants see the worker's access token, for ``/run``)."""
     worker = check_bootstrap_token(session, worker_id, bootstrap_token)
     if worker.state != WorkerState.PROVISIONING:
         raise Conflict(f"worker {worker_id} is {worker.state}, not provisioning")
+    worker_token = new_token(WORKER_TOKEN_PREFIX)
+    worker.worker_token_hash = hash_token(worker_token)
     mark_ready(session, worker, agent_url, address, now)
     pool = session.get(Pool, worker.pool)
     assert pool is not None
-    return worker, serve_pending(session, pool, now)
+    return Ready(worker, worker_token, serve_pending(session, pool, now))
+
+
+# One answer for an unknown worker, a wrong token and a worker that is gone.
+BAD_WORKER_TOKEN = "unknown worker, or an invalid or revoked worker token"
+_NO_HASH = "0" * 64
+
+
+def check_worker_token(session: Session, worker_id: str, token: str) -> Worker:
+    """The worker whose agent holds this worker token; else Unauthorized. The token dies
+    with the worker: once it is being destroyed, its agent has nothing more to do."""
+    worker = session.get(Worker, worker_id)
+    stored = worker.worker_token_hash if worker is not None else None
+    matches = secret_equals(hash_token(token), stored or _NO_HASH)
+    live = worker is not None and worker.state in (WorkerState.READY, WorkerState.LEASED)
+    if worker is None or stored is None or not matches or not live:
+        raise Unauthorized(BAD_WORKER_TOKEN)
+    return worker
 
 
 def mark_ready(

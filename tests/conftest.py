@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,8 @@ class Service:
     clock: ManualClock
     cloud: FakeCloud
     engine: Engine
+    # worker id -> the worker token its agent got from the ready callback
+    worker_tokens: dict[str, str] = field(default_factory=dict)
 
     def tick(self) -> None:
         """One scheduler round at the current time: maintain, then destroy."""
@@ -173,6 +175,7 @@ class Service:
                 headers=bearer(resource.spec.bootstrap_token),
             )
             assert response.status_code == 200, response.get_json()
+            self.worker_tokens[worker.id] = response.get_json()["worker_token"]
             ready.append(worker.id)
         return ready
 

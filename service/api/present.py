@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from sqlmodel import Session, col, select
 
-from service.models import Lease, LeaseState, Pool, Worker
-from service.schemas import LeaseOut, WorkerOut
+from service.models import Lease, LeaseState, Pool, Task, Worker
+from service.schemas import ContainerSpec, LeaseOut, TaskOut, WorkerOut
 
 
 def leases_out(
@@ -69,4 +69,22 @@ def _lease_out(
         ended_at=lease.ended_at,
         end_reason=lease.end_reason,
         worker=worker_out,
+    )
+
+
+def task_out(task: Task) -> TaskOut:
+    """A task as its tenant sees it: never its script, env or files."""
+    return TaskOut(
+        id=task.id,
+        lease_id=task.lease_id,
+        state=task.state,  # type: ignore[arg-type]
+        exit_code=task.exit_code,
+        error=task.error,
+        created_at=task.created_at,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+        shell=task.shell,  # type: ignore[arg-type]
+        timeout_s=task.timeout_s,
+        container=ContainerSpec(image=task.container_image) if task.container_image else None,
+        log_bytes=task.log_bytes,
     )

@@ -23,9 +23,11 @@ bp.before_request(require_bootstrap_token)
 
 @bp.post("/<worker_id>/ready", responses={200: ReadyAck})
 def ready(path: WorkerPath, body: WorkerReady) -> Any:
-    """The agent is up: the worker becomes ready and receives its access token."""
+    """The agent is up: the worker becomes ready and receives its access and worker tokens."""
     services = svc()
-    access_token = services.flow.worker_ready(
+    ready = services.flow.worker_ready(
         services.session(), path.worker_id, bearer_token(), body.agent_url, body.address
     )
-    return ReadyAck(access_token=access_token).model_dump()
+    return ReadyAck(
+        access_token=ready.worker.access_token, worker_token=ready.worker_token
+    ).model_dump()

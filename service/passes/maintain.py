@@ -10,16 +10,18 @@ from service.passes.create import refill
 from service.passes.health import check_health
 from service.passes.runtime import Runtime
 from service.pools import demand_outruns_supply, record_warnings, trim
+from service.tasks import sweep as sweep_tasks
 from service.workers import provision_timeouts
 
 
 def maintain(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
-    """Expire, check health, serve pending leases, trim and refill: one pass over all pools."""
+    """Expire, end silent tasks, check health, serve pending leases, trim and refill."""
     now = now or rt.clock.now()
     with session_scope(rt.factory) as session:
         expire(session, now)
         fail_pending_of_disabled_pools(session, now)
         provision_timeouts(session, now)
+        sweep_tasks(session, now, rt.task_retention_s)
     check_health(rt, now)
     with session_scope(rt.factory) as session:
         serve_all_pending(session, now)

@@ -27,6 +27,7 @@ class Runtime:
     clock: Clock
     settings: SchedulerConfig
     bell: Bell = field(default_factory=NoBell)
+    task_retention_s: int = 7 * 86400
     creates: PoolDispatcher = field(init=False)
     destroys: PoolDispatcher = field(init=False)
     read_factory: sessionmaker[Session] = field(init=False)
@@ -61,4 +62,5 @@ def build_runtime(config: Config, engine: Engine, url: str, clock: Clock | None 
         clock=clock or SystemClock(),
         settings=config.scheduler,
         bell=bell_for(engine),
+        task_retention_s=config.task_retention,
     )

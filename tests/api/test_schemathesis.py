@@ -63,8 +63,13 @@ def test_generated_requests_never_get_a_server_error_or_off_schema_answer(
     lease = svc.client.post(
         "/v1/leases", json={"pool": POOL}, headers=bearer(tenant_token)
     ).get_json()
+    task = svc.client.post(
+        f"/v1/leases/{lease['id']}/tasks", json={"script": "true"}, headers=bearer(tenant_token)
+    ).get_json()
+    worker_token = svc.worker_tokens[lease["worker"]["id"]]
     known = {
         "lease_id": lease["id"],
+        "task_id": task["id"],
         "worker_id": lease["worker"]["id"],
         "tenant_id": svc.tenant("victim")["id"],
         "name": POOL,
@@ -73,11 +78,15 @@ def test_generated_requests_never_get_a_server_error_or_off_schema_answer(
     results = list(schema.get_all_operations())
     assert not [r for r in results if not isinstance(r, Ok)], "the document has bad operations"
     operations = [r.ok() for r in results if isinstance(r, Ok)]
-    assert len(operations) >= 17
+    assert len(operations) >= 25
 
     failures = []
     for operation in operations:
-        token = ADMIN_TOKEN if operation.path.startswith("/v1/admin") else tenant_token
+        token = tenant_token
+        if operation.path.startswith("/v1/admin"):
+            token = ADMIN_TOKEN
+        elif operation.path.startswith("/v1/workers/") and not operation.path.endswith("/ready"):
+            token = worker_token
         runs = [
             (GenerationMode.POSITIVE, {}),
             (GenerationMode.NEGATIVE, {}),

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from werkzeug.test import TestResponse
 
-from service.waiters import LeaseWaiters
+from service.waiters import Waiters
 from tests.api.helpers import POOL, lease_rows, request_lease
 from tests.conftest import Service, pool_config
 
@@ -85,7 +85,7 @@ def test_one_poll_reads_every_waited_lease_at_once() -> None:
         calls.append(set(ids))
         return settled & set(ids)
 
-    waiters = LeaseWaiters(read, recheck_s=0.01, per_tenant=100)
+    waiters = Waiters(read, recheck_s=0.01, per_owner=100)
     results: dict[str, bool] = {}
     leases = [f"l-{n:020d}" for n in range(50)]
     threads = [
@@ -109,7 +109,7 @@ def test_a_failing_poll_is_counted_and_the_wait_still_ends() -> None:
     def broken(_ids: Any) -> set[str]:
         raise ConnectionError("database unreachable")
 
-    waiters = LeaseWaiters(broken, recheck_s=0.01)
+    waiters = Waiters(broken, recheck_s=0.01)
     assert waiters.wait("l-1", 0.2) is False
     assert waiters.waiting() == 0
 

@@ -50,8 +50,10 @@ def test_the_bootstrap_token_works_once_and_an_unknown_worker_looks_the_same(
     with tx() as session, pytest.raises(Unauthorized):
         worker_ready(session, worker_id, "wlb_wrong", "http://x/", None, clock.now())
     with tx() as session:
-        worker, served = worker_ready(session, worker_id, token, "http://x/", None, clock.now())
-        assert (worker.state, served) == (WorkerState.READY, [])
+        ready = worker_ready(session, worker_id, token, "http://x/", None, clock.now())
+        assert (ready.worker.state, ready.activated) == (WorkerState.READY, [])
+        assert ready.worker_token.startswith("wlw_")
+        assert ready.worker.worker_token_hash != ready.worker_token  # only its hash is kept
     with tx() as session, pytest.raises(Unauthorized):
         worker_ready(session, worker_id, token, "http://x/", None, clock.now())
     with tx() as session, pytest.raises(Unauthorized) as unknown:
@@ -69,9 +71,9 @@ def test_a_ready_callback_hands_the_worker_to_the_oldest_pending_lease(
         lease_id = acquire(session, tenant, POOL, clock.now()).lease.id
     worker_id, token = _provisioning(tx, clock)
     with tx() as session:
-        worker, served = worker_ready(session, worker_id, token, "http://x/", None, clock.now())
-        assert [lease.id for lease in served] == [lease_id]
-        assert worker.state == WorkerState.LEASED
+        ready = worker_ready(session, worker_id, token, "http://x/", None, clock.now())
+        assert [lease.id for lease in ready.activated] == [lease_id]
+        assert ready.worker.state == WorkerState.LEASED
 
 
 def test_a_confirmed_destroy_finishes_the_worker(tx: Tx, clock: ManualClock) -> None:

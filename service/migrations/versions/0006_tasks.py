@@ -35,6 +35,7 @@ def upgrade() -> None:
         'tasks',
         sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
         sa.Column('lease_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+        sa.Column('seq', sa.Integer(), nullable=False),
         sa.Column('tenant_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
         sa.Column('pool', sqlmodel.sql.sqltypes.AutoString(length=63), nullable=False),
         sa.Column('worker_id', sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
@@ -56,7 +57,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['lease_id'], ['leases.id']),
         sa.PrimaryKeyConstraint('id'),
     )
-    op.create_index('ix_tasks_lease_created', 'tasks', ['lease_id', 'created_at'])
+    op.create_index('uq_tasks_lease_seq', 'tasks', ['lease_id', 'seq'], unique=True)
     op.create_index('ix_tasks_worker_state', 'tasks', ['worker_id', 'state', 'created_at'])
     op.create_index('ix_tasks_state_started', 'tasks', ['state', 'started_at'])
     op.create_index('ix_tasks_finished', 'tasks', ['finished_at'])
@@ -75,7 +76,7 @@ def downgrade() -> None:
     op.drop_index('ix_tasks_finished', table_name='tasks')
     op.drop_index('ix_tasks_state_started', table_name='tasks')
     op.drop_index('ix_tasks_worker_state', table_name='tasks')
-    op.drop_index('ix_tasks_lease_created', table_name='tasks')
+    op.drop_index('uq_tasks_lease_seq', table_name='tasks')
     op.drop_table('tasks')
     with op.batch_alter_table('pools') as batch:
         batch.drop_column('max_concurrent_tasks')

@@ -1,0 +1,505 @@
+"""Tasks: steps a tenant runs on its lease's worker, handed to the worker's agent when it polls.
+
+Every function here runs inside the caller's transaction (``session``) and takes
+``now`` from the caller's clock (``task_flow`` wakes whoever waits). The state
+machine is ``states.TASK_TRANSITIONS``; ending a task goes through :func:`end_task`,
+which erases what may hold secrets (script, env, files) and restarts the lease's
+idle clock when it was the lease's last live task. The protocol is docs/tasks.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, or_
+from sqlmodel import Session, col, select
+
+from service import metrics
+from service.db import with_row_locks
+from service.errors import Conflict, InvalidRequest, NotFound, RangeNotSatisfiable
+from service.models import (
+    LIVE_TASK_STATES,
+    EndReason,
+    Lease,
+    LeaseState,
+    Pool,
+    Task,
+    TaskLogChunk,
+    TaskState,
+)
+from service.schemas import TaskCreate
+from service.security import new_id
+from service.states import move_task, record
+
+EXECUTION_CONTAINERS = "execution-containers"
+# A running task whose cancel the agent has not confirmed in this long is ended anyway.
+CANCEL_CONFIRM_S = 30
+# A running task with no result this long after its timeout is lost (its agent is gone).
+RESULT_GRACE_S = 120
+MAX_LOG_READ = 1 << 20  # bytes answered per log read; the caller continues at X-Next-Offset
+PURGE_BATCH = 500
+
+
+def default_shell(pool_os: str) -> str:
+    return "powershell" if pool_os == "windows" else "sh"
+
+
+def is_ended(task: Task) -> bool:
+    return task.state not in LIVE_TASK_STATES
+
+
+# ---- the tenant's side -------------------------------------------------------------
+
+
+def submit(
+    session: Session, tenant_id: str, lease_id: str, request: TaskCreate, now: datetime
+) -> Task:
+    """Queue a task on the worker of the tenant's active lease (409 when not active)."""
+    lease = _tenant_lease(session, tenant_id, lease_id, lock=True)
+    if lease.state != LeaseState.ACTIVE or lease.worker_id is None:
+        raise Conflict(f"lease {lease_id} is {lease.state}; tasks run on active leases only")
+    pool = session.get(Pool, lease.pool)
+    assert pool is not None
+    if request.container is not None and EXECUTION_CONTAINERS not in pool.capabilities:
+        raise InvalidRequest(
+            f"pool {pool.name!r} cannot run execution containers (its capabilities do not "
+            f"include {EXECUTION_CONTAINERS!r}); leave out 'container'"
+        )
+    shell = request.shell or default_shell(pool.os)
+    # Under the lease's row lock (PostgreSQL) or the write lock (SQLite): no two tasks of
+    # one lease get the same number, and the unique index would say so if they did.
+    seq = session.exec(select(func.count()).where(Task.lease_id == lease.id)).one() + 1
+    digest = hashlib.sha256(request.script.encode()).hexdigest()
+    task = Task(
+        id=new_id("t"),
+        lease_id=lease.id,
+        seq=seq,
+        tenant_id=tenant_id,
+        pool=lease.pool,
+        worker_id=lease.worker_id,
+        state=TaskState.QUEUED,
+        shell=shell,
+        timeout_s=request.timeout_s,
+        container_image=request.container.image if request.container else None,
+        created_at=now,
+        payload=json.dumps({"script": request.script, "env": request.env, "files": request.files}),
+        script_sha256=digest,
+    )
+    session.add(task)
+    image = f" in {task.container_image}" if task.container_image else ""
+    record(
+        session,
+        "task",
+        task.id,
+        f"submitted on lease {lease.id} for worker {lease.worker_id}: {shell} script "
+        f"sha256:{digest[:16]} ({len(request.script.encode())} bytes){image}, "
+        f"{len(request.env)} env vars, {len(request.files)} files",
+        now,
+        pool=task.pool,
+        tenant_id=tenant_id,
+        to_state=TaskState.QUEUED,
+    )
+    return task
+
+
+def lease_tasks(session: Session, tenant_id: str, lease_id: str) -> Sequence[Task]:
+    """The tenant's lease's tasks, oldest first (404 for a lease that is not theirs)."""
+    _tenant_lease(session, tenant_id, lease_id)
+    statement = select(Task).where(Task.lease_id == lease_id).order_by(col(Task.seq))
+    return session.exec(statement).all()
+
+
+def tenant_task(
+    session: Session, tenant_id: str, lease_id: str, task_id: str, *, lock: bool = False
+) -> Task:
+    """The tenant's task, or 404 (another tenant's task is never revealed)."""
+    statement = select(Task).where(
+        Task.id == task_id, Task.lease_id == lease_id, Task.tenant_id == tenant_id
+    )
+    if lock:
+        statement = with_row_locks(statement, session, skip_locked=False)
+    task = session.exec(statement).first()
+    if task is None:
+        raise NotFound(f"no task {task_id!r} on lease {lease_id!r}")
+    return task
+
+
+def cancel(
+    session: Session, tenant_id: str, lease_id: str, task_id: str, now: datetime
+) -> tuple[Task, bool]:
+    """Cancel a task: a queued one ends now, a running one is killed by its agent.
+
+    Returns the task and whether it was still live (an ended task is left as it is).
+    """
+    task = tenant_task(session, tenant_id, lease_id, task_id, lock=True)
+    if task.state == TaskState.QUEUED:
+        end_task(session, task, TaskState.CANCELLED, now, error="cancelled by the tenant")
+        return task, True
+    if task.state == TaskState.RUNNING:
+        if task.cancel_requested_at is None:
+            task.cancel_requested_at = now
+            session.add(task)
+            record(
+                session,
+                "task",
+                task.id,
+                "cancel requested by the tenant",
+                now,
+                pool=task.pool,
+                tenant_id=task.tenant_id,
+            )
+        return task, True
+    return task, False
+
+
+@dataclass(frozen=True)
+class LogSlice:
+    data: bytes
+    next_offset: int
+    state: TaskState
+
+
+def read_log(session: Session, task: Task, offset: int, limit: int = MAX_LOG_READ) -> LogSlice:
+    """The kept log from byte ``offset``, at most ``limit`` bytes (416 past its end when the
+    task has ended: such an offset never fills)."""
+    if offset > task.log_bytes and is_ended(task):
+        raise RangeNotSatisfiable(
+            f"offset {offset} is past the end of the log ({task.log_bytes} bytes)"
+        )
+    end = min(task.log_bytes, offset + limit)
+    data = b""
+    if end > offset:
+        first = select(func.max(TaskLogChunk.offset)).where(
+            TaskLogChunk.task_id == task.id, TaskLogChunk.offset <= offset
+        )
+        start = session.exec(first).one() or 0
+        chunks = session.exec(
+            select(TaskLogChunk)
+            .where(
+                TaskLogChunk.task_id == task.id,
+                TaskLogChunk.offset >= start,
+                TaskLogChunk.offset < end,
+            )
+            .order_by(col(TaskLogChunk.offset))
+        ).all()
+        joined = b"".join(chunk.data for chunk in chunks)
+        data = joined[offset - start : end - start]
+    return LogSlice(data, offset + len(data), TaskState(task.state))
+
+
+def _tenant_lease(session: Session, tenant_id: str, lease_id: str, lock: bool = False) -> Lease:
+    statement = select(Lease).where(Lease.id == lease_id, Lease.tenant_id == tenant_id)
+    if lock:
+        statement = with_row_locks(statement, session, skip_locked=False)
+    lease = session.exec(statement).first()
+    if lease is None:
+        raise NotFound(f"no lease {lease_id!r}")
+    return lease
+
+
+# ---- the agent's side --------------------------------------------------------------
+
+
+@dataclass
+class Work:
+    """A poll's answer: tasks to start (with what they need to run) and tasks to kill."""
+
+    tasks: list[tuple[Task, dict[str, Any]]] = field(default_factory=list)
+    cancel: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.cancel)
+
+
+def has_work(session: Session, worker_id: str, running: Collection[str]) -> bool:
+    """Whether :func:`poll` would answer something (a read, so an idle poll writes nothing)."""
+    live = _live_tasks(session, worker_id, lock=False)
+    work = _plan(session, worker_id, live, running, with_payloads=False)
+    return bool(work) or bool(_cancelled_unstarted(live, running))
+
+
+def poll(session: Session, worker_id: str, running: Collection[str], now: datetime) -> Work:
+    """Start the worker's queued tasks up to its pool's ``max_concurrent_tasks``, hand out
+    again what it should be running but does not list, and name what it must kill."""
+    live = _live_tasks(session, worker_id, lock=True)
+    work = _plan(session, worker_id, live, running, with_payloads=True)
+    for task, _payload in work.tasks:
+        if task.state == TaskState.QUEUED:
+            task.started_at = now
+            move_task(session, task, TaskState.RUNNING, f"started on worker {worker_id}", now)
+            metrics.TASK_DISPATCH.labels(task.pool).observe((now - task.created_at).total_seconds())
+    for task in _cancelled_unstarted(live, running):
+        end_task(session, task, TaskState.CANCELLED, now, error="cancelled by the tenant")
+    return work
+
+
+def _cancelled_unstarted(live: Sequence[Task], running: Collection[str]) -> list[Task]:
+    """Cancelled while its agent did not run it (the answer handing it out was lost):
+    there is nothing to kill, so it ends now."""
+    return [
+        task
+        for task in live
+        if task.state == TaskState.RUNNING
+        and task.cancel_requested_at is not None
+        and task.id not in running
+    ]
+
+
+def _plan(
+    session: Session,
+    worker_id: str,
+    live: Sequence[Task],
+    running: Collection[str],
+    *,
+    with_payloads: bool,
+) -> Work:
+    by_id = {task.id: task for task in live}
+    work = Work()
+    for task_id in running:
+        task = by_id.get(task_id)
+        if task is None or task.state != TaskState.RUNNING or task.cancel_requested_at:
+            work.cancel.append(task_id)
+    started = [task for task in live if task.state == TaskState.RUNNING]
+    # Running here but not there: the answer that handed it out was lost on the way.
+    resend = [t for t in started if t.id not in running and t.cancel_requested_at is None]
+    capacity = _max_concurrent_tasks(session, live[0].pool) - len(started) if live else 0
+    queued = [task for task in live if task.state == TaskState.QUEUED][: max(0, capacity)]
+    for task in resend + queued:
+        work.tasks.append((task, _payload(task) if with_payloads else {}))
+    return work
+
+
+def _max_concurrent_tasks(session: Session, pool_name: str) -> int:
+    pool = session.get(Pool, pool_name)
+    return pool.max_concurrent_tasks if pool is not None else 1
+
+
+def _payload(task: Task) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(task.payload or "{}")
+    return data
+
+
+def _live_tasks(session: Session, worker_id: str, *, lock: bool) -> Sequence[Task]:
+    statement = (
+        select(Task)
+        .where(Task.worker_id == worker_id, col(Task.state).in_(LIVE_TASK_STATES))
+        .order_by(col(Task.seq))
+    )
+    if lock:
+        statement = with_row_locks(statement, session, skip_locked=False)
+    return session.exec(statement).all()
+
+
+def workers_with_work(session: Session, worker_ids: Collection[str]) -> set[str]:
+    """Among ``worker_ids``, those with a queued task or a cancel to deliver (one query)."""
+    statement = select(Task.worker_id).where(
+        col(Task.worker_id).in_(list(worker_ids)),
+        or_(
+            col(Task.state) == TaskState.QUEUED,
+            and_(col(Task.state) == TaskState.RUNNING, col(Task.cancel_requested_at).is_not(None)),
+        ),
+    )
+    return set(session.exec(statement).all())
+
+
+def worker_task(session: Session, worker_id: str, task_id: str, *, lock: bool = False) -> Task:
+    statement = select(Task).where(Task.id == task_id, Task.worker_id == worker_id)
+    if lock:
+        statement = with_row_locks(statement, session, skip_locked=False)
+    task = session.exec(statement).first()
+    if task is None:
+        raise NotFound(f"no task {task_id!r} on worker {worker_id!r}")
+    return task
+
+
+@dataclass(frozen=True)
+class LogReceipt:
+    received: int
+    cancel: bool
+    discard: bool
+
+
+def append_log(
+    session: Session,
+    worker_id: str,
+    task_id: str,
+    offset: int,
+    data: bytes,
+    log_limit: int,
+) -> LogReceipt:
+    """Store the part of a chunk of the agent's output stream not stored yet.
+
+    ``offset`` is the chunk's place in the agent's stream: bytes before
+    ``received_bytes`` are a retry's duplicates, a chunk after a gap is not stored
+    (the agent sends again from ``received``). The kept log stops at ``log_limit``
+    with one marker line; the stream is still counted, so the agent can finish.
+    """
+    task = worker_task(session, worker_id, task_id, lock=True)
+    running = task.state == TaskState.RUNNING
+    if running and offset <= task.received_bytes:
+        fresh = data[task.received_bytes - offset :]
+        if fresh:
+            _keep(session, task, fresh, log_limit)
+    return LogReceipt(
+        received=task.received_bytes,
+        cancel=not running or task.cancel_requested_at is not None,
+        discard=task.log_capped,
+    )
+
+
+def _keep(session: Session, task: Task, fresh: bytes, log_limit: int) -> None:
+    task.received_bytes += len(fresh)
+    kept = fresh[: max(0, log_limit - task.log_bytes)]
+    if not task.log_capped and len(kept) < len(fresh):
+        marker = f"\n[workerlease: output beyond {log_limit} bytes was dropped]\n".encode()
+        kept += marker
+        task.log_capped = True
+    if kept:
+        session.execute(
+            insert(TaskLogChunk).values(task_id=task.id, offset=task.log_bytes, data=kept)
+        )
+        task.log_bytes += len(kept)
+        metrics.TASK_LOG_BYTES.labels(task.pool).inc(len(kept))
+    session.add(task)
+
+
+# What the agent reports -> the task's end state.
+_OUTCOMES = {
+    "timed_out": TaskState.TIMED_OUT,
+    "cancelled": TaskState.CANCELLED,
+    "failed_to_start": TaskState.FAILED,
+}
+
+
+def finish(
+    session: Session,
+    worker_id: str,
+    task_id: str,
+    outcome: str,
+    exit_code: int | None,
+    error: str | None,
+    log_bytes: int,
+    now: datetime,
+) -> Task:
+    """The agent's result. 409 (with ``received``) while output is missing, so a task
+    never ends with a log shorter than what its script printed."""
+    task = worker_task(session, worker_id, task_id, lock=True)
+    if task.state != TaskState.RUNNING:
+        return task  # ended here already (cancelled, lost): the first word stays
+    if task.received_bytes < log_bytes and not task.log_capped:
+        raise Conflict(
+            f"the service holds {task.received_bytes} of {log_bytes} bytes of output; "
+            "send the rest first",
+            received=task.received_bytes,
+        )
+    if outcome == "exited":
+        state = TaskState.SUCCEEDED if exit_code == 0 else TaskState.FAILED
+    else:
+        state = _OUTCOMES[outcome]
+    if state == TaskState.TIMED_OUT:
+        error = error or f"killed after timeout_s={task.timeout_s}"
+    elif state == TaskState.CANCELLED:
+        error = error or (
+            "cancelled by the tenant" if task.cancel_requested_at else "cancelled on the worker"
+        )
+    elif outcome == "failed_to_start":
+        error = error or "the task could not be started"
+    end_task(session, task, state, now, exit_code=exit_code, error=error)
+    return task
+
+
+# ---- endings ---------------------------------------------------------------------
+
+
+def end_task(
+    session: Session,
+    task: Task,
+    to: TaskState,
+    now: datetime,
+    *,
+    exit_code: int | None = None,
+    error: str | None = None,
+    restart_idle_clock: bool = True,
+) -> None:
+    task.finished_at = now
+    task.exit_code = exit_code
+    task.error = error[:1000] if error else None
+    task.payload = None  # the script, env and files may hold secrets: gone with the task
+    what = f"exit code {exit_code}" if exit_code is not None else (error or str(to))
+    move_task(session, task, to, f"{to} on worker {task.worker_id}: {what}"[:500], now)
+    metrics.TASKS_ENDED.labels(task.pool, to).inc()
+    if restart_idle_clock:
+        _restart_idle_clock(session, task, now)
+
+
+def _restart_idle_clock(session: Session, task: Task, now: datetime) -> None:
+    """A lease is not idle while it runs tasks: its idle clock starts when the last ends."""
+    lease = session.get(Lease, task.lease_id)
+    if lease is None or lease.state != LeaseState.ACTIVE:
+        return
+    others = select(Task.id).where(
+        Task.lease_id == lease.id, Task.id != task.id, col(Task.state).in_(LIVE_TASK_STATES)
+    )
+    if session.exec(others.limit(1)).first() is not None:
+        return
+    pool = session.get(Pool, lease.pool)
+    assert pool is not None
+    lease.idle_expires_at = now + timedelta(seconds=pool.lease_idle_timeout_s)
+    session.add(lease)
+
+
+def end_lease_tasks(session: Session, lease: Lease, reason: EndReason, now: datetime) -> int:
+    """The lease ended: its queued tasks are cancelled, its running ones cancelled (the
+    tenant or an operator ended it, or it expired) or lost (its worker failed)."""
+    statement = select(Task).where(Task.lease_id == lease.id, col(Task.state).in_(LIVE_TASK_STATES))
+    tasks = session.exec(with_row_locks(statement, session, skip_locked=False)).all()
+    for task in tasks:
+        to = TaskState.LOST if reason == EndReason.FAILED else TaskState.CANCELLED
+        why = f"the lease ended ({reason}) while the task was {task.state}"
+        end_task(session, task, to, now, error=why, restart_idle_clock=False)
+    return len(tasks)
+
+
+@dataclass(frozen=True)
+class Swept:
+    cancelled: int = 0
+    lost: int = 0
+    purged: int = 0
+
+
+def sweep(session: Session, now: datetime, retention_s: int) -> Swept:
+    """The backstops: end running tasks whose agent went silent, purge old ones."""
+    cancelled = lost = 0
+    running = select(Task).where(Task.state == TaskState.RUNNING)
+    for task in session.exec(with_row_locks(running, session)).all():
+        asked = task.cancel_requested_at
+        if asked is not None and asked <= now - timedelta(seconds=CANCEL_CONFIRM_S):
+            why = f"cancelled by the tenant; the worker did not confirm within {CANCEL_CONFIRM_S} s"
+            end_task(session, task, TaskState.CANCELLED, now, error=why)
+            cancelled += 1
+            continue
+        assert task.started_at is not None
+        if task.started_at + timedelta(seconds=task.timeout_s + RESULT_GRACE_S) <= now:
+            why = f"no result from worker {task.worker_id} within timeout_s + {RESULT_GRACE_S} s"
+            end_task(session, task, TaskState.LOST, now, error=why)
+            lost += 1
+    return Swept(cancelled=cancelled, lost=lost, purged=_purge(session, now, retention_s))
+
+
+def _purge(session: Session, now: datetime, retention_s: int) -> int:
+    cutoff = now - timedelta(seconds=retention_s)
+    old = (
+        select(Task.id)
+        .where(col(Task.finished_at).is_not(None), col(Task.finished_at) < cutoff)
+        .limit(PURGE_BATCH)
+    )
+    ids = list(session.exec(old).all())
+    if ids:
+        session.execute(delete(TaskLogChunk).where(col(TaskLogChunk.task_id).in_(ids)))
+        session.execute(delete(Task).where(col(Task.id).in_(ids)))
+    return len(ids)
