@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlmodel import select
 from werkzeug.test import TestResponse
 
 from service.db import session_factory, session_scope
@@ -433,7 +434,8 @@ def test_task_starts_and_ends_are_audited_without_secrets(svc: Service, acme: Te
     assert "submitted on lease" in reasons and f"worker {acme.worker_id}" in reasons
     assert "exit code 7" in reasons and "hunter2" not in reasons
     with session_scope(session_factory(svc.engine)) as session:
-        assert session.query(Event).filter(Event.kind == "task").count() >= 3
+        kinds = session.exec(select(Event.kind).where(Event.subject_id == task_id)).all()
+    assert kinds.count("task") >= 3  # submitted, started, ended
 
 
 def test_env_and_files_are_encrypted_at_rest(svc: Service, acme: Tenant) -> None:
