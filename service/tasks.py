@@ -20,7 +20,7 @@ from sqlalchemy import and_, delete, func, insert, or_
 from sqlmodel import Session, col, select
 
 from service import metrics
-from service.db import with_row_locks
+from service.db import is_sqlite, with_row_locks
 from service.errors import Conflict, InvalidRequest, NotFound, RangeNotSatisfiable
 from service.models import (
     LIVE_TASK_STATES,
@@ -136,7 +136,7 @@ def cancel(
 
     Returns the task and whether it was still live (an ended task is left as it is).
     """
-    task = tenant_task(session, tenant_id, lease_id, task_id, lock=True)
+    task = locked(session, tenant_task(session, tenant_id, lease_id, task_id))
     if task.state == TaskState.QUEUED:
         end_task(session, task, TaskState.CANCELLED, now, error="cancelled by the tenant")
         return task, True
@@ -226,6 +226,7 @@ def has_work(session: Session, worker_id: str, running: Collection[str]) -> bool
 def poll(session: Session, worker_id: str, running: Collection[str], now: datetime) -> Work:
     """Start the worker's queued tasks up to its pool's ``max_concurrent_tasks``, hand out
     again what it should be running but does not list, and name what it must kill."""
+    _lock_lease(session, select(Lease.id).where(Lease.worker_id == worker_id))
     live = _live_tasks(session, worker_id, lock=True)
     work = _plan(session, worker_id, live, running, with_payloads=True)
     for task, _payload in work.tasks:
@@ -388,7 +389,7 @@ def finish(
 ) -> Task:
     """The agent's result. 409 (with ``received``) while output is missing, so a task
     never ends with a log shorter than what its script printed."""
-    task = worker_task(session, worker_id, task_id, lock=True)
+    task = locked(session, worker_task(session, worker_id, task_id))
     if task.state != TaskState.RUNNING:
         return task  # ended here already (cancelled, lost): the first word stays
     if task.received_bytes < log_bytes and not task.log_capped:
@@ -414,6 +415,30 @@ def finish(
 
 
 # ---- endings ---------------------------------------------------------------------
+
+
+def locked(session: Session, task: Task) -> Task:
+    """``task`` re-read under its row lock, its lease's row locked first.
+
+    Whatever ends a task may touch its lease (the idle clock), and ending a lease locks
+    the lease, then its tasks: taking the locks in that one order everywhere means two
+    transactions never wait on each other in a circle (PostgreSQL; SQLite has one
+    writer at a time anyway)."""
+    if is_sqlite(session):
+        return task
+    _lock_lease(session, select(Lease.id).where(Lease.id == task.lease_id))
+    statement = (
+        select(Task)
+        .where(Task.id == task.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return session.exec(statement).one()
+
+
+def _lock_lease(session: Session, statement: Any) -> None:
+    if not is_sqlite(session):
+        session.exec(statement.with_for_update()).first()
 
 
 def end_task(
@@ -476,7 +501,10 @@ def sweep(session: Session, now: datetime, retention_s: int) -> Swept:
     """The backstops: end running tasks whose agent went silent, purge old ones."""
     cancelled = lost = 0
     running = select(Task).where(Task.state == TaskState.RUNNING)
-    for task in session.exec(with_row_locks(running, session)).all():
+    for candidate in session.exec(running).all():
+        task = locked(session, candidate)
+        if task.state != TaskState.RUNNING:
+            continue
         asked = task.cancel_requested_at
         if asked is not None and asked <= now - timedelta(seconds=CANCEL_CONFIRM_S):
             why = f"cancelled by the tenant; the worker did not confirm within {CANCEL_CONFIRM_S} s"

@@ -8,6 +8,7 @@ real agent against a real ``serve`` is in tests/integration/local/test_tasks.py.
 from __future__ import annotations
 
 import base64
+import threading
 from typing import Any
 
 import pytest
@@ -57,9 +58,11 @@ class Tenant:
             headers=bearer(self.token),
         )
 
-    def task(self, task_id: str, suffix: str = "", **query: Any) -> TestResponse:
+    def task(
+        self, task_id: str, suffix: str = "", lease_id: str | None = None, **query: Any
+    ) -> TestResponse:
         return self.svc.client.get(
-            f"/v1/leases/{self.lease['id']}/tasks/{task_id}{suffix}",
+            f"/v1/leases/{lease_id or self.lease['id']}/tasks/{task_id}{suffix}",
             query_string=query,
             headers=bearer(self.token),
         )
@@ -446,3 +449,51 @@ def test_env_and_files_are_encrypted_at_rest(svc: Service, acme: Tenant) -> None
         ).scalar_one()
     assert raw.startswith("fernet:") and "hunter2" not in raw
     assert worker_state(svc, acme.worker_id) == "leased"
+
+
+def _race_finish_and_release(app: Any, svc: Service, tenant: Tenant, finish_first: bool) -> str:
+    svc.tick()
+    svc.agents_report_ready()
+    lease = request_lease(svc.client, tenant.token).get_json()
+    assert lease["state"] == "active", lease
+    task_id = svc.client.post(
+        f"/v1/leases/{lease['id']}/tasks", json={"script": "true"}, headers=bearer(tenant.token)
+    ).get_json()["id"]
+    agent = Agent(
+        Service(app.test_client(), svc.rt, svc.clock, svc.cloud, svc.engine),
+        lease["worker"]["id"],
+        token=svc.worker_tokens[lease["worker"]["id"]],
+    )
+    agent.poll()
+    tenant_client = app.test_client()
+    answers: list[int] = []
+
+    def finish() -> None:
+        answers.append(agent.finish(task_id, 0).status_code)
+
+    def release() -> None:
+        path = f"/v1/leases/{lease['id']}"
+        answers.append(tenant_client.delete(path, headers=bearer(tenant.token)).status_code)
+
+    threads = [threading.Thread(target=call) for call in (finish, release)]
+    if not finish_first:
+        threads.reverse()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    # The finish may come after its worker's credential died with the lease (401).
+    assert len(answers) == 2 and all(code in (200, 401) for code in answers), answers
+    state: str = tenant.task(task_id, lease_id=lease["id"]).get_json()["state"]
+    return state
+
+
+def test_a_finish_racing_the_lease_end_never_fails_or_deadlocks(
+    app: Any, svc: Service, acme: Tenant
+) -> None:
+    """Ending a task touches its lease; ending a lease touches its tasks. Both orders at
+    once, many times: every answer is a 2xx (or the 401 of a credential that died with
+    the lease), and every task ends once."""
+    acme.release()
+    ended = [_race_finish_and_release(app, svc, acme, n % 2 == 0) for n in range(12)]
+    assert set(ended) <= {"succeeded", "cancelled"}, ended
