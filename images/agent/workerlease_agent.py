@@ -1061,11 +1061,15 @@ class Task:
                 self.output.discard()
 
     def _refused(self, what: str, answer: Answer) -> None:
-        """The service will not take this task's reports: nothing it runs can be seen."""
+        """The service did not take a chunk. 401/403: the worker's credential is gone;
+        404: the service does not know the task; both kill it. Anything else stops the
+        sending only: the output stays held (backpressure beyond ``MAX_UNSENT``) and the
+        finish's 409 asks for it again."""
         log(f"task_{what}_refused", task=self.id, status=answer.status)
         if answer.status in (401, 403):
             self.agent.revoked_by(f"{what}_{answer.status}")
-        self.cancel(f"{what}_refused")
+        if answer.status in (401, 403, 404):
+            self.cancel(f"{what}_refused")
 
     def _supervise(self, proc: subprocess.Popen[bytes]) -> str | None:
         """Wait for the process; kill it at its deadline or on cancel. Returns the
