@@ -89,7 +89,8 @@ TASK_BACKOFF_FIRST_S = 0.25
 TASK_BACKOFF_CAP_S = 5.0  # a service back from a restart hears from every task within this
 RETRY_AFTER_CAP_S = 60.0
 FINISHES_KEPT = 1024  # finished tasks remembered, to answer a re-delivery with the finish
-MAX_ERROR = 1000  # characters of an ``error`` sent to the service
+MAX_ERROR = 1000
+TAIL_KEPT = 4096  # characters of an ``error`` sent to the service
 CONTAINER_PULL_VALUES = ("missing", "never", "always")
 TASK_SHELLS = ("sh", "bash", "powershell", "cmd")
 SCRIPT_SUFFIX = {"sh": ".sh", "bash": ".sh", "powershell": ".ps1", "cmd": ".cmd"}
@@ -790,6 +791,7 @@ class Output:
         self._eof = False
         self._discarded = False
         self._abandoned = False
+        self._tail = b""  # the stream's last bytes, sent or not (the engine's error)
 
     @property
     def total(self) -> int:
@@ -812,6 +814,7 @@ class Output:
                 self._cond.wait()
             if self._abandoned:
                 return False
+            self._tail = (self._tail + data)[-TAIL_KEPT:]
             if not self._discarded:
                 if self._total == self._acked:
                     self._pending_since = time.monotonic()
@@ -819,6 +822,10 @@ class Output:
             self._total += len(data)
             self._cond.notify_all()
             return True
+
+    def tail(self) -> bytes:
+        with self._cond:
+            return self._tail
 
     def end(self) -> None:
         with self._cond:
@@ -1123,8 +1130,7 @@ class Task:
 
     def _engine_error(self) -> str | None:
         """The engine's own message when `docker run` could not start the container."""
-        with self.output._cond:
-            tail = bytes(self.output._data[-4096:]).decode("utf-8", "replace")
+        tail = self.output.tail().decode("utf-8", "replace")
         for line in reversed(tail.splitlines()):
             if line.startswith(DOCKER_ERROR_PREFIX):
                 return line[len(DOCKER_ERROR_PREFIX) :].strip()[:MAX_ERROR]
