@@ -47,6 +47,8 @@ LABEL_DEPLOYMENT = "workerlease.deployment"
 LABEL_INSTALLATION = "workerlease.installation"
 LABEL_POOL = "workerlease.pool"
 LABEL_WORKER = "workerlease.worker"
+#: The capability of pools whose workers run tasks in containers (docs/tasks.md).
+EXECUTION_CONTAINERS = "execution-containers"
 
 
 class ProvisionerError(Exception):
@@ -90,6 +92,9 @@ class WorkerSpec:
     agent_port: int = 0
     extra_env: Mapping[str, str] = field(default_factory=dict)
     installation_id: str = ""
+    #: The pool's ``capabilities`` (e.g. ``execution-containers``: the worker's agent
+    #: must be able to run ``docker``); a provisioner gives the worker what they need.
+    capabilities: tuple[str, ...] = ()
 
     def agent_environment(self) -> dict[str, str]:
         """The environment the worker agent is configured by (see images/agent)."""

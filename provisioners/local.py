@@ -18,6 +18,14 @@ A script that scrubs its environment *and* leaves its process group escapes
 ``destroy``, unless the worker has a uid of its own: then ``destroy`` also kills
 every process holding the uid of the worker's live processes. Use the docker or
 ec2 provisioner where a tenant must not see the host at all.
+
+A pool with the ``execution-containers`` capability gives its workers the host's
+Docker engine: the group of the engine's socket becomes a supplementary group of
+the worker's uid. Access to the engine is root on the host (``docker run -v /:/host``),
+so such a pool gives up the isolation above, and its :attr:`warning` says so from its
+first worker on. The group, rather than running the agent as root, keeps the rest as
+it is: own uid, private directory, no ordinary access to the service's files; what a
+tenant then does with the engine is the risk the warning names.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from pydantic import Field, model_validator
 import images.agent
 from provisioners import local_uids
 from provisioners.base import (
+    EXECUTION_CONTAINERS,
     CapacityError,
     PermanentProvisionerError,
     Provisioner,
@@ -70,6 +79,7 @@ POLL_S = 0.05
 LOCK_STRIPES = 64
 UID_MAX = 2**31 - 2  # uids above are unsafe for 32-bit signed uid_t users (systemd's advice)
 SYSTEM_PYTHONS = "/usr/local/bin:/usr/bin:/bin"
+DOCKER_SOCKET = "/var/run/docker.sock"
 
 
 class LocalOptions(ProvisionerOptions):
@@ -133,6 +143,8 @@ class LocalProvisioner(Provisioner[LocalOptions]):
         # Agents this object started, by pid, with their worker id; reaped by ``_reap``.
         self._children: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
         self._children_lock = threading.Lock()
+        # Set by the first worker of an execution-containers pool: what the warning adds.
+        self._engine_warning: str | None = None
 
     def create(self, spec: WorkerSpec) -> WorkerHandle:
         workdir = self.work_root / _component(spec.deployment_id) / _component(spec.worker_id)
@@ -266,13 +278,49 @@ class LocalProvisioner(Provisioner[LocalOptions]):
 
     @property
     def warning(self) -> str | None:
-        if self.isolated:
-            return None
-        return (
-            f"local workers are not isolated ({self._not_isolated_reason}): they run under "
-            "the service's uid and can read its environment, database and other workers; "
-            "run the service as root, or use docker or ec2 pools for tenants"
+        warnings = []
+        if not self.isolated:
+            warnings.append(
+                f"local workers are not isolated ({self._not_isolated_reason}): they run "
+                "under the service's uid and can read its environment, database and other "
+                "workers; run the service as root, or use docker or ec2 pools for tenants"
+            )
+        if self._engine_warning is not None:
+            warnings.append(self._engine_warning)
+        return "; ".join(warnings) or None
+
+    def _engine_access(self, spec: WorkerSpec) -> tuple[list[int], dict[str, str]]:
+        """Supplementary groups and environment that let the worker's agent use the
+        host's Docker engine, when its pool has the execution-containers capability."""
+        if EXECUTION_CONTAINERS not in spec.capabilities:
+            return [], {}
+        env = {"DOCKER_HOST": os.environ["DOCKER_HOST"]} if os.environ.get("DOCKER_HOST") else {}
+        socket = _engine_socket()
+        groups: list[int] = []
+        if socket is None:
+            where = f"the Docker engine at {env['DOCKER_HOST']}"
+        else:
+            where = f"the host's Docker engine ({socket})"
+            try:
+                groups = [socket.stat().st_gid]
+            except OSError:
+                self._note_engine(
+                    f"pool {self.pool} has the execution-containers capability but there is "
+                    f"no Docker engine socket at {socket}: its container tasks fail"
+                )
+                return [], env
+        self._note_engine(
+            f"POOL {self.pool} GIVES UP WORKER ISOLATION: it has the execution-containers "
+            f"capability, so its workers can use {where}, and access to the engine is root "
+            "on the host: a tenant can read the database, the service's key and every other "
+            "worker. Use it for trusted tenants only; docker or ec2 pools keep tenants apart"
         )
+        return groups, env
+
+    def _note_engine(self, warning: str) -> None:
+        if self._engine_warning != warning:
+            self._engine_warning = warning
+            log.warning("local_workers_container_engine pool=%s: %s", self.pool, warning)
 
     def _not_isolated(self, reason: str) -> str:
         """Refuse, or warn once for this pool; return the python the agents run with."""
@@ -376,11 +424,13 @@ class LocalProvisioner(Provisioner[LocalOptions]):
     def _start_agent(self, spec: WorkerSpec, workdir: Path, uid: int | None) -> int:
         """Run the agent's copy in ``workdir`` (readable by the worker's uid wherever the
         service's checkout lives), with an environment made here, none of the service's."""
+        engine_groups, engine_env = self._engine_access(spec)
         env = {
             "PATH": os.environ.get("PATH", os.defpath),
             "HOME": str(workdir),
             "TMPDIR": str(workdir / "tmp"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
+            **engine_env,
             **spec.agent_environment(),
             ENV_AGENT_HOST: self.agent_host,
             MARKER: MARKER_VALUE,
@@ -388,7 +438,7 @@ class LocalProvisioner(Provisioner[LocalOptions]):
         as_worker: dict[str, Any] = {}
         if uid is not None:
             # umask 077: what its scripts leave in /tmp or /dev/shm is theirs alone.
-            as_worker = {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
+            as_worker = {"user": uid, "group": uid, "extra_groups": engine_groups, "umask": 0o077}
         with open(workdir / "agent.log", "ab") as log_file:
             try:
                 child = subprocess.Popen(
@@ -500,6 +550,15 @@ class LocalProvisioner(Provisioner[LocalOptions]):
                 else:
                     del self._children[pid]
         return running
+
+
+def _engine_socket() -> Path | None:
+    """The Docker engine's UNIX socket as the service's ``DOCKER_HOST`` names it (None for
+    a TCP or SSH engine: no local group to grant)."""
+    host = os.environ.get("DOCKER_HOST", "")
+    if host.startswith("unix://"):
+        return Path(host.removeprefix("unix://"))
+    return None if host else Path(DOCKER_SOCKET)
 
 
 def _stripe(worker_id: str) -> int:

@@ -6,21 +6,26 @@ EC2 user data and Packer templates. See README.md beside it for the protocol.
 
 Lifecycle: bind the HTTP server (port 0 lets the OS pick), call
 ``POST {WORKERLEASE_URL}/v1/workers/{id}/ready`` with the one-time bootstrap
-token and the address actually bound, take the access token from the answer,
-then serve ``GET /healthz`` and ``POST /run`` until SIGTERM (exit 0).
+token and the address actually bound, take the access token and the worker
+token from the answer, then serve ``GET /healthz`` and ``POST /run`` and poll the
+service for tasks (docs/tasks.md, "Worker protocol") until SIGTERM (exit 0).
 Exit 1 when the service refuses the worker or stays unreachable; exit 2 on a
 configuration error.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hmac
 import http.client
 import json
 import os
 import random
+import re
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -32,7 +37,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import MutableMapping
+from collections import OrderedDict
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any
@@ -63,6 +69,47 @@ WINDOWS_SHELL = [
     "Bypass",
     "-File",
 ]
+# Tasks (docs/tasks.md, "Worker protocol").
+POLL_WAIT_S = 20
+POLL_SLACK_S = 15.0  # a long poll's answer may take this much longer than wait_seconds
+SERVICE_TIMEOUT_S = 30.0  # one log or finish call
+MAX_REPORTED_RUNNING = 256
+MAX_SERVICE_ANSWER = 256 << 20  # a poll answer carries scripts and files (10 MiB each task)
+LOG_CHUNK = 1 << 20  # most bytes of one log call
+MAX_UNSENT = 8 << 20  # output held for the service; beyond it the pipe is not read
+LOG_FLUSH_S = 0.1  # output waits at most this long before it is sent (contract: 0.2 s)
+LOG_FLUSH_BYTES = 64 << 10  # ... or until this much has gathered
+READ_SIZE = 64 << 10
+DRAIN_AFTER_EXIT_S = 2.0  # output still arriving after the script exited (background child)
+DRAIN_AFTER_KILL_S = 1.0
+SUPERVISE_S = 0.1  # how often a running task checks its deadline and cancel flag
+CONTAINER_KILL_GRACE_S = 10.0  # docker kill -> the docker CLI has exited, else it is killed
+DOCKER_CALL_TIMEOUT_S = 30.0
+TASK_BACKOFF_FIRST_S = 0.25
+TASK_BACKOFF_CAP_S = 5.0  # a service back from a restart hears from every task within this
+RETRY_AFTER_CAP_S = 60.0
+FINISHES_KEPT = 1024  # finished tasks remembered, to answer a re-delivery with the finish
+MAX_ERROR = 1000
+TAIL_KEPT = 4096  # characters of an ``error`` sent to the service
+CONTAINER_PULL_VALUES = ("missing", "never", "always")
+TASK_SHELLS = ("sh", "bash", "powershell", "cmd")
+SCRIPT_SUFFIX = {"sh": ".sh", "bash": ".sh", "powershell": ".ps1", "cmd": ".cmd"}
+POWERSHELL_ARGS = ["-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass", "-File"]
+# Inside an execution container: the image's own shells, found on its PATH.
+CONTAINER_SHELLS = {
+    "sh": ["sh"],
+    "bash": ["bash"],
+    "powershell": ["powershell" if WINDOWS else "pwsh", *POWERSHELL_ARGS],
+    "cmd": ["cmd", "/d", "/c"],
+}
+CONTAINER_WORKSPACE = "C:\\workspace" if WINDOWS else "/workspace"
+CONTAINER_SCRIPT_DIR = "C:\\workerlease" if WINDOWS else "/workerlease"
+# `docker run` prefixes its own errors (as opposed to the container's output) with this.
+DOCKER_ERROR_PREFIX = "docker: "
+# `docker run` exit codes that may mean the engine could not start the container.
+DOCKER_START_FAILURES = (125, 126, 127)
+SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+DRIVE = re.compile(r"^[A-Za-z]:")
 
 _log_lock = threading.Lock()
 
@@ -100,6 +147,8 @@ class Config:
     ca_file: str | None
     max_connections: int
     request_timeout_s: float
+    docker: str = "docker"
+    container_pull: str = "missing"
 
 
 def load_config(environ: MutableMapping[str, str]) -> Config:
@@ -140,7 +189,18 @@ def load_config(environ: MutableMapping[str, str]) -> Config:
                 environ, "WORKERLEASE_AGENT_REQUEST_TIMEOUT_S", DEFAULT_REQUEST_TIMEOUT_S, 1, 3600
             )
         ),
+        docker=environ.get("WORKERLEASE_DOCKER", "").strip() or "docker",
+        container_pull=_container_pull(environ),
     )
+
+
+def _container_pull(environ: MutableMapping[str, str]) -> str:
+    pull = environ.get("WORKERLEASE_CONTAINER_PULL", "").strip() or "missing"
+    if pull not in CONTAINER_PULL_VALUES:
+        raise ConfigError(
+            f"WORKERLEASE_CONTAINER_PULL must be one of {', '.join(CONTAINER_PULL_VALUES)}"
+        )
+    return pull
 
 
 def _int_env(
@@ -546,10 +606,16 @@ def _certificate_error(exc: BaseException) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ReadyAnswer:
+    access_token: str
+    worker_token: str | None  # None: a service without tasks; /run only
+
+
 def report_ready(
     config: Config, agent_url: str, stop: threading.Event, context: ssl.SSLContext
-) -> str | None:
-    """Call the ready callback until it answers; return the access token or None.
+) -> ReadyAnswer | None:
+    """Call the ready callback until it answers; return the tokens or None.
 
     A certificate that fails verification is final, like a 4xx: retrying cannot make it
     valid, and the bootstrap token is only ever sent once the service is verified."""
@@ -570,7 +636,7 @@ def report_ready(
         try:
             with opener.open(request, timeout=CALLBACK_TIMEOUT_S) as response:
                 answer = response.read(MAX_BODY)
-            return _access_token_from(answer, config)
+            return _tokens_from(answer, config)
         except urllib.error.HTTPError as exc:
             if exc.code < 500 and exc.code not in RETRYABLE_4XX:
                 log("ready_refused", status=exc.code, attempt=attempt)
@@ -593,17 +659,778 @@ def report_ready(
     return None
 
 
-def _access_token_from(answer: bytes, config: Config) -> str | None:
-    if config.access_token:
-        return config.access_token  # an operator-given token wins over the service's
+def _tokens_from(answer: bytes, config: Config) -> ReadyAnswer | None:
     try:
-        token = json.loads(answer).get("access_token")
-    except (ValueError, AttributeError):
-        token = None
+        data = json.loads(answer)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        data = {}
+    # An operator-given access token wins over the service's.
+    token = config.access_token or data.get("access_token")
     if not isinstance(token, str) or not token:
         log("ready_bad_answer")
         return None
-    return token
+    worker_token = data.get("worker_token")
+    if not isinstance(worker_token, str) or not worker_token:
+        worker_token = None
+    return ReadyAnswer(token, worker_token)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+
+class ServiceClient:
+    """The worker's calls to the service, with the worker token.
+
+    Every call is retried on connection errors, 5xx, 408 and 429 with capped exponential
+    backoff and jitter (a ``Retry-After`` is honoured), for as long as ``alive()`` holds:
+    a service restart or a network blip costs time, never output. Any other answer is
+    returned; redirects are never followed (the token would go with them)."""
+
+    def __init__(
+        self, config: Config, token: str, context: ssl.SSLContext, stop: threading.Event
+    ) -> None:
+        self._base = (
+            f"{config.service_url}/v1/workers/{urllib.parse.quote(config.worker_id, safe='')}"
+        )
+        self._token = token
+        self._stop = stop
+        self._opener = urllib.request.build_opener(
+            _NoRedirect(), urllib.request.HTTPSHandler(context=context)
+        )
+
+    def call(
+        self,
+        what: str,
+        path: str,
+        payload: bytes,
+        alive: Callable[[], bool],
+        timeout: float = SERVICE_TIMEOUT_S,
+        content_type: str = "application/json",
+        **fields: object,
+    ) -> Answer | None:
+        """POST ``payload`` to ``path`` (below the worker's URL); None once not ``alive()``."""
+        delay = TASK_BACKOFF_FIRST_S
+        attempt = 0
+        while alive():
+            attempt += 1
+            request = urllib.request.Request(self._base + path, data=payload, method="POST")
+            request.add_header("Content-Type", content_type)
+            request.add_header("Authorization", f"Bearer {self._token}")
+            retry_after: float | None = None
+            try:
+                with self._opener.open(request, timeout=timeout) as response:
+                    answer = Answer(
+                        response.status, _json_object(response.read(MAX_SERVICE_ANSWER))
+                    )
+                if attempt > 1:
+                    log("service_back", call=what, attempts=attempt, **fields)
+                return answer
+            except urllib.error.HTTPError as exc:
+                with exc:
+                    if exc.code < 500 and exc.code not in RETRYABLE_4XX:
+                        with contextlib.suppress(OSError, http.client.HTTPException):
+                            return Answer(exc.code, _json_object(exc.read(MAX_BODY)))
+                        return Answer(exc.code, {})
+                    reason = f"http_{exc.code}"
+                    retry_after = _retry_after(exc.headers.get("Retry-After"))
+            except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+                reason = _certificate_error(exc) or type(exc).__name__
+            pause = delay * random.uniform(0.5, 1.0)
+            if retry_after is not None:
+                pause = max(pause, retry_after)
+            if attempt == 1 or attempt % 10 == 0:
+                log(
+                    "service_retry",
+                    call=what,
+                    attempt=attempt,
+                    reason=reason,
+                    retry_in_s=round(pause, 2),
+                    **fields,
+                )
+            self._stop.wait(pause)
+            delay = min(delay * 2, TASK_BACKOFF_CAP_S)
+        return None
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data) if data else {}
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _retry_after(header: str | None) -> float | None:
+    """Seconds of a ``Retry-After: <seconds>`` header (an HTTP date is ignored)."""
+    try:
+        return min(max(float(header or ""), 0.0), RETRY_AFTER_CAP_S)
+    except ValueError:
+        return None
+
+
+class Output:
+    """A task's output stream between the pipe and the service.
+
+    Bytes from ``base`` on are held until the service has ``received`` them; at most
+    ``MAX_UNSENT`` unacknowledged bytes, beyond which ``append`` blocks (the reader stops
+    reading, the script blocks on its next write: backpressure). After ``discard`` the
+    bytes are counted, not kept. After ``abandon`` nothing more is counted."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._data = bytearray()
+        self._base = 0  # stream offset of _data[0]
+        self._total = 0  # bytes of the stream read from the pipe
+        self._acked = 0  # the service holds the stream up to here
+        self._pending_since: float | None = None  # when unsent bytes started to wait
+        self._eof = False
+        self._discarded = False
+        self._abandoned = False
+        self._tail = b""  # the stream's last bytes, sent or not (the engine's error)
+
+    @property
+    def total(self) -> int:
+        with self._cond:
+            return self._total
+
+    @property
+    def discarded(self) -> bool:
+        with self._cond:
+            return self._discarded
+
+    def append(self, data: bytes) -> bool:
+        """Add what the pipe gave; False when the stream was abandoned (stop reading)."""
+        with self._cond:
+            while (
+                not self._discarded
+                and not self._abandoned
+                and self._total - self._acked >= MAX_UNSENT
+            ):
+                self._cond.wait()
+            if self._abandoned:
+                return False
+            self._tail = (self._tail + data)[-TAIL_KEPT:]
+            if not self._discarded:
+                if self._total == self._acked:
+                    self._pending_since = time.monotonic()
+                self._data += data
+            self._total += len(data)
+            self._cond.notify_all()
+            return True
+
+    def tail(self) -> bytes:
+        with self._cond:
+            return self._tail
+
+    def end(self) -> None:
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def abandon(self) -> None:
+        """The pipe is still held open (by a process that left the group): stop here."""
+        with self._cond:
+            self._abandoned = self._eof = True
+            self._cond.notify_all()
+
+    def wait_end(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._eof, timeout)
+
+    def discard(self) -> None:
+        """The service keeps no more of this log: stop holding and sending output."""
+        with self._cond:
+            self._discarded = True
+            self._data = bytearray()
+            self._base = self._acked = self._total
+            self._cond.notify_all()
+
+    def next_chunk(self) -> tuple[int, bytes] | None:
+        """Wait for output worth sending; (offset, bytes), or None when all is sent."""
+        with self._cond:
+            while True:
+                if self._discarded:
+                    return None
+                pending = self._total - self._acked
+                if pending <= 0:
+                    if self._eof:
+                        return None
+                    self._cond.wait()
+                    continue
+                due = (self._pending_since or 0.0) + LOG_FLUSH_S
+                wait = due - time.monotonic()
+                if self._eof or pending >= LOG_FLUSH_BYTES or wait <= 0:
+                    start = self._acked - self._base
+                    return self._acked, bytes(self._data[start : start + LOG_CHUNK])
+                self._cond.wait(wait)
+
+    def acknowledge(self, received: int) -> bool:
+        """The service holds the stream up to ``received``; drop what is before it.
+        False when it asks for bytes no longer held (it lost what it had acknowledged)."""
+        with self._cond:
+            if received < self._base:
+                return False
+            self._acked = min(received, self._total)
+            del self._data[: self._acked - self._base]
+            self._base = self._acked
+            # What is still unsent has waited long enough: send it at once.
+            self._pending_since = 0.0 if self._total > self._acked else None
+            self._cond.notify_all()
+            return True
+
+
+@dataclass
+class Outcome:
+    outcome: str  # exited | timed_out | cancelled | failed_to_start
+    exit_code: int | None = None
+    error: str | None = None
+
+
+class Task:
+    """One task: its directory, its process (or container), its output, its finish."""
+
+    def __init__(self, spec: dict[str, Any], agent: TaskAgent) -> None:
+        self.id: str = spec["id"]
+        self.spec = spec
+        self.agent = agent
+        self.output = Output()
+        self._cancel = threading.Event()
+        self._cancel_reason = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.container: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        if not self._cancel.is_set():
+            self._cancel_reason = reason
+            log("task_cancel", task=self.id, reason=reason)
+            self._cancel.set()
+
+    def alive(self) -> bool:
+        return self.agent.alive()
+
+    def run(self) -> None:
+        """The task's thread: run it, send its output, report its end."""
+        started = time.monotonic()
+        dirs: list[str] = []
+        try:
+            outcome = self._execute(dirs)
+        except Exception as exc:  # a bug must still end the task on the service
+            log("task_error", task=self.id, error=f"{type(exc).__name__}: {exc}"[:200])
+            outcome = Outcome("failed_to_start", error=f"agent error: {type(exc).__name__}")
+        finally:
+            for path in dirs:
+                shutil.rmtree(path, ignore_errors=True)
+        log(
+            "task_ended",
+            task=self.id,
+            outcome=outcome.outcome,
+            exit_code=outcome.exit_code,
+            log_bytes=self.output.total,
+            duration_ms=int((time.monotonic() - started) * 1000),
+        )
+        self.agent.finished(self, self._finish(outcome))
+
+    def _execute(self, dirs: list[str]) -> Outcome:
+        try:
+            command, cwd, env = self._prepare(dirs)
+        except ValueError as exc:
+            log("task_refused", task=self.id, error=str(exc)[:200])
+            return Outcome("failed_to_start", error=str(exc)[:MAX_ERROR])
+        try:
+            self.proc = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,  # one pipe: stdout and stderr in the order written
+                bufsize=0,
+                start_new_session=not WINDOWS,
+                creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0),
+            )
+        except OSError as exc:
+            log("task_refused", task=self.id, error=type(exc).__name__)
+            return Outcome("failed_to_start", error=f"cannot start {command[0]}: {exc}"[:MAX_ERROR])
+        log(
+            "task_started",
+            task=self.id,
+            shell=self.spec.get("shell") or "sh",
+            container=bool(self.container),
+        )
+        assert self.proc.stdout is not None
+        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+        sender = threading.Thread(target=self._send, daemon=True)
+        sender.start()
+        killed = self._supervise(self.proc)
+        self._drain(self.proc)
+        if self.container:
+            _docker(self.agent.config.docker, "rm", "--force", self.container)
+        sender.join()
+        if killed:
+            return Outcome(killed)
+        code = self.proc.returncode
+        if self.container and code in DOCKER_START_FAILURES:
+            engine_error = self._engine_error()
+            if engine_error:
+                return Outcome("failed_to_start", error=engine_error)
+        return Outcome("exited", exit_code=128 - code if code < 0 else code)
+
+    def _prepare(self, dirs: list[str]) -> tuple[list[str], str, dict[str, str]]:
+        """Make the task's directory, write its files and script; the command to run."""
+        spec = self.spec
+        shell = spec.get("shell") or ("powershell" if WINDOWS else "sh")
+        if shell not in TASK_SHELLS:
+            raise ValueError(f"unknown shell {str(shell)[:40]!r}")
+        env = spec.get("env") or {}
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ValueError("'env' must map names to strings")
+        script = spec.get("script")
+        if not isinstance(script, str):
+            raise ValueError("'script' must be a string")
+        container = spec.get("container")
+        image = container.get("image") if isinstance(container, dict) else None
+        if container is not None and (not isinstance(image, str) or not image):
+            raise ValueError('\'container\' must be {"image": "<name:tag>"}')
+        root = self.agent.task_root()
+        safe = SAFE_NAME.sub("-", self.id)[:64]
+        workdir = tempfile.mkdtemp(prefix=f"{safe}-", dir=root)  # 0700
+        dirs.append(workdir)
+        # The script lives outside the task's directory: the script cannot overwrite it,
+        # and files cannot collide with it.
+        script_dir = tempfile.mkdtemp(prefix=f"{safe}-script-", dir=root)
+        dirs.append(script_dir)
+        write_files(workdir, spec.get("files") or {})
+        script_path = os.path.join(script_dir, "script" + SCRIPT_SUFFIX[shell])
+        # PowerShell 5 reads a BOM-less script as ANSI; the BOM makes it UTF-8.
+        encoding = "utf-8-sig" if shell == "powershell" else "utf-8"
+        with open(script_path, "w", encoding=encoding, newline="") as file:
+            file.write(script)
+        full_env = dict(os.environ)  # the tokens were removed from it at start
+        full_env.update(env)
+        if image is None:
+            return [*_host_shell(shell), script_path], workdir, full_env
+        self.container = "wl-" + SAFE_NAME.sub("-", self.id)
+        command = docker_run_command(
+            self.agent.config, self.container, self.id, image, shell, workdir, script_path, env
+        )
+        return command, workdir, full_env
+
+    def _read(self, pipe: IO[bytes]) -> None:
+        """Pipe -> output, until the pipe ends or the stream is abandoned."""
+        try:
+            while True:
+                data = pipe.read(READ_SIZE)  # unbuffered: what the pipe has now
+                if not data or not self.output.append(data):
+                    break
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.output.end()
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    def _send(self) -> None:
+        """Output -> the log endpoint, continuing from what the service says it holds."""
+        quoted = urllib.parse.quote(self.id, safe="")
+        while True:
+            chunk = self.output.next_chunk()
+            if chunk is None:
+                return
+            offset, data = chunk
+            answer = self.agent.client.call(
+                "log",
+                f"/tasks/{quoted}/log?offset={offset}",
+                data,
+                self.alive,
+                content_type="application/octet-stream",
+                task=self.id,
+            )
+            if answer is None:
+                return
+            received = _int_or_none(answer.body.get("received"))
+            if answer.status != 200 or received is None:
+                self._refused("log", answer)
+                return
+            if answer.body.get("cancel"):
+                self.cancel("service")
+            if answer.body.get("discard") and not self.output.discarded:
+                log("task_log_discarded", task=self.id, received=received)
+                self.output.discard()
+            elif not self.output.acknowledge(received):
+                log("task_log_gap", task=self.id, received=received)
+                self.output.discard()
+
+    def _refused(self, what: str, answer: Answer) -> None:
+        """The service did not take a chunk. 401/403: the worker's credential is gone;
+        404: the service does not know the task; both kill it. Anything else stops the
+        sending only: the output stays held (backpressure beyond ``MAX_UNSENT``) and the
+        finish's 409 asks for it again."""
+        log(f"task_{what}_refused", task=self.id, status=answer.status)
+        if answer.status in (401, 403):
+            self.agent.revoked_by(f"{what}_{answer.status}")
+        if answer.status in (401, 403, 404):
+            self.cancel(f"{what}_refused")
+
+    def _supervise(self, proc: subprocess.Popen[bytes]) -> str | None:
+        """Wait for the process; kill it at its deadline or on cancel. Returns the
+        outcome of a kill (timed_out, cancelled), None when it exited by itself."""
+        timeout_s = _int_or_none(self.spec.get("timeout_s"))
+        timeout = float(timeout_s) if timeout_s and timeout_s > 0 else 3600.0
+        deadline = time.monotonic() + timeout
+        killed: str | None = None
+        first_kill = next_kill = 0.0
+        while proc.poll() is None:
+            now = time.monotonic()
+            if killed is None:
+                if self._cancel.is_set() or not self.alive():
+                    killed = "cancelled"
+                elif now >= deadline:
+                    killed = "timed_out"
+                    log("task_timed_out", task=self.id, timeout_s=int(timeout))
+                first_kill = now
+            if killed is None:
+                self._cancel.wait(SUPERVISE_S)
+                continue
+            if now >= next_kill:
+                self._kill(proc, escalate=now - first_kill >= CONTAINER_KILL_GRACE_S)
+                next_kill = now + (1.0 if self.container else 0.5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(SUPERVISE_S)
+        return killed
+
+    def _kill(self, proc: subprocess.Popen[bytes], escalate: bool) -> None:
+        """The container (``docker kill``; the CLI too if it lingers), else the process
+        group or tree."""
+        if self.container and not escalate:
+            _docker(self.agent.config.docker, "kill", self.container)
+            return
+        _kill_tree(proc)
+
+    def _drain(self, proc: subprocess.Popen[bytes]) -> None:
+        """The script has exited: what it wrote is still in the pipe. A background child
+        that keeps the pipe open must not hold the finish: after a short wait its group
+        is killed, and if the pipe is still held (a process that left the group), the
+        rest of the output is abandoned."""
+        if self.output.wait_end(DRAIN_AFTER_EXIT_S):
+            return
+        if not WINDOWS:
+            # The group's id is still reserved: a live member holds the pipe open.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if not self.output.wait_end(DRAIN_AFTER_KILL_S):
+            log("task_output_abandoned", task=self.id)
+            self.output.abandon()
+
+    def _engine_error(self) -> str | None:
+        """The engine's own message when `docker run` could not start the container."""
+        tail = self.output.tail().decode("utf-8", "replace")
+        for line in reversed(tail.splitlines()):
+            if line.startswith(DOCKER_ERROR_PREFIX):
+                return line[len(DOCKER_ERROR_PREFIX) :].strip()[:MAX_ERROR]
+        return None
+
+    def _finish(self, outcome: Outcome) -> dict[str, Any]:
+        """Report the end until the service takes it; send missing output on 409."""
+        body = {
+            "outcome": outcome.outcome,
+            "exit_code": outcome.exit_code,
+            "error": outcome.error,
+            "log_bytes": self.output.total,
+        }
+        self.agent.send_finish(self.id, body, self.output, self._send)
+        return body
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def write_files(workdir: str, files: object) -> None:
+    """Write a task's ``files`` (relative path -> base64) under ``workdir``.
+
+    The service checked the paths already; they are checked again here, where it
+    matters: relative, ``/``-separated, no empty, ``.`` or ``..`` segment, no
+    backslash, no drive letter. Raises ValueError naming the path."""
+    if not isinstance(files, dict):
+        raise ValueError("'files' must map paths to base64 content")
+    root = os.path.realpath(workdir)
+    for name, content in files.items():
+        parts = _relative_parts(name)
+        try:
+            data = base64.b64decode(content, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise ValueError(f"file {name[:200]!r}: content is not base64") from None
+        target = os.path.join(root, *parts)
+        if os.path.commonpath([root, os.path.realpath(target)]) != root:
+            raise ValueError(f"file {name[:200]!r} escapes the task directory")
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "xb") as file:
+                file.write(data)
+        except OSError as exc:
+            raise ValueError(f"file {name[:200]!r}: {exc.strerror or exc}") from None
+
+
+def _relative_parts(name: object) -> list[str]:
+    if not isinstance(name, str) or not name:
+        raise ValueError("a file has an empty path")
+    if (
+        "\\" in name
+        or "\0" in name
+        or name.startswith("/")
+        or DRIVE.match(name)
+        or (WINDOWS and ":" in name)
+    ):
+        raise ValueError(f"file {name[:200]!r} is not a relative path")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"file {name[:200]!r} has an empty, '.' or '..' segment")
+    return parts
+
+
+def _host_shell(shell: str) -> list[str]:
+    """The command line a script file's path is appended to, for ``shell`` on this host."""
+    if shell == "sh":
+        program = "/bin/sh" if not WINDOWS else shutil.which("sh")
+        found = [program] if program else None
+    elif shell == "bash":
+        program = shutil.which("bash")
+        found = [program] if program else None
+    elif shell == "powershell":
+        program = shutil.which("powershell.exe") or shutil.which("pwsh")
+        found = [program, *POWERSHELL_ARGS] if program else None
+    else:
+        program = shutil.which("cmd.exe") if WINDOWS else None
+        found = [program, "/d", "/c"] if program else None
+    if not found:
+        raise ValueError(f"shell {shell!r} is not available on this worker")
+    return found
+
+
+def docker_run_command(
+    config: Config,
+    name: str,
+    task_id: str,
+    image: str,
+    shell: str,
+    workdir: str,
+    script_path: str,
+    env: dict[str, str],
+) -> list[str]:
+    """``docker run`` of ``image`` for a task (docs/tasks.md, "Execution containers").
+
+    The values of ``env`` reach the container through the CLI's environment (``-e NAME``),
+    never its command line. ``--entrypoint ""``: the image's entrypoint (an agent, a
+    server) would otherwise get the shell as its arguments. On POSIX the container runs
+    as the agent's uid and gid: the task directory (0700) is the agent's, and what the
+    script leaves there stays removable by it."""
+    script_dir, script_file = os.path.split(script_path)
+    separator = "\\" if WINDOWS else "/"
+    command = [
+        config.docker,
+        "run",
+        "--rm",
+        "--name",
+        name,
+        "--label",
+        f"workerlease.task={task_id}",
+        "--pull",
+        config.container_pull,
+        "--entrypoint",
+        "",
+        "-v",
+        f"{workdir}:{CONTAINER_WORKSPACE}",
+        "-w",
+        CONTAINER_WORKSPACE,
+        "-v",
+        f"{script_dir}:{CONTAINER_SCRIPT_DIR}:ro",
+    ]
+    if not WINDOWS:
+        command += ["--user", f"{os.getuid()}:{os.getgid()}"]
+    for key in env:
+        command += ["-e", key]
+    return [
+        *command,
+        image,
+        *CONTAINER_SHELLS[shell],
+        f"{CONTAINER_SCRIPT_DIR}{separator}{script_file}",
+    ]
+
+
+def _docker(docker: str, *args: str) -> None:
+    """A `docker` housekeeping call (kill, rm); its failure ("No such container") is fine."""
+    try:
+        subprocess.run(
+            [docker, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=DOCKER_CALL_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log("docker_call_failed", call=args[0], error=type(exc).__name__)
+
+
+class TaskAgent:
+    """The poll loop and the tasks it started; one per agent."""
+
+    def __init__(self, config: Config, client: ServiceClient, stop: threading.Event) -> None:
+        self.config = config
+        self.client = client
+        self.stop = stop
+        self.revoked = threading.Event()
+        self._lock = threading.Lock()
+        self._active: dict[str, Task] = {}
+        self._resending: set[str] = set()
+        self._finishes: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._root: str | None = None
+
+    def alive(self) -> bool:
+        return not self.stop.is_set() and not self.revoked.is_set()
+
+    def task_root(self) -> str:
+        """A fresh 0700 directory holding the tasks' directories, made on first use."""
+        with self._lock:
+            if self._root is None:
+                self._root = tempfile.mkdtemp(prefix="workerlease-tasks-")
+            return self._root
+
+    def poll_forever(self) -> None:
+        delay = TASK_BACKOFF_FIRST_S
+        while self.alive():
+            with self._lock:
+                running = [*self._active, *self._resending][:MAX_REPORTED_RUNNING]
+            body = json.dumps({"running": running, "wait_seconds": POLL_WAIT_S}).encode()
+            answer = self.client.call(
+                "poll", "/poll", body, self.alive, timeout=POLL_WAIT_S + POLL_SLACK_S
+            )
+            if answer is None:
+                break
+            if answer.status in (401, 403):
+                self.revoked_by(f"poll_{answer.status}")
+                break
+            if answer.status != 200:
+                # Not worth a tight loop; the service may be mid-deploy.
+                log("poll_refused", status=answer.status)
+                self.stop.wait(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, TASK_BACKOFF_CAP_S)
+                continue
+            delay = TASK_BACKOFF_FIRST_S
+            self._take(answer.body)
+
+    def revoked_by(self, reason: str) -> None:
+        """The worker's credential no longer works: the worker is being destroyed."""
+        if not self.revoked.is_set():
+            log("worker_revoked", reason=reason)
+            self.revoked.set()
+
+    def _take(self, body: dict[str, Any]) -> None:
+        cancel = body.get("cancel")
+        for task_id in cancel if isinstance(cancel, list) else []:
+            with self._lock:
+                task = self._active.get(task_id) if isinstance(task_id, str) else None
+            if task is not None:
+                task.cancel("service")
+        tasks = body.get("tasks")
+        for spec in tasks if isinstance(tasks, list) else []:
+            task_id = spec.get("id") if isinstance(spec, dict) else None
+            if not isinstance(task_id, str) or not task_id:
+                log("poll_bad_task")
+                continue
+            with self._lock:
+                if task_id in self._active or task_id in self._resending:
+                    continue  # already running, or its finish is on its way
+                finish = self._finishes.get(task_id)
+                task = Task(spec, self) if finish is None else None
+                if task is None:
+                    self._resending.add(task_id)
+                else:
+                    self._active[task_id] = task
+            if task is None:
+                log("task_redelivered", task=task_id)
+                threading.Thread(target=self._resend, args=(task_id, finish), daemon=True).start()
+            else:
+                threading.Thread(target=task.run, name=f"task-{task_id}", daemon=True).start()
+
+    def _resend(self, task_id: str, finish: dict[str, Any]) -> None:
+        try:
+            self.send_finish(task_id, finish, None, None)
+        finally:
+            with self._lock:
+                self._resending.discard(task_id)
+
+    def send_finish(
+        self,
+        task_id: str,
+        body: dict[str, Any],
+        output: Output | None,
+        send: Callable[[], None] | None,
+    ) -> None:
+        """POST the finish until it is taken. A 409 names what the service holds: the
+        rest of the output goes again from there (when it is still held), then the
+        finish again."""
+        path = f"/tasks/{urllib.parse.quote(task_id, safe='')}/finish"
+        payload = json.dumps(body).encode()
+        conflicts = 0
+        while True:
+            answer = self.client.call("finish", path, payload, self.alive, task=task_id)
+            if answer is None:
+                return
+            if answer.status == 200:
+                return
+            received = _int_or_none(answer.body.get("received"))
+            if answer.status == 409 and received is not None and conflicts < 5:
+                conflicts += 1
+                log(
+                    "task_finish_conflict",
+                    task=task_id,
+                    received=received,
+                    log_bytes=body["log_bytes"],
+                )
+                if output is not None and send is not None and output.acknowledge(received):
+                    send()
+                    continue
+                self.stop.wait(TASK_BACKOFF_CAP_S * random.uniform(0.5, 1.0))
+                continue
+            log("task_finish_refused", task=task_id, status=answer.status)
+            if answer.status in (401, 403):
+                self.revoked_by(f"finish_{answer.status}")
+            return
+
+    def finished(self, task: Task, finish: dict[str, Any]) -> None:
+        with self._lock:
+            self._active.pop(task.id, None)
+            self._finishes[task.id] = finish
+            while len(self._finishes) > FINISHES_KEPT:
+                self._finishes.popitem(last=False)
+
+    def close(self) -> None:
+        """Kill every running task (agent shutdown): containers with `docker kill`."""
+        with self._lock:
+            tasks = list(self._active.values())
+        killers = []
+        for task in tasks:
+            task.cancel("agent_stopping")
+            proc = task.proc
+            if task.container:
+                killer = threading.Thread(
+                    target=_docker, args=(self.config.docker, "kill", task.container), daemon=True
+                )
+                killer.start()
+                killers.append(killer)
+            elif proc is not None:
+                _kill_tree(proc)
+        deadline = time.monotonic() + 2.5  # within the local provisioner's SIGTERM grace
+        for killer in killers:
+            killer.join(max(0.0, deadline - time.monotonic()))
 
 
 def main() -> int:
@@ -634,11 +1461,18 @@ def main() -> int:
     agent_url = f"http://{url_host}:{server.port}"
     log("listening", worker=config.worker_id, pool=config.pool, agent_url=agent_url)
     code = 0
+    tasks: TaskAgent | None = None
     try:
-        token = report_ready(config, agent_url, stop, context)
-        if token is not None:
-            server.set_access_token(token)
+        answer = report_ready(config, agent_url, stop, context)
+        if answer is not None:
+            server.set_access_token(answer.access_token)
             log("ready", worker=config.worker_id)
+            if answer.worker_token is None:
+                log("tasks_disabled", reason="no worker_token in the ready answer")
+            else:
+                client = ServiceClient(config, answer.worker_token, context, stop)
+                tasks = TaskAgent(config, client, stop)
+                threading.Thread(target=tasks.poll_forever, name="poll", daemon=True).start()
             while not stop.wait(1.0):
                 pass
         elif not stop.is_set():
@@ -647,6 +1481,8 @@ def main() -> int:
         server.shutdown()
         server.server_close()
         runner.close()
+        if tasks is not None:
+            tasks.close()
     log("stopped", exit_code=code)
     return code
 

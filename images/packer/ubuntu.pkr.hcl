@@ -1,7 +1,9 @@
 # Ubuntu worker AMI for workerlease EC2 pools.
 #
-# The image carries python3, the agent (installed by images/agent/install.sh, the
-# one installer every target uses) and whatever tooling var.extra_packages adds.
+# The image carries python3, Docker Engine (Ubuntu's docker.io: the agent, run as root
+# by systemd, runs execution containers with it), the agent (installed by
+# images/agent/install.sh, the one installer every target uses) and whatever tooling
+# var.extra_packages adds.
 # It holds no worker identity and no token: at boot, user data rendered by
 # provisioners/userdata.py:render_user_data writes the worker's environment and runs
 # the same install.sh --service, which starts the agent.
@@ -113,7 +115,9 @@ build {
     inline = [
       "cloud-init status --wait || true",
       "apt-get update",
-      "apt-get install -y --no-install-recommends python3 curl ca-certificates $EXTRA_PACKAGES",
+      "apt-get install -y --no-install-recommends python3 curl ca-certificates docker.io $EXTRA_PACKAGES",
+      # Execution containers (docs/tasks.md): the engine starts at boot.
+      "systemctl enable docker.service containerd.service",
       # Without --service and without WORKERLEASE_* variables: files only, no unit, no env.
       "sh /tmp/workerlease-agent/install.sh",
       "rm -f /etc/workerlease/agent.env",

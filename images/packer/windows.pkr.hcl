@@ -35,7 +35,19 @@ variable "subnet_id" {
 
 variable "windows_ami_name" {
   type    = string
-  default = "Windows_Server-2022-English-Full-Base-*"
+  default = "Windows_Server-2025-English-Full-Base-*"
+}
+
+variable "install_docker" {
+  type        = bool
+  default     = true
+  description = "Install the Containers feature and Docker Engine (execution containers: Windows containers whose base image matches the host's build)."
+}
+
+variable "docker_version" {
+  type        = string
+  default     = "27.5.1"
+  description = "Docker Engine static release from download.docker.com/win/static/stable/x86_64/."
 }
 
 variable "python_version" {
@@ -131,6 +143,42 @@ build {
       "if ($p.ExitCode -ne 0) { throw \"Python installer exited with $($p.ExitCode)\" }",
       "Remove-Item $installer",
       "New-Item -ItemType Directory -Force -Path '${local.staging_dir}' | Out-Null",
+    ]
+  }
+
+  # Execution containers: the Containers feature (a reboot), then Docker Engine's static
+  # binaries registered as a service, as Microsoft documents for Windows Server. The agent
+  # runs as SYSTEM, which may use the engine's named pipe. Windows runs Windows containers
+  # only, of a base image matching the host's build (Server 2025: ltsc2025).
+  # (`only` takes no variables: each step checks INSTALL_DOCKER; the reboot is harmless.)
+  provisioner "powershell" {
+    environment_vars = ["INSTALL_DOCKER=${var.install_docker}"]
+    inline = [
+      "if ($env:INSTALL_DOCKER -ne 'true') { exit 0 }",
+      "Install-WindowsFeature -Name Containers | Out-Null",
+    ]
+  }
+
+  provisioner "windows-restart" {}
+
+  provisioner "powershell" {
+    environment_vars = [
+      "INSTALL_DOCKER=${var.install_docker}",
+      "DOCKER_VERSION=${var.docker_version}",
+    ]
+    inline = [
+      "if ($env:INSTALL_DOCKER -ne 'true') { exit 0 }",
+      "$ErrorActionPreference = 'Stop'",
+      "$ProgressPreference = 'SilentlyContinue'",
+      "$zip = Join-Path $env:TEMP 'docker.zip'",
+      "Invoke-WebRequest -UseBasicParsing -Uri \"https://download.docker.com/win/static/stable/x86_64/docker-$env:DOCKER_VERSION.zip\" -OutFile $zip",
+      "Expand-Archive -Path $zip -DestinationPath $env:ProgramFiles -Force",
+      "Remove-Item $zip",
+      "[Environment]::SetEnvironmentVariable('Path', $env:Path + ';' + (Join-Path $env:ProgramFiles 'docker'), 'Machine')",
+      "& (Join-Path $env:ProgramFiles 'docker\\dockerd.exe') --register-service",
+      "Set-Service -Name docker -StartupType Automatic",
+      "Start-Service docker",
+      "& (Join-Path $env:ProgramFiles 'docker\\docker.exe') version",
     ]
   }
 

@@ -48,6 +48,7 @@ def create_one(rt: Runtime, pool: Pool, worker: Worker, now: datetime) -> None:
         service_url=rt.provisioners.deployment.service_url,
         bootstrap_token=worker.bootstrap_token or "",
         installation_id=rt.provisioners.deployment.installation_id,
+        capabilities=tuple(pool.capabilities),
     )
     try:
         handle = rt.provisioners.for_pool(pool).create(spec)

@@ -31,7 +31,8 @@ def server() -> Iterator[ServerProcess]:
     """A service whose own directory others can pass through (0711), so only the files'
     own modes protect the database and the key, as in a checkout under /srv or /opt."""
     home = worker_root("workerlease-sec-")
-    service = ServerProcess(home, pools=[pool(min_ready=2, max_workers=4)])
+    # Without execution-containers: that capability gives workers the host engine (root).
+    service = ServerProcess(home, pools=[pool(min_ready=2, max_workers=4, capabilities=[])])
     try:
         yield service.start()
     finally:

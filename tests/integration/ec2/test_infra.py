@@ -328,6 +328,7 @@ def test_example_config_is_a_valid_service_config():
 
     check_pool_options(config)  # what serve does at start
     assert {p.name: p.provisioner for p in config.pools} == {
+        "default": "ec2",
         "hosted-ubuntu": "ec2",
         "hosted-windows": "ec2",
     }
