@@ -164,6 +164,9 @@ class Provisioner(ABC, Generic[OptionsT]):
             )
         self.pool = pool
         self.options: OptionsT = options
+        # The pool's capabilities (set by the service after construction), so that a
+        # provisioner can warn about one at start, before its first worker.
+        self.capabilities: frozenset[str] = frozenset()
 
     @abstractmethod
     def create(self, spec: WorkerSpec) -> WorkerHandle:

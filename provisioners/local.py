@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,9 @@ class LocalOptions(ProvisionerOptions):
     uid_range_size: int = Field(65536, ge=1)
     #: Refuse to start the pool rather than run workers under the service's uid.
     require_isolation: bool = False
+    #: Extra agent settings, e.g. ``WORKERLEASE_CONTAINER_PULL: never`` on a host that
+    #: reaches no registry (as for EC2 pools' ``agent_env``).
+    agent_env: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _range_fits(self) -> LocalOptions:
@@ -285,14 +288,16 @@ class LocalProvisioner(Provisioner[LocalOptions]):
                 "under the service's uid and can read its environment, database and other "
                 "workers; run the service as root, or use docker or ec2 pools for tenants"
             )
+        if EXECUTION_CONTAINERS in self.capabilities:
+            self._engine_access(self.capabilities)  # said at start, not at the first worker
         if self._engine_warning is not None:
             warnings.append(self._engine_warning)
         return "; ".join(warnings) or None
 
-    def _engine_access(self, spec: WorkerSpec) -> tuple[list[int], dict[str, str]]:
+    def _engine_access(self, capabilities: Collection[str]) -> tuple[list[int], dict[str, str]]:
         """Supplementary groups and environment that let the worker's agent use the
         host's Docker engine, when its pool has the execution-containers capability."""
-        if EXECUTION_CONTAINERS not in spec.capabilities:
+        if EXECUTION_CONTAINERS not in capabilities:
             return [], {}
         env = {"DOCKER_HOST": os.environ["DOCKER_HOST"]} if os.environ.get("DOCKER_HOST") else {}
         socket = _engine_socket()
@@ -424,13 +429,14 @@ class LocalProvisioner(Provisioner[LocalOptions]):
     def _start_agent(self, spec: WorkerSpec, workdir: Path, uid: int | None) -> int:
         """Run the agent's copy in ``workdir`` (readable by the worker's uid wherever the
         service's checkout lives), with an environment made here, none of the service's."""
-        engine_groups, engine_env = self._engine_access(spec)
+        engine_groups, engine_env = self._engine_access(spec.capabilities)
         env = {
             "PATH": os.environ.get("PATH", os.defpath),
             "HOME": str(workdir),
             "TMPDIR": str(workdir / "tmp"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             **engine_env,
+            **self.options.agent_env,
             **spec.agent_environment(),
             ENV_AGENT_HOST: self.agent_host,
             MARKER: MARKER_VALUE,

@@ -51,13 +51,14 @@ class ProvisionerSet:
         self._by_pool: dict[str, tuple[str, Provisioner[Any]]] = {}
 
     def for_pool(self, pool: Pool) -> Provisioner[Any]:
-        key = _settings_key(pool)
+        key = f"{_settings_key(pool)}:{sorted(pool.capabilities)}"
         with self._lock:
             cached = self._by_pool.get(pool.name)
             if cached is not None and cached[0] == key:
                 return cached[1]
             cls = provisioner_class(pool.provisioner)
             instance = cls(pool.name, cls.Options.model_validate(pool.options))
+            instance.capabilities = frozenset(pool.capabilities)
             self._by_pool[pool.name] = (key, instance)
             if cached is not None:
                 cached[1].close()

@@ -336,3 +336,49 @@ def test_ended_tasks_are_purged_after_task_retention(
         60,
         message="the task was never purged",
     )
+
+
+@pytest.fixture(scope="module")
+def testing_image() -> str:
+    """The offline test image, as the execution containers' task image (built by make test)."""
+    from images.build import ImageBuildError, build_image
+
+    try:
+        return build_image("testing")
+    except ImageBuildError as exc:
+        pytest.fail(f"cannot build images/testing: {exc}", pytrace=False)
+
+
+def test_execution_containers_through_the_service(
+    make_server: Callable[..., ServerProcess], testing_image: str
+) -> None:
+    container_pool = pool(
+        min_ready=1,
+        max_workers=2,
+        capabilities=["execution-containers"],
+        # Nothing is ever pulled: this host reaches no registry (and must not try).
+        options={"agent_env": {"WORKERLEASE_CONTAINER_PULL": "never"}},
+    )
+    server = make_server(pools=[container_pool]).start()
+    pools = server.admin("GET", "/v1/admin/pools").json()["pools"]
+    assert "GIVES UP WORKER ISOLATION" in (pools[0]["warning"] or "")
+    tenant = Tenant(server, "acme")
+    task = tenant.submit(
+        'echo "in $(cat /etc/os-release | head -1)"; cat job.txt; pwd; echo "$GREETING"',
+        container={"image": testing_image},
+        env={"GREETING": "hello"},
+        files={"job.txt": base64.b64encode(b"the job\n").decode()},
+    )
+    log, end, _ = tenant.follow(task["id"])
+    assert end == "succeeded", log
+    lines = log.decode().splitlines()
+    assert lines[0].startswith("in PRETTY_NAME=") and lines[1:] == [
+        "the job",
+        "/workspace",
+        "hello",
+    ]
+    assert tenant.task(task["id"])["container"] == {"image": testing_image}
+    missing = tenant.submit("true", container={"image": "workerlease/no-such-image:0"})
+    _log, end, _ = tenant.follow(missing["id"])
+    failed = tenant.task(missing["id"])
+    assert end == "failed" and "no-such-image" in (failed["error"] or ""), failed

@@ -103,3 +103,10 @@ def test_a_pool_without_the_capability_has_no_engine_and_no_warning(
     assert task.result["outcome"] == "exited" and task.result["exit_code"] != 0
     assert b"permission denied" in bytes(task.log)
     assert provisioner.warning is None
+
+
+def test_the_pool_warns_at_start_before_its_first_worker(provisioner: LocalProvisioner) -> None:
+    """The service hands the pool's capabilities over when it builds the provisioner, so
+    the warning is in the log and in /v1/admin/pools before any worker exists."""
+    provisioner.capabilities = frozenset({EXECUTION_CONTAINERS})
+    assert f"POOL {POOL} GIVES UP WORKER ISOLATION" in (provisioner.warning or "")
