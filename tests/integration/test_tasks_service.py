@@ -184,9 +184,9 @@ def test_timeout_kills_the_whole_process_tree(make_server: Callable[..., ServerP
 
 
 def test_cancel_ends_a_running_task_within_seconds_and_a_queued_one_at_once(
-    make_server: Callable[..., ServerProcess],
+    make_server: Callable[..., ServerProcess], database: dict[str, Any]
 ) -> None:
-    server = make_server(pools=[_plain_pool(max_concurrent_tasks=2)]).start()
+    server = make_server(pools=[_plain_pool(max_concurrent_tasks=2)], extra=database).start()
     tenant = Tenant(server, "acme")
     first = tenant.submit("sleep 300 & echo child=$!; sleep 300")
     second = tenant.submit("sleep 300")
@@ -306,9 +306,9 @@ def test_the_agent_killed_mid_task_loses_the_task(
 
 
 def test_the_service_restarted_mid_task_loses_no_output(
-    make_server: Callable[..., ServerProcess],
+    make_server: Callable[..., ServerProcess], database: dict[str, Any]
 ) -> None:
-    server = make_server(pools=[_plain_pool()]).start()
+    server = make_server(pools=[_plain_pool()], extra=database).start()
     tenant = Tenant(server, "acme")
     script = 'for i in $(seq 1 60); do echo "line $i"; sleep 0.1; done'
     task = tenant.submit(script)
