@@ -174,7 +174,7 @@ def tenants_create(config_path: str | None, name: str) -> None:
     from service import tenants as tenant_domain
     from service.clock import utcnow
 
-    factory = _factory(_load(config_path))
+    factory = _existing_database(config_path)
     from service.db import session_scope
 
     with session_scope(factory) as session:
@@ -191,7 +191,7 @@ def tenants_list(config_path: str | None) -> None:
     from service import tenants as tenant_domain
     from service.db import session_scope
 
-    factory = _factory(_load(config_path))
+    factory = _existing_database(config_path)
     with session_scope(factory) as session:
         rows = tenant_domain.page(session, 10_000, 0)
         click.echo(f"{'ID':<24} {'ENABLED':<8} {'CREATED':<26} NAME")
@@ -209,7 +209,7 @@ def pools(config_path: str | None) -> None:
     from service.models import Pool
     from service.pools import PoolCounts, counts_by_pool
 
-    factory = _factory(_load(config_path))
+    factory = _existing_database(config_path)
     with session_scope(factory) as session:
         counts = counts_by_pool(session)
         header = (
@@ -286,12 +286,38 @@ def images_build(name: str) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-def _factory(config: Config) -> Any:
-    from service.db import make_engine, session_factory
-    from service.startup import prepare_database
+def _existing_database(config_path: str | None) -> Any:
+    """A session factory on the database as it is: no migration, no pools applied.
 
+    Only ``serve``, ``scheduler`` and ``db upgrade`` change the schema or apply the
+    config; every other command reads or acts on what they made. Without a configured
+    database, or with a SQLite file that does not exist, it stops and says so (a
+    default ``./workerlease.db`` would be made empty and read back as "no tenants").
+    """
+    from service import crypto
+    from service.db import make_engine, session_factory
+    from service.migrate import current_revision
+    from service.startup import sqlite_path
+
+    if not config_path and not os.environ.get("WORKERLEASE_DATABASE_URL"):
+        raise click.ClickException(
+            "no database configured: pass --config FILE (or set WORKERLEASE_CONFIG, "
+            "or WORKERLEASE_DATABASE_URL)"
+        )
+    config = _load(config_path)
+    path = sqlite_path(config.database_url)
+    if path is not None and not path.exists():
+        raise click.ClickException(
+            f"database {path} does not exist: start `workerlease serve` (or run "
+            "`workerlease db upgrade`) with this config first"
+        )
+    crypto.configure(config.encryption_key)
     engine = make_engine(config.database_url, config.database_pool_size)
-    prepare_database(config, engine)
+    if current_revision(engine) is None:
+        engine.dispose()
+        raise click.ClickException(
+            "the database has no workerlease schema: run `workerlease db upgrade` first"
+        )
     return session_factory(engine)
 
 
