@@ -23,3 +23,9 @@ errorlog = "-"
 # preloaded; metrics from several processes are aggregated through this directory.
 preload_app = False
 raw_env = [f"PROMETHEUS_MULTIPROC_DIR={tempfile.mkdtemp(prefix='workerlease-prom-')}"]
+
+
+def child_exit(_server, worker):  # a dead web worker's live gauges leave the sums
+    from service.metrics import process_exited
+
+    process_exited(worker.pid)

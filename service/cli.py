@@ -82,9 +82,8 @@ def serve(
         config.require_admin_token()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    _in_multiprocess_metrics_mode()
     _setup_logging(config.log_level)
-    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="workerlease-prom-")
     from service.server import run_server
 
     run_server(
@@ -98,19 +97,67 @@ def serve(
     )
 
 
+def _in_multiprocess_metrics_mode() -> None:
+    """Make sure ``serve``'s process group counts in one shared metrics directory.
+
+    prometheus_client picks its value store when it is imported, and this process
+    imported it already (the CLI's own imports). So when the directory is not set
+    yet, make one and start this command again in the same process (``exec``, same
+    pid) with it set: then the gunicorn master, every web worker and the scheduler
+    child count into it, and any web worker's ``/metrics`` shows all of them.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    directory = tempfile.mkdtemp(prefix="workerlease-prom-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    os.environ[OWN_METRICS_DIR_ENV] = directory  # serve removes it when it stops
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "service.cli", *sys.argv[1:]])
+
+
+OWN_METRICS_DIR_ENV = "WORKERLEASE_OWN_METRICS_DIR"
+
+
 @main.command()
 @CONFIG_OPTION
 @click.option("--public-url", help="how workers reach the API (default: config public_url)")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    envvar="WORKERLEASE_SCHEDULER_METRICS_PORT",
+    help="serve this scheduler's metrics (jobs, doorbell, provisioner errors) on "
+    "http://HOST:PORT/metrics; needed when it runs apart from serve",
+)
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True, help="address for --metrics-port"
+)
 @click.option(
     "--exit-with-parent",
     is_flag=True,
     hidden=True,
     help="stop when the parent process dies (used by serve)",
 )
-def scheduler(config_path: str | None, public_url: str | None, exit_with_parent: bool) -> None:
+def scheduler(
+    config_path: str | None,
+    public_url: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    exit_with_parent: bool,
+) -> None:
     """Run only the background jobs (for deployments that serve the API elsewhere)."""
     config = _load(config_path, serving=True)
     _setup_logging(config.log_level)
+    from service.metrics import start_exporter
+
+    if metrics_port:
+        start_exporter(metrics_host, metrics_port, config.metrics_token)
+        log.info("metrics_listening url=http://%s:%d/metrics", metrics_host, metrics_port)
+    elif not exit_with_parent:
+        log.warning(
+            "metrics_not_exported: job and doorbell metrics of this scheduler are not "
+            "scraped anywhere; pass --metrics-port"
+        )
     from service.passes.runtime import build_runtime
     from service.scheduler import run_scheduler
     from service.startup import prepare_database, service_url
