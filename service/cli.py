@@ -14,6 +14,7 @@ import click
 
 from service import startup
 from service.config import Config, ConfigError
+from service.startup import service_url
 
 log = logging.getLogger("workerlease.cli")
 
@@ -159,7 +160,7 @@ def scheduler(
             "scraped anywhere; pass --metrics-port"
         )
     from service.passes.runtime import build_runtime
-    from service.scheduler import run_scheduler
+    from service.scheduler import mark_stopped, run_scheduler
     from service.startup import prepare_database, service_url
 
     url = public_url or service_url(config, "127.0.0.1", 8080)
@@ -174,6 +175,7 @@ def scheduler(
     log.info("scheduler_running service_url=%s", url)
     stop.wait()
     sched.shutdown(wait=True)
+    mark_stopped(rt)
     rt.close()
     log.info("scheduler_stopped")
 
@@ -189,6 +191,56 @@ def _stop_when_orphaned(stop: threading.Event) -> None:
                 stop.set()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option(
+    "--force",
+    is_flag=True,
+    help="even when a scheduler beat recently (it may still be running)",
+)
+def cleanup(config_path: str | None, force: bool) -> None:
+    """Drain and destroy every worker of this deployment (run after the service stopped).
+
+    Live leases end, every worker is destroyed through its pool's provisioner and
+    marked destroyed, and whatever the provisioners still list under this deployment
+    and database is destroyed too. Exit 1 if some destroy failed (they stay listed).
+    """
+    from service import heartbeats
+    from service.clock import SystemClock
+    from service.db import session_scope
+    from service.passes.cleanup import cleanup as run_cleanup
+    from service.passes.runtime import build_runtime
+
+    factory = _existing_database(config_path)
+    config = _load(config_path)
+    _setup_logging(config.log_level)
+    now = SystemClock().now()
+    with session_scope(factory) as session:
+        beat = heartbeats.last_beat(session, heartbeats.SCHEDULER)
+    stale_after = max(3 * config.scheduler.interval, 15)
+    if not force and heartbeats.running_elsewhere(beat, now, stale_after):
+        assert beat is not None
+        raise click.ClickException(
+            f"a scheduler ({beat.detail}) beat at {beat.at.isoformat()}: stop the service "
+            f"first, or wait {stale_after}s after it died, or pass --force"
+        )
+    rt = build_runtime(config, factory.kw["bind"], service_url(config, "127.0.0.1", 8080))
+    try:
+        report = run_cleanup(rt)
+    finally:
+        rt.close()
+    click.echo(
+        f"leases ended: {report.leases_ended}, workers destroyed: {report.workers_destroyed}, "
+        f"orphans destroyed: {report.orphans_destroyed}"
+    )
+    if report.failed:
+        for worker_id, error in sorted(report.failed.items()):
+            click.echo(f"  not destroyed: {worker_id}: {error}", err=True)
+        raise click.ClickException(
+            f"{len(report.failed)} workers could not be destroyed; run cleanup again"
+        )
 
 
 @main.group()
