@@ -35,13 +35,9 @@ def _load(config_path: str | None, *, serving: bool = False) -> Config:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    # Request lines come from gunicorn's access log; keep library chatter down.
-    # "maximum number of running instances reached" is expected for the frequent demand job.
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from service.logs import configure
+
+    configure(level)
 
 
 @click.group()

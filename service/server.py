@@ -162,8 +162,8 @@ def run_server(
         # the first included, under a timeout of this many seconds, then closes.
         "keepalive": HEADER_TIMEOUT_S,
         "accesslog": "-",
-        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
         "errorlog": "-",
+        "logger_class": "service.logs.GunicornLogger",  # the service's logfmt lines
         "loglevel": config.log_level.lower(),
         "when_ready": when_ready,
         "on_exit": on_exit,

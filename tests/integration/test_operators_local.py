@@ -192,3 +192,35 @@ def test_the_readme_command_line_section_runs_as_written() -> None:
             timeout=60,
         )
         assert result.returncode == 0, (words, result.stderr)
+
+
+LOG_LINE = re.compile(
+    r"^ts=\S+Z level=(debug|info|warning|error|critical) logger=\S+ proc=\d+ event=[a-z_.]+"
+)
+
+
+def test_serve_gunicorn_and_the_scheduler_log_one_format(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    server = make_server(pools=[pool(min_ready=1, max_workers=2)]).start()
+    server.wait_ready_workers(1)
+    assert server.request("GET", "/healthz").status_code == 200
+
+    def lines() -> list[str]:
+        return [
+            line
+            for line in server.log_text().splitlines()
+            if line.strip() and not line.startswith("===== start")
+        ]
+
+    wait_until(
+        lambda: (
+            any("event=http_request method=GET path=/healthz status=200" in x for x in lines())
+            and any("event=scheduler_started interval=" in x for x in lines())
+            and any("logger=gunicorn.error" in x for x in lines())
+        ),
+        30,
+        message=server.log_tail,
+    )
+    odd = [line for line in lines() if not LOG_LINE.match(line)]
+    assert odd == []
