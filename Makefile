@@ -12,7 +12,7 @@ ADMIN_TOKEN_FILE ?= var/admin-token
 PYTEST_ARGS ?=
 
 .PHONY: install checkov run tenant stop test test-crash-full test-quick lint typecheck check bench system-deps \
-        docker-engine postgres nginx images clean
+        docker-engine postgres nginx promtool chromium images clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -71,10 +71,17 @@ postgres:
 nginx:
 	bash .ci/ensure-nginx
 
+# promtool checks the alert rules; chromium drives the dashboard's browser tests.
+promtool:
+	bash .ci/ensure-promtool
+
+chromium:
+	bash .ci/ensure-chromium
+
 images: install docker-engine
 	$(PY) -m images.build testing
 
-system-deps: docker-engine postgres nginx
+system-deps: docker-engine postgres nginx promtool chromium
 
 test: install checkov system-deps images
 	WORKERLEASE_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ runs its jobs and creates a worker: counters of both processes, which must show 
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,9 +17,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+import service.metrics  # noqa: F401 - declares the service's metrics in REGISTRY
 from tests.support.server import ServerProcess, free_port, pool, port_listening, wait_until
+from tests.unit.test_monitoring import rule_metric_names
 
 pytestmark = pytest.mark.integration
 
@@ -118,6 +122,19 @@ def test_serve_shows_the_scheduler_and_web_metrics(
     assert_every_scrape_shows(
         f"{server.url}/metrics", SCHEDULER_SAMPLES + WEB_SAMPLES, 6, server.log_tail
     )
+    # Every metric the alert rules read is exported (a renamed one would never fire).
+    # A labelled counter has no series before its first count (no provisioner error
+    # happened here): those must at least be declared by service.metrics under that name.
+    exported = {name for name, _ in scrape(f"{server.url}/metrics")}
+    exported |= {re.sub(r"_(total|count|sum|bucket|created)$", "", n) for n in exported}
+    declared = {
+        sample_name
+        for family in REGISTRY.collect()
+        for sample_name in (family.name, f"{family.name}_total")
+    }
+    unknown = rule_metric_names() - exported
+    assert unknown <= {"workerlease_provisioner_errors_total"}
+    assert unknown <= declared
 
 
 def test_a_standalone_scheduler_serves_its_own_metrics(
