@@ -1,15 +1,18 @@
 # workerlease: the commands a newcomer needs.
 #   make run    serve on SQLite with local pools (infra/local.yaml), printing how to start
+#   make stop   after Ctrl-C: destroy the workers make run left (local agents keep running)
 #   make test   install everything the tests need (venv, Docker engine, PostgreSQL binaries,
 #               test image) and run the whole suite
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8080
+CONFIG ?= infra/local.yaml
+ADMIN_TOKEN_FILE ?= var/admin-token
 PYTEST_ARGS ?=
 
-.PHONY: install checkov run tenant test test-crash-full test-quick lint typecheck check bench system-deps \
-        docker-engine postgres nginx images clean
+.PHONY: install checkov run tenant stop test test-crash-full test-quick lint typecheck check bench system-deps \
+        docker-engine postgres nginx promtool chromium images clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,22 +34,32 @@ checkov: $(CHECKOV_VENV)/.installed
 
 run: install
 	@mkdir -p var && chmod 700 var
-	@test -s var/admin-token || (umask 077; $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > var/admin-token)
-	@chmod 600 var/admin-token
-	@echo "workerlease: http://127.0.0.1:$(PORT)  (SQLite var/workerlease.db, local pools from infra/local.yaml)"
-	@echo "Admin token: var/admin-token. Create a tenant in another terminal with:"
-	@echo "  make tenant NAME=acme"
-	@echo "or: curl -s -X POST -H \"Authorization: Bearer \$$(cat var/admin-token)\" -H 'Content-Type: application/json' \\"
+	@test -s $(ADMIN_TOKEN_FILE) || (umask 077; $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(ADMIN_TOKEN_FILE))
+	@chmod 600 $(ADMIN_TOKEN_FILE)
+	@echo "workerlease: http://127.0.0.1:$(PORT)  (SQLite var/workerlease.db, local pools from $(CONFIG))"
+	@echo "Admin token: $(ADMIN_TOKEN_FILE). Create a tenant in another terminal with:"
+	@echo "  make tenant NAME=acme$(if $(filter-out 8080,$(PORT)), PORT=$(PORT))"
+	@echo "or: curl -s -X POST -H \"Authorization: Bearer \$$(cat $(ADMIN_TOKEN_FILE))\" -H 'Content-Type: application/json' \\"
 	@echo "       -d '{\"name\": \"acme\"}' http://127.0.0.1:$(PORT)/v1/admin/tenants"
-	@echo "API docs: http://127.0.0.1:$(PORT)/docs/   Stop with Ctrl-C."
-	WORKERLEASE_ADMIN_TOKEN=$$(cat var/admin-token) $(VENV)/bin/workerlease serve \
-	    --config infra/local.yaml --port $(PORT)
+	@echo "Dashboard: http://127.0.0.1:$(PORT)/admin/ (sign in with the admin token)"
+	@echo "API docs: http://127.0.0.1:$(PORT)/docs/   Stop with Ctrl-C, then 'make stop' to remove the workers."
+	WORKERLEASE_ADMIN_TOKEN=$$(cat $(ADMIN_TOKEN_FILE)) $(VENV)/bin/workerlease serve \
+	    --config $(CONFIG) --port $(PORT)
 
-tenant: install
-	@test -s var/admin-token || { echo "start the service with 'make run' first"; exit 1; }
-	@curl -sf -X POST -H "Authorization: Bearer $$(cat var/admin-token)" \
+# Fails (exit 1, the reason on stderr) when the service does not answer or refuses.
+tenant:
+	@test -s $(ADMIN_TOKEN_FILE) || { echo "make tenant: no $(ADMIN_TOKEN_FILE); start the service with 'make run' first" >&2; exit 1; }
+	@curl -sS --fail-with-body -X POST -H "Authorization: Bearer $$(cat $(ADMIN_TOKEN_FILE))" \
 	    -H 'Content-Type: application/json' -d '{"name": "$(or $(NAME),acme)"}' \
-	    http://127.0.0.1:$(PORT)/v1/admin/tenants; echo
+	    http://127.0.0.1:$(PORT)/v1/admin/tenants \
+	  || { echo; echo "make tenant: could not create the tenant at http://127.0.0.1:$(PORT) (is 'make run PORT=$(PORT)' running?)" >&2; exit 1; }
+	@echo
+
+# After make run stopped: local agents outlive the service (a restart finds them again);
+# this destroys them and marks them destroyed. Refuses while the service still runs.
+stop:
+	@test -x $(VENV)/bin/workerlease || { echo "make stop: no $(VENV); nothing was run from here" >&2; exit 1; }
+	$(VENV)/bin/workerlease cleanup --config $(CONFIG)
 
 # Engines and servers the integration tests run against (root on Debian-like machines).
 docker-engine:
@@ -58,10 +71,17 @@ postgres:
 nginx:
 	bash .ci/ensure-nginx
 
+# promtool checks the alert rules; chromium drives the dashboard's browser tests.
+promtool:
+	bash .ci/ensure-promtool
+
+chromium:
+	bash .ci/ensure-chromium
+
 images: install docker-engine
 	$(PY) -m images.build testing
 
-system-deps: docker-engine postgres nginx
+system-deps: docker-engine postgres nginx promtool chromium
 
 test: install checkov system-deps images
 	WORKERLEASE_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest $(PYTEST_ARGS)

@@ -17,9 +17,16 @@ timeout = 120
 graceful_timeout = 70
 keepalive = 5
 accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'  # no headers: tokens never logged
+# The service's logfmt lines for gunicorn's own logs too (no headers: tokens never logged).
+logger_class = "service.logs.GunicornLogger"
 errorlog = "-"
 # Web workers must not share database connections made before the fork, so nothing is
 # preloaded; metrics from several processes are aggregated through this directory.
 preload_app = False
 raw_env = [f"PROMETHEUS_MULTIPROC_DIR={tempfile.mkdtemp(prefix='workerlease-prom-')}"]
+
+
+def child_exit(_server, worker):  # a dead web worker's live gauges leave the sums
+    from service.metrics import process_exited
+
+    process_exited(worker.pid)

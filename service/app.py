@@ -129,6 +129,7 @@ def create_app(
 
 
 def _register_blueprints(app: OpenAPI) -> None:
+    from service import dashboard
     from service.api import admin, leases, ops, pools, tasks, worker_tasks, workers
 
     app.register_api(leases.bp)
@@ -138,6 +139,7 @@ def _register_blueprints(app: OpenAPI) -> None:
     app.register_api(workers.bp)
     app.register_api(admin.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(dashboard.bp)
 
 
 def _register_openapi_alias(app: OpenAPI) -> None:

@@ -14,6 +14,7 @@ import click
 
 from service import startup
 from service.config import Config, ConfigError
+from service.startup import service_url
 
 log = logging.getLogger("workerlease.cli")
 
@@ -34,13 +35,9 @@ def _load(config_path: str | None, *, serving: bool = False) -> Config:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    # Request lines come from gunicorn's access log; keep library chatter down.
-    # "maximum number of running instances reached" is expected for the frequent demand job.
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from service.logs import configure
+
+    configure(level)
 
 
 @click.group()
@@ -82,9 +79,8 @@ def serve(
         config.require_admin_token()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    _in_multiprocess_metrics_mode()
     _setup_logging(config.log_level)
-    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="workerlease-prom-")
     from service.server import run_server
 
     run_server(
@@ -98,21 +94,69 @@ def serve(
     )
 
 
+def _in_multiprocess_metrics_mode() -> None:
+    """Make sure ``serve``'s process group counts in one shared metrics directory.
+
+    prometheus_client picks its value store when it is imported, and this process
+    imported it already (the CLI's own imports). So when the directory is not set
+    yet, make one and start this command again in the same process (``exec``, same
+    pid) with it set: then the gunicorn master, every web worker and the scheduler
+    child count into it, and any web worker's ``/metrics`` shows all of them.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    directory = tempfile.mkdtemp(prefix="workerlease-prom-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    os.environ[OWN_METRICS_DIR_ENV] = directory  # serve removes it when it stops
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "service.cli", *sys.argv[1:]])
+
+
+OWN_METRICS_DIR_ENV = "WORKERLEASE_OWN_METRICS_DIR"
+
+
 @main.command()
 @CONFIG_OPTION
 @click.option("--public-url", help="how workers reach the API (default: config public_url)")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    envvar="WORKERLEASE_SCHEDULER_METRICS_PORT",
+    help="serve this scheduler's metrics (jobs, doorbell, provisioner errors) on "
+    "http://HOST:PORT/metrics; needed when it runs apart from serve",
+)
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True, help="address for --metrics-port"
+)
 @click.option(
     "--exit-with-parent",
     is_flag=True,
     hidden=True,
     help="stop when the parent process dies (used by serve)",
 )
-def scheduler(config_path: str | None, public_url: str | None, exit_with_parent: bool) -> None:
+def scheduler(
+    config_path: str | None,
+    public_url: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    exit_with_parent: bool,
+) -> None:
     """Run only the background jobs (for deployments that serve the API elsewhere)."""
     config = _load(config_path, serving=True)
     _setup_logging(config.log_level)
+    from service.metrics import start_exporter
+
+    if metrics_port:
+        start_exporter(metrics_host, metrics_port, config.metrics_token)
+        log.info("metrics_listening url=http://%s:%d/metrics", metrics_host, metrics_port)
+    elif not exit_with_parent:
+        log.warning(
+            "metrics_not_exported: job and doorbell metrics of this scheduler are not "
+            "scraped anywhere; pass --metrics-port"
+        )
     from service.passes.runtime import build_runtime
-    from service.scheduler import run_scheduler
+    from service.scheduler import mark_stopped, run_scheduler
     from service.startup import prepare_database, service_url
 
     url = public_url or service_url(config, "127.0.0.1", 8080)
@@ -127,6 +171,7 @@ def scheduler(config_path: str | None, public_url: str | None, exit_with_parent:
     log.info("scheduler_running service_url=%s", url)
     stop.wait()
     sched.shutdown(wait=True)
+    mark_stopped(rt)
     rt.close()
     log.info("scheduler_stopped")
 
@@ -142,6 +187,56 @@ def _stop_when_orphaned(stop: threading.Event) -> None:
                 stop.set()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option(
+    "--force",
+    is_flag=True,
+    help="even when a scheduler beat recently (it may still be running)",
+)
+def cleanup(config_path: str | None, force: bool) -> None:
+    """Drain and destroy every worker of this deployment (run after the service stopped).
+
+    Live leases end, every worker is destroyed through its pool's provisioner and
+    marked destroyed, and whatever the provisioners still list under this deployment
+    and database is destroyed too. Exit 1 if some destroy failed (they stay listed).
+    """
+    from service import heartbeats
+    from service.clock import SystemClock
+    from service.db import session_scope
+    from service.passes.cleanup import cleanup as run_cleanup
+    from service.passes.runtime import build_runtime
+
+    factory = _existing_database(config_path)
+    config = _load(config_path)
+    _setup_logging(config.log_level)
+    now = SystemClock().now()
+    with session_scope(factory) as session:
+        beat = heartbeats.last_beat(session, heartbeats.SCHEDULER)
+    stale_after = max(3 * config.scheduler.interval, 15)
+    if not force and heartbeats.running_elsewhere(beat, now, stale_after):
+        assert beat is not None
+        raise click.ClickException(
+            f"a scheduler ({beat.detail}) beat at {beat.at.isoformat()}: stop the service "
+            f"first, or wait {stale_after}s after it died, or pass --force"
+        )
+    rt = build_runtime(config, factory.kw["bind"], service_url(config, "127.0.0.1", 8080))
+    try:
+        report = run_cleanup(rt)
+    finally:
+        rt.close()
+    click.echo(
+        f"leases ended: {report.leases_ended}, workers destroyed: {report.workers_destroyed}, "
+        f"orphans destroyed: {report.orphans_destroyed}"
+    )
+    if report.failed:
+        for worker_id, error in sorted(report.failed.items()):
+            click.echo(f"  not destroyed: {worker_id}: {error}", err=True)
+        raise click.ClickException(
+            f"{len(report.failed)} workers could not be destroyed; run cleanup again"
+        )
 
 
 @main.group()
@@ -174,7 +269,7 @@ def tenants_create(config_path: str | None, name: str) -> None:
     from service import tenants as tenant_domain
     from service.clock import utcnow
 
-    factory = _factory(_load(config_path))
+    factory = _existing_database(config_path)
     from service.db import session_scope
 
     with session_scope(factory) as session:
@@ -191,7 +286,7 @@ def tenants_list(config_path: str | None) -> None:
     from service import tenants as tenant_domain
     from service.db import session_scope
 
-    factory = _factory(_load(config_path))
+    factory = _existing_database(config_path)
     with session_scope(factory) as session:
         rows = tenant_domain.page(session, 10_000, 0)
         click.echo(f"{'ID':<24} {'ENABLED':<8} {'CREATED':<26} NAME")
@@ -209,7 +304,7 @@ def pools(config_path: str | None) -> None:
     from service.models import Pool
     from service.pools import PoolCounts, counts_by_pool
 
-    factory = _factory(_load(config_path))
+    factory = _existing_database(config_path)
     with session_scope(factory) as session:
         counts = counts_by_pool(session)
         header = (
@@ -286,12 +381,38 @@ def images_build(name: str) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-def _factory(config: Config) -> Any:
-    from service.db import make_engine, session_factory
-    from service.startup import prepare_database
+def _existing_database(config_path: str | None) -> Any:
+    """A session factory on the database as it is: no migration, no pools applied.
 
+    Only ``serve``, ``scheduler`` and ``db upgrade`` change the schema or apply the
+    config; every other command reads or acts on what they made. Without a configured
+    database, or with a SQLite file that does not exist, it stops and says so (a
+    default ``./workerlease.db`` would be made empty and read back as "no tenants").
+    """
+    from service import crypto
+    from service.db import make_engine, session_factory
+    from service.migrate import current_revision
+    from service.startup import sqlite_path
+
+    if not config_path and not os.environ.get("WORKERLEASE_DATABASE_URL"):
+        raise click.ClickException(
+            "no database configured: pass --config FILE (or set WORKERLEASE_CONFIG, "
+            "or WORKERLEASE_DATABASE_URL)"
+        )
+    config = _load(config_path)
+    path = sqlite_path(config.database_url)
+    if path is not None and not path.exists():
+        raise click.ClickException(
+            f"database {path} does not exist: start `workerlease serve` (or run "
+            "`workerlease db upgrade`) with this config first"
+        )
+    crypto.configure(config.encryption_key)
     engine = make_engine(config.database_url, config.database_pool_size)
-    prepare_database(config, engine)
+    if current_revision(engine) is None:
+        engine.dispose()
+        raise click.ClickException(
+            "the database has no workerlease schema: run `workerlease db upgrade` first"
+        )
     return session_factory(engine)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import bindparam, func
@@ -21,7 +22,9 @@ from service.models import (
     LIVE_WORKER_STATES,
     Event,
     Lease,
+    LeaseState,
     Pool,
+    Tenant,
     Worker,
 )
 from service.pools import PoolCounts, counts_by_pool
@@ -139,3 +142,151 @@ def fleet_counts(session: Session) -> FleetCounts:
         leases=[(p, str(s), n) for p, s, n in leases],
         pools=session.exec(select(Pool)).all(),
     )
+
+
+# ---- the admin dashboard -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolOverview:
+    """One pool as the dashboard's overview shows it."""
+
+    pool: Pool
+    counts: PoolCounts
+    oldest_pending_at: datetime | None  # when the longest-waiting pending lease was asked
+    lease_wait_s: float | None  # mean request-to-worker of leases activated recently
+    provisioning_s: float | None  # mean row-to-ready of workers ready recently
+
+
+def pools_overview(session: Session, since: datetime) -> list[PoolOverview]:
+    """Every pool with its counts, oldest pending lease and recent times to a worker."""
+    oldest = dict(
+        session.exec(
+            select(Lease.pool, func.min(Lease.created_at))
+            .where(Lease.state == LeaseState.PENDING)
+            .group_by(col(Lease.pool))
+        ).all()
+    )
+    waits = _mean_seconds(
+        session.exec(
+            select(Lease.pool, Lease.created_at, Lease.activated_at)
+            .where(col(Lease.activated_at) >= since)
+            .order_by(col(Lease.activated_at).desc())
+            .limit(2000)
+        ).all()
+    )
+    provisioning = _mean_seconds(
+        session.exec(
+            select(Worker.pool, Worker.created_at, Worker.ready_at)
+            .where(col(Worker.ready_at) >= since)
+            .order_by(col(Worker.ready_at).desc())
+            .limit(2000)
+        ).all()
+    )
+    return [
+        PoolOverview(
+            pool,
+            counts,
+            _utc(oldest.get(pool.name)),
+            waits.get(pool.name),
+            provisioning.get(pool.name),
+        )
+        for pool, counts in pools_with_counts(session)
+    ]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # Aggregates bypass the column type: SQLite hands back a naive (UTC) value or a string.
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value is not None and value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value
+
+
+def _mean_seconds(rows: Sequence[tuple[str, datetime, datetime | None]]) -> dict[str, float]:
+    totals: dict[str, list[float]] = {}
+    for pool, start, end in rows:
+        if end is not None:
+            totals.setdefault(pool, []).append((end - start).total_seconds())
+    return {pool: sum(values) / len(values) for pool, values in totals.items()}
+
+
+def pool_workers(
+    session: Session, pool: str, limit: int = 500
+) -> list[tuple[Worker, Lease | None]]:
+    """The pool's live workers, newest first, each with its lease (and so its tenant)."""
+    workers = session.exec(
+        by_state(
+            select(Worker).where(Worker.pool == pool), Worker.state, "live", LIVE_WORKER_STATES
+        )
+        .order_by(col(Worker.created_at).desc())
+        .limit(limit)
+    ).all()
+    ids = [w.id for w in workers]
+    leases = (
+        {
+            lease.worker_id: lease
+            for lease in session.exec(select(Lease).where(col(Lease.worker_id).in_(ids))).all()
+        }
+        if ids
+        else {}
+    )
+    return [(w, leases.get(w.id)) for w in workers]
+
+
+def lease_timeline(session: Session, lease: Lease, limit: int = 500) -> Sequence[Event]:
+    """A lease's audit events, oldest first: its own, its worker's, and events of other
+    kinds (tasks, ...) of its tenant on its pool while it lived."""
+    subjects = [lease.id] + ([lease.worker_id] if lease.worker_id else [])
+    own = col(Event.subject_id).in_(subjects)
+    related = (
+        (col(Event.kind).not_in(("lease", "worker", "tenant", "pool")))
+        & (Event.tenant_id == lease.tenant_id)
+        & (col(Event.at) >= lease.created_at)
+    )
+    if lease.ended_at is not None:
+        related = related & (col(Event.at) <= lease.ended_at)
+    return session.exec(
+        select(Event).where(own | related).order_by(col(Event.id)).limit(limit)
+    ).all()
+
+
+def events_filtered(
+    session: Session,
+    *,
+    kind: str | None,
+    subject: str | None,
+    pool: str | None,
+    tenant_id: str | None,
+    before: int | None,
+    limit: int,
+) -> Sequence[Event]:
+    """The audit log, newest first, filtered; ``before`` is the id cursor of the next page."""
+    statement = select(Event)
+    if kind:
+        statement = statement.where(Event.kind == kind)
+    if subject:
+        statement = statement.where(Event.subject_id == subject)
+    if pool:
+        statement = statement.where(Event.pool == pool)
+    if tenant_id:
+        statement = statement.where(Event.tenant_id == tenant_id)
+    if before is not None:
+        statement = statement.where(col(Event.id) < before)
+    return session.exec(statement.order_by(col(Event.id).desc()).limit(limit)).all()
+
+
+def tenants_all(session: Session, limit: int = 1000) -> Sequence[Tenant]:
+    return session.exec(
+        select(Tenant).order_by(col(Tenant.created_at).desc(), col(Tenant.id)).limit(limit)
+    ).all()
+
+
+def live_leases_by_tenant(session: Session) -> dict[str, int]:
+    rows = session.exec(
+        select(Lease.tenant_id, func.count())
+        .where(col(Lease.state).in_(LIVE_LEASE_STATES))
+        .group_by(col(Lease.tenant_id))
+    ).all()
+    return dict(rows)

@@ -1,15 +1,23 @@
 """Prometheus metrics.
 
-Counters and histograms are observed where things happen (in any process; with
-several gunicorn workers ``PROMETHEUS_MULTIPROC_DIR`` aggregates them). Gauges
-of workers and leases per state are read from the database at scrape time, so
-every replica reports the same truth, not its own memory.
+Counters and histograms are observed where things happen, in any process. ``serve``
+always runs its process group (gunicorn master, web workers, the scheduler it
+supervises) in prometheus_client's multiprocess mode with one shared directory
+(``PROMETHEUS_MULTIPROC_DIR``), so every web worker's ``/metrics`` shows the sum of
+all of them, the scheduler's job and doorbell counters included. A standalone
+``workerlease scheduler`` exports its own on ``--metrics-port`` (:func:`start_exporter`).
+Gauges of workers and leases per state are read from the database at scrape time,
+so every replica reports the same truth, not its own memory.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,10 +26,13 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import REGISTRY, Collector
+
+from service.security import secret_equals
 
 _BUCKETS_FAST = (
     0.001,
@@ -147,14 +158,62 @@ class DatabaseCollector(Collector):
             yield family
 
 
-def render(snapshot: Snapshot) -> tuple[bytes, str]:
-    registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _counted_registry() -> CollectorRegistry:
+    """What this process group counted: every process's files, or this process alone."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
         MultiProcessCollector(registry)
-    else:
-        registry = _ProcessRegistry()
+        return registry
+    return _ProcessRegistry()
+
+
+def render(snapshot: Snapshot) -> tuple[bytes, str]:
+    registry = _counted_registry()
     registry.register(DatabaseCollector(snapshot))
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def process_exited(pid: int) -> None:
+    """Forget a dead process's live gauges (its counters keep counting in the sums)."""
+    if os.environ.get(MULTIPROC_ENV):
+        mark_process_dead(pid)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every 15 s is not news
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def start_exporter(host: str, port: int, token: str | None) -> WSGIServer:
+    """Serve this process's (or process group's) counters on ``http://host:port/metrics``.
+
+    For the standalone scheduler: no database gauges (the API replicas export those
+    once, not once per process). ``token``: the deployment's ``metrics_token``, asked
+    for exactly as the API's ``/metrics`` asks for it.
+    """
+    metrics_app = make_wsgi_app(_counted_registry())
+    expected = f"Bearer {token}" if token else None
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") not in ("/metrics", "/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found; metrics are at /metrics\n"]
+        if expected and not secret_equals(environ.get("HTTP_AUTHORIZATION", ""), expected):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain")])
+            return [b"this endpoint needs the metrics token\n"]
+        result: Iterable[bytes] = metrics_app(environ, start_response)
+        return result
+
+    server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 class _ProcessRegistry(CollectorRegistry):

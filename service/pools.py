@@ -221,16 +221,50 @@ def trim(session: Session, now: datetime) -> int:
 
 
 def note_create_result(pool: Pool, error: str | None, now: datetime) -> None:
-    """Back off a pool whose creates fail; a success clears the degraded mark."""
+    """Back off a pool whose creates fail; a success clears the mark those failures set.
+
+    A mark set by a worker that never called back (:func:`note_callback_timeout`,
+    ``create_failures`` 0) stays: a create that succeeds says nothing about callbacks.
+    """
     if error is None:
+        if pool.create_failures:
+            pool.degraded_reason = None
         pool.create_failures = 0
-        pool.degraded_reason = None
         pool.create_backoff_until = None
         return
     pool.create_failures += 1
     delay = min(MAX_BACKOFF_S, 5 * 2 ** min(pool.create_failures - 1, 10))
     pool.create_backoff_until = now + timedelta(seconds=delay)
     pool.degraded_reason = error[:500]
+
+
+def note_callback_timeout(session: Session, pool: Pool, worker_id: str, now: datetime) -> str:
+    """A worker of the pool never called back: the pool is degraded, with the likely cause."""
+    reason = (
+        f"worker {worker_id} did not call back within {_duration(pool.provision_timeout_s)}: "
+        "check that workers can reach the service (public_url, or serve --host/--port "
+        "when it is unset)"
+    )
+    if pool.degraded_reason is None:
+        record(session, "pool", pool.name, f"degraded: {reason}", now, pool=pool.name)
+    pool.degraded_reason = reason
+    session.add(pool)
+    return reason
+
+
+def note_callback(session: Session, pool: Pool, now: datetime) -> None:
+    """A worker called back: a mark set by callback timeouts goes."""
+    if pool.degraded_reason is not None and not pool.create_failures:
+        pool.degraded_reason = None
+        session.add(pool)
+        record(session, "pool", pool.name, "workers call back again", now, pool=pool.name)
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def installation_id(session: Session) -> str:

@@ -168,3 +168,12 @@ def beat(rt: Runtime) -> None:
             heartbeats.beat(session, heartbeats.SCHEDULER, rt.clock.now())
     except Exception:
         log.warning("heartbeat_failed", exc_info=True)
+
+
+def mark_stopped(rt: Runtime) -> None:
+    """The last beat says this scheduler stopped cleanly (``workerlease cleanup`` reads it)."""
+    try:
+        with session_scope(rt.factory) as session:
+            heartbeats.stopped(session, heartbeats.SCHEDULER, rt.clock.now())
+    except Exception:
+        log.warning("heartbeat_stop_failed", exc_info=True)

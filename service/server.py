@@ -13,7 +13,9 @@ database and agents keep running, found again on restart.
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from service import metrics
 from service.config import Config
 from service.startup import prepare_database, service_url
 
@@ -85,6 +88,7 @@ class SchedulerProcess:
             code = self._process.wait()
             if self._stopping.is_set():
                 return
+            metrics.process_exited(self._process.pid)
             log.error("scheduler_process_exited code=%s; restarting", code)
             if self._stopping.wait(RESTART_DELAY_S):
                 return
@@ -137,7 +141,13 @@ def run_server(
     def on_exit(_server: Any) -> None:
         if scheduler is not None:
             scheduler.stop()
+        own_metrics_dir = os.environ.get("WORKERLEASE_OWN_METRICS_DIR")
+        if own_metrics_dir:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
         log.info("stopped")
+
+    def child_exit(_server: Any, worker: Any) -> None:
+        metrics.process_exited(worker.pid)
 
     options = {
         "bind": f"{host}:{port}",
@@ -152,11 +162,12 @@ def run_server(
         # the first included, under a timeout of this many seconds, then closes.
         "keepalive": HEADER_TIMEOUT_S,
         "accesslog": "-",
-        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
         "errorlog": "-",
+        "logger_class": "service.logs.GunicornLogger",  # the service's logfmt lines
         "loglevel": config.log_level.lower(),
         "when_ready": when_ready,
         "on_exit": on_exit,
+        "child_exit": child_exit,
         "proc_name": f"workerlease[{config.deployment_id}]",
         "control_socket_disable": True,
     }

@@ -33,7 +33,7 @@ from service.models import (
     Worker,
     WorkerState,
 )
-from service.pools import note_create_result
+from service.pools import note_callback, note_callback_timeout, note_create_result
 from service.security import WORKER_TOKEN_PREFIX, hash_token, new_token, secret_equals
 from service.states import move_worker, record
 
@@ -148,6 +148,9 @@ def mark_ready(
     worker.bootstrap_token = None
     move_worker(session, worker, WorkerState.READY, "agent reported ready", now)
     metrics.PROVISIONING.labels(worker.pool).observe((now - worker.created_at).total_seconds())
+    pool = session.get(Pool, worker.pool)
+    if pool is not None:
+        note_callback(session, pool, now)
 
 
 def claim_creates(
@@ -349,24 +352,38 @@ def destroy_by_operator(
     return worker, lease.id if lease is not None else None
 
 
-def provision_timeouts(session: Session, now: datetime) -> int:
-    """Workers not ready within their pool's provision_timeout are destroyed (and replaced)."""
+def provision_timeouts(session: Session, now: datetime, service_url: str | None = None) -> int:
+    """Workers not ready within their pool's provision_timeout are destroyed (and replaced).
+
+    Each one marks its pool degraded with the reason, and logs it: the usual cause is
+    an agent that cannot reach the service (``public_url``, or ``serve --host/--port``
+    when it is unset), and nothing else would tell the operator why leases wait.
+    ``service_url``: where the scheduler tells agents to call back, named in the log.
+    """
     statement = (
         select(Worker, Pool)
         .join(Pool, col(Pool.name) == col(Worker.pool))
         .where(Worker.state == WorkerState.PROVISIONING)
     )
     expired = [
-        w
+        (w, pool)
         for w, pool in session.exec(statement).all()
         if w.created_at + timedelta(seconds=pool.provision_timeout_s) <= now
     ]
-    for worker in expired:
+    for worker, pool in expired:
         locked = session.exec(
             with_row_locks(select(Worker).where(Worker.id == worker.id), session)
         ).first()
         if locked is not None and locked.state == WorkerState.PROVISIONING:
             fail_worker(session, locked, "provision timeout", now)
+            reason = note_callback_timeout(session, pool, locked.id, now)
+            log.warning(
+                "provision_timeout pool=%s worker=%s service_url=%s reason=%r",
+                pool.name,
+                locked.id,
+                service_url or "-",
+                reason,
+            )
     return len(expired)
 
 
@@ -415,6 +432,40 @@ def apply_health(
             serve_pending(session, pool, now)
         changed += change is not None
     return changed
+
+
+def drain_deployment(session: Session, now: datetime, reason: str) -> tuple[int, int]:
+    """End every live lease and send every live worker to ``destroying``, due now.
+
+    For ``workerlease cleanup`` once the service is stopped: returns (leases ended,
+    workers to destroy). Active leases are revoked, pending ones fail; workers already
+    destroying are due again at once (their backoff is for a running scheduler).
+    """
+    leases = session.exec(
+        with_row_locks(
+            select(Lease).where(col(Lease.state).in_(LIVE_LEASE_STATES)), session, skip_locked=False
+        )
+    ).all()
+    for lease in leases:
+        ended = EndReason.REVOKED if lease.state == LeaseState.ACTIVE else EndReason.FAILED
+        end_lease(session, lease, ended, reason, now)
+    workers = session.exec(
+        with_row_locks(
+            select(Worker).where(col(Worker.state).in_(LIVE_WORKER_STATES)),
+            session,
+            skip_locked=False,
+        )
+    ).all()
+    for worker in workers:
+        if worker.state in (WorkerState.PROVISIONING, WorkerState.READY):
+            fail_worker(session, worker, reason, now)
+        elif worker.state == WorkerState.FAILED:
+            schedule_destroy(session, worker, reason, now)
+        else:  # destroying (leased ones went there with their lease)
+            worker.next_attempt_at = now
+            worker.claimed_until = None
+            session.add(worker)
+    return len(leases), len(workers)
 
 
 def live_worker_ids(session: Session) -> set[str]:

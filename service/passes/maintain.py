@@ -20,7 +20,7 @@ def maintain(rt: Runtime, now: datetime | None = None, wait: bool = True) -> Non
     with session_scope(rt.factory) as session:
         expire(session, now)
         fail_pending_of_disabled_pools(session, now)
-        provision_timeouts(session, now)
+        provision_timeouts(session, now, rt.provisioners.deployment.service_url)
         sweep_tasks(session, now, rt.task_retention_s)
     check_health(rt, now)
     with session_scope(rt.factory) as session:

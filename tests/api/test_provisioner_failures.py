@@ -138,6 +138,7 @@ def test_a_permanent_destroy_failure_is_surfaced_on_the_pool_and_in_metrics(
     svc.clock.advance(seconds=60)
     svc.tick()  # a permanent error is not hammered: it waits minutes, not seconds
     assert _destroys(svc, worker_id) == 1
+    svc.agents_report_ready()  # the replacements are healthy (no callback timeout)
 
     svc.clock.advance(minutes=10)  # the operator fixed the permissions
     svc.tick()
@@ -183,3 +184,28 @@ def test_ready_worker_that_vanishes_is_failed_and_replaced(svc: Service) -> None
     assert replacement.id in svc.cloud.live_ids()
     svc.agents_report_ready()
     assert len(svc.workers("ready")) == 2
+
+
+def test_a_worker_that_never_calls_back_marks_the_pool_with_the_reason(
+    svc: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that cannot reach the service (wrong public_url or --port) is visible:
+    the pool says which worker did not call back, and why that usually is; the log too."""
+    svc.tick()
+    slow = sorted(w.id for w in svc.workers("provisioning"))
+    svc.clock.advance(minutes=10, seconds=1)
+    with caplog.at_level("WARNING", logger="workerlease.workers"):
+        svc.tick()
+    reason = admin_pool(svc)["degraded_reason"]
+    assert reason is not None and "did not call back within 10m" in reason
+    assert any(worker_id in reason for worker_id in slow)
+    assert "public_url" in reason
+    logged = [r.getMessage() for r in caplog.records if "provision_timeout" in r.getMessage()]
+    assert len(logged) == 2 and all("did not call back within 10m" in m for m in logged)
+    assert pool_row(svc).degraded_reason == reason  # workerlease_pool_degraded says 1
+
+    # The replacements' creates succeed, which is no news about callbacks: still marked.
+    assert admin_pool(svc)["degraded_reason"] == reason
+    # A callback arrives: the service is reachable after all, the mark goes.
+    svc.agents_report_ready()
+    assert admin_pool(svc)["degraded_reason"] is None

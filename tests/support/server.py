@@ -201,6 +201,7 @@ class ServerProcess:
         work_root: Path | None = None,
         connections: int | None = None,  # None: serve's own default
         host: str = "127.0.0.1",  # "0.0.0.0" for docker pools' bridge (see provisioners/docker)
+        serve_args: list[str] | None = None,  # more ``serve`` options (--workers 2, ...)
     ) -> None:
         # ``deployment_id`` / ``work_root``: shared by several replicas of one deployment
         # (each ServerProcess then is one replica; ``extra`` can point them at one database).
@@ -212,6 +213,7 @@ class ServerProcess:
         self._own_work_root = work_root is None
         self.connections = connections
         self.host = host
+        self.serve_args = list(serve_args or [])
         self.db_path = tmp_path / "workerlease.db"
         self.config_path = tmp_path / "workerlease.yaml"
         self.log_path = tmp_path / "serve.log"
@@ -262,6 +264,7 @@ class ServerProcess:
             "--port",
             str(self.port),
             *(["--connections", str(self.connections)] if self.connections else []),
+            *self.serve_args,
         ]
 
     def spawn(self) -> subprocess.Popen[bytes]:
