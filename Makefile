@@ -14,10 +14,11 @@ PYTEST_ARGS ?=
 .PHONY: install checkov run tenant stop test test-crash-full test-quick lint typecheck check bench system-deps \
         docker-engine postgres nginx promtool chromium images clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,docker,aws,postgres]'
+	$(PY) -m pip install -q -e ./client
 	touch $@
 
 install: $(VENV)/.installed
@@ -96,11 +97,12 @@ test-quick: install
 	$(PY) -m pytest tests/unit tests/api -m 'not postgres' $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check service provisioners images tests
-	$(VENV)/bin/ruff format --check service provisioners images tests
+	$(VENV)/bin/ruff check service provisioners images tests client
+	$(VENV)/bin/ruff format --check service provisioners images tests client
 
 typecheck: install
 	$(VENV)/bin/mypy service provisioners images
+	cd client && ../$(VENV)/bin/mypy --strict workerlease_client
 
 check: lint typecheck test
 
