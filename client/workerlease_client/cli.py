@@ -57,6 +57,14 @@ def _time(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def duration(seconds: int) -> str:
+    """In the config's own units: ``72h``, ``60m``, ``90s``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
     """Columns as wide as their widest cell, two spaces apart."""
     columns = zip(headers, *rows, strict=False)
@@ -311,8 +319,8 @@ def _pool_row(pool: Pool) -> list[str]:
     return [
         pool.name,
         pool.os,
-        f"{pool.lease_idle_timeout_s}s",
-        f"{pool.lease_max_lifetime_s}s",
+        duration(pool.lease_idle_timeout_s),
+        duration(pool.lease_max_lifetime_s),
         ",".join(pool.capabilities) or "-",
         pool.description,
     ]
@@ -548,8 +556,25 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is (cancel, release), with its own exit code."""
 
 
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Everything after the first ``--`` is the script, taken verbatim. (argparse alone
+    loses it when options such as ``--env`` come between the pool and ``--``.)"""
+    argv = list(argv)
+    after: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, after = argv[:split], argv[split + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if after:
+        if not hasattr(args, "script"):
+            parser.error(f"unexpected arguments after --: {' '.join(after)}")
+        args.script = [*args.script, *after]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     args.json = getattr(args, "json", False)
     with contextlib.suppress(ValueError):  # not the main thread (embedded): leave it
         signal.signal(signal.SIGTERM, _terminate)
