@@ -14,11 +14,13 @@ PYTEST_ARGS ?=
 .PHONY: install checkov run tenant stop test test-crash-full test-quick lint typecheck check bench system-deps \
         docker-engine postgres nginx promtool chromium images clean
 
+# The tenant's client (client/) too, editable in compat mode: a path in a .pth file,
+# which mypy follows (it cannot follow the default mode's import hook).
 $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,docker,aws,postgres]'
-	$(PY) -m pip install -q -e ./client
+	$(PY) -m pip install -q -e ./client --config-settings editable_mode=compat
 	touch $@
 
 install: $(VENV)/.installed
