@@ -434,3 +434,33 @@ def test_sdk_run_with_files_and_a_log_that_follows(agent_runs_tasks: Served) -> 
         task = lease.submit("echo one; sleep 60")
         task.cancel()
         assert task.wait(timeout=120).state == "cancelled"
+
+
+def test_the_readme_examples_work_as_written(agent_runs_tasks: Served, tmp_path: Path) -> None:
+    served = agent_runs_tasks
+    token = served.tenant()
+    readme = (Path(__file__).resolve().parents[2] / "client" / "README.md").read_text()
+    python_block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    wl_run = next(
+        line for line in readme.splitlines() if line.startswith("wl run hosted-ubuntu -- '")
+    )
+    env = {**os.environ, "WORKERLEASE_URL": served.url, "WORKERLEASE_TOKEN": token}
+    (tmp_path / "example.py").write_text(python_block)
+    sdk = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert sdk.returncode == 0, sdk.stderr
+    assert sdk.stdout.startswith("3 failed\nhello from "), sdk.stdout
+    env["PATH"] = f"{Path(WL).parent}:{env['PATH']}"
+    shell = subprocess.run(
+        ["bash", "-c", wl_run], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.startswith("hello from "), shell.stdout
+    assert all(lease["state"] == "released" for lease in served.leases(token))
