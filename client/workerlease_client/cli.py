@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn
 
 from workerlease_client import __version__
+from workerlease_client._output import (
+    Progress,
+    duration,
+    emit_json,
+    show_lease,
+    show_task,
+    table,
+    timestamp,
+)
 from workerlease_client.client import Client
 from workerlease_client.errors import WorkerleaseError
 from workerlease_client.lease import Lease
@@ -44,112 +51,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"error: usage: {message} (see: {self.prog} --help)\n")
         sys.exit(EXIT_USAGE)
-
-
-# ---- output ---------------------------------------------------------------------------
-
-
-def _time(value: datetime | None) -> str:
-    if value is None:
-        return "-"
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def duration(seconds: int) -> str:
-    """In the config's own units: ``72h``, ``60m``, ``90s``."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    """Columns as wide as their widest cell, two spaces apart."""
-    columns = zip(headers, *rows, strict=False)
-    widths = [max(len(str(cell)) for cell in column) for column in columns]
-    for row in [list(headers), *rows]:
-        line = "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
-        out.write(line.rstrip() + "\n")
-
-
-def fields(pairs: Sequence[tuple[str, str]], out: TextIO) -> None:
-    width = max(len(key) for key, _ in pairs)
-    for key, value in pairs:
-        out.write(f"{key.ljust(width)}  {value}\n")
-
-
-def emit_json(value: Any, out: TextIO) -> None:
-    out.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def show_lease(lease: LeaseInfo, out: TextIO) -> None:
-    worker = lease.worker
-    fields(
-        [
-            ("id", lease.id),
-            ("pool", lease.pool),
-            ("state", lease.state),
-            ("created", _time(lease.created_at)),
-            ("activated", _time(lease.activated_at)),
-            ("idle expires", _time(lease.idle_expires_at)),
-            ("expires", _time(lease.expires_at)),
-            ("ended", _time(lease.ended_at)),
-            ("end reason", lease.end_reason or "-"),
-            ("worker", worker.id if worker else "-"),
-            ("agent url", (worker.agent_url if worker else None) or "-"),
-        ],
-        out,
-    )
-
-
-def show_task(task: TaskInfo, out: TextIO) -> None:
-    fields(
-        [
-            ("id", task.id),
-            ("lease", task.lease_id),
-            ("state", task.state),
-            ("exit code", "-" if task.exit_code is None else str(task.exit_code)),
-            ("error", task.error or "-"),
-            ("image", task.image or "-"),
-            ("created", _time(task.created_at)),
-            ("started", _time(task.started_at)),
-            ("finished", _time(task.finished_at)),
-            ("log bytes", "-" if task.log_bytes is None else str(task.log_bytes)),
-        ],
-        out,
-    )
-
-
-class Progress:
-    """While waiting for a worker, one status line on a terminal; nothing otherwise."""
-
-    def __init__(self, stream: TextIO, pool: str) -> None:
-        self.stream = stream
-        self.pool = pool
-        self.active = stream.isatty()
-        self.shown = False
-
-    @property
-    def poll(self) -> int:
-        return 2 if self.active else 60  # a terminal's line is refreshed every 2 s
-
-    def __call__(self, lease: LeaseInfo, waited: float) -> None:
-        if not self.active:
-            return
-        self.stream.write(
-            f"\r\x1b[Kwaiting for a worker in {self.pool}: lease {lease.id} {lease.state}, "
-            f"{int(waited)} s"
-        )
-        self.stream.flush()
-        self.shown = True
-
-    def done(self) -> None:
-        if self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.shown = False
 
 
 # ---- arguments ------------------------------------------------------------------------
@@ -189,7 +90,8 @@ def script_text(parts: Sequence[str]) -> str:
 
 @contextlib.contextmanager
 def shielded() -> Iterator[None]:
-    """Cleanup after Ctrl-C (cancel, release) survives one more Ctrl-C; a third abandons it."""
+    """Cleanup after Ctrl-C (cancel, release) goes on through one more Ctrl-C (which
+    says so); the one after that abandons it."""
     presses = 0
     previous = signal.getsignal(signal.SIGINT)
 
@@ -354,8 +256,8 @@ def cmd_lease_list(client: Client, args: argparse.Namespace) -> int:
                 lease.id,
                 lease.pool,
                 lease.state,
-                _time(lease.created_at),
-                _time(lease.idle_expires_at),
+                timestamp(lease.created_at),
+                timestamp(lease.idle_expires_at),
                 lease.worker.id if lease.worker else "-",
             ]
             for lease in leases
@@ -396,8 +298,8 @@ def cmd_task_list(client: Client, args: argparse.Namespace) -> int:
                 task.id,
                 task.state,
                 "-" if task.exit_code is None else str(task.exit_code),
-                _time(task.created_at),
-                _time(task.finished_at),
+                timestamp(task.created_at),
+                timestamp(task.finished_at),
                 task.image or "-",
             ]
             for task in tasks
@@ -473,34 +375,25 @@ def _task_options(parser: argparse.ArgumentParser) -> None:
 Handler = Callable[[Client, argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = _common()
-    parser = _Parser(
-        prog="wl",
-        description="Lease workerlease workers and run steps on them.",
-        parents=[common],
-        epilog="Environment: WORKERLEASE_URL, WORKERLEASE_TOKEN.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+Commands = argparse._SubParsersAction  # the group add_subparsers() returns
 
-    def command(
-        group: argparse._SubParsersAction[_Parser], name: str, handler: Handler | None, text: str
-    ) -> _Parser:
-        sub = group.add_parser(name, help=text, description=text, parents=[common])
-        if handler is not None:
-            sub.set_defaults(handler=handler)
-        return sub
 
-    command(commands, "pools", cmd_pools, "list the pools you can lease from")
+def _command(group: Commands[_Parser], name: str, handler: Handler | None, text: str) -> _Parser:
+    sub = group.add_parser(name, help=text, description=text, parents=[_common()])
+    if handler is not None:
+        sub.set_defaults(handler=handler)
+    return sub
 
-    lease = command(commands, "lease", None, "acquire, list, show, renew and release leases")
+
+def _lease_commands(commands: Commands[_Parser]) -> None:
+    lease = _command(commands, "lease", None, "acquire, list, show, renew and release leases")
     leases = lease.add_subparsers(dest="lease_command", metavar="COMMAND", required=True)
-    acquire = command(leases, "acquire", cmd_lease_acquire, "lease a worker of POOL")
+    acquire = _command(leases, "acquire", cmd_lease_acquire, "lease a worker of POOL")
     acquire.add_argument("pool", metavar="POOL")
     acquire.add_argument(
         "--wait", type=float, default=0, metavar="S", help="wait up to S seconds for a worker"
     )
-    listing = command(leases, "list", cmd_lease_list, "your leases (live ones by default)")
+    listing = _command(leases, "list", cmd_lease_list, "your leases (live ones by default)")
     listing.add_argument(
         "--state",
         default="live",
@@ -511,28 +404,30 @@ def build_parser() -> argparse.ArgumentParser:
         ("renew", cmd_lease_renew, "push a lease's idle deadline out"),
         ("release", cmd_lease_release, "release a lease (its worker is destroyed)"),
     ):
-        command(leases, name, handler, text).add_argument("lease_id", metavar="LEASE_ID")
+        _command(leases, name, handler, text).add_argument("lease_id", metavar="LEASE_ID")
 
-    task = command(commands, "task", None, "run, list, follow and cancel tasks of a lease")
+
+def _task_commands(commands: Commands[_Parser]) -> None:
+    task = _command(commands, "task", None, "run, list, follow and cancel tasks of a lease")
     tasks = task.add_subparsers(dest="task_command", metavar="COMMAND", required=True)
-    task_run = command(tasks, "run", cmd_task_run, "run SCRIPT on the lease's worker")
-    task_run.add_argument("lease_id", metavar="LEASE_ID")
-    task_run.add_argument(
+    run = _command(tasks, "run", cmd_task_run, "run SCRIPT on the lease's worker")
+    run.add_argument("lease_id", metavar="LEASE_ID")
+    run.add_argument(
         "--detach", action="store_true", help="print the task and return without waiting"
     )
-    _task_options(task_run)
-    command(tasks, "list", cmd_task_list, "the lease's tasks, oldest first").add_argument(
-        "lease_id", metavar="LEASE_ID"
-    )
-    log = command(tasks, "log", cmd_task_log, "print a task's output")
-    log.add_argument("lease_id", metavar="LEASE_ID")
-    log.add_argument("task_id", metavar="TASK_ID")
+    _task_options(run)
+    listing = _command(tasks, "list", cmd_task_list, "the lease's tasks, oldest first")
+    listing.add_argument("lease_id", metavar="LEASE_ID")
+    log = _command(tasks, "log", cmd_task_log, "print a task's output")
     log.add_argument("--follow", "-f", action="store_true", help="until the task ends")
-    cancel = command(tasks, "cancel", cmd_task_cancel, "cancel a task")
-    cancel.add_argument("lease_id", metavar="LEASE_ID")
-    cancel.add_argument("task_id", metavar="TASK_ID")
+    cancel = _command(tasks, "cancel", cmd_task_cancel, "cancel a task")
+    for sub in (log, cancel):
+        sub.add_argument("lease_id", metavar="LEASE_ID")
+        sub.add_argument("task_id", metavar="TASK_ID")
 
-    run = command(
+
+def _run_command(commands: Commands[_Parser]) -> None:
+    run = _command(
         commands,
         "run",
         cmd_run,
@@ -545,6 +440,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--keep", action="store_true", help="keep the lease (print its id)")
     _task_options(run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="wl",
+        description="Lease workerlease workers and run steps on them.",
+        parents=[_common()],
+        epilog="Environment: WORKERLEASE_URL, WORKERLEASE_TOKEN.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _command(commands, "pools", cmd_pools, "list the pools you can lease from")
+    _lease_commands(commands)
+    _task_commands(commands)
+    _run_command(commands)
     return parser
 
 
@@ -570,12 +479,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         if not hasattr(args, "script"):
             parser.error(f"unexpected arguments after --: {' '.join(after)}")
         args.script = [*args.script, *after]
+    args.json = getattr(args, "json", False)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    args.json = getattr(args, "json", False)
     with contextlib.suppress(ValueError):  # not the main thread (embedded): leave it
         signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from workerlease_client import __version__
-from workerlease_client.cli import Progress, main, table
+from workerlease_client._output import Progress, table
+from workerlease_client.cli import main, parse
 from workerlease_client.models import LeaseInfo
 
 COMMANDS = [
@@ -116,3 +117,10 @@ def test_progress_while_waiting_only_on_a_terminal() -> None:
     quiet(lease, 12.7)
     quiet.done()
     assert piped.getvalue() == "" and quiet.poll == 60
+
+
+def test_everything_after_the_first_double_dash_is_the_script() -> None:
+    args = parse(["run", "p", "--env", "A=1", "--file", "x", "--", "echo", "--json", "--", "x"])
+    assert args.script == ["echo", "--json", "--", "x"]
+    assert args.env == ["A=1"] and not args.json
+    assert parse(["task", "run", "l-1", "--", "make test"]).script == ["make test"]
