@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
-from service import __version__, crypto
+from service import __version__, crypto, openapi
 from service.clock import Clock, SystemClock
 from service.config import Config
 from service.db import make_engine, session_factory, transaction
@@ -124,6 +124,7 @@ def create_app(
 
     register_error_handlers(app)
     _register_blueprints(app)
+    openapi.install(app, config.public_url)
     _register_openapi_alias(app)
     return app
 

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from service.config import POOL_NAME_RE
+from service.models import EndReason, LeaseState, WorkerState
 
 ID_RE = r"^[a-z]-[0-9a-f]{20}$"
 
@@ -44,6 +45,12 @@ def _no_invisible_characters(value: str) -> str:
 PrintableName = Annotated[str, AfterValidator(_no_invisible_characters)]
 
 
+class ProblemError(BaseModel):
+    loc: list[str] = Field(description="Where: e.g. body, pool")
+    msg: str
+    type: str
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details."""
 
@@ -61,6 +68,9 @@ class Problem(BaseModel):
     status: int
     title: str
     detail: str
+    errors: list[ProblemError] | None = Field(
+        default=None, description="422: each problem of the request, where and what"
+    )
 
 
 # ---- requests ---------------------------------------------------------------
@@ -99,15 +109,19 @@ class PoolPath(_In):
     name: str = Field(pattern=POOL_NAME_RE)
 
 
-class LeaseStateFilter(_In):
-    state: Literal[
-        "pending", "active", "released", "expired", "revoked", "failed", "live", "all"
-    ] = "live"
-
-
 class Page(_In):
     limit: int = Field(default=100, ge=1, le=500)
     offset: int = Field(default=0, ge=0, le=1_000_000)
+
+    def next_offset(self, returned: int) -> int | None:
+        """Where the next page starts; None when this one was the last."""
+        return self.offset + returned if returned == self.limit else None
+
+
+class LeaseStateFilter(Page):
+    state: Literal[
+        "pending", "active", "released", "expired", "revoked", "failed", "live", "all"
+    ] = "live"
 
 
 class AdminLeaseQuery(Page):
@@ -169,13 +183,13 @@ class LeaseOut(BaseModel):
     id: str
     tenant_id: str
     pool: str
-    state: str
+    state: LeaseState
     created_at: datetime
     activated_at: datetime | None
     idle_expires_at: datetime | None
     expires_at: datetime | None
     ended_at: datetime | None
-    end_reason: str | None
+    end_reason: EndReason | None
     worker: WorkerOut | None
 
 
@@ -244,7 +258,7 @@ class TenantList(BaseModel):
 class AdminWorkerOut(BaseModel):
     id: str
     pool: str
-    state: str
+    state: WorkerState
     created_at: datetime
     state_changed_at: datetime
     ready_at: datetime | None
@@ -261,10 +275,14 @@ class AdminWorkerList(BaseModel):
     next_offset: int | None = None
 
 
+# The subjects of audit events (service/states.py: each move_* and record() call names one).
+EventKind = Literal["worker", "lease", "tenant", "pool", "task"]
+
+
 class EventOut(BaseModel):
     id: int
     at: datetime
-    kind: str
+    kind: EventKind
     subject_id: str
     from_state: str | None
     to_state: str | None

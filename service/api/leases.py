@@ -52,14 +52,21 @@ def create_lease(body: LeaseCreate) -> Any:
 
 @bp.get("", responses={200: LeaseList})
 def list_leases(query: LeaseStateFilter) -> Any:
-    """Your leases: live ones by default, ``?state=all`` for every one."""
+    """Your leases, newest first: live ones by default, ``?state=all`` for every one; a page
+    of ``limit`` from ``offset``, and ``next_offset`` while there may be more."""
     session = svc().session()
     leases = listing.leases_page(
-        session, tenant_id=g.tenant.id, pool=None, state=query.state, limit=1000
+        session,
+        tenant_id=g.tenant.id,
+        pool=None,
+        state=query.state,
+        limit=query.limit,
+        offset=query.offset,
     )
-    return LeaseList(leases=leases_out(session, leases, viewer_tenant_id=g.tenant.id)).model_dump(
-        mode="json"
-    )
+    return LeaseList(
+        leases=leases_out(session, leases, viewer_tenant_id=g.tenant.id),
+        next_offset=query.next_offset(len(leases)),
+    ).model_dump(mode="json")
 
 
 @bp.get("/<lease_id>", responses={200: LeaseOut, **problems(404, 429)})

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from sqlmodel import Session, col, select
 
-from service.models import Lease, LeaseState, Pool, Task, Worker
+from service.models import EndReason, Lease, LeaseState, Pool, Task, Worker
 from service.schemas import ContainerSpec, LeaseOut, TaskOut, WorkerOut
 
 
@@ -61,13 +61,13 @@ def _lease_out(
         id=lease.id,
         tenant_id=lease.tenant_id,
         pool=lease.pool,
-        state=lease.state,
+        state=LeaseState(lease.state),
         created_at=lease.created_at,
         activated_at=lease.activated_at,
         idle_expires_at=lease.idle_expires_at,
         expires_at=lease.expires_at,
         ended_at=lease.ended_at,
-        end_reason=lease.end_reason,
+        end_reason=EndReason(lease.end_reason) if lease.end_reason else None,
         worker=worker_out,
     )
 
