@@ -100,8 +100,16 @@ class Client:
         return [Pool.from_json(p) for p in body["pools"]]
 
     def leases(self, state: str = "live") -> list[LeaseInfo]:
-        response = self._http.request("GET", "/v1/leases", idempotent=True, params={"state": state})
-        return [LeaseInfo.from_json(item) for item in response.json()["leases"]]
+        """Your leases, newest first, every page (``next_offset``) of them."""
+        found: list[LeaseInfo] = []
+        params: dict[str, str | int] = {"state": state}
+        while True:
+            body = self._http.request("GET", "/v1/leases", idempotent=True, params=params).json()
+            found.extend(LeaseInfo.from_json(item) for item in body["leases"])
+            next_offset = body.get("next_offset")
+            if not isinstance(next_offset, int) or next_offset <= 0:
+                return found
+            params["offset"] = next_offset
 
     def get_lease(self, lease_id: str, wait_seconds: int = 0) -> LeaseInfo:
         """The lease; ``wait_seconds`` (at most 60): while pending, wait that long."""

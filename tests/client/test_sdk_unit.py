@@ -503,3 +503,16 @@ def test_renew_delay_is_half_the_time_left_on_the_earlier_clock() -> None:
     assert renew_delay(skewed, now) == pytest.approx((60 - 21) / 2)
     late = LeaseInfo.from_json(lease_json(idle_expires_at=(now - timedelta(seconds=5)).isoformat()))
     assert renew_delay(late, now) == 0.5
+
+
+def test_leases_follows_next_offset_to_the_last_page() -> None:
+    pages = {
+        None: {"leases": [lease_json(lease_id="l-00000000000000000001")], "next_offset": 1},
+        "1": {"leases": [lease_json(lease_id="l-00000000000000000002")], "next_offset": None},
+    }
+    rec = Recorder(
+        lambda request: httpx.Response(200, json=pages[request.url.params.get("offset")])
+    )
+    leases = rec.client().leases("all")
+    assert [lease.id for lease in leases] == ["l-00000000000000000001", "l-00000000000000000002"]
+    assert [r.url.params.get("state") for r in rec.requests] == ["all", "all"]
