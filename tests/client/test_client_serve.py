@@ -312,7 +312,12 @@ def test_task_commands_and_sdk_calls_against_the_real_task_api(tasks_api: Served
         Client(tasks_api.url, token).submit_task(lease.id, "true")
 
 
-def test_sigint_during_wl_run_cancels_the_task_and_releases_the_lease(tasks_api: Served) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_sigint_during_wl_run_cancels_the_task_and_releases_the_lease(
+    tasks_api: Served, signum: int, code: int
+) -> None:
     token = tasks_api.tenant()
     env = {**os.environ, "WORKERLEASE_URL": tasks_api.url, "WORKERLEASE_TOKEN": token}
     process = subprocess.Popen(
@@ -330,8 +335,8 @@ def test_sigint_during_wl_run_cancels_the_task_and_releases_the_lease(tasks_api:
             return tasks_api.tasks_of(token, leases[0]["id"]) if leases else []
 
         wait_until(task_submitted, 120, message="wl run never submitted its task")
-        process.send_signal(signal.SIGINT)
-        assert process.wait(120) == 130
+        process.send_signal(signum)
+        assert process.wait(120) == code
         stderr = process.stderr.read()  # type: ignore[union-attr]
         assert "Interrupted: task cancelled and lease released" in stderr, stderr
     finally:
