@@ -93,8 +93,6 @@ class Client:
     ) -> None:
         self.close()
 
-    # ---- pools and leases ------------------------------------------------------------
-
     def pools(self) -> list[Pool]:
         body = self._http.request("GET", "/v1/pools", idempotent=True).json()
         return [Pool.from_json(p) for p in body["pools"]]
@@ -208,8 +206,6 @@ class Client:
         from workerlease_client.lease import Lease
 
         return Lease(self, None, lease_id=lease_id, renew=renew)
-
-    # ---- tasks -----------------------------------------------------------------------
 
     def tasks(self, lease_id: str) -> list[TaskInfo]:
         response = self._http.request("GET", f"/v1/leases/{lease_id}/tasks", idempotent=True)

@@ -60,8 +60,6 @@ class Lease:
         # Set by the renewer when the service says the lease has ended.
         self.ended: WorkerleaseError | None = None
 
-    # ---- what it is ------------------------------------------------------------------
-
     @property
     def info(self) -> LeaseInfo:
         if self._info is None:
@@ -81,8 +79,6 @@ class Lease:
     def __repr__(self) -> str:
         state = self._info.state if self._info else "not acquired"
         return f"<Lease {self._id or self.pool} {state}>"
-
-    # ---- life ------------------------------------------------------------------------
 
     def acquire(self) -> Lease:
         """Acquire (waiting up to ``wait``), or load the attached lease; start renewing."""
@@ -139,8 +135,6 @@ class Lease:
                 raise
             # Do not hide the error that left the block behind this one.
             log.warning("release_failed lease=%s", self._id, exc_info=True)
-
-    # ---- tasks -----------------------------------------------------------------------
 
     def submit(
         self,
