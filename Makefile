@@ -104,7 +104,7 @@ lint: install
 
 typecheck: install
 	$(VENV)/bin/mypy service provisioners images
-	cd client && ../$(VENV)/bin/mypy --strict workerlease_client
+	cd client && $(abspath $(VENV))/bin/mypy --strict workerlease_client
 
 check: lint typecheck test
 

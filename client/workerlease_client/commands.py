@@ -158,6 +158,7 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         lease.acquire()
     finally:
         progress.done()
+    args.interrupted = "lease kept" if args.keep else "lease released"
     try:
         code = run_task(client, lease.id, script, args, lease=lease.info.raw)
     finally:
