@@ -154,7 +154,8 @@ def run_server(
         "workers": workers,
         # One greenlet per connection: a request that waits (wait_seconds) or a client
         # that is slow to send costs a greenlet, not one of a few threads.
-        "worker_class": "gevent",
+        # (gunicorn's gevent worker, which also ends long polls at once on SIGTERM)
+        "worker_class": "service.gunicorn_worker.DrainingGeventWorker",
         "worker_connections": connections,
         "timeout": 120,
         "graceful_timeout": 70,  # a lease request may wait up to 60 s

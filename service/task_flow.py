@@ -145,7 +145,7 @@ class TaskFlow:
                     changed.clear()
                     work = self._look_and_take(session, worker_id, running)
                     remaining = deadline - time.monotonic()
-                    if work or remaining <= 0:
+                    if work or remaining <= 0 or self.polls.draining:
                         return work
                     changed.wait(remaining)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -48,6 +49,8 @@ LEASE_WAIT_METRICS = WaitMetrics(metrics.WAITING, metrics.WAITS_REFUSED, metrics
 
 
 class Waiters:
+    """Requests waiting on keys; see the module's docstring."""
+
     def __init__(
         self,
         settled: Callable[[Collection[str]], Collection[str]],
@@ -69,6 +72,19 @@ class Waiters:
         self._waiting = 0  # requests waiting, all leases
         self._by_tenant: Counter[str] = Counter()
         self._poller: threading.Thread | None = None
+        self._draining = False
+        _ALL.add(self)
+
+    def drain(self) -> None:
+        """The process is stopping: wake every waiter now, and let nobody wait again."""
+        with self._lock:
+            self._draining = True
+            for event in self._events.values():
+                event.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     @contextmanager
     def slot(self, tenant_id: str) -> Iterator[None]:
@@ -130,6 +146,8 @@ class Waiters:
             self._waiting_on[lease_id] += 1
             self._waiting += 1
             event = self._events.setdefault(lease_id, threading.Event())
+            if self._draining:
+                event.set()
             if self._poller is None:
                 self._poller = threading.Thread(target=self._poll, name="waiters", daemon=True)
                 self._poller.start()
@@ -168,6 +186,16 @@ class Waiters:
                 )
                 continue
             self.notify(done)
+
+
+_ALL: weakref.WeakSet[Waiters] = weakref.WeakSet()
+
+
+def drain_all() -> None:
+    """Every wait of this process ends now and new ones do not wait: a graceful stop
+    answers long polls at once (as if they timed out) instead of sitting them out."""
+    for waiters in list(_ALL):
+        waiters.drain()
 
 
 def lease_waiters(
