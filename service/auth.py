@@ -66,11 +66,18 @@ def require_bootstrap_token() -> None:
 
 
 def require_worker_token() -> None:
-    """The agent's worker token for the worker in the path, checked before the body (on a
-    read session of its own: an agent's long poll must not hold a write transaction)."""
+    """The agent's worker token for the worker in the path, checked before the body.
+
+    The long poll checks it on a read session of its own (it must not hold a write
+    transaction while it waits); output and results check it in the request's own
+    transaction, which their write then continues (one session, not two)."""
     token = bearer_token()
     worker_id = str((request.view_args or {}).get("worker_id", ""))
-    current_app.extensions["workerlease"].tasks.authenticate_worker(worker_id, token)
+    services = current_app.extensions["workerlease"]
+    if request.endpoint == "worker_tasks.poll":
+        services.tasks.authenticate_worker(worker_id, token)
+    else:
+        workers.check_worker_token(services.session(), worker_id, token)
     g.worker_id = worker_id
 
 
