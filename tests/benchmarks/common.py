@@ -72,6 +72,7 @@ class LoadResult:
     elapsed_s: float
     acquire: list[float]
     release: list[float]
+    started: float = 0.0  # time.monotonic() when the clients started (the first burst's)
 
     @property
     def cycles_per_s(self) -> float:
@@ -100,6 +101,7 @@ class LoadResult:
             elapsed_s=sum(p.elapsed_s for p in parts),
             acquire=[x for p in parts for x in p.acquire],
             release=[x for p in parts for x in p.release],
+            started=min(p.started for p in parts),
         )
 
 
@@ -213,6 +215,7 @@ def run_load(
         elapsed_s=end - start,
         acquire=acquire,
         release=[x for o in outs for x in o["release"]],
+        started=start,
     )
 
 

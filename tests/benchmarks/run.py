@@ -2,7 +2,7 @@
 
     python -m tests.benchmarks.run                 # everything (make bench), ~20 min on 2 cores
     python -m tests.benchmarks.run --quick         # smaller pools and sizes, ~6 min
-    python -m tests.benchmarks.run --only warm     # warm | scale | ttw | longpoll (repeatable)
+    python -m tests.benchmarks.run --only warm     # warm | scale | ttw | longpoll | tasks
     python -m tests.benchmarks.run --db sqlite     # skip PostgreSQL
 
 Figures and targets: issue 6 and docs/benchmarks.md.
@@ -19,7 +19,7 @@ from typing import Any
 
 from tests.benchmarks.common import ROOT, machine_info, sqlite_version
 
-SECTIONS = ("warm", "scale", "ttw", "longpoll")
+SECTIONS = ("warm", "scale", "ttw", "longpoll", "tasks")
 # The figures whose growth with history (and with live leases) the scale table shows.
 GROWTH_KEYS = ("maintain", "destroy", "reconcile", "admin_leases", "admin_workers", "admin_events")
 FULL = {
@@ -33,6 +33,12 @@ FULL = {
     "waits": 2000,
     "slow_clients": 500,
     "longpoll_ready": 40,
+    "task_idle": 1000,
+    "task_follows": 100,
+    "task_dispatch": 50,
+    "task_flood_mib": 50,
+    "task_flood_tasks": 16,
+    "task_warm_cycles": 16,
 }
 QUICK = {
     "ready": 72,
@@ -45,6 +51,12 @@ QUICK = {
     "waits": 500,
     "slow_clients": 200,
     "longpoll_ready": 24,
+    "task_idle": 250,
+    "task_follows": 25,
+    "task_dispatch": 20,
+    "task_flood_mib": 50,
+    "task_flood_tasks": 6,
+    "task_warm_cycles": 16,
 }
 
 
@@ -91,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             results["time_to_worker"] = run_time_to_worker(settings["ttw_samples"], log)
         if "longpoll" in sections:
             results["longpoll"] = _longpoll(settings)
+        if "tasks" in sections:
+            from tests.benchmarks import tasks
+
+            log(
+                f"tasks: {settings['task_idle']} idle polls, {settings['task_follows']} "
+                "followed logs, dispatch, log flood (SQLite)"
+            )
+            results["tasks"] = tasks.run_tasks(tasks.sizes_from(settings), log)
     finally:
         if postgres is not None:
             postgres.stop()
@@ -253,6 +273,32 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         100,
     )
     add(
+        "tasks: idle polls held (SQLite) >= 1000",
+        _get(r, "tasks", "under_load", "polls_held_min"),
+        1000,
+        below=False,
+    )
+    add(
+        "tasks: warm lease p99 with idle polls + followed logs, 8 clients (ms) < 100",
+        _get(r, "tasks", "under_load", "warm", "acquire", "p99_ms"),
+        100,
+    )
+    add(
+        "tasks: dispatch p50, idle worker (ms) < 100",
+        _get(r, "tasks", "dispatch_quiet", "dispatch", "p50_ms"),
+        100,
+    )
+    add(
+        "tasks: log latency p50 (ms) < 500",
+        _get(r, "tasks", "under_load", "log_latency", "p50_ms"),
+        500,
+    )
+    add(
+        "tasks: warm lease p99 during a 50 MiB log flood, 8 clients (ms) < 100",
+        _get(r, "tasks", "flood", "warm", "acquire", "p99_ms"),
+        100,
+    )
+    add(
         "time to worker vs direct, local <= 1.3x",
         _get(r, "time_to_worker", "local", "ratio_median"),
         1.3001,
@@ -323,6 +369,69 @@ def _render_longpoll(lp: dict[str, Any]) -> str:
         + _table(["measure", "p50 ms", "p99 ms", "errors"], rows)
         + "\n\n"
         + dropped
+    )
+
+
+def _render_tasks(t: dict[str, Any]) -> str:
+    sizes, load, flood = t["sizes"], t.get("under_load", {}), t.get("flood", {})
+    held = (
+        f"{load.get('polls_held_min')} polls held (min of {len(load.get('waiter_samples', []))} "
+        f"samples), log follows held min {load.get('follows_held_min')} / median "
+        f"{load.get('follows_held_median')}"
+    )
+
+    def row(name: str, figures: Any, errors: Any = None) -> list[Any]:
+        return [name, _get(figures, "n"), _get(figures, "p50_ms"), _get(figures, "p99_ms"), errors]
+
+    rows = [
+        row(
+            "warm lease POST, quiet (8 clients)",
+            _get(t, "warm_quiet", "acquire"),
+            _get(t, "warm_quiet", "errors"),
+        ),
+        row(
+            f"warm lease POST, {held}", _get(load, "warm", "acquire"), _get(load, "warm", "errors")
+        ),
+        row(
+            "warm lease POST, during the log flood",
+            _get(flood, "warm", "acquire"),
+            _get(flood, "warm", "errors"),
+        ),
+        row(
+            "dispatch (submit -> agent has it), quiet",
+            _get(t, "dispatch_quiet", "dispatch"),
+            _get(t, "dispatch_quiet", "errors") or 0,
+        ),
+        row(
+            "dispatch, under polls + follows",
+            _get(load, "dispatch", "dispatch"),
+            _get(load, "dispatch", "errors") or 0,
+        ),
+        row("submit answer (201), quiet", _get(t, "dispatch_quiet", "submit")),
+        row(
+            f"log latency (line made -> follower has it), {sizes['follows']} logs, while measured",
+            _get(load, "log_latency"),
+            f"lost {_get(load, 'followers', 'lost')}, repeated "
+            f"{_get(load, 'followers', 'repeated')}",
+        ),
+        row("log latency, whole phase", _get(load, "log_latency_all")),
+        row("flood: one 1 MiB chunk POST", _get(flood, "chunk_post")),
+    ]
+    first = flood.get("first_task", {})
+    notes = (
+        f"Log flood: {first.get('mib_per_s')} MiB/s accepted by the first task "
+        f"({first.get('received_mib')} MiB in {first.get('chunks')} chunks, discard "
+        f"{first.get('discard')}), {flood.get('mib_per_s_all')} MiB/s over "
+        f"{flood.get('tasks')} tasks back to back; stored log {first.get('stored_bytes')} "
+        f"bytes; the flood ran beside {flood.get('overlap')} of the warm bursts. Ratios: "
+        f"{t.get('ratios')}."
+    )
+    return (
+        f"### Tasks (SQLite, scheduler off): {sizes['idle']} idle polls, "
+        f"{sizes['follows']} followed logs\n"
+        + _table(["measure", "n", "p50 ms", "p99 ms", "errors"], rows)
+        + "\n\n"
+        + notes
     )
 
 
@@ -514,6 +623,8 @@ def render(r: dict[str, Any]) -> str:
     lp = r.get("longpoll")
     if lp:
         parts.append(_render_longpoll(lp))
+    if r.get("tasks"):
+        parts.append(_render_tasks(r["tasks"]))
     parts.append(
         "### Targets\n"
         + _table(

@@ -180,8 +180,10 @@ class _Rows:
 
 def seed(url: str, sizes: Sizes, warm_ready: int) -> Seeded:
     """Insert every row the benchmark needs into a stopped service's database."""
+    from sqlmodel import SQLModel
+
+    from service import models  # noqa: F401  (the tables, in SQLModel.metadata)
     from service.db import make_engine
-    from service.models import Lease, Task, Tenant, Worker
 
     rows = _Rows()
     idle = [rows.worker(AGENT_POOL, "ready") for _ in range(sizes.idle)]
@@ -201,13 +203,13 @@ def seed(url: str, sizes: Sizes, warm_ready: int) -> Seeded:
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
-            for model, values in (
-                (Tenant, rows.tenants),
-                (Worker, rows.workers),
-                (Lease, rows.leases),
-                (Task, rows.tasks),
+            for table, values in (
+                ("tenants", rows.tenants),
+                ("workers", rows.workers),
+                ("leases", rows.leases),
+                ("tasks", rows.tasks),
             ):
-                conn.execute(model.__table__.insert(), values)  # type: ignore[attr-defined]
+                conn.execute(SQLModel.metadata.tables[table].insert(), values)
     finally:
         engine.dispose()
     return Seeded(idle, follows, dispatch, flood, warm_tokens)
@@ -256,13 +258,25 @@ class TaskBenchServer(BenchServer):
 # ---- phases ----------------------------------------------------------------------------
 
 
-def _warm(server: TaskBenchServer, tokens: list[str], sizes: Sizes) -> LoadResult:
+def _warm_bursts(server: TaskBenchServer, tokens: list[str], sizes: Sizes) -> list[LoadResult]:
     params = {"port": server.port, "pool": WARM_POOL, "tokens": tokens}
-    parts = [
+    return [
         run_load(drivers.SERVICE_HTTP, params, WARM_CLIENTS, sizes.warm_cycles)
         for _ in range(sizes.bursts)
     ]
-    return LoadResult.merge(parts)
+
+
+def _warm(server: TaskBenchServer, tokens: list[str], sizes: Sizes) -> LoadResult:
+    return LoadResult.merge(_warm_bursts(server, tokens, sizes))
+
+
+def _overlap(bursts: list[LoadResult], start: float, end: float) -> float | None:
+    """The share of the bursts' busy time that fell within ``[start, end]``."""
+    busy = sum(b.elapsed_s for b in bursts)
+    shared = sum(
+        max(0.0, min(end, b.started + b.elapsed_s) - max(start, b.started)) for b in bursts
+    )
+    return ratio(shared, busy)
 
 
 def _spawn(target: Any, *args: Any) -> tuple[Any, Any]:
@@ -357,11 +371,9 @@ def _flood(server: TaskBenchServer, seeded: Seeded, sizes: Sizes, log: Any) -> d
     proc = _spawn(task_clients.run_flood, server.port, seeded.flood, sizes.flood_bytes, go, stop)
     time.sleep(2)  # the process is up (spawn imports) before the clock starts
     go.set()
-    warm_start = time.monotonic()
     try:
-        loaded = _warm(server, seeded.warm_tokens, sizes)
+        bursts = _warm_bursts(server, seeded.warm_tokens, sizes)
     finally:
-        warm_end = time.monotonic()
         stop.set()
         got = _collect([proc], timeout=120).get("flood", {})
     if "error" in got:
@@ -377,8 +389,8 @@ def _flood(server: TaskBenchServer, seeded: Seeded, sizes: Sizes, log: Any) -> d
     first = done[0] if done else {}
     mib = 1 << 20
     busy = [t["elapsed_s"] for t in done]
-    flood_end = got.get("end", warm_end)
-    out = {
+    loaded = LoadResult.merge(bursts)
+    out: dict[str, Any] = {
         "first_task": {
             "received_mib": round(first.get("received_bytes", 0) / mib, 2),
             "elapsed_s": round(first.get("elapsed_s", 0), 3),
@@ -396,9 +408,8 @@ def _flood(server: TaskBenchServer, seeded: Seeded, sizes: Sizes, log: Any) -> d
         "stored_bytes": stored,
         "chunk_post": summarize([s for t in done for s in t["post_s"]]),
         "warm": loaded.as_dict(),
-        "warm_s": round(warm_end - warm_start, 2),
-        # How much of the warm bursts had the flood beside it.
-        "overlap": ratio(min(flood_end, warm_end) - warm_start, warm_end - warm_start),
+        # How much of the warm bursts' busy time had the flood beside it.
+        "overlap": _overlap(bursts, done[0]["start"], got["end"]) if done else None,
     }
     log(
         f"  flood: {out['first_task']['mib_per_s']} MiB/s (first task), "
