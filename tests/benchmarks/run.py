@@ -380,22 +380,29 @@ def _render_tasks(t: dict[str, Any]) -> str:
         f"{load.get('follows_held_median')}"
     )
 
-    def row(name: str, figures: Any, errors: Any = None) -> list[Any]:
-        return [name, _get(figures, "n"), _get(figures, "p50_ms"), _get(figures, "p99_ms"), errors]
+    def row(name: str, figures: Any, errors: Any = None, cpu: Any = None) -> list[Any]:
+        n, p50, p99 = (_get(figures, k) for k in ("n", "p50_ms", "p99_ms"))
+        return [name, n, p50, p99, errors, cpu]
 
+    quiet = t.get("warm_quiet", {})
     rows = [
         row(
             "warm lease POST, quiet (8 clients)",
-            _get(t, "warm_quiet", "acquire"),
-            _get(t, "warm_quiet", "errors"),
+            quiet.get("acquire"),
+            quiet.get("errors"),
+            quiet.get("server_cpu_share"),
         ),
         row(
-            f"warm lease POST, {held}", _get(load, "warm", "acquire"), _get(load, "warm", "errors")
+            f"warm lease POST, {held}",
+            _get(load, "warm", "acquire"),
+            _get(load, "warm", "errors"),
+            load.get("server_cpu_share"),
         ),
         row(
             "warm lease POST, during the log flood",
             _get(flood, "warm", "acquire"),
             _get(flood, "warm", "errors"),
+            flood.get("server_cpu_share"),
         ),
         row(
             "dispatch (submit -> agent has it), quiet",
@@ -410,12 +417,12 @@ def _render_tasks(t: dict[str, Any]) -> str:
         row("submit answer (201), quiet", _get(t, "dispatch_quiet", "submit")),
         row(
             f"log latency (line made -> follower has it), {sizes['follows']} logs, while measured",
-            _get(load, "log_latency"),
+            load.get("log_latency"),
             f"lost {_get(load, 'followers', 'lost')}, repeated "
             f"{_get(load, 'followers', 'repeated')}",
         ),
-        row("log latency, whole phase", _get(load, "log_latency_all")),
-        row("flood: one 1 MiB chunk POST", _get(flood, "chunk_post")),
+        row("log latency, whole phase", load.get("log_latency_all")),
+        row("flood: one 1 MiB chunk POST", flood.get("chunk_post")),
     ]
     first = flood.get("first_task", {})
     notes = (
@@ -429,7 +436,7 @@ def _render_tasks(t: dict[str, Any]) -> str:
     return (
         f"### Tasks (SQLite, scheduler off): {sizes['idle']} idle polls, "
         f"{sizes['follows']} followed logs\n"
-        + _table(["measure", "n", "p50 ms", "p99 ms", "errors"], rows)
+        + _table(["measure", "n", "p50 ms", "p99 ms", "errors", "serve CPU (cores)"], rows)
         + "\n\n"
         + notes
     )

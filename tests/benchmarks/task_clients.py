@@ -317,8 +317,11 @@ def _dispatch_agent(
         client.close()
 
 
-def run_dispatch(port: int, run: dict[str, str], samples: int, result_q: Any) -> None:
-    """``samples`` submits, one at a time, each while the agent waits in its poll."""
+def run_dispatch(
+    port: int, run: dict[str, str], samples: int, bound_s: float, result_q: Any
+) -> None:
+    """``samples`` submits, one at a time, each while the agent waits in its poll; no
+    new one after ``bound_s`` (an overloaded server answers slowly)."""
     got: dict[str, float] = {}
     polling, stop = threading.Event(), threading.Event()
     agent = threading.Thread(
@@ -328,8 +331,12 @@ def run_dispatch(port: int, run: dict[str, str], samples: int, result_q: Any) ->
     tenant = _Client(port, run["tenant_token"])
     script = json.dumps({"script": "true"}).encode()
     dispatch, submit, errors = [], [], Counter[str]()
+    give_up = time.monotonic() + bound_s
     try:
         for _ in range(samples):
+            if time.monotonic() > give_up:
+                errors["out_of_time"] += 1
+                break
             # The agent is back in its poll, and the request has reached the server.
             if not polling.wait(10) or not agent.is_alive():
                 errors["agent_not_polling"] += 1

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import re
 import subprocess
 import sys
@@ -248,11 +249,39 @@ class TaskBenchServer(BenchServer):
         wait_until(up, timeout, message=lambda: f"/healthz never 200:\n{self.log_tail()}")
         return self
 
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by ``serve``: the gunicorn master and its web worker."""
+        assert self.process is not None
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / tick
+
     def waiters(self) -> dict[str, int]:
         """The task waiters gauge by kind (poll, log) as /metrics shows it."""
         text = self.request("GET", "/metrics").text
         found = re.findall(r'^workerlease_task_waiters\{kind="(\w+)"\} ([0-9.e+]+)$', text, re.M)
         return {kind: int(float(value)) for kind, value in found}
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+class CpuMeter:
+    """The server's CPU use over a phase, as a share of one core."""
+
+    def __init__(self, server: TaskBenchServer) -> None:
+        self.server = server
+        self.cpu, self.wall = server.cpu_s(), time.monotonic()
+
+    def share(self) -> float | None:
+        return ratio(self.server.cpu_s() - self.cpu, time.monotonic() - self.wall)
 
 
 # ---- phases ----------------------------------------------------------------------------
@@ -301,9 +330,12 @@ def _collect(procs: list[tuple[Any, Any]], timeout: float) -> dict[str, Any]:
     return out
 
 
+DISPATCH_BOUND_S = 60
+
+
 def _dispatch(server: TaskBenchServer, run: dict[str, str], samples: int) -> dict[str, Any]:
-    proc = _spawn(task_clients.run_dispatch, server.port, run, samples)
-    got = _collect([proc], timeout=samples * 12 + 60).get("dispatch", {})
+    proc = _spawn(task_clients.run_dispatch, server.port, run, samples, DISPATCH_BOUND_S)
+    got = _collect([proc], timeout=DISPATCH_BOUND_S + 90).get("dispatch", {})
     return {
         "dispatch": summarize(got.pop("dispatch", [])),
         "submit": summarize(got.pop("submit", [])),
@@ -332,6 +364,7 @@ def _under_load(server: TaskBenchServer, seeded: Seeded, sizes: Sizes, log: Any)
         out["polls_held_after_s"] = round(time.monotonic() - started, 1)
         time.sleep(3)  # the log producers and followers in their stride
         window_start = time.monotonic()
+        meter = CpuMeter(server)
         samples.append(server.waiters())
         loaded = _warm(server, seeded.warm_tokens, sizes)
         samples.append(server.waiters())
@@ -339,6 +372,7 @@ def _under_load(server: TaskBenchServer, seeded: Seeded, sizes: Sizes, log: Any)
         out["dispatch"] = _dispatch(server, seeded.dispatch, sizes.dispatch)
         samples.append(server.waiters())
         window_end = time.monotonic()
+        out["server_cpu_share"] = meter.share()
         log(
             f"  under load: warm p99 {out['warm']['acquire']['p99_ms']} ms; dispatch p50 "
             f"{out['dispatch']['dispatch']['p50_ms']} ms; waiters {samples}"
@@ -371,9 +405,11 @@ def _flood(server: TaskBenchServer, seeded: Seeded, sizes: Sizes, log: Any) -> d
     proc = _spawn(task_clients.run_flood, server.port, seeded.flood, sizes.flood_bytes, go, stop)
     time.sleep(2)  # the process is up (spawn imports) before the clock starts
     go.set()
+    meter = CpuMeter(server)
     try:
         bursts = _warm_bursts(server, seeded.warm_tokens, sizes)
     finally:
+        cpu_share = meter.share()
         stop.set()
         got = _collect([proc], timeout=120).get("flood", {})
     if "error" in got:
@@ -408,6 +444,7 @@ def _flood(server: TaskBenchServer, seeded: Seeded, sizes: Sizes, log: Any) -> d
         "stored_bytes": stored,
         "chunk_post": summarize([s for t in done for s in t["post_s"]]),
         "warm": loaded.as_dict(),
+        "server_cpu_share": cpu_share,
         # How much of the warm bursts' busy time had the flood beside it.
         "overlap": _overlap(bursts, done[0]["start"], got["end"]) if done else None,
     }
@@ -442,8 +479,10 @@ def run_tasks(sizes: Sizes, log: Any) -> dict[str, Any]:
         log(f"  seeded {agents} agent workers, {warm_ready} warm; serve up")
         params = {"port": server.port, "pool": WARM_POOL, "tokens": seeded.warm_tokens}
         run_load(drivers.SERVICE_HTTP, params, 4, 2)  # warm-up: imports, first compiles
+        meter = CpuMeter(server)
         quiet = _warm(server, seeded.warm_tokens, sizes)
         out["warm_quiet"] = quiet.as_dict()
+        out["warm_quiet"]["server_cpu_share"] = meter.share()
         out["dispatch_quiet"] = _dispatch(server, seeded.dispatch, sizes.dispatch)
         log(
             f"  quiet: warm p99 {out['warm_quiet']['acquire']['p99_ms']} ms; dispatch p50 "
