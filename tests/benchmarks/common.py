@@ -229,17 +229,23 @@ def ratio(a: float, b: float) -> float | None:
 
 
 def git_commit() -> str | None:
-    """The checked-out commit, read from .git directly (no git command is run)."""
+    """The checked-out commit, read from .git directly (no git command is run). In a
+    worktree ``.git`` is a file naming its own git dir, whose refs live in the main one."""
     git = ROOT / ".git"
     try:
+        if git.is_file():
+            git = (ROOT / git.read_text().strip().removeprefix("gitdir: ")).resolve()
+        common = (
+            git / (git / "commondir").read_text().strip() if (git / "commondir").exists() else git
+        )
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head
         ref = head[5:]
-        path = git / ref
-        if path.exists():
-            return path.read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
+        for base in (git, common):
+            if (base / ref).exists():
+                return (base / ref).read_text().strip()
+        for line in (common / "packed-refs").read_text().splitlines():
             if line.endswith(" " + ref):
                 return line.split()[0]
     except OSError:
