@@ -114,6 +114,35 @@ def cache_query_schemas() -> None:
         model.model_json_schema = cached  # type: ignore[method-assign,assignment]
 
 
+def flood_chunks(client: Any, run: dict[str, str]) -> None:
+    """1 MiB chunks to one task until the service says discard: wall and CPU per chunk.
+    Wall well above CPU is time in SQLite's C code (the blob, the WAL, its checkpoints),
+    during which a gevent worker serves nobody else."""
+    from tests.benchmarks.task_clients import CHUNK, _block
+
+    headers = {
+        "Authorization": f"Bearer {run['worker_token']}",
+        "Content-Type": "application/octet-stream",
+    }
+    path = f"/v1/workers/{run['worker_id']}/tasks/{run['task_id']}/log"
+    block, sent, walls, cpus = _block(), 0, [], []
+    while True:
+        wall, cpu = time.perf_counter(), time.process_time()
+        answer = client.post(f"{path}?offset={sent}", data=block, headers=headers)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        sent = answer.get_json()["received"]
+        if answer.get_json()["discard"] or sent > 64 * CHUNK:
+            break
+    walls.sort()
+    print(
+        f"  {'1 MiB log chunk, to the cap (' + str(len(walls)) + ' chunks)':48s} "
+        f"{sum(cpus) * 1000 / len(cpus):6.2f} ms CPU, wall median "
+        f"{walls[len(walls) // 2] * 1000:.1f} ms, max {walls[-1] * 1000:.1f} ms"
+    )
+
+
 def _cpu_ms(call: Callable[[], None], count: int) -> float:
     cpu = time.process_time()
     for _ in range(count):
@@ -134,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache_query_schema:
         cache_query_schemas()
     sizes = Sizes(
-        idle=1, follows=1, dispatch=0, flood_bytes=0, flood_tasks=0, warm_cycles=0, bursts=0
+        idle=1, follows=1, dispatch=0, flood_bytes=0, flood_tasks=1, warm_cycles=0, bursts=0
     )
     with tempfile.TemporaryDirectory(prefix="workerlease-profile-") as tmp:
         db = Path(tmp) / "profile.db"
@@ -158,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:48s} {_cpu_ms(call, args.calls):6.2f} ms")
         both = _cpu_ms(calls.followed_line, args.calls)
         print(f"  {'followed line (chunk + read that finds it)':48s} {both:6.2f} ms")
+        flood_chunks(calls.client, seeded.flood[0])
 
         profiler = cProfile.Profile()
         profiler.enable()
