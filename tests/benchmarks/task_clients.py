@@ -269,24 +269,34 @@ def run_followers(
 # ---- dispatch: submit -> the agent has it ------------------------------------------
 
 
+# serve closes a keep-alive connection idle this long (service.server.HEADER_TIMEOUT_S).
+KEEPALIVE_S = 5
+
+
 class _Client:
     """Blocking keep-alive client for the sequential parts."""
 
     def __init__(self, port: int, token: str) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         self.token = token
+        self.used = time.monotonic()
 
     def call(
         self, method: str, path: str, body: bytes = b"", content_type: str = "application/json"
     ) -> tuple[int, bytes]:
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
+        if time.monotonic() - self.used > KEEPALIVE_S - 1:
+            self.conn.close()  # the server may have closed it: a new one, not a reset
+        self.used = time.monotonic()
         try:
             self.conn.request(method, path, body=body, headers=headers)
             response = self.conn.getresponse()
-            return response.status, response.read()
+            answer = response.status, response.read()
         except (OSError, http.client.HTTPException):
             self.conn.close()  # reconnects on the next request
             raise
+        self.used = time.monotonic()
+        return answer
 
     def close(self) -> None:
         self.conn.close()
@@ -356,6 +366,8 @@ def run_dispatch(
                 dispatch.append(got[task_id] - t0)
             else:
                 errors["never_dispatched"] += 1
+    except (OSError, http.client.HTTPException) as exc:
+        errors[type(exc).__name__] += 1  # what was measured until then is still reported
     finally:
         stop.set()
         tenant.close()
