@@ -102,18 +102,6 @@ class Calls:
         assert released.status_code == 200, released.get_data(as_text=True)
 
 
-def cache_query_schemas() -> None:
-    """The experiment behind the proposed fix: flask-openapi3 (4.3) builds a query
-    model's JSON schema on every request (``_validate_query``); serve it from a cache."""
-    import functools
-
-    from service import schemas
-
-    for model in (schemas.TaskLogQuery, schemas.LogChunkQuery):
-        cached = functools.cache(model.model_json_schema)
-        model.model_json_schema = cached  # type: ignore[method-assign,assignment]
-
-
 def flood_chunks(client: Any, run: dict[str, str]) -> None:
     """1 MiB chunks to one task until the service says discard: wall and CPU per chunk.
     Wall well above CPU is time in SQLite's C code (the blob, the WAL, its checkpoints),
@@ -154,14 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--top", type=int, default=30)
-    parser.add_argument(
-        "--cache-query-schema",
-        action="store_true",
-        help="try the proposed fix: the task query models' JSON schema built once",
-    )
     args = parser.parse_args(argv)
-    if args.cache_query_schema:
-        cache_query_schemas()
     sizes = Sizes(
         idle=1, follows=1, dispatch=0, flood_bytes=0, flood_tasks=1, warm_cycles=0, bursts=0
     )
