@@ -61,6 +61,8 @@ class SchedulerConfig(_Strict):
     # How often pending leases are checked against workers on their way (seconds).
     demand_interval: float = Field(default=0.2, ge=0.05, le=60)
     max_concurrent_creates: int = Field(default=4, ge=1, le=64)
+    # Leases ring the scheduler (a new pending lease, a warm take); off: the polls alone.
+    doorbell: bool = True
 
     @field_validator("interval", "reconcile_interval")
     @classmethod

@@ -69,8 +69,10 @@ class NoBell(Bell):
         return _Sleep()
 
 
-def bell_for(engine: Engine) -> Bell:
+def bell_for(engine: Engine, enabled: bool = True) -> Bell:
     url = engine.url
+    if not enabled:
+        return NoBell()
     if url.get_backend_name() == "postgresql":
         return PostgresBell(engine)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):

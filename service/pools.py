@@ -165,6 +165,17 @@ def demand_outruns_supply(session: Session) -> bool:
     )
 
 
+def refill_wanted(session: Session, now: datetime) -> bool:
+    """True when some enabled pool, not backing off, lacks workers: pending leases or
+    fewer ready (and on their way) than its target. What a rung doorbell checks."""
+    counts = counts_by_pool(session)
+    return any(
+        workers_wanted(pool, counts.get(pool.name, PoolCounts({}, 0))) > 0
+        for pool in session.exec(select(Pool).where(col(Pool.enabled).is_(True))).all()
+        if pool.create_backoff_until is None or pool.create_backoff_until <= now
+    )
+
+
 def plan_refill(session: Session, now: datetime) -> list[Worker]:
     """Commit-ready rows (state provisioning) for every worker the pools lack.
 

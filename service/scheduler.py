@@ -41,6 +41,13 @@ def _no_wait(job: Callable[..., None]) -> Callable[[Runtime], None]:
     return run
 
 
+def _rung(job: Callable[..., None]) -> Callable[..., None]:
+    def run(rt: Runtime, wait: bool = True) -> None:
+        job(rt, wait=wait, rung=True)
+
+    return run
+
+
 def instrumented(name: str, job: Callable[[Runtime], None], rt: Runtime) -> Callable[[], None]:
     """A failing run logs and counts, and the next run tries again."""
 
@@ -70,7 +77,8 @@ class DemandLoop:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self._stop = threading.Event()
-        self._run_pass = instrumented("demand", _no_wait(answer_demand), rt)
+        self._poll_pass = instrumented("demand", _no_wait(answer_demand), rt)
+        self._rung_pass = instrumented("demand", _no_wait(_rung(answer_demand)), rt)
         # Bound now, not in the thread: a ring sent once the scheduler is up is heard.
         self._listener = rt.bell.listener()
         self._thread = threading.Thread(target=self._loop, name="demand", daemon=True)
@@ -86,15 +94,17 @@ class DemandLoop:
         interval = self._rt.settings.demand_interval
         try:
             while not self._stop.is_set():
+                rung = False
                 try:
-                    if self._wait_for_ring(interval):
+                    rung = self._wait_for_ring(interval)
+                    if rung:
                         metrics.DOORBELL.labels("woke").inc()
                 except Exception:  # a broken bell must not stop the poll
                     metrics.DOORBELL.labels("listen_error").inc()
                     log.exception("doorbell_wait_failed; polling")
                     self._stop.wait(interval)
                 if not self._stop.is_set():
-                    self._run_pass()
+                    (self._rung_pass if rung else self._poll_pass)()
         finally:
             self._listener.close()
 

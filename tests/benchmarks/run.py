@@ -2,7 +2,7 @@
 
     python -m tests.benchmarks.run                 # everything (make bench), ~20 min on 2 cores
     python -m tests.benchmarks.run --quick         # smaller pools and sizes, ~6 min
-    python -m tests.benchmarks.run --only warm     # warm | scale | ttw | longpoll (repeatable)
+    python -m tests.benchmarks.run --only warm     # warm | scale | ttw | longpoll | refill
     python -m tests.benchmarks.run --db sqlite     # skip PostgreSQL
 
 Figures and targets: issue 6 and docs/benchmarks.md.
@@ -19,7 +19,7 @@ from typing import Any
 
 from tests.benchmarks.common import ROOT, machine_info, sqlite_version
 
-SECTIONS = ("warm", "scale", "ttw", "longpoll")
+SECTIONS = ("warm", "scale", "ttw", "longpoll", "refill")
 # The figures whose growth with history (and with live leases) the scale table shows.
 GROWTH_KEYS = ("maintain", "destroy", "reconcile", "admin_leases", "admin_workers", "admin_events")
 FULL = {
@@ -33,6 +33,8 @@ FULL = {
     "waits": 2000,
     "slow_clients": 500,
     "longpoll_ready": 40,
+    "refill_ready": 10,
+    "refill_samples": 5,
 }
 QUICK = {
     "ready": 72,
@@ -45,6 +47,8 @@ QUICK = {
     "waits": 500,
     "slow_clients": 200,
     "longpoll_ready": 24,
+    "refill_ready": 10,
+    "refill_samples": 3,
 }
 
 
@@ -91,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             results["time_to_worker"] = run_time_to_worker(settings["ttw_samples"], log)
         if "longpoll" in sections:
             results["longpoll"] = _longpoll(settings)
+        if "refill" in sections:
+            from tests.benchmarks.refill import run_refill
+
+            pg_url = postgres.create_database() if postgres is not None else None
+            results["refill"] = run_refill(
+                settings["refill_ready"], settings["refill_samples"], pg_url, log
+            )
     finally:
         if postgres is not None:
             postgres.stop()
@@ -117,7 +128,7 @@ def _longpoll(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _start_postgres(kinds: list[str], sections: list[str]) -> Any:
-    if "postgres" not in kinds or not {"warm", "scale"} & set(sections):
+    if "postgres" not in kinds or not {"warm", "scale", "refill"} & set(sections):
         return None
     from tests.support.postgres import PostgresServer, PostgresUnavailable
 
@@ -326,6 +337,39 @@ def _render_longpoll(lp: dict[str, Any]) -> str:
     )
 
 
+def _render_refill(rf: dict[str, Any]) -> str:
+    rows = [
+        [
+            "on" if side["doorbell"] else "off",
+            side["refill_median_s"],
+            side["refill_max_s"],
+            ", ".join(f"{v:.2f}" for v in side["samples"]),
+            side["warm_lease_in_burst"]["p50_ms"],
+            side["warm_lease_in_burst"]["p99_ms"],
+            side["leases_not_warm"],
+        ]
+        for side in (rf["on"], rf["off"])
+    ]
+    cost = rf.get("ring_cost", {})
+    return (
+        f"### Refill after a burst of {rf['ready']} warm takes (scheduler interval 5 s)\n"
+        + _table(
+            [
+                "doorbell",
+                "refill median s",
+                "max s",
+                "samples s",
+                "lease p50 ms",
+                "lease p99 ms",
+                "not warm",
+            ],
+            rows,
+        )
+        + f"\n\nOn vs off (median): {rf.get('refill_on_vs_off')}. One ring: "
+        + f"{cost.get('socket_us')} us (datagram), {cost.get('notify_us')} us (NOTIFY)."
+    )
+
+
 def render(r: dict[str, Any]) -> str:
     parts = [
         f"Machine: {r['machine']['nproc']} cores, {r['machine']['cpu_model']}, "
@@ -514,6 +558,8 @@ def render(r: dict[str, Any]) -> str:
     lp = r.get("longpoll")
     if lp:
         parts.append(_render_longpoll(lp))
+    if r.get("refill"):
+        parts.append(_render_refill(r["refill"]))
     parts.append(
         "### Targets\n"
         + _table(
