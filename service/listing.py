@@ -17,6 +17,7 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import BindParameter
 from sqlmodel import Session, col, select
 
+from service.capacity import Target
 from service.models import (
     LIVE_LEASE_STATES,
     LIVE_WORKER_STATES,
@@ -27,7 +28,7 @@ from service.models import (
     Tenant,
     Worker,
 )
-from service.pools import PoolCounts, counts_by_pool
+from service.pools import PoolCounts, counts_by_pool, warm_targets
 
 S = TypeVar("S", bound=Select[Any])
 
@@ -56,6 +57,13 @@ def pools_with_counts(session: Session) -> list[tuple[Pool, PoolCounts]]:
     counts = counts_by_pool(session)
     pools = session.exec(select(Pool).order_by(col(Pool.name))).all()
     return [(pool, counts.get(pool.name, PoolCounts({}, 0))) for pool in pools]
+
+
+def pools_overview(session: Session, now: datetime) -> list[tuple[Pool, PoolCounts, Target]]:
+    """Every pool with its counts and its warm target (and why)."""
+    rows = pools_with_counts(session)
+    targets = warm_targets(session, [pool for pool, _ in rows], now)
+    return [(pool, counts, targets[pool.name]) for pool, counts in rows]
 
 
 def pool_counts(session: Session, pool: str) -> PoolCounts:

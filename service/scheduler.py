@@ -28,6 +28,11 @@ from service.workers import release_claims
 log = logging.getLogger("workerlease.scheduler")
 
 STOP_CHECK_S = 0.5  # how soon the demand loop notices stop()
+# A ring's ready-deficit refill waits this long so a burst of warm takes is one pass.
+# Measured (bench --only refill, 10 takes at once, SQLite): a pass per ring made the
+# burst's own leases p50 191 ms (no ring: 56 ms) and the refill no faster (1.7 s);
+# settling 0.1 s gave 49 ms and 1.2 s. Pending leases do not wait for it.
+RING_SETTLE_S = 0.1
 
 
 def _reconcile(rt: Runtime) -> None:
@@ -69,6 +74,10 @@ def instrumented(name: str, job: Callable[[Runtime], None], rt: Runtime) -> Call
 class DemandLoop:
     """The demand pass, run when the doorbell rings or every ``demand_interval``.
 
+    Every wake-up first answers pending leases (the poll's check). A ring then also
+    refills pools short of their ready target (a lease took a ready worker), after
+    ``RING_SETTLE_S`` so that the rings of one burst make one pass.
+
     A thread of its own rather than an APScheduler job: a ring must start a pass at
     once, and a ring during a pass must start another right after it (the lease may
     have committed after the pass read the counts), never two passes at once.
@@ -103,8 +112,12 @@ class DemandLoop:
                     metrics.DOORBELL.labels("listen_error").inc()
                     log.exception("doorbell_wait_failed; polling")
                     self._stop.wait(interval)
-                if not self._stop.is_set():
-                    (self._rung_pass if rung else self._poll_pass)()
+                if self._stop.is_set():
+                    break
+                self._poll_pass()  # pending leases first, at once, whatever rang
+                if rung and not self._stop.wait(RING_SETTLE_S):
+                    self._listener.wait(0.001)  # the burst's other rings: this same pass
+                    self._rung_pass()
         finally:
             self._listener.close()
 

@@ -108,6 +108,7 @@ def run_side(doorbell: bool, ready: int, samples: int, seed: int, log: Any) -> d
         for _ in range(samples):
             _quiet(server, ready)
             time.sleep(pause.uniform(0, 5))
+            server.http.close()  # its keep-alive connection may have idled past the server's 5 s
             sample = _sample(server, tokens, ready)
             missed += ready - sample["taken"]
             leases += sample["lease_s"]
