@@ -47,7 +47,6 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from provisioners.base import WorkerSpec
 from service import leasing, tenants
 from service.capacity import ADAPTIVE, FIXED
 from service.clock import VirtualClock
@@ -58,7 +57,7 @@ from service.leasing import Outcome
 from service.models import Event, Lease, LeaseState, Worker
 from service.passes.destroy import destroy
 from service.passes.maintain import answer_demand, maintain
-from service.passes.simulation import SimulatedCloud, simulation_runtime
+from service.passes.simulation import simulated_cloud, simulation_runtime
 from service.scheduler import RING_SETTLE_S
 from service.startup import prepare_database
 from service.workers import worker_ready
@@ -274,7 +273,7 @@ class Replay:
         self.trace = trace
         self.start = start
         self.clock = VirtualClock(start - timedelta(seconds=WARM_UP_S))
-        self.cloud = SimulatedCloud(self.clock.now, self._agent_ready_at, random.Random(seed))
+        self.cloud = simulated_cloud(self.clock.now, self._agent_ready_at, seed)
         self.engine = prepare_database(self.config)
         self.rt = simulation_runtime(self.config, self.engine, self.clock, self.cloud)
         self.factory = session_factory(self.engine)
@@ -300,8 +299,8 @@ class Replay:
     def _seconds(self, moment: datetime) -> float:
         return (moment - self.start).total_seconds()
 
-    def _agent_ready_at(self, spec: WorkerSpec, at: datetime) -> None:
-        self._push(self._seconds(at), "ready", spec)
+    def _agent_ready_at(self, worker_id: str, bootstrap_token: str, at: datetime) -> None:
+        self._push(self._seconds(at), "ready", (worker_id, bootstrap_token))
 
     def run(self) -> Result:
         self._create_tenants()
@@ -367,15 +366,16 @@ class Replay:
         self.passes += 1
         answer_demand(self.rt, self.clock.now(), rung=rung)
 
-    def _on_ready(self, spec: WorkerSpec) -> None:
-        if spec.worker_id not in self.cloud.machines:
+    def _on_ready(self, agent: tuple[str, str]) -> None:
+        worker_id, bootstrap_token = agent
+        if worker_id not in self.cloud.machines:
             return  # destroyed before its agent came up
         try:
             with session_scope(self.factory) as session:
                 worker_ready(
                     session,
-                    spec.worker_id,
-                    spec.bootstrap_token,
+                    worker_id,
+                    bootstrap_token,
                     "http://simulated.invalid/",
                     None,
                     self.clock.now(),

@@ -5,12 +5,14 @@ run inline (a simulation has one thread and never sleeps)."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from provisioners.base import Provisioner
+from provisioners.base import Provisioner, WorkerSpec
 from provisioners.simulated import SimulatedCloud, SimulatedOptions, SimulatedProvisioner
 from service.clock import Clock
 from service.config import Config, PoolConfig
@@ -32,6 +34,18 @@ def simulated_options(pool: PoolConfig) -> SimulatedOptions:
     return SimulatedOptions(
         provision_median_s=median, provision_p95_s=p95, failure_rate=pool.simulation.failure_rate
     )
+
+
+def simulated_cloud(
+    now: Callable[[], datetime], on_ready: Callable[[str, str, datetime], None], seed: int
+) -> SimulatedCloud:
+    """The simulated platform; ``on_ready(worker_id, bootstrap_token, at)`` is told when
+    each machine's agent will call back."""
+
+    def ready(spec: WorkerSpec, at: datetime) -> None:
+        on_ready(spec.worker_id, spec.bootstrap_token, at)
+
+    return SimulatedCloud(now, ready, random.Random(seed))
 
 
 class SimulatedProvisioners(ProvisionerSet):
