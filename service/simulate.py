@@ -19,12 +19,14 @@ What the running service does, and how the replay stands in for it:
   demand estimate, schedule edges, a create backoff ending), which the replay thus
   sees up to a minute late (trim a little late: idle minutes a little high). The
   steps the service takes sooner are taken when it would: the demand pass on each
-  ring, and the ``destroy`` pass at the next ``scheduler.interval`` after a release,
-  followed by the demand poll when leases are pending (the freed room refills).
+  ring, and, when leases are pending, the ``destroy`` pass at the next
+  ``scheduler.interval`` after a release followed by the demand poll (the room a
+  released worker frees refills at once).
 
 Results are read back from the database: lease waits (request to active), warm hits
-(active at once), worker-minutes (created to destroyed), idle worker-minutes (ready
-and not leased), creations, and cost when the pool has ``cost_per_hour``.
+(active at once), worker-minutes (created to the decision to destroy it), idle
+worker-minutes (ready and not leased), creations, and cost when the pool has
+``cost_per_hour``.
 """
 
 from __future__ import annotations
@@ -404,7 +406,8 @@ class Replay:
             leasing.release(session, tenant_id, lease_id, self.clock.now())
         self._open_leases = max(0, self._open_leases - 1)
         now = self._seconds(self.clock.now())
-        if self._destroy_at is None or self._destroy_at < now:
+        if self._waiting and (self._destroy_at is None or self._destroy_at < now):
+            # Leases wait: the freed room matters now (else the next full pass destroys).
             self._destroy_at = math.floor(now / self.interval + 1) * self.interval
             self._push(self._destroy_at, "destroy")
 
@@ -483,7 +486,9 @@ def _worker_figures(
     for worker in session.exec(select(Worker)).all():
         result = pools[worker.pool]
         times = left.get(worker.id, {})
-        gone = times.get("destroyed", end)
+        # Until the service decided to destroy it: the replay's destroy pass runs on its
+        # own cadence, and a platform's termination time is not modelled.
+        gone = min([times[s] for s in ("destroying", "destroyed") if s in times] or [end])
         if gone <= start:
             continue  # came and went during the warm-up
         result.creations += worker.created_at >= start
@@ -536,3 +541,48 @@ def simulate(
         shutil.rmtree(db_dir, ignore_errors=True)
     result.policy, result.seed = policy, seed
     return result
+
+
+# ---- comparing policies ------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Adaptive against the fixed ``min_ready`` that reaches the best p95 wait."""
+
+    pool: str
+    adaptive: PoolResult
+    best_fixed: int
+    best: PoolResult
+    tried: dict[int, PoolResult]
+
+    @property
+    def idle_saved(self) -> float:
+        """1 - adaptive's idle worker-minutes / the best fixed one's."""
+        if not self.best.idle_worker_minutes:
+            return 0.0
+        return round(1 - self.adaptive.idle_worker_minutes / self.best.idle_worker_minutes, 3)
+
+
+def compare(config: Config, trace: Sequence[TraceRow], pool: str, seed: int = 0) -> Comparison:
+    """The adaptive policy, and the smallest fixed ``min_ready`` whose p95 wait is the best
+    any fixed value reaches (``max_workers`` gives that best; p95 falls as N grows, so a
+    bisection finds the smallest N that matches it)."""
+    [settings] = [p for p in config.pools if p.name == pool]
+    runs: dict[int, PoolResult] = {}
+
+    def fixed(n: int) -> PoolResult:
+        if n not in runs:
+            runs[n] = simulate(config, trace, f"fixed:{n}", seed).pools[pool]
+        return runs[n]
+
+    adaptive = simulate(config, trace, ADAPTIVE, seed).pools[pool]
+    best_p95 = fixed(settings.max_workers).wait_p95_s
+    low, high = 0, settings.max_workers
+    while low < high:
+        middle = (low + high) // 2
+        if fixed(middle).wait_p95_s <= best_p95:
+            high = middle
+        else:
+            low = middle + 1
+    return Comparison(pool, adaptive, low, fixed(low), dict(sorted(runs.items())))

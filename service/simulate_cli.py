@@ -77,6 +77,50 @@ def generate_command(
     click.echo(f"wrote {count} requests over {hours:g} h to {out}")
 
 
+@simulate_command.command("compare")
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, exists=True), required=True
+)
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, exists=True), required=True)
+@click.option("--pool", "pool", required=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def compare_command(config_path: str, trace_path: str, pool: str, seed: int, as_json: bool) -> None:
+    """Adaptive against the best fixed min_ready (the smallest with the best p95 wait)."""
+    from dataclasses import asdict
+
+    from service.simulate import SimulationError, compare, read_trace
+
+    try:
+        config = load_config(config_path, environ={})
+        started = time.perf_counter()
+        result = compare(config, read_trace(trace_path), pool, seed)
+    except (ConfigError, SimulationError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        body = {
+            "pool": pool,
+            "adaptive": asdict(result.adaptive),
+            "best_fixed": result.best_fixed,
+            "fixed": {n: asdict(r) for n, r in result.tried.items()},
+            "idle_saved": result.idle_saved,
+            "elapsed_s": round(time.perf_counter() - started, 1),
+        }
+        click.echo(json.dumps(body, indent=2))
+        return
+    click.echo("policy | warm hit | wait p95 s | wait p99 s | idle worker-min | worker-min")
+    rows = [("adaptive", result.adaptive)] + [(f"fixed:{n}", r) for n, r in result.tried.items()]
+    for name, r in rows:
+        click.echo(
+            f"{name} | {r.warm_hit_rate:.1%} | {r.wait_p95_s:.1f} | {r.wait_p99_s:.1f} | "
+            f"{r.idle_worker_minutes:.0f} | {r.worker_minutes:.0f}"
+        )
+    click.echo(
+        f"best fixed: {result.best_fixed}; adaptive idle worker-minutes "
+        f"{-result.idle_saved:+.0%} against it ({time.perf_counter() - started:.0f} s)"
+    )
+
+
 def render(result: Result, elapsed: float) -> str:
     lines = [
         f"policy {result.policy}, seed {result.seed}: {result.simulated_hours:g} simulated hours "
