@@ -128,7 +128,8 @@ def run_side(doorbell: bool, ready: int, samples: int, seed: int, log: Any) -> d
 
 
 def ring_cost(postgres_url: str | None, rings: int = 20000) -> dict[str, Any]:
-    """Microseconds per ``ring()``: a datagram to a bound abstract socket; NOTIFY if given."""
+    """Microseconds per ``ring()`` (what a lease waits for): a datagram to a bound abstract
+    socket; on PostgreSQL a flag for the bell's sender thread, and the NOTIFY it sends."""
     from service.doorbell import PostgresBell, SocketBell, socket_address
 
     address = socket_address(f"/tmp/wl-bench-ring-{uuid.uuid4().hex}.db")
@@ -148,13 +149,18 @@ def ring_cost(postgres_url: str | None, rings: int = 20000) -> dict[str, Any]:
         from service.db import make_engine
 
         engine = make_engine(postgres_url)
+        n = rings // 20
         try:
             pg = PostgresBell(engine)
-            pg.ring()  # the pool's first connection
+            pg.notify()  # the pool's first connection
             t0 = time.perf_counter()
-            for _ in range(rings // 20):
-                pg.ring()
-            out["notify_us"] = round((time.perf_counter() - t0) / (rings // 20) * 1e6, 2)
+            for _ in range(n):
+                pg.notify()
+            out["notify_us"] = round((time.perf_counter() - t0) / n * 1e6, 2)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                pg.ring()  # what the lease waits for: a flag for the bell's own thread
+            out["postgres_ring_us"] = round((time.perf_counter() - t0) / n * 1e6, 2)
         finally:
             engine.dispose()
     return out

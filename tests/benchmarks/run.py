@@ -366,7 +366,8 @@ def _render_refill(rf: dict[str, Any]) -> str:
             rows,
         )
         + f"\n\nOn vs off (median): {rf.get('refill_on_vs_off')}. One ring: "
-        + f"{cost.get('socket_us')} us (datagram), {cost.get('notify_us')} us (NOTIFY)."
+        + f"{cost.get('socket_us')} us (datagram); PostgreSQL {cost.get('postgres_ring_us')} us "
+        + f"(the bell's thread sends the NOTIFY, {cost.get('notify_us')} us)."
     )
 
 
