@@ -59,7 +59,7 @@ def pools_with_counts(session: Session) -> list[tuple[Pool, PoolCounts]]:
     return [(pool, counts.get(pool.name, PoolCounts({}, 0))) for pool in pools]
 
 
-def pools_overview(session: Session, now: datetime) -> list[tuple[Pool, PoolCounts, Target]]:
+def pools_with_targets(session: Session, now: datetime) -> list[tuple[Pool, PoolCounts, Target]]:
     """Every pool with its counts and its warm target (and why)."""
     rows = pools_with_counts(session)
     targets = warm_targets(session, [pool for pool, _ in rows], now)

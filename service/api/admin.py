@@ -94,7 +94,7 @@ def disable_tenant(path: TenantPath) -> Any:
 @bp.get("/pools", responses={200: AdminPoolList})
 def list_pools() -> Any:
     """Every pool with its settings and counts per worker state and pending leases."""
-    rows = listing.pools_overview(svc().session(), svc().clock.now())
+    rows = listing.pools_with_targets(svc().session(), svc().clock.now())
     return AdminPoolList(pools=[_admin_pool(p, c, t) for p, c, t in rows]).model_dump(mode="json")
 
 
