@@ -15,6 +15,7 @@ from service.config import config_from_dict
 from service.simulate import (
     SimulationError,
     TraceRow,
+    compare,
     generate,
     read_trace,
     simulate,
@@ -142,3 +143,20 @@ def test_cli_generates_and_simulates_with_json(tmp_path: Path) -> None:
         main, ["simulate", "--config", str(config_path), "--trace", str(trace), "--policy", "x"]
     )
     assert unknown.exit_code != 0 and "unknown policy" in unknown.output
+
+
+def test_compare_finds_the_smallest_fixed_min_ready_with_the_best_p95() -> None:
+    config = config_from_dict(
+        _config(max_workers=4, simulation={"provision_seconds": {"median": 60, "p95": 60}})
+    )
+    # Pairs of requests 10 s apart every 10 minutes: two ready workers serve both at once.
+    trace = [
+        TraceRow(600.0 * i + gap, f"t{i}-{gap}", "ubuntu", 30.0)
+        for i in range(6)
+        for gap in (0.0, 10.0)
+    ]
+    result = compare(config, trace, "ubuntu")
+    assert result.best_fixed == 2
+    assert result.best.wait_p95_s == 0
+    assert result.tried[1].wait_p95_s > 0
+    assert set(result.tried) <= {0, 1, 2, 3, 4}
