@@ -164,10 +164,14 @@ class PoolOverview:
     oldest_pending_at: datetime | None  # when the longest-waiting pending lease was asked
     lease_wait_s: float | None  # mean request-to-worker of leases activated recently
     provisioning_s: float | None  # mean row-to-ready of workers ready recently
+    warm: Target | None = None  # the ready target and why (service.capacity)
 
 
-def pools_overview(session: Session, since: datetime) -> list[PoolOverview]:
-    """Every pool with its counts, oldest pending lease and recent times to a worker."""
+def pools_overview(
+    session: Session, since: datetime, now: datetime | None = None
+) -> list[PoolOverview]:
+    """Every pool with its counts, oldest pending lease and recent times to a worker (and
+    its warm target at ``now``, when given)."""
     oldest = dict(
         session.exec(
             select(Lease.pool, func.min(Lease.created_at))
@@ -191,6 +195,8 @@ def pools_overview(session: Session, since: datetime) -> list[PoolOverview]:
             .limit(2000)
         ).all()
     )
+    rows = pools_with_counts(session)
+    targets = {} if now is None else warm_targets(session, [pool for pool, _ in rows], now)
     return [
         PoolOverview(
             pool,
@@ -198,8 +204,9 @@ def pools_overview(session: Session, since: datetime) -> list[PoolOverview]:
             _utc(oldest.get(pool.name)),
             waits.get(pool.name),
             provisioning.get(pool.name),
+            targets.get(pool.name),
         )
-        for pool, counts in pools_with_counts(session)
+        for pool, counts in rows
     ]
 
 

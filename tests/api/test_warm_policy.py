@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from service import listing
 from tests.api.helpers import POOL, admin_pool, request_lease
-from tests.conftest import Service, admin, pool_config
+from tests.conftest import ADMIN_TOKEN, Service, admin, pool_config
 from tests.support.fakes import ManualClock
 
 MONDAY_7_UTC = datetime(2026, 11, 30, 7, 0, tzinfo=UTC)
@@ -49,6 +50,13 @@ def test_a_schedule_raises_the_floor_in_its_window_and_trim_waits_the_delay(
     assert _ready(svc, POOL) == 4
     warm = admin_pool(svc)["warm"]
     assert (warm["target"], warm["schedule"], warm["schedule_min_ready"]) == (4, "0 8 * * 1-5", 4)
+    with svc.session() as session:  # what the dashboard's overview shows
+        [overview] = [
+            p
+            for p in listing.pools_overview(session, svc.clock.now(), svc.clock.now())
+            if p.pool.name == POOL
+        ]
+    assert overview.warm is not None and overview.warm.ready == 4
     svc.clock.advance(hours=10)  # 18:01: closed, but within scale_down_delay
     svc.tick()
     assert _ready(svc, POOL) == 4
@@ -82,3 +90,16 @@ def test_adaptive_pool_grows_with_demand_and_shrinks_after_the_delay(svc: Servic
     svc.clock.advance(hours=2)  # long after: nothing in the window, no idle workers
     svc.tick()
     assert _ready(svc, "adaptive") == 0
+
+
+def test_the_dashboard_shows_the_target_and_why(svc: Service) -> None:
+    svc.clock.advance(hours=1, minutes=1)  # Monday 08:01 UTC: the window is open
+    svc.warm()
+    login = svc.client.get("/admin/login")
+    csrf = login.get_data(as_text=True).split('name="csrf_token" value="')[1].split('"')[0]
+    signed_in = svc.client.post("/admin/login", data={"token": ADMIN_TOKEN, "csrf_token": csrf})
+    assert signed_in.status_code in (302, 303), signed_in.get_data(as_text=True)
+    overview = svc.client.get("/admin/").get_data(as_text=True)
+    assert "fixed: target 4" in overview
+    page = svc.client.get(f"/admin/pools/{POOL}").get_data(as_text=True)
+    assert "raises the floor to 4" in page
