@@ -29,7 +29,7 @@ def pools() -> list[dict[str, Any]]:
         pool_config(
             "adaptive",
             min_ready=0,
-            max_workers=8,
+            max_workers=12,
             warm_policy="adaptive",
             scale_down_delay="10m",
         ),
