@@ -124,7 +124,10 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
         keep = min(max(base, held_floor), policy.max_workers)
         return Target(ready, max(ready, keep), policy.policy, policy.min_ready, floor, schedule)
     rate = demand_rate(history.request_ages_s)
-    peak = max(rate, peak_rate(history.request_ages_s, policy.scale_down_delay_s))
+    peak = max(
+        peak_rate(history.request_ages_s, policy.scale_down_delay_s, half_life)
+        for half_life in (RATE_HALF_LIFE_S, FAST_HALF_LIFE_S)
+    )
     provision = provision_time(history.provision_s, policy.os)
     demand = base_stock(rate * provision, policy.hit_target, policy.max_workers)
     held = base_stock(peak * provision, policy.hit_target, policy.max_workers)
