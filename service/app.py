@@ -104,7 +104,7 @@ def create_app(
         flow=LeaseFlow(
             read_factory,
             clock,
-            bell_for(engine),
+            bell_for(engine, config.scheduler.doorbell),
             max_waits_per_tenant=config.max_waits_per_tenant,
         ),
         tasks=TaskFlow(

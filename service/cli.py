@@ -381,6 +381,15 @@ def images_build(name: str) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+def _simulation_commands() -> None:
+    from service.simulate_cli import simulate_command  # docs/capacity.md
+
+    main.add_command(simulate_command, "simulate")
+
+
+_simulation_commands()
+
+
 def _existing_database(config_path: str | None) -> Any:
     """A session factory on the database as it is: no migration, no pools applied.
 

@@ -61,6 +61,8 @@ class SchedulerConfig(_Strict):
     # How often pending leases are checked against workers on their way (seconds).
     demand_interval: float = Field(default=0.2, ge=0.05, le=60)
     max_concurrent_creates: int = Field(default=4, ge=1, le=64)
+    # Leases ring the scheduler (a new pending lease, a warm take); off: the polls alone.
+    doorbell: bool = True
 
     @field_validator("interval", "reconcile_interval")
     @classmethod
@@ -68,6 +70,49 @@ class SchedulerConfig(_Strict):
         if value < 1:
             raise ValueError("must be at least 1 second")
         return value
+
+
+class ScheduleConfig(_Strict):
+    """A window that raises the pool's floor: from each cron fire time, for ``duration``."""
+
+    cron: str
+    duration: Duration
+    min_ready: int = Field(ge=0)
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _parses(self) -> ScheduleConfig:
+        from service.capacity import cron_trigger
+
+        if self.duration < 60:
+            raise ValueError("duration must be at least 1 minute")
+        try:
+            cron_trigger(self.cron, self.timezone)
+        except (ValueError, KeyError) as exc:  # ZoneInfoNotFoundError is a KeyError
+            raise ValueError(
+                f"invalid cron {self.cron!r} or timezone {self.timezone!r}: {exc}"
+            ) from None
+        return self
+
+
+class DistributionConfig(_Strict):
+    """A duration's median and 95th percentile (seconds); the simulator draws a lognormal."""
+
+    median: float = Field(gt=0)
+    p95: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DistributionConfig:
+        if self.p95 < self.median:
+            raise ValueError("p95 must not be below median")
+        return self
+
+
+class SimulationConfig(_Strict):
+    """How ``workerlease simulate`` pretends this pool's provisioner behaves."""
+
+    provision_seconds: DistributionConfig | None = None  # default by os
+    failure_rate: float = Field(default=0.0, ge=0, lt=1)
 
 
 class PoolConfig(_Strict):
@@ -85,11 +130,23 @@ class PoolConfig(_Strict):
     # Tasks one worker runs at once; more wait in order (queued).
     max_concurrent_tasks: int = Field(default=4, ge=1, le=64)
     options: dict[str, Any] = Field(default_factory=dict)
+    # How many ready workers to keep (docs/capacity.md): fixed = min_ready; adaptive =
+    # enough that a lease finds one with probability warm_hit_target. min_ready is the
+    # floor either way, schedules raise it, max_workers caps it.
+    warm_policy: Literal["fixed", "adaptive"] = "fixed"
+    warm_hit_target: float = Field(default=0.95, gt=0, lt=1)
+    scale_down_delay: Duration = 10 * 60
+    schedules: list[ScheduleConfig] = Field(default_factory=list)
+    cost_per_hour: float | None = Field(default=None, ge=0)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 
     @model_validator(mode="after")
     def _limits(self) -> PoolConfig:
         if self.min_ready > self.max_workers:
             raise ValueError("min_ready must not exceed max_workers")
+        for schedule in self.schedules:
+            if schedule.min_ready > self.max_workers:
+                raise ValueError("a schedule's min_ready must not exceed max_workers")
         for key in ("lease_idle_timeout", "lease_max_lifetime", "provision_timeout"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1 second")

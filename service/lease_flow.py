@@ -3,6 +3,7 @@
 A lease request: acquire (one transaction, ``leasing.acquire``); when it has to
 wait, hand free workers to the queue at once, ring the scheduler's doorbell so
 the refill starts now, and wait for activation without holding a transaction.
+A lease that takes a ready worker rings too, so its replacement starts at once.
 The agent's ready callback: hand the worker to the queue (one transaction) and
 wake the requests of this process that wait for it. Views call one method here.
 """
@@ -58,8 +59,13 @@ class LeaseFlow:
     ) -> Acquired:
         with transaction(session):
             acquired = leasing.acquire(session, tenant_id, pool, self.clock.now())
+        if acquired.outcome == Outcome.ACTIVE:
+            # A ready worker was taken: its replacement starts now, not at the next full
+            # pass (a datagram or a NOTIFY after the commit; the answer does not wait).
+            self.bell.ring()
+            return acquired
         if acquired.outcome != Outcome.PENDING:
-            return acquired  # active, or the lease already held: answered at once
+            return acquired  # the lease already held: answered at once
         acquired = self._serve_queue_now(session, acquired)
         if acquired.lease.state != LeaseState.PENDING:
             return acquired

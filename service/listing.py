@@ -17,6 +17,7 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import BindParameter
 from sqlmodel import Session, col, select
 
+from service.capacity import Target
 from service.models import (
     LIVE_LEASE_STATES,
     LIVE_WORKER_STATES,
@@ -27,7 +28,7 @@ from service.models import (
     Tenant,
     Worker,
 )
-from service.pools import PoolCounts, counts_by_pool
+from service.pools import PoolCounts, counts_by_pool, warm_targets
 
 S = TypeVar("S", bound=Select[Any])
 
@@ -56,6 +57,13 @@ def pools_with_counts(session: Session) -> list[tuple[Pool, PoolCounts]]:
     counts = counts_by_pool(session)
     pools = session.exec(select(Pool).order_by(col(Pool.name))).all()
     return [(pool, counts.get(pool.name, PoolCounts({}, 0))) for pool in pools]
+
+
+def pools_with_targets(session: Session, now: datetime) -> list[tuple[Pool, PoolCounts, Target]]:
+    """Every pool with its counts and its warm target (and why)."""
+    rows = pools_with_counts(session)
+    targets = warm_targets(session, [pool for pool, _ in rows], now)
+    return [(pool, counts, targets[pool.name]) for pool, counts in rows]
 
 
 def pool_counts(session: Session, pool: str) -> PoolCounts:
@@ -156,10 +164,14 @@ class PoolOverview:
     oldest_pending_at: datetime | None  # when the longest-waiting pending lease was asked
     lease_wait_s: float | None  # mean request-to-worker of leases activated recently
     provisioning_s: float | None  # mean row-to-ready of workers ready recently
+    warm: Target | None = None  # the ready target and why (service.capacity)
 
 
-def pools_overview(session: Session, since: datetime) -> list[PoolOverview]:
-    """Every pool with its counts, oldest pending lease and recent times to a worker."""
+def pools_overview(
+    session: Session, since: datetime, now: datetime | None = None
+) -> list[PoolOverview]:
+    """Every pool with its counts, oldest pending lease and recent times to a worker (and
+    its warm target at ``now``, when given)."""
     oldest = dict(
         session.exec(
             select(Lease.pool, func.min(Lease.created_at))
@@ -183,6 +195,8 @@ def pools_overview(session: Session, since: datetime) -> list[PoolOverview]:
             .limit(2000)
         ).all()
     )
+    rows = pools_with_counts(session)
+    targets = {} if now is None else warm_targets(session, [pool for pool, _ in rows], now)
     return [
         PoolOverview(
             pool,
@@ -190,8 +204,9 @@ def pools_overview(session: Session, since: datetime) -> list[PoolOverview]:
             _utc(oldest.get(pool.name)),
             waits.get(pool.name),
             provisioning.get(pool.name),
+            targets.get(pool.name),
         )
-        for pool, counts in pools_with_counts(session)
+        for pool, counts in rows
     ]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -32,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import REGISTRY, Collector
 
+from service.capacity import Target
 from service.security import secret_equals
 
 _BUCKETS_FAST = (
@@ -143,7 +144,13 @@ class DatabaseCollector(Collector):
         "workerlease_workers": "Workers per pool and state (destroyed excluded)",
         "workerlease_leases": "Live leases per pool and state",
         "workerlease_pool_degraded": "1 when the pool's creates or destroys are failing",
-        "workerlease_pool_min_ready": "The pool's warm-pool target",
+        "workerlease_pool_min_ready": "The pool's configured floor of ready workers",
+        "workerlease_pool_warm_target": "Ready workers the refill keeps now (warm policy)",
+        "workerlease_pool_warm_keep": "Ready workers trim keeps (the target held over "
+        "scale_down_delay)",
+        "workerlease_pool_schedule_min_ready": "Floor set by an open schedule window, or 0",
+        "workerlease_pool_lease_rate_per_minute": "Lease requests per minute (EWMA), adaptive",
+        "workerlease_pool_provision_p90_seconds": "p90 of recent provisioning times, adaptive",
     }
 
     def __init__(self, snapshot: Snapshot) -> None:
@@ -156,6 +163,28 @@ class DatabaseCollector(Collector):
             for sample_labels, value in samples:
                 family.add_metric([sample_labels[key] for key in labels], value)
             yield family
+
+
+def warm_samples(targets: Mapping[str, Target]) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The warm targets as gauges (the adaptive figures only for adaptive pools)."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {
+        "workerlease_pool_warm_target": [({"pool": n}, t.ready) for n, t in targets.items()],
+        "workerlease_pool_warm_keep": [({"pool": n}, t.keep) for n, t in targets.items()],
+        "workerlease_pool_schedule_min_ready": [
+            ({"pool": n}, t.schedule_min_ready) for n, t in targets.items()
+        ],
+        "workerlease_pool_lease_rate_per_minute": [],
+        "workerlease_pool_provision_p90_seconds": [],
+    }
+    for name, target in targets.items():
+        if target.rate_per_min is not None and target.provision_p90_s is not None:
+            out["workerlease_pool_lease_rate_per_minute"].append(
+                ({"pool": name}, target.rate_per_min)
+            )
+            out["workerlease_pool_provision_p90_seconds"].append(
+                ({"pool": name}, target.provision_p90_s)
+            )
+    return out
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -157,6 +157,13 @@ class Pool(SQLModel, table=True):
     # What the pool's provisioner says an operator must know (e.g. workers not isolated).
     warning: str | None = None
     max_concurrent_tasks: int = 4  # tasks running at once on one worker; the rest queue
+    # How many ready workers to keep (service.capacity); from the config only.
+    warm_policy: str = Field(default="fixed", max_length=20)
+    warm_hit_target: float = 0.95
+    scale_down_delay_s: int = 600
+    schedules: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
 
 
 class Worker(SQLModel, table=True):
@@ -164,6 +171,8 @@ class Worker(SQLModel, table=True):
     __table_args__ = (
         Index("ix_workers_pool_state_ready", "pool", "state", "ready_at"),
         Index("ix_workers_created", "created_at"),
+        # The adaptive warm target's provisioning times: a pool's most recent ready_at.
+        Index("ix_workers_pool_ready", "pool", "ready_at"),
         # The scheduler's passes select by state: with this index their cost follows the
         # live workers, not the destroyed history. (Not partial: SQLite cannot match a
         # partial index to a bound ``state = ?`` parameter.)
@@ -217,6 +226,8 @@ class Lease(SQLModel, table=True):
         Index("ix_leases_state_pool", "state", "pool", "created_at"),
         Index("ix_leases_tenant_created", "tenant_id", "created_at"),
         Index("ix_leases_created", "created_at"),
+        # The adaptive warm target's arrival rate: a pool's recent lease requests.
+        Index("ix_leases_pool_created", "pool", "created_at"),
         Index(
             "ix_leases_live_created",
             "created_at",

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
+from service.capacity import (
+    PROVISION_SAMPLES,
+    History,
+    Schedule,
+    Target,
+    WarmPolicy,
+    history_window_s,
+    warm_target,
+)
 from service.config import PoolConfig
 from service.db import lock_job, with_row_locks
 from service.errors import InvalidRequest, NotFound
@@ -84,6 +94,10 @@ def _apply_pool_config(row: Pool, config: PoolConfig) -> None:
     row.lease_max_lifetime_s = config.lease_max_lifetime
     row.provision_timeout_s = config.provision_timeout
     row.pending_timeout_s = config.pending_timeout
+    row.warm_policy = config.warm_policy
+    row.warm_hit_target = config.warm_hit_target
+    row.scale_down_delay_s = config.scale_down_delay
+    row.schedules = [schedule.model_dump() for schedule in config.schedules]
 
 
 def patch_pool(session: Session, name: str, patch: PoolPatch, now: datetime) -> Pool:
@@ -141,13 +155,71 @@ def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
     return counts
 
 
+# ---- the warm target ---------------------------------------------------------------
+
+# Bounds on what one pool's history read returns, whatever the traffic.
+MAX_REQUESTS_READ = 20_000
+
+
+def warm_policy(pool: Pool) -> WarmPolicy:
+    return WarmPolicy(
+        policy=pool.warm_policy,
+        min_ready=pool.min_ready,
+        max_workers=pool.max_workers,
+        hit_target=pool.warm_hit_target,
+        scale_down_delay_s=pool.scale_down_delay_s,
+        schedules=tuple(
+            Schedule(s["cron"], s["duration"], s["min_ready"], s.get("timezone", "UTC"))
+            for s in pool.schedules
+        ),
+        os=pool.os,
+    )
+
+
+def pool_history(session: Session, pool: str, since: datetime, now: datetime) -> History:
+    """The pool's lease requests since ``since`` and its last provisioning times (two
+    range reads of ``ix_leases_pool_created`` and ``ix_workers_pool_ready``)."""
+    requests = session.exec(
+        select(Lease.created_at)
+        .where(Lease.pool == pool, col(Lease.created_at) >= since)
+        .order_by(col(Lease.created_at).desc())
+        .limit(MAX_REQUESTS_READ)
+    ).all()
+    provisioned = session.exec(
+        select(Worker.created_at, Worker.ready_at)
+        .where(Worker.pool == pool, col(Worker.ready_at).is_not(None))
+        .order_by(col(Worker.ready_at).desc())
+        .limit(PROVISION_SAMPLES)
+    ).all()
+    return History(
+        request_ages_s=[(now - at).total_seconds() for at in requests],
+        provision_s=[(ready - created).total_seconds() for created, ready in provisioned if ready],
+    )
+
+
+def warm_targets(session: Session, pools: Sequence[Pool], now: datetime) -> dict[str, Target]:
+    """Each pool's ready target and what trim keeps, with why (service.capacity)."""
+    targets = {}
+    for pool in pools:
+        policy = warm_policy(pool)
+        history = History()
+        if policy.reads_history:
+            since = now - timedelta(seconds=history_window_s() + pool.scale_down_delay_s)
+            history = pool_history(session, pool.name, since, now)
+        targets[pool.name] = warm_target(policy, history, now)
+    return targets
+
+
 # ---- refill and trim ------------------------------------------------------------
 
 
-def workers_wanted(pool: Pool, counts: PoolCounts) -> int:
-    """How many new workers to start: ready + provisioning >= min_ready + pending, capped."""
+def workers_wanted(pool: Pool, counts: PoolCounts, target: int | None = None) -> int:
+    """How many new workers to start: ready + provisioning >= target + pending, capped.
+
+    ``target`` is the pool's ready target (``warm_targets``); ``min_ready`` by default.
+    """
     supply = counts[WorkerState.READY] + counts[WorkerState.PROVISIONING]
-    demand = pool.min_ready + counts.pending_leases
+    demand = (pool.min_ready if target is None else target) + counts.pending_leases
     room = pool.max_workers - counts.not_destroyed
     return max(0, min(demand - supply, room))
 
@@ -165,6 +237,22 @@ def demand_outruns_supply(session: Session) -> bool:
     )
 
 
+def refill_wanted(session: Session, now: datetime) -> bool:
+    """True when some enabled pool, not backing off, lacks workers: pending leases or
+    fewer ready (and on their way) than its target. What a rung doorbell checks."""
+    counts = counts_by_pool(session)
+    pools = [
+        pool
+        for pool in session.exec(select(Pool).where(col(Pool.enabled).is_(True))).all()
+        if pool.create_backoff_until is None or pool.create_backoff_until <= now
+    ]
+    targets = warm_targets(session, pools, now)
+    return any(
+        workers_wanted(pool, counts.get(pool.name, PoolCounts({}, 0)), targets[pool.name].ready) > 0
+        for pool in pools
+    )
+
+
 def plan_refill(session: Session, now: datetime) -> list[Worker]:
     """Commit-ready rows (state provisioning) for every worker the pools lack.
 
@@ -174,10 +262,15 @@ def plan_refill(session: Session, now: datetime) -> list[Worker]:
     lock_job(session, "refill")  # two replicas must not both fill the same gap
     counts = counts_by_pool(session)
     created: list[Worker] = []
-    for pool in session.exec(select(Pool).where(col(Pool.enabled).is_(True))).all():
-        if pool.create_backoff_until is not None and pool.create_backoff_until > now:
-            continue
-        wanted = workers_wanted(pool, counts.get(pool.name, PoolCounts({}, 0)))
+    pools = [
+        pool
+        for pool in session.exec(select(Pool).where(col(Pool.enabled).is_(True))).all()
+        if pool.create_backoff_until is None or pool.create_backoff_until <= now
+    ]
+    targets = warm_targets(session, pools, now)
+    for pool in pools:
+        target = targets[pool.name].ready
+        wanted = workers_wanted(pool, counts.get(pool.name, PoolCounts({}, 0)), target)
         for _ in range(wanted):
             worker = new_worker(pool.name, now)
             session.add(worker)
@@ -199,12 +292,15 @@ def new_worker(pool_name: str, now: datetime) -> Worker:
 
 
 def trim(session: Session, now: datetime) -> int:
-    """Destroy ready workers beyond ``min_ready + pending`` (after a lowered min_ready)."""
+    """Destroy ready workers beyond what the pool keeps plus pending leases (after a
+    lowered ``min_ready``; after ``scale_down_delay`` when demand or a schedule fell)."""
     counts = counts_by_pool(session)
     trimmed = 0
-    for pool in session.exec(select(Pool)).all():
+    pools = session.exec(select(Pool)).all()
+    targets = warm_targets(session, [pool for pool in pools if pool.enabled], now)
+    for pool in pools:
         pool_counts = counts.get(pool.name, PoolCounts({}, 0))
-        keep = (pool.min_ready + pool_counts.pending_leases) if pool.enabled else 0
+        keep = (targets[pool.name].keep + pool_counts.pending_leases) if pool.enabled else 0
         surplus = pool_counts[WorkerState.READY] - keep
         if surplus <= 0:
             continue

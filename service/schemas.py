@@ -224,6 +224,28 @@ class PoolList(BaseModel):
     pools: list[PoolOut]
 
 
+class WarmTargetOut(BaseModel):
+    """How many ready workers the pool keeps now, and why (docs/capacity.md)."""
+
+    policy: str = Field(description="fixed (min_ready) or adaptive (follows demand)")
+    target: int = Field(description="Ready workers the refill keeps (plus pending leases)")
+    keep: int = Field(
+        description="Ready workers trim keeps: the target's highest value over the scale-down delay"
+    )
+    min_ready: int
+    schedule_min_ready: int = Field(description="Floor set by an open schedule window, or 0")
+    schedule: str | None = Field(description="The cron of the window that sets that floor")
+    rate_per_min: float | None = Field(description="Lease requests per minute (EWMA), adaptive")
+    provision_p90_s: float | None = Field(
+        description="90th percentile of recent provisioning times, adaptive"
+    )
+    demand_target: int | None = Field(
+        description="What the demand alone asks for (Poisson quantile at warm_hit_target)"
+    )
+    hit_target: float
+    reason: str
+
+
 class AdminPoolOut(PoolOut):
     provisioner: str
     enabled: bool
@@ -242,6 +264,7 @@ class AdminPoolOut(PoolOut):
         "its workers are not isolated from the service",
     )
     counts: dict[str, int]
+    warm: WarmTargetOut | None = None
 
 
 class AdminPoolList(BaseModel):

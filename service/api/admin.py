@@ -11,8 +11,9 @@ from service.api import ADMIN_TAG, BEARER, problems, svc
 from service.api.pools import pool_out
 from service.api.present import leases_out
 from service.auth import require_admin
+from service.capacity import Target
 from service.models import LIVE_WORKER_STATES, Pool, Worker
-from service.pools import PoolCounts, patch_pool
+from service.pools import PoolCounts, patch_pool, warm_targets
 from service.schemas import (
     AdminLeaseQuery,
     AdminPoolList,
@@ -34,6 +35,7 @@ from service.schemas import (
     TenantList,
     TenantOut,
     TenantPath,
+    WarmTargetOut,
     WorkerPath,
 )
 
@@ -92,8 +94,8 @@ def disable_tenant(path: TenantPath) -> Any:
 @bp.get("/pools", responses={200: AdminPoolList})
 def list_pools() -> Any:
     """Every pool with its settings and counts per worker state and pending leases."""
-    rows = listing.pools_with_counts(svc().session())
-    return AdminPoolList(pools=[_admin_pool(p, c) for p, c in rows]).model_dump(mode="json")
+    rows = listing.pools_with_targets(svc().session(), svc().clock.now())
+    return AdminPoolList(pools=[_admin_pool(p, c, t) for p, c, t in rows]).model_dump(mode="json")
 
 
 @bp.patch("/pools/<name>", responses={200: AdminPoolOut, **problems(404)})
@@ -103,10 +105,11 @@ def update_pool(path: PoolPath, body: PoolPatch) -> Any:
     with services.transaction() as session:
         pool = patch_pool(session, path.name, body, services.clock.now())
         counts = listing.pool_counts(session, pool.name)
-        return _admin_pool(pool, counts).model_dump(mode="json")
+        target = warm_targets(session, [pool], services.clock.now())[pool.name]
+        return _admin_pool(pool, counts, target).model_dump(mode="json")
 
 
-def _admin_pool(pool: Pool, counts: PoolCounts) -> AdminPoolOut:
+def _admin_pool(pool: Pool, counts: PoolCounts, target: Target | None = None) -> AdminPoolOut:
     counted = {str(state): counts.by_state.get(state, 0) for state in LIVE_WORKER_STATES}
     counted["pending_leases"] = counts.pending_leases
     return AdminPoolOut(
@@ -121,6 +124,23 @@ def _admin_pool(pool: Pool, counts: PoolCounts) -> AdminPoolOut:
         destroy_error=pool.destroy_error,
         warning=pool.warning,
         counts=counted,
+        warm=None if target is None else _warm_out(pool, target),
+    )
+
+
+def _warm_out(pool: Pool, target: Target) -> WarmTargetOut:
+    return WarmTargetOut(
+        policy=target.policy,
+        target=target.ready,
+        keep=target.keep,
+        min_ready=target.min_ready,
+        schedule_min_ready=target.schedule_min_ready,
+        schedule=target.schedule,
+        rate_per_min=target.rate_per_min,
+        provision_p90_s=target.provision_p90_s,
+        demand_target=target.demand_ready,
+        hit_target=pool.warm_hit_target,
+        reason=target.reason,
     )
 
 

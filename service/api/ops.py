@@ -10,6 +10,7 @@ from service import heartbeats, listing, metrics
 from service.api import svc
 from service.auth import require_metrics_token
 from service.db import session_scope
+from service.pools import warm_targets
 
 bp = Blueprint("ops", __name__)
 
@@ -52,6 +53,7 @@ def prometheus() -> Response:
 def _snapshot() -> dict[str, list[tuple[dict[str, str], float]]]:
     with session_scope(svc().read_factory) as session:
         fleet = listing.fleet_counts(session)
+        targets = warm_targets(session, fleet.pools, svc().clock.now())
     return {
         "workerlease_workers": [({"pool": p, "state": s}, n) for p, s, n in fleet.workers],
         "workerlease_leases": [({"pool": p, "state": s}, n) for p, s, n in fleet.leases],
@@ -60,4 +62,5 @@ def _snapshot() -> dict[str, list[tuple[dict[str, str], float]]]:
             for p in fleet.pools
         ],
         "workerlease_pool_min_ready": [({"pool": p.name}, p.min_ready) for p in fleet.pools],
+        **metrics.warm_samples(targets),
     }

@@ -154,7 +154,7 @@ def logout() -> Any:
 
 @bp.get("/")
 def overview() -> Any:
-    pools = listing.pools_overview(svc().session(), _now() - RECENT)
+    pools = listing.pools_overview(svc().session(), _now() - RECENT, _now())
     return render_template("dashboard/overview.html", pools=pools, states=_worker_states())
 
 
@@ -162,7 +162,12 @@ def overview() -> Any:
 def pool(name: str) -> Any:
     session = svc().session()
     found = next(
-        (p for p in listing.pools_overview(session, _now() - RECENT) if p.pool.name == name), None
+        (
+            p
+            for p in listing.pools_overview(session, _now() - RECENT, _now())
+            if p.pool.name == name
+        ),
+        None,
     )
     if found is None:
         abort(404)

@@ -9,7 +9,7 @@ from service.leasing import expire, fail_pending_of_disabled_pools, serve_all_pe
 from service.passes.create import refill
 from service.passes.health import check_health
 from service.passes.runtime import Runtime
-from service.pools import demand_outruns_supply, record_warnings, trim
+from service.pools import demand_outruns_supply, record_warnings, refill_wanted, trim
 from service.tasks import sweep as sweep_tasks
 from service.workers import provision_timeouts
 
@@ -34,15 +34,20 @@ def _provisioner_warnings(rt: Runtime) -> dict[str, str | None]:
     return {pool.name: rt.provisioners.for_pool(pool).warning for pool in rt.pools()}
 
 
-def answer_demand(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
-    """Refill at once when pending leases outnumber the workers on their way.
+def answer_demand(
+    rt: Runtime, now: datetime | None = None, wait: bool = True, rung: bool = False
+) -> None:
+    """Refill at once when pending leases outnumber the workers on their way, or, when the
+    doorbell rang, when any pool lacks ready workers (a lease took one).
 
     Runs far more often than ``maintain`` so a lease waiting with ``min_ready: 0`` (or
-    a drained pool) does not also wait for the next full pass; it reads two indexed
-    counts and writes nothing unless there is a gap to fill.
+    a drained pool) does not also wait for the next full pass; the poll reads two
+    indexed counts and writes nothing unless there is a gap to fill. A ready deficit
+    is checked only when rung: the poll stays as cheap as before, and a lost ring
+    leaves the refill to the next ``maintain`` pass.
     """
     now = now or rt.clock.now()
     with session_scope(rt.read_factory) as session:
-        wanted = demand_outruns_supply(session)
+        wanted = refill_wanted(session, now) if rung else demand_outruns_supply(session)
     if wanted:
         refill(rt, now, wait)

@@ -61,6 +61,6 @@ def build_runtime(config: Config, engine: Engine, url: str, clock: Clock | None 
         provisioners=ProvisionerSet(deployment),
         clock=clock or SystemClock(),
         settings=config.scheduler,
-        bell=bell_for(engine),
+        bell=bell_for(engine, config.scheduler.doorbell),
         task_retention_s=config.task_retention,
     )

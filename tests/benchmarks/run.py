@@ -2,7 +2,7 @@
 
     python -m tests.benchmarks.run                 # everything (make bench), ~20 min on 2 cores
     python -m tests.benchmarks.run --quick         # smaller pools and sizes, ~6 min
-    python -m tests.benchmarks.run --only warm     # warm | scale | ttw | longpoll | tasks
+    python -m tests.benchmarks.run --only warm     # warm | scale | ttw | longpoll | tasks | refill
     python -m tests.benchmarks.run --db sqlite     # skip PostgreSQL
 
 Figures and targets: issue 6 and docs/benchmarks.md.
@@ -19,7 +19,7 @@ from typing import Any
 
 from tests.benchmarks.common import ROOT, machine_info, sqlite_version
 
-SECTIONS = ("warm", "scale", "ttw", "longpoll", "tasks")
+SECTIONS = ("warm", "scale", "ttw", "longpoll", "tasks", "refill")
 # The figures whose growth with history (and with live leases) the scale table shows.
 GROWTH_KEYS = ("maintain", "destroy", "reconcile", "admin_leases", "admin_workers", "admin_events")
 FULL = {
@@ -39,6 +39,8 @@ FULL = {
     "task_flood_mib": 50,
     "task_flood_tasks": 16,
     "task_warm_cycles": 16,
+    "refill_ready": 10,
+    "refill_samples": 5,
 }
 QUICK = {
     "ready": 72,
@@ -57,6 +59,8 @@ QUICK = {
     "task_flood_mib": 50,
     "task_flood_tasks": 6,
     "task_warm_cycles": 16,
+    "refill_ready": 10,
+    "refill_samples": 3,
 }
 
 
@@ -111,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                 "followed logs, dispatch, log flood (SQLite)"
             )
             results["tasks"] = tasks.run_tasks(tasks.sizes_from(settings), log)
+        if "refill" in sections:
+            from tests.benchmarks.refill import run_refill
+
+            pg_url = postgres.create_database() if postgres is not None else None
+            results["refill"] = run_refill(
+                settings["refill_ready"], settings["refill_samples"], pg_url, log
+            )
     finally:
         if postgres is not None:
             postgres.stop()
@@ -137,7 +148,7 @@ def _longpoll(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _start_postgres(kinds: list[str], sections: list[str]) -> Any:
-    if "postgres" not in kinds or not {"warm", "scale"} & set(sections):
+    if "postgres" not in kinds or not {"warm", "scale", "refill"} & set(sections):
         return None
     from tests.support.postgres import PostgresServer, PostgresUnavailable
 
@@ -442,6 +453,40 @@ def _render_tasks(t: dict[str, Any]) -> str:
     )
 
 
+def _render_refill(rf: dict[str, Any]) -> str:
+    rows = [
+        [
+            "on" if side["doorbell"] else "off",
+            side["refill_median_s"],
+            side["refill_max_s"],
+            ", ".join(f"{v:.2f}" for v in side["samples"]),
+            side["warm_lease_in_burst"]["p50_ms"],
+            side["warm_lease_in_burst"]["p99_ms"],
+            side["leases_not_warm"],
+        ]
+        for side in (rf["on"], rf["off"])
+    ]
+    cost = rf.get("ring_cost", {})
+    return (
+        f"### Refill after a burst of {rf['ready']} warm takes (scheduler interval 5 s)\n"
+        + _table(
+            [
+                "doorbell",
+                "refill median s",
+                "max s",
+                "samples s",
+                "lease p50 ms",
+                "lease p99 ms",
+                "not warm",
+            ],
+            rows,
+        )
+        + f"\n\nOn vs off (median): {rf.get('refill_on_vs_off')}. One ring: "
+        + f"{cost.get('socket_us')} us (datagram); PostgreSQL {cost.get('postgres_ring_us')} us "
+        + f"(the bell's thread sends the NOTIFY, {cost.get('notify_us')} us)."
+    )
+
+
 def render(r: dict[str, Any]) -> str:
     parts = [
         f"Machine: {r['machine']['nproc']} cores, {r['machine']['cpu_model']}, "
@@ -632,6 +677,8 @@ def render(r: dict[str, Any]) -> str:
         parts.append(_render_longpoll(lp))
     if r.get("tasks"):
         parts.append(_render_tasks(r["tasks"]))
+    if r.get("refill"):
+        parts.append(_render_refill(r["refill"]))
     parts.append(
         "### Targets\n"
         + _table(

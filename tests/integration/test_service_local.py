@@ -202,6 +202,32 @@ def test_a_queued_lease_rings_the_scheduler_instead_of_waiting_for_its_poll(
     assert response.json()["worker"]["id"] in server.agents()
 
 
+def test_a_warm_take_rings_the_scheduler_and_the_pool_refills_before_its_next_pass(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    # Every poll a minute away: only the doorbell can start the replacement in time.
+    server = make_server(
+        pools=[pool(min_ready=1, max_workers=2)],
+        scheduler={"interval": "60s", "demand_interval": 60},
+    ).start()
+    token = server.create_tenant("acme")["token"]
+    server.wait_ready_workers(1, timeout=90)
+    wait_until(
+        lambda: "scheduler_started" in server.log_text(),
+        60,
+        message=lambda: f"scheduler never started:\n{server.log_tail()}",
+    )
+
+    taken = lease(server, token)
+    assert taken.status_code == 201, taken.text
+
+    # A bound on a hang (the next full pass is 60 s away), not a speed target.
+    counts = server.wait_ready_workers(1, timeout=45)
+    assert counts["leased"] == 1
+    replacement = [w for w in server.workers("ready") if w["id"] != taken.json()["worker"]["id"]]
+    assert replacement and replacement[0]["id"] in server.agents()
+
+
 # ---- 3. reconcile removes an agent the database does not know --------------------------
 
 

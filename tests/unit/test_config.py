@@ -173,3 +173,56 @@ def test_check_config_refuses_unreadable_and_non_mapping_files(tmp_path: Path) -
     listing.write_text("- a\n- b\n")
     result = CliRunner().invoke(main, ["check-config", str(listing)])
     assert result.exit_code != 0 and "top level must be a mapping" in result.output
+
+
+def test_warm_policy_defaults_change_nothing() -> None:
+    pool = config_from_dict(_raw()).pools[0]
+    assert (pool.warm_policy, pool.schedules, pool.scale_down_delay) == ("fixed", [], 600)
+
+
+def test_schedules_and_adaptive_policy_are_accepted() -> None:
+    schedule = {
+        "cron": "0 8 * * 1-5",
+        "duration": "10h",
+        "min_ready": 6,
+        "timezone": "Europe/Paris",
+    }
+    pool = config_from_dict(
+        _raw(_pool(warm_policy="adaptive", warm_hit_target=0.9, schedules=[schedule]))
+    ).pools[0]
+    assert pool.schedules[0].duration == 36000
+    assert pool.warm_hit_target == 0.9
+
+
+@pytest.mark.parametrize(
+    ("pool", "message"),
+    [
+        (_pool(warm_policy="magic"), r"pools\.0\.warm_policy"),
+        (_pool(warm_hit_target=1.0), r"pools\.0\.warm_hit_target"),
+        (
+            _pool(schedules=[{"cron": "0 8 * *", "duration": "1h", "min_ready": 1}]),
+            r"pools\.0\.schedules\.0.*invalid cron",
+        ),
+        (
+            _pool(
+                schedules=[
+                    {
+                        "cron": "0 8 * * *",
+                        "duration": "1h",
+                        "min_ready": 1,
+                        "timezone": "Mars/Olympus",
+                    }
+                ]
+            ),
+            r"pools\.0\.schedules\.0.*timezone",
+        ),
+        (
+            _pool(schedules=[{"cron": "0 8 * * *", "duration": "1h", "min_ready": 99}]),
+            r"pools\.0.*schedule's min_ready must not exceed max_workers",
+        ),
+        (_pool(schedules=[{"cron": "0 8 * * *", "min_ready": 1}]), r"schedules\.0\.duration"),
+    ],
+)
+def test_bad_warm_settings_are_refused_naming_the_key(pool: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(_raw(pool))

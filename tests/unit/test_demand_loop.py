@@ -45,3 +45,51 @@ def test_a_broken_bell_leaves_the_poll_running(
     finally:
         loop.stop()
     assert len(passes) >= 3, "the demand pass stopped with the bell"
+
+
+class _BurstListener(Listener):
+    """Rings ``rings`` times at once, then stays quiet (each wait drains what is queued)."""
+
+    def __init__(self, rings: int) -> None:
+        self.queued = rings
+
+    def wait(self, timeout: float) -> bool:
+        if self.queued:
+            self.queued = 0
+            return True
+        time.sleep(timeout)
+        return False
+
+
+class _BurstBell(Bell):
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+
+    def ring(self) -> None:
+        pass
+
+    def listener(self) -> Listener:
+        return self._listener
+
+
+def test_a_burst_of_rings_answers_pending_at_once_and_refills_in_one_pass(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passes: list[bool] = []
+
+    def record_pass(_rt: Runtime, now: Any = None, wait: bool = True, rung: bool = False) -> None:
+        passes.append(rung)
+
+    monkeypatch.setattr(scheduler, "answer_demand", record_pass)
+    rt.bell = _BurstBell(_BurstListener(rings=10))
+    rt.settings = rt.settings.model_copy(update={"demand_interval": 0.05})
+    loop = scheduler.DemandLoop(rt)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while passes.count(False) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        loop.stop()
+    assert passes[:2] == [False, True], "a ring answers pending leases first, then refills"
+    assert passes.count(True) == 1, "ten rings at once made more than one refill pass"

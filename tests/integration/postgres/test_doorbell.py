@@ -74,3 +74,17 @@ def test_ringing_while_the_database_is_unreachable_is_harmless() -> None:
         _bell(engine).ring()  # refused connection: logged and counted, not raised
     finally:
         engine.dispose()
+
+
+def test_a_burst_of_rings_costs_the_ringer_nothing_and_still_wakes_the_listener(
+    engine: Engine,
+) -> None:
+    bell = _bell(engine)
+    listener = bell.listener()
+    try:
+        assert listener.wait(0.1) is False
+        for _ in range(100):
+            bell.ring()  # a flag for the bell's own thread, which sends the NOTIFY
+        assert listener.wait(60) is True
+    finally:
+        listener.close()

@@ -1,0 +1,588 @@
+"""``workerlease simulate``: replay a trace of lease requests against the real service code.
+
+The leasing, refill, trim, expiry and destroy code is the service's own
+(``leasing.acquire`` / ``release``, ``workers.worker_ready``, the ``maintain``,
+``destroy`` and demand passes), on a temporary SQLite database, with a virtual
+clock and a simulated provisioner (``provisioners.simulated``). Nothing sleeps:
+the replay jumps from one event to the next.
+
+What the running service does, and how the replay stands in for it:
+
+- a tenant's request: ``acquire`` at the trace's time; a warm take rings the doorbell,
+  so the rung demand pass runs ``RING_SETTLE_S`` later; a pending lease is first
+  served from the queue, and the demand pass runs at once;
+- an agent's ready callback: at the time the simulated provisioner drew for it;
+- the tenant releases ``hold_seconds`` after its lease became active;
+- the scheduler: the replay runs the full ``maintain`` pass (expiry, timeouts, trim,
+  refill) every ``FULL_PASS_S`` (60 s) rather than every ``scheduler.interval``:
+  what it finds between events changes only with time (timeouts, the decay of the
+  demand estimate, schedule edges, a create backoff ending), which the replay thus
+  sees up to a minute late (trim a little late: idle minutes a little high). The
+  steps the service takes sooner are taken when it would: the demand pass on each
+  ring, and, when leases are pending, the ``destroy`` pass at the next
+  ``scheduler.interval`` after a release followed by the demand poll (the room a
+  released worker frees refills at once).
+
+Results are read back from the database: lease waits (request to active), warm hits
+(active at once), worker-minutes (created to the decision to destroy it), idle
+worker-minutes (ready and not leased), creations, and cost when the pool has
+``cost_per_hour``.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import logging
+import math
+import random
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from service import leasing, tenants
+from service.capacity import ADAPTIVE, FIXED
+from service.clock import VirtualClock
+from service.config import Config
+from service.db import session_factory, session_scope
+from service.errors import Conflict, NotFound
+from service.leasing import Outcome
+from service.models import Event, Lease, LeaseState, Worker
+from service.passes.destroy import destroy
+from service.passes.maintain import answer_demand, maintain
+from service.passes.simulation import simulated_cloud, simulation_runtime
+from service.scheduler import RING_SETTLE_S
+from service.startup import prepare_database
+from service.workers import worker_ready
+
+TRACE_HEADER = ["time", "tenant", "pool", "hold_seconds"]
+# A Monday, so business-day traces and weekday schedules line up.
+DEFAULT_START = datetime(2026, 1, 5, 0, 0, tzinfo=UTC)
+FULL_PASS_S = 60.0
+# The scheduler runs this long before the trace starts, so a pool starts as its policy
+# keeps it (warm with min_ready, say); figures count from the trace's start only.
+WARM_UP_S = 3600.0
+# After the last request, how long the replay may run for its leases to end.
+DRAIN_LIMIT_S = 7 * 24 * 3600.0
+
+
+class SimulationError(ValueError):
+    """The trace or the policy cannot be replayed; the message says why."""
+
+
+@dataclass(frozen=True)
+class TraceRow:
+    time: float
+    tenant: str
+    pool: str
+    hold_seconds: float
+
+
+# ---- traces ------------------------------------------------------------------------
+
+
+def read_trace(path: str | Path) -> list[TraceRow]:
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header != TRACE_HEADER:
+            raise SimulationError(f"{path}: the header must be {','.join(TRACE_HEADER)}")
+        rows = []
+        for number, fields in enumerate(reader, start=2):
+            try:
+                time_s, tenant, pool, hold = fields
+                row = TraceRow(float(time_s), tenant, pool, float(hold))
+            except ValueError:
+                raise SimulationError(
+                    f"{path}:{number}: expected time,tenant,pool,hold_seconds"
+                ) from None
+            if row.time < 0 or row.hold_seconds < 0 or not tenant or not pool:
+                raise SimulationError(f"{path}:{number}: negative time or hold, or empty name")
+            rows.append(row)
+    return sorted(rows, key=lambda r: r.time)
+
+
+def write_trace(rows: Iterable[TraceRow], path: str | Path) -> int:
+    count = 0
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(TRACE_HEADER)
+        for row in rows:
+            writer.writerow([f"{row.time:.3f}", row.tenant, row.pool, f"{row.hold_seconds:.1f}"])
+            count += 1
+    return count
+
+
+SHAPES = ("steady", "business-day", "bursty")
+
+
+def generate(
+    shape: str,
+    seed: int,
+    pool: str,
+    rate_per_min: float = 1.0,
+    hours: float = 24.0,
+    hold_median_s: float = 600.0,
+) -> list[TraceRow]:
+    """A synthetic trace: Poisson arrivals whose rate follows the shape (by thinning).
+
+    - steady: ``rate_per_min`` all the time;
+    - business-day: from Monday 00:00, weekdays 08:00-18:00 at ``rate_per_min`` (ramping
+      up over the first hour), 5 % of it at night and at weekends;
+    - bursty: 20 % of it, plus bursts of 10 minutes at 5x about once an hour.
+    Holds are lognormal around ``hold_median_s``; every request is a tenant of its own.
+    """
+    if shape not in SHAPES:
+        raise SimulationError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
+    rng = random.Random(seed)
+    peak = rate_per_min / 60.0
+    bursts = _burst_windows(rng, hours) if shape == "bursty" else []
+    ceiling = peak * (5 if shape == "bursty" else 1)
+    rows: list[TraceRow] = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(ceiling)
+        if t >= hours * 3600:
+            return rows
+        if rng.random() * ceiling <= _rate(shape, t, peak, bursts):
+            hold = hold_median_s * math.exp(0.8 * rng.gauss(0.0, 1.0))
+            rows.append(TraceRow(round(t, 3), f"t{len(rows)}", pool, round(hold, 1)))
+
+
+def _burst_windows(rng: random.Random, hours: float) -> list[tuple[float, float]]:
+    windows, t = [], 0.0
+    while t < hours * 3600:
+        t += rng.expovariate(1 / 3600)
+        windows.append((t, t + 600))
+    return windows
+
+
+def _rate(shape: str, t: float, peak: float, bursts: Sequence[tuple[float, float]]) -> float:
+    if shape == "steady":
+        return peak
+    if shape == "bursty":
+        return peak * (5 if any(a <= t < b for a, b in bursts) else 0.2)
+    day, hour = divmod(t / 3600, 24)
+    if day % 7 >= 5 or not 8 <= hour < 18:
+        return peak * 0.05
+    return peak * max(0.05, min(1.0, hour - 8))
+
+
+# ---- policies ----------------------------------------------------------------------
+
+
+def with_policy(config: Config, policy: str) -> Config:
+    """``config`` as is, ``adaptive`` for every pool, or ``fixed:N`` (N ready, no schedules)."""
+    if policy == "config":
+        return config
+    pools = []
+    for pool in config.pools:
+        if policy == ADAPTIVE:
+            pools.append(pool.model_copy(update={"warm_policy": ADAPTIVE}))
+            continue
+        kind, _, count = policy.partition(":")
+        if kind != FIXED or not count.isdigit():
+            raise SimulationError(f"unknown policy {policy!r}; use fixed:N, adaptive or config")
+        ready = min(int(count), pool.max_workers)
+        pools.append(
+            pool.model_copy(update={"warm_policy": FIXED, "min_ready": ready, "schedules": []})
+        )
+    return config.model_copy(update={"pools": pools})
+
+
+# ---- results -----------------------------------------------------------------------
+
+
+@dataclass
+class PoolResult:
+    leases: int = 0
+    served: int = 0
+    failed: int = 0
+    wait_p50_s: float = 0.0
+    wait_p95_s: float = 0.0
+    wait_p99_s: float = 0.0
+    wait_max_s: float = 0.0
+    warm_hit_rate: float = 0.0
+    idle_worker_minutes: float = 0.0
+    worker_minutes: float = 0.0
+    creations: int = 0
+    cost: float | None = None
+
+
+@dataclass
+class Result:
+    pools: dict[str, PoolResult]
+    simulated_hours: float
+    policy: str
+    seed: int
+    passes: int = 0
+    events: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pools": {name: asdict(pool) for name, pool in self.pools.items()},
+            "simulated_hours": self.simulated_hours,
+            "policy": self.policy,
+            "seed": self.seed,
+            "passes": self.passes,
+            "events": self.events,
+        }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# ---- the replay --------------------------------------------------------------------
+
+
+@dataclass(order=True)
+class _Event:
+    at: float
+    seq: int
+    kind: str = field(compare=False)
+    payload: Any = field(compare=False, default=None)
+
+
+class Replay:
+    """One replay of a trace against one config; ``run()`` returns the result."""
+
+    def __init__(
+        self, config: Config, trace: Sequence[TraceRow], seed: int, start: datetime, db_dir: Path
+    ) -> None:
+        unknown = sorted({row.pool for row in trace} - {pool.name for pool in config.pools})
+        if unknown:
+            raise SimulationError(f"the trace names pools the config lacks: {', '.join(unknown)}")
+        self.config = config.model_copy(
+            update={"database_url": f"sqlite:///{db_dir / 'simulation.db'}"}
+        )
+        self.trace = trace
+        self.start = start
+        self.clock = VirtualClock(start - timedelta(seconds=WARM_UP_S))
+        self.cloud = simulated_cloud(self.clock.now, self._agent_ready_at, seed)
+        self.engine = prepare_database(self.config)
+        self.rt = simulation_runtime(self.config, self.engine, self.clock, self.cloud)
+        self.factory = session_factory(self.engine)
+        self.interval = float(self.config.scheduler.interval)
+        self.doorbell = self.config.scheduler.doorbell
+        self._queue: list[_Event] = []
+        self._seq = 0
+        self._rung_at: float | None = None
+        self._destroy_at: float | None = None
+        self._tenants: dict[str, str] = {}
+        self._holds: dict[str, tuple[str, float]] = {}  # lease id -> tenant id, hold
+        self._waiting: set[str] = set()  # pending leases: their release is not yet planned
+        self._open_leases = 0
+        self.passes = 0
+        self.events = 0
+
+    # -- the event queue -------------------------------------------------------------
+
+    def _push(self, at: float, kind: str, payload: Any = None) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, _Event(at, self._seq, kind, payload))
+
+    def _seconds(self, moment: datetime) -> float:
+        return (moment - self.start).total_seconds()
+
+    def _agent_ready_at(self, worker_id: str, bootstrap_token: str, at: datetime) -> None:
+        self._push(self._seconds(at), "ready", (worker_id, bootstrap_token))
+
+    def run(self) -> Result:
+        self._create_tenants()
+        for row in self.trace:
+            self._push(row.time, "request", row)
+        self._push(-WARM_UP_S, "tick")
+        last_request = self.trace[-1].time if self.trace else 0.0
+        now = 0.0
+        while self._queue:
+            event = heapq.heappop(self._queue)
+            now = event.at
+            if now > last_request and self._open_leases == 0:
+                break
+            if now > last_request + DRAIN_LIMIT_S:
+                break
+            self.clock.set(self.start + timedelta(seconds=now))
+            getattr(self, f"_on_{event.kind}")(event.payload)
+            if self._waiting:
+                self._collect_activations()
+            self.events += event.kind in ("request", "ready", "release")
+        return self._result(now)
+
+    # -- what happens ----------------------------------------------------------------
+
+    def _create_tenants(self) -> None:
+        with session_scope(self.factory) as session:
+            for name in dict.fromkeys(row.tenant for row in self.trace):
+                self._tenants[name] = tenants.create(session, name, self.clock.now())[0].id
+
+    def _on_request(self, row: TraceRow) -> None:
+        now = self.clock.now()
+        tenant_id = self._tenants[row.tenant]
+        with session_scope(self.factory) as session:
+            acquired = leasing.acquire(session, tenant_id, row.pool, now)
+            lease_id = acquired.lease.id
+        if acquired.outcome == Outcome.EXISTING:
+            return  # the tenant's live lease answers; nothing new happens
+        self._holds[lease_id] = (tenant_id, row.hold_seconds)
+        self._open_leases += 1
+        if acquired.outcome == Outcome.ACTIVE:
+            self._push(self._seconds(now) + row.hold_seconds, "release", lease_id)
+            self._ring()
+            return
+        self._waiting.add(lease_id)
+        with session_scope(self.factory) as session:
+            served = [lease.id for lease in leasing.serve_pending_of(session, row.pool, now)]
+        if lease_id not in served:
+            self._ring(pending=True)
+
+    def _ring(self, pending: bool = False) -> None:
+        now = self._seconds(self.clock.now())
+        if not self.doorbell:
+            if pending:  # the demand poll finds it
+                self._push(now + self.config.scheduler.demand_interval, "demand", False)
+            return
+        if pending:
+            self._push(now, "demand", False)
+        if self._rung_at is None or self._rung_at < now:
+            self._rung_at = now + RING_SETTLE_S
+            self._push(self._rung_at, "demand", True)
+
+    def _on_demand(self, rung: bool) -> None:
+        self.passes += 1
+        answer_demand(self.rt, self.clock.now(), rung=rung)
+
+    def _on_ready(self, agent: tuple[str, str]) -> None:
+        worker_id, bootstrap_token = agent
+        if worker_id not in self.cloud.machines:
+            return  # destroyed before its agent came up
+        try:
+            with session_scope(self.factory) as session:
+                worker_ready(
+                    session,
+                    worker_id,
+                    bootstrap_token,
+                    "http://simulated.invalid/",
+                    None,
+                    self.clock.now(),
+                )
+        except (Conflict, NotFound):
+            return  # failed or timed out meanwhile: the service answers the agent 4xx
+
+    def _collect_activations(self) -> None:
+        """Plan the release of pending leases that became active (in whichever step)."""
+        with session_scope(self.rt.read_factory) as session:
+            rows = session.exec(
+                select(Lease.id, Lease.activated_at, Lease.state).where(
+                    col(Lease.id).in_(list(self._waiting)),
+                    Lease.state != LeaseState.PENDING,
+                )
+            ).all()
+        for lease_id, activated, state in rows:
+            self._waiting.discard(lease_id)
+            if activated is not None and state == LeaseState.ACTIVE:
+                hold = self._holds[lease_id][1]
+                self._push(self._seconds(_aware(activated)) + hold, "release", lease_id)
+
+    def _on_release(self, lease_id: str) -> None:
+        tenant_id, _ = self._holds[lease_id]
+        with session_scope(self.factory) as session:
+            leasing.release(session, tenant_id, lease_id, self.clock.now())
+        self._open_leases = max(0, self._open_leases - 1)
+        now = self._seconds(self.clock.now())
+        if self._waiting and (self._destroy_at is None or self._destroy_at < now):
+            # Leases wait: the freed room matters now (else the next full pass destroys).
+            self._destroy_at = math.floor(now / self.interval + 1) * self.interval
+            self._push(self._destroy_at, "destroy")
+
+    def _on_destroy(self, _payload: None) -> None:
+        self.passes += 1
+        destroy(self.rt, self.clock.now())
+        answer_demand(self.rt, self.clock.now())  # the poll: pending leases, room freed
+
+    def _on_tick(self, _payload: None) -> None:
+        self.passes += 1
+        maintain(self.rt, self.clock.now())
+        destroy(self.rt, self.clock.now())
+        self._open_leases = self._count_open_leases()
+        self._push(self._seconds(self.clock.now()) + FULL_PASS_S, "tick")
+
+    def _count_open_leases(self) -> int:
+        with session_scope(self.rt.read_factory) as session:
+            live = col(Lease.state).in_([LeaseState.PENDING, LeaseState.ACTIVE])
+            return session.exec(select(func.count()).select_from(Lease).where(live)).one()
+
+    # -- the result ------------------------------------------------------------------
+
+    def _result(self, end_s: float) -> Result:
+        end = self.start + timedelta(seconds=end_s)
+        with session_scope(self.rt.read_factory) as session:
+            pools = {pool.name: PoolResult() for pool in self.config.pools}
+            _lease_figures(session, pools, end)
+            _worker_figures(session, pools, self.start, end)
+        for pool in self.config.pools:
+            if pool.cost_per_hour is not None:
+                pools[pool.name].cost = round(
+                    pools[pool.name].worker_minutes / 60 * pool.cost_per_hour, 2
+                )
+        return Result(pools, round(end_s / 3600, 3), "", 0, self.passes, self.events)
+
+    def close(self) -> None:
+        self.rt.close()
+        self.engine.dispose()
+
+
+def _lease_figures(session: Session, pools: dict[str, PoolResult], end: datetime) -> None:
+    waits: dict[str, list[float]] = defaultdict(list)
+    hits: dict[str, int] = defaultdict(int)
+    for lease in session.exec(select(Lease)).all():
+        result = pools[lease.pool]
+        result.leases += 1
+        if lease.activated_at is not None:
+            result.served += 1
+            hits[lease.pool] += lease.activated_at == lease.created_at
+        elif lease.state == LeaseState.FAILED:
+            result.failed += 1
+        settled = lease.activated_at or lease.ended_at or end
+        waits[lease.pool].append((settled - lease.created_at).total_seconds())
+    for name, values in waits.items():
+        result = pools[name]
+        result.wait_p50_s = round(percentile(values, 0.50), 3)
+        result.wait_p95_s = round(percentile(values, 0.95), 3)
+        result.wait_p99_s = round(percentile(values, 0.99), 3)
+        result.wait_max_s = round(max(values), 3)
+        result.warm_hit_rate = round(hits[name] / len(values), 4)
+
+
+def _worker_figures(
+    session: Session, pools: dict[str, PoolResult], start: datetime, end: datetime
+) -> None:
+    left: dict[str, dict[str, datetime]] = defaultdict(dict)  # worker -> state -> first time
+    for worker_id, state, at in session.exec(
+        select(Event.subject_id, Event.to_state, func.min(Event.at))
+        .where(
+            Event.kind == "worker",
+            col(Event.to_state).in_(["leased", "destroying", "failed", "destroyed"]),
+        )
+        .group_by(col(Event.subject_id), col(Event.to_state))
+    ).all():
+        left[worker_id][str(state)] = _aware(at)
+    for worker in session.exec(select(Worker)).all():
+        result = pools[worker.pool]
+        times = left.get(worker.id, {})
+        # Until the service decided to destroy it: the replay's destroy pass runs on its
+        # own cadence, and a platform's termination time is not modelled.
+        gone = min([times[s] for s in ("destroying", "destroyed") if s in times] or [end])
+        if gone <= start:
+            continue  # came and went during the warm-up
+        result.creations += worker.created_at >= start
+        result.worker_minutes += (gone - max(worker.created_at, start)).total_seconds() / 60
+        if worker.ready_at is not None:
+            stop = min(
+                [times[s] for s in ("leased", "destroying", "failed") if s in times] or [end]
+            )
+            idle_from = max(worker.ready_at, start)
+            result.idle_worker_minutes += max(0.0, (stop - idle_from).total_seconds() / 60)
+    for result in pools.values():
+        result.worker_minutes = round(result.worker_minutes, 1)
+        result.idle_worker_minutes = round(result.idle_worker_minutes, 1)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@contextmanager
+def _quiet_service_logs() -> Iterator[None]:
+    """Per-worker INFO lines (and each simulated create failure) would drown the output."""
+    logger = logging.getLogger("workerlease")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def simulate(
+    config: Config,
+    trace: Sequence[TraceRow],
+    policy: str = "config",
+    seed: int = 0,
+    start: datetime = DEFAULT_START,
+) -> Result:
+    """Replay ``trace`` against ``config`` under ``policy``; deterministic for a seed."""
+    configured = with_policy(config, policy)
+    db_dir = Path(tempfile.mkdtemp(prefix="workerlease-sim-"))
+    try:
+        with _quiet_service_logs():
+            replay = Replay(configured, trace, seed, start, db_dir)
+            try:
+                result = replay.run()
+            finally:
+                replay.close()
+    finally:
+        shutil.rmtree(db_dir, ignore_errors=True)
+    result.policy, result.seed = policy, seed
+    return result
+
+
+# ---- comparing policies ------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Adaptive against the fixed ``min_ready`` that reaches the best p95 wait."""
+
+    pool: str
+    adaptive: PoolResult
+    best_fixed: int
+    best: PoolResult
+    tried: dict[int, PoolResult]
+
+    @property
+    def idle_saved(self) -> float:
+        """1 - adaptive's idle worker-minutes / the best fixed one's."""
+        if not self.best.idle_worker_minutes:
+            return 0.0
+        return round(1 - self.adaptive.idle_worker_minutes / self.best.idle_worker_minutes, 3)
+
+
+def compare(config: Config, trace: Sequence[TraceRow], pool: str, seed: int = 0) -> Comparison:
+    """The adaptive policy, and the smallest fixed ``min_ready`` whose p95 wait is the best
+    any fixed value reaches (``max_workers`` gives that best; p95 falls as N grows, so a
+    bisection finds the smallest N that matches it)."""
+    [settings] = [p for p in config.pools if p.name == pool]
+    runs: dict[int, PoolResult] = {}
+
+    def fixed(n: int) -> PoolResult:
+        if n not in runs:
+            runs[n] = simulate(config, trace, f"fixed:{n}", seed).pools[pool]
+        return runs[n]
+
+    adaptive = simulate(config, trace, ADAPTIVE, seed).pools[pool]
+    best_p95 = fixed(settings.max_workers).wait_p95_s
+    low, high = 0, settings.max_workers
+    while low < high:
+        middle = (low + high) // 2
+        if fixed(middle).wait_p95_s <= best_p95:
+            high = middle
+        else:
+            low = middle + 1
+    return Comparison(pool, adaptive, low, fixed(low), dict(sorted(runs.items())))

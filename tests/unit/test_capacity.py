@@ -1,0 +1,158 @@
+"""The warm target: estimators, the Poisson base stock, schedules, and the policies."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from service.capacity import (
+    ADAPTIVE,
+    FIXED,
+    History,
+    Schedule,
+    WarmPolicy,
+    base_stock,
+    cron_trigger,
+    demand_rate,
+    ewma_rate,
+    peak_rate,
+    provision_time,
+    schedule_floor,
+    warm_target,
+)
+
+TUESDAY_9_UTC = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+
+
+def test_ewma_rate_of_a_steady_stream_is_its_rate() -> None:
+    every_6_s = [i * 6.0 for i in range(2000)]  # 10 per minute, for longer than the window
+    assert ewma_rate(every_6_s) * 60 == pytest.approx(10, rel=0.02)
+
+
+def test_ewma_rate_forgets_old_requests() -> None:
+    assert ewma_rate([]) == 0
+    assert ewma_rate([10_000.0]) == 0  # beyond the history window
+    assert ewma_rate([1200.0]) < ewma_rate([0.0]) / 3.9  # two half-lives: a quarter
+
+
+def test_the_demand_rate_rises_within_minutes_and_falls_over_ten() -> None:
+    quiet_then_busy = [i * 6.0 for i in range(30)] + [3000.0 + i * 60 for i in range(10)]
+    assert demand_rate(quiet_then_busy) * 60 > 2.5 * ewma_rate(quiet_then_busy) * 60
+    busy_then_quiet = [600.0 + i * 6 for i in range(30)]  # a burst that ended 10 min ago
+    assert demand_rate(busy_then_quiet) == ewma_rate(busy_then_quiet)
+
+
+def test_peak_rate_holds_the_burst_that_just_ended() -> None:
+    burst_an_hour_ago = [1800.0 + i for i in range(30)]  # 30 requests, 30 min ago
+    assert peak_rate(burst_an_hour_ago, within_s=3600) > 3 * ewma_rate(burst_an_hour_ago)
+    assert peak_rate(burst_an_hour_ago, within_s=60) == ewma_rate(burst_an_hour_ago)
+
+
+def test_provision_time_is_the_p90_or_the_os_default() -> None:
+    assert provision_time(list(range(1, 101)), "ubuntu") == 90
+    assert provision_time([], "windows") == 600
+    assert provision_time([], "ubuntu") == 60
+
+
+@pytest.mark.parametrize(
+    ("mean", "target", "stock"),
+    [
+        (0.0, 0.95, 0),  # no demand, no idle workers
+        (0.01, 0.95, 1),  # P(N = 0) = 0.99
+        (0.55, 0.95, 3),  # P(N <= 1) = 0.894, P(N <= 2) = 0.982
+        (10.0, 0.95, 16),  # P(N <= 14) = 0.917, P(N <= 15) = 0.951
+    ],
+)
+def test_base_stock_is_the_poisson_quantile(mean: float, target: float, stock: int) -> None:
+    assert base_stock(mean, target, ceiling=100) == stock
+    cdf = sum(math.exp(-mean) * mean**k / math.factorial(k) for k in range(stock))
+    assert stock == 0 or cdf >= target
+
+
+def test_base_stock_stops_at_the_ceiling() -> None:
+    assert base_stock(50.0, 0.95, ceiling=8) == 8
+
+
+def test_numeric_weekdays_mean_what_crontab_means() -> None:
+    # APScheduler 3 alone reads "1-5" as Tuesday-Saturday.
+    trigger = cron_trigger("0 8 * * 1-5", "UTC")
+    saturday = datetime(2026, 12, 5, 0, 0, tzinfo=UTC)
+    assert trigger.get_next_fire_time(None, saturday) == datetime(2026, 12, 7, 8, 0, tzinfo=UTC)
+    assert "sun" in str(cron_trigger("0 8 * * 0", "UTC"))
+    assert "sun" in str(cron_trigger("0 8 * * 7", "UTC"))
+
+
+def test_bad_cron_or_zone_is_refused() -> None:
+    with pytest.raises(ValueError):
+        cron_trigger("0 8 * *", "UTC")
+    with pytest.raises(ValueError):
+        cron_trigger("0 8 * * 9", "UTC")
+    with pytest.raises(KeyError):
+        cron_trigger("0 8 * * 1-5", "Mars/Olympus")
+
+
+def test_schedule_window_follows_its_time_zone() -> None:
+    paris = Schedule("0 8 * * 1-5", duration_s=10 * 3600, min_ready=6, timezone="Europe/Paris")
+    at = TUESDAY_9_UTC.replace(hour=6, minute=30)  # 07:30 in Paris: before the window
+    assert schedule_floor([paris], at) == (0, None)
+    assert schedule_floor([paris], at.replace(hour=7, minute=5)) == (6, "0 8 * * 1-5")
+    assert schedule_floor([paris], at.replace(hour=16, minute=55)) == (6, "0 8 * * 1-5")
+    assert schedule_floor([paris], at.replace(hour=17, minute=5)) == (0, None)  # 18:05 Paris
+    saturday = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
+    assert schedule_floor([paris], saturday) == (0, None)
+
+
+def _policy(**overrides: object) -> WarmPolicy:
+    values: dict[str, object] = {"policy": FIXED, "min_ready": 2, "max_workers": 20}
+    values.update(overrides)
+    return WarmPolicy(**values)  # type: ignore[arg-type]
+
+
+def test_fixed_policy_is_min_ready_raised_by_a_schedule() -> None:
+    assert warm_target(_policy(), History(), TUESDAY_9_UTC).ready == 2
+    business = Schedule("0 8 * * 1-5", duration_s=10 * 3600, min_ready=6)
+    target = warm_target(_policy(schedules=(business,)), History(), TUESDAY_9_UTC)
+    assert (target.ready, target.schedule_min_ready) == (6, 6)
+    assert "raises the floor to 6" in target.reason
+
+
+def test_a_schedule_floor_is_held_for_the_scale_down_delay_after_its_window() -> None:
+    business = Schedule("0 8 * * 1-5", duration_s=10 * 3600, min_ready=6)
+    policy = _policy(schedules=(business,), scale_down_delay_s=600)
+    just_after = TUESDAY_9_UTC.replace(hour=18, minute=5)
+    target = warm_target(policy, History(), just_after)
+    assert (target.ready, target.keep) == (2, 6)
+    later = warm_target(policy, History(), just_after + timedelta(minutes=10))
+    assert later.keep == 2
+
+
+def test_adaptive_target_follows_rate_times_provisioning_time() -> None:
+    steady = History(request_ages_s=[i * 6.0 for i in range(2000)], provision_s=[40.0] * 20)
+    target = warm_target(_policy(policy=ADAPTIVE, min_ready=0), steady, TUESDAY_9_UTC)
+    # 10/min x 40 s: Poisson(6.67), the 95% base stock is 11.
+    assert target.rate_per_min == pytest.approx(10, rel=0.03)
+    assert target.provision_p90_s == 40
+    assert target.ready == base_stock(10 / 60 * 40, 0.95, 20) == target.demand_ready
+
+
+def test_adaptive_target_is_floored_and_capped() -> None:
+    quiet = warm_target(_policy(policy=ADAPTIVE, min_ready=1), History(), TUESDAY_9_UTC)
+    assert (quiet.ready, quiet.demand_ready) == (1, 0)
+    busy = History(request_ages_s=[i * 0.5 for i in range(5000)], provision_s=[600.0])
+    capped = warm_target(_policy(policy=ADAPTIVE, max_workers=5), busy, TUESDAY_9_UTC)
+    assert capped.ready == capped.keep == 5
+
+
+def test_adaptive_keeps_the_burst_target_until_the_scale_down_delay() -> None:
+    burst_5_min_ago = History(request_ages_s=[300.0 + i for i in range(40)], provision_s=[60.0])
+    policy = _policy(policy=ADAPTIVE, min_ready=0, scale_down_delay_s=600)
+    target = warm_target(policy, burst_5_min_ago, TUESDAY_9_UTC)
+    assert target.keep > target.ready
+    short_delay = warm_target(
+        _policy(policy=ADAPTIVE, min_ready=0, scale_down_delay_s=60),
+        burst_5_min_ago,
+        TUESDAY_9_UTC,
+    )
+    assert short_delay.keep == short_delay.ready

@@ -1,0 +1,162 @@
+"""``workerlease simulate``: traces, the generator, and replays of the real service code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from service.cli import main
+from service.config import config_from_dict
+from service.simulate import (
+    SimulationError,
+    TraceRow,
+    compare,
+    generate,
+    read_trace,
+    simulate,
+    with_policy,
+    write_trace,
+)
+
+
+def _config(**pool: Any) -> dict[str, Any]:
+    entry = {"name": "ubuntu", "os": "ubuntu", "min_ready": 0, "max_workers": 10}
+    entry.update(pool)
+    return {"pools": [entry]}
+
+
+def test_generated_traces_are_deterministic_and_round_trip(tmp_path: Path) -> None:
+    rows = generate("bursty", seed=3, pool="ubuntu", rate_per_min=2, hours=2)
+    assert rows == generate("bursty", seed=3, pool="ubuntu", rate_per_min=2, hours=2)
+    assert rows != generate("bursty", seed=4, pool="ubuntu", rate_per_min=2, hours=2)
+    write_trace(rows, tmp_path / "t.csv")
+    assert read_trace(tmp_path / "t.csv") == rows
+
+
+def test_business_day_is_busy_in_office_hours_only() -> None:
+    rows = generate("business-day", seed=1, pool="ubuntu", rate_per_min=2, hours=24)
+    office = [r for r in rows if 9 * 3600 <= r.time < 18 * 3600]
+    night = [r for r in rows if r.time < 8 * 3600]
+    assert len(office) > 10 * len(night) > 0
+
+
+def test_a_bad_trace_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("time,tenant,pool,hold_seconds\n1,a,ubuntu,10\nsoon,b,ubuntu,10\n")
+    with pytest.raises(SimulationError, match=r"t\.csv:3"):
+        read_trace(path)
+    path.write_text("when,who\n")
+    with pytest.raises(SimulationError, match="header"):
+        read_trace(path)
+
+
+def test_policies_override_every_pool() -> None:
+    config = config_from_dict(_config(max_workers=4))
+    assert with_policy(config, "fixed:9").pools[0].min_ready == 4  # capped by max_workers
+    assert with_policy(config, "adaptive").pools[0].warm_policy == "adaptive"
+    with pytest.raises(SimulationError):
+        with_policy(config, "fixed:many")
+
+
+def test_a_warm_pool_serves_spaced_leases_at_once_and_replays_deterministically() -> None:
+    fixed_30_s = {"provision_seconds": {"median": 30, "p95": 30}}
+    config = config_from_dict(_config(min_ready=2, cost_per_hour=0.6, simulation=fixed_30_s))
+    trace = [TraceRow(60.0 * i, f"t{i}", "ubuntu", 120.0) for i in range(20)]
+    first = simulate(config, trace, seed=5)
+    pool = first.pools["ubuntu"]
+    assert pool.leases == pool.served == 20
+    assert pool.warm_hit_rate == 1.0 and pool.wait_max_s == 0
+    # Every lease used a worker of its own (never reused), each replaced once taken.
+    assert pool.creations == 20
+    assert pool.idle_worker_minutes > 0 and pool.worker_minutes > pool.idle_worker_minutes
+    assert pool.cost == pytest.approx(pool.worker_minutes / 60 * 0.6, abs=0.01)
+    assert simulate(config, trace, seed=5).as_dict() == first.as_dict()
+
+
+def test_a_cold_pool_makes_every_lease_wait_for_provisioning() -> None:
+    config = config_from_dict(
+        _config(simulation={"provision_seconds": {"median": 100, "p95": 100}})
+    )
+    trace = [TraceRow(600.0 * i, f"t{i}", "ubuntu", 60.0) for i in range(5)]
+    pool = simulate(config, trace, policy="fixed:0").pools["ubuntu"]
+    assert pool.warm_hit_rate == 0
+    assert pool.wait_p50_s == pytest.approx(100, abs=1)  # the ring starts the create at once
+    assert pool.idle_worker_minutes == 0
+
+
+def test_create_failures_back_off_and_the_leases_are_still_served() -> None:
+    config = config_from_dict(_config(min_ready=1, simulation={"failure_rate": 0.5}))
+    trace = [TraceRow(120.0 * i, f"t{i}", "ubuntu", 60.0) for i in range(10)]
+    pool = simulate(config, trace, seed=2).pools["ubuntu"]
+    assert pool.served == 10
+    assert pool.creations > 11  # failed creates are workers too (failed, destroyed)
+
+
+def test_cli_generates_and_simulates_with_json(tmp_path: Path) -> None:
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(_config(min_ready=1)))
+    trace = tmp_path / "t.csv"
+    runner = CliRunner()
+    made = runner.invoke(
+        main,
+        [
+            "simulate",
+            "generate",
+            "--shape",
+            "steady",
+            "--seed",
+            "1",
+            "--pool",
+            "ubuntu",
+            "--rate",
+            "2",
+            "--hours",
+            "0.5",
+            "--out",
+            str(trace),
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    ran = runner.invoke(
+        main, ["simulate", "--config", str(config_path), "--trace", str(trace), "--json"]
+    )
+    assert ran.exit_code == 0, ran.output
+    result = json.loads(ran.output)["pools"]["ubuntu"]
+    for key in (
+        "wait_p50_s",
+        "wait_p95_s",
+        "wait_p99_s",
+        "wait_max_s",
+        "warm_hit_rate",
+        "idle_worker_minutes",
+        "worker_minutes",
+        "creations",
+        "cost",
+    ):
+        assert key in result
+    unknown = runner.invoke(
+        main, ["simulate", "--config", str(config_path), "--trace", str(trace), "--policy", "x"]
+    )
+    assert unknown.exit_code != 0 and "unknown policy" in unknown.output
+
+
+def test_compare_finds_the_smallest_fixed_min_ready_with_the_best_p95() -> None:
+    config = config_from_dict(
+        _config(max_workers=4, simulation={"provision_seconds": {"median": 60, "p95": 60}})
+    )
+    # Pairs of requests 10 s apart every 10 minutes: two ready workers serve both at once.
+    trace = [
+        TraceRow(600.0 * i + gap, f"t{i}-{gap}", "ubuntu", 30.0)
+        for i in range(6)
+        for gap in (0.0, 10.0)
+    ]
+    result = compare(config, trace, "ubuntu")
+    assert result.best_fixed == 2
+    assert result.best.wait_p95_s == 0
+    assert result.tried[1].wait_p95_s > 0
+    assert set(result.tried) <= {0, 1, 2, 3, 4}
