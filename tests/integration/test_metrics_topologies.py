@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import service.metrics  # noqa: F401 - declares the service's metrics in REGISTRY
 from tests.support.server import ServerProcess, free_port, pool, port_listening, wait_until
-from tests.unit.test_monitoring import rule_metric_names
+from tests.unit.test_monitoring import dashboard_metric_names, rule_metric_names
 
 pytestmark = pytest.mark.integration
 
@@ -122,9 +122,10 @@ def test_serve_shows_the_scheduler_and_web_metrics(
     assert_every_scrape_shows(
         f"{server.url}/metrics", SCHEDULER_SAMPLES + WEB_SAMPLES, 6, server.log_tail
     )
-    # Every metric the alert rules read is exported (a renamed one would never fire).
-    # A labelled counter has no series before its first count (no provisioner error
-    # happened here): those must at least be declared by service.metrics under that name.
+    # Every metric the alert rules and the Grafana dashboard read is exported (a renamed
+    # one would never fire, or draw nothing). A labelled metric has no series before its
+    # first count (no provisioner error, no task here): those must at least be declared
+    # by service.metrics under that name.
     exported = {name for name, _ in scrape(f"{server.url}/metrics")}
     exported |= {re.sub(r"_(total|count|sum|bucket|created)$", "", n) for n in exported}
     declared = {
@@ -132,8 +133,13 @@ def test_serve_shows_the_scheduler_and_web_metrics(
         for family in REGISTRY.collect()
         for sample_name in (family.name, f"{family.name}_total")
     }
-    unknown = rule_metric_names() - exported
-    assert unknown <= {"workerlease_provisioner_errors_total"}
+    unknown = (rule_metric_names() | dashboard_metric_names()) - exported
+    assert unknown <= {
+        "workerlease_provisioner_errors_total",
+        "workerlease_tasks_ended_total",
+        "workerlease_task_dispatch_seconds",
+        "workerlease_task_waiters",
+    }
     assert unknown <= declared
 
 
