@@ -22,6 +22,7 @@ from service.db import make_engine, session_factory, transaction
 from service.doorbell import bell_for
 from service.errors import register_error_handlers, validation_problem
 from service.lease_flow import LeaseFlow
+from service.logs import RequestIds
 from service.task_flow import TaskFlow
 
 log = logging.getLogger("workerlease.app")
@@ -123,6 +124,7 @@ def create_app(
             session.close()
 
     register_error_handlers(app)
+    app.wsgi_app = RequestIds(app.wsgi_app)  # type: ignore[method-assign]
     _register_blueprints(app)
     openapi.install(app, config.public_url)
     _register_openapi_alias(app)

@@ -34,10 +34,10 @@ def _load(config_path: str | None, *, serving: bool = False) -> Config:
         raise click.ClickException(str(exc)) from None
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(config: Config) -> None:
     from service.logs import configure
 
-    configure(level)
+    configure(config.log_level, config.log_format)
 
 
 @click.group()
@@ -80,7 +80,7 @@ def serve(
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     _in_multiprocess_metrics_mode()
-    _setup_logging(config.log_level)
+    _setup_logging(config)
     from service.server import run_server
 
     run_server(
@@ -144,7 +144,7 @@ def scheduler(
 ) -> None:
     """Run only the background jobs (for deployments that serve the API elsewhere)."""
     config = _load(config_path, serving=True)
-    _setup_logging(config.log_level)
+    _setup_logging(config)
     from service.metrics import start_exporter
 
     if metrics_port:
@@ -211,7 +211,7 @@ def cleanup(config_path: str | None, force: bool) -> None:
 
     factory = _existing_database(config_path)
     config = _load(config_path)
-    _setup_logging(config.log_level)
+    _setup_logging(config)
     now = SystemClock().now()
     with session_scope(factory) as session:
         beat = heartbeats.last_beat(session, heartbeats.SCHEDULER)

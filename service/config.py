@@ -105,6 +105,7 @@ class Config(_Strict):
     deployment_id: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     database_pool_size: int = Field(default=10, ge=1, le=200)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"  # text: logfmt lines; json: JSON lines
     # When set, GET /metrics needs "Authorization: Bearer <metrics_token>" (the scraper's).
     metrics_token: str | None = Field(default=None, min_length=16)
     # Lease requests with wait_seconds one tenant may have waiting at once, per web
