@@ -95,6 +95,48 @@ def assert_every_scrape_shows(
         assert missing(scrape(url), wanted) == []
 
 
+def assert_http_requests_are_counted_by_route(server: ServerProcess) -> None:
+    """Requests count under their route template, never a raw path with an id in it;
+    a path no route matches counts as ``<unmatched>``."""
+    token = server.create_tenant("counted")["token"]
+    for _ in range(3):
+        assert (
+            server.request("GET", "/v1/leases/l-00000000000000004711", token=token).status_code
+            == 404
+        )
+        assert server.request("GET", "/no/such/path-4711").status_code == 404
+    wanted = [
+        ("workerlease_http_requests_total", {"route": "/v1/leases", "method": "POST", "status": s})
+        for s in ("201", "202")
+    ]
+    by_route = [
+        ("workerlease_http_requests_total", labels)
+        for labels in (
+            {"route": "/v1/leases/<lease_id>", "method": "GET", "status": "404"},
+            {"route": "<unmatched>", "method": "GET", "status": "404"},
+            {"route": "/v1/admin/tenants", "method": "POST", "status": "201"},
+        )
+    ] + [
+        ("workerlease_http_request_duration_seconds_count", {"route": r, "method": "GET"})
+        for r in ("/v1/leases/<lease_id>", "<unmatched>")
+    ]
+    url = f"{server.url}/metrics"
+    wait_until(
+        lambda: (
+            not missing(scrape(url), by_route) and len(missing(scrape(url), wanted)) < len(wanted)
+        ),  # 201 or 202, as it went
+        30,
+        message=lambda: f"missing {missing(scrape(url), by_route)}\n{server.log_tail()}",
+    )
+    routes = {
+        dict(labels)["route"]
+        for name, labels in scrape(url)
+        if name.startswith("workerlease_http_request")
+    }
+    assert not [r for r in routes if "4711" in r], routes
+    assert all(r.startswith("/") or r == "<unmatched>" for r in routes), routes
+
+
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     servers: list[ServerProcess] = []
@@ -122,6 +164,7 @@ def test_serve_shows_the_scheduler_and_web_metrics(
     assert_every_scrape_shows(
         f"{server.url}/metrics", SCHEDULER_SAMPLES + WEB_SAMPLES, 6, server.log_tail
     )
+    assert_http_requests_are_counted_by_route(server)
     # Every metric the alert rules and the Grafana dashboard read is exported (a renamed
     # one would never fire, or draw nothing). A labelled metric has no series before its
     # first count (no provisioner error, no task here): those must at least be declared
