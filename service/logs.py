@@ -221,9 +221,10 @@ class GunicornLogger(_GunicornBase):
 
 class RequestIds:
     """WSGI middleware: every request gets an id, its client's ``X-Request-Id`` when
-    sane, else a new one; it is answered in ``X-Request-Id`` and set in
-    :data:`REQUEST_ID` (and the WSGI environ, for the access line) while it is handled,
-    a streamed body included."""
+    sane, else a new one; it is answered in ``X-Request-Id``, put in the WSGI environ
+    (for the access line) and set in :data:`REQUEST_ID` while the application runs,
+    while a streamed body is produced and while it is closed, and at no other time:
+    nothing leaks to the next request of a thread or greenlet."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
         self.app = app
@@ -234,33 +235,43 @@ class RequestIds:
         offered = environ.get("HTTP_X_REQUEST_ID", "")
         request_id = offered if _SANE_REQUEST_ID.match(offered) else uuid.uuid4().hex
         environ[REQUEST_ID_ENVIRON] = request_id
-        REQUEST_ID.set(request_id)
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             headers.append(("X-Request-Id", request_id))
             return start_response(status, headers, exc_info)
 
+        token = REQUEST_ID.set(request_id)
         try:
             body = self.app(environ, start)
-        except BaseException:
-            REQUEST_ID.set(None)
-            raise
-        return _Body(body)
+        finally:
+            REQUEST_ID.reset(token)
+        return _Body(body, request_id)
 
 
 class _Body:
-    """A response body that forgets the request id when the server closes it."""
+    """A response body produced and closed under its request's id."""
 
-    def __init__(self, body: Iterable[bytes]) -> None:
+    def __init__(self, body: Iterable[bytes], request_id: str) -> None:
         self._body = body
+        self._request_id = request_id
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._body)
+        chunks = iter(self._body)
+        while True:
+            token = REQUEST_ID.set(self._request_id)
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            finally:
+                REQUEST_ID.reset(token)
+            yield chunk
 
     def close(self) -> None:
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            token = REQUEST_ID.set(self._request_id)
+            try:
                 close()
-        finally:
-            REQUEST_ID.set(None)
+            finally:
+                REQUEST_ID.reset(token)

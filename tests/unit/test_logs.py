@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from service.logs import (
@@ -111,10 +112,14 @@ def _call(environ: dict[str, str]) -> tuple[dict[str, str], str | None]:
     seen: list[str | None] = []
     headers: dict[str, str] = {}
 
-    def app(environ: dict[str, str], start_response: Any) -> list[bytes]:
+    def stream() -> Iterator[bytes]:
+        seen.append(REQUEST_ID.get())  # a streamed body is produced under the id too
+        yield b"ok"
+
+    def app(environ: dict[str, str], start_response: Any) -> Iterator[bytes]:
         seen.append(REQUEST_ID.get())
         start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"ok"]
+        return stream()
 
     def start_response(
         status: str, response_headers: list[tuple[str, str]], exc: Any = None
@@ -122,10 +127,11 @@ def _call(environ: dict[str, str]) -> tuple[dict[str, str], str | None]:
         headers.update(response_headers)
 
     body = RequestIds(app)(environ, start_response)
+    assert REQUEST_ID.get() is None  # nothing leaks to what the thread does next
     assert list(body) == [b"ok"]
-    assert REQUEST_ID.get() == seen[0]  # still set for the access line ...
+    assert REQUEST_ID.get() is None
     body.close()  # type: ignore[attr-defined]
-    assert REQUEST_ID.get() is None  # ... and gone once the server closes the body
+    assert seen[0] == seen[1] == environ["workerlease.request_id"]
     return headers, seen[0]
 
 
