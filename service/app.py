@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from flask_openapi3 import Info, OpenAPI
 from sqlalchemy.engine import Engine
@@ -22,6 +23,8 @@ from service.db import make_engine, session_factory, transaction
 from service.doorbell import bell_for
 from service.errors import register_error_handlers, validation_problem
 from service.lease_flow import LeaseFlow
+from service.logs import RequestIds
+from service.metrics import observe_request
 from service.task_flow import TaskFlow
 
 log = logging.getLogger("workerlease.app")
@@ -122,11 +125,31 @@ def create_app(
         if session is not None:
             session.close()
 
+    _count_requests(app)
     register_error_handlers(app)
+    app.wsgi_app = RequestIds(app.wsgi_app)  # type: ignore[method-assign]
     _register_blueprints(app)
     openapi.install(app, config.public_url)
     _register_openapi_alias(app)
     return app
+
+
+def _count_requests(app: Flask) -> None:
+    """``workerlease_http_requests_total`` / ``_duration_seconds`` by route template."""
+
+    @app.before_request
+    def _start_clock() -> None:
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        started = g.get("request_started")
+        if started is not None:  # None: it failed before the first before_request ran
+            rule = request.url_rule.rule if request.url_rule is not None else None
+            observe_request(
+                rule, request.method, response.status_code, time.perf_counter() - started
+            )
+        return response
 
 
 def _register_blueprints(app: OpenAPI) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ CONFIG_OPTION = click.option(
     type=click.Path(dir_okay=False),
     help="YAML config file (or WORKERLEASE_CONFIG).",
 )
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON, not a table.")
 
 
 def _load(config_path: str | None, *, serving: bool = False) -> Config:
@@ -34,10 +36,10 @@ def _load(config_path: str | None, *, serving: bool = False) -> Config:
         raise click.ClickException(str(exc)) from None
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(config: Config) -> None:
     from service.logs import configure
 
-    configure(level)
+    configure(config.log_level, config.log_format)
 
 
 @click.group()
@@ -80,7 +82,7 @@ def serve(
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     _in_multiprocess_metrics_mode()
-    _setup_logging(config.log_level)
+    _setup_logging(config)
     from service.server import run_server
 
     run_server(
@@ -144,7 +146,7 @@ def scheduler(
 ) -> None:
     """Run only the background jobs (for deployments that serve the API elsewhere)."""
     config = _load(config_path, serving=True)
-    _setup_logging(config.log_level)
+    _setup_logging(config)
     from service.metrics import start_exporter
 
     if metrics_port:
@@ -211,7 +213,7 @@ def cleanup(config_path: str | None, force: bool) -> None:
 
     factory = _existing_database(config_path)
     config = _load(config_path)
-    _setup_logging(config.log_level)
+    _setup_logging(config)
     now = SystemClock().now()
     with session_scope(factory) as session:
         beat = heartbeats.last_beat(session, heartbeats.SCHEDULER)
@@ -282,16 +284,147 @@ def tenants_create(config_path: str | None, name: str) -> None:
 
 @tenants.command("list")
 @CONFIG_OPTION
-def tenants_list(config_path: str | None) -> None:
+@JSON_OPTION
+def tenants_list(config_path: str | None, as_json: bool) -> None:
+    """Every tenant, newest first."""
     from service import tenants as tenant_domain
+    from service.db import session_scope
+    from service.schemas import TenantOut
+
+    factory = _existing_database(config_path)
+    with session_scope(factory) as session:
+        rows = [
+            TenantOut.model_validate(t, from_attributes=True).model_dump(mode="json")
+            for t in tenant_domain.page(session, 10_000, 0)
+        ]
+    _print(rows, ["id", "enabled", "created_at", "name"], as_json)
+
+
+@tenants.command("disable")
+@CONFIG_OPTION
+@click.argument("tenant_id")
+def tenants_disable(config_path: str | None, tenant_id: str) -> None:
+    """Disable a tenant: its token stops working and its leases end (audit-logged)."""
+    from service import tenants as tenant_domain
+    from service.clock import utcnow
+    from service.db import session_scope
+    from service.errors import DomainError
+
+    factory = _existing_database(config_path)
+    try:
+        with session_scope(factory) as session:
+            tenant_domain.disable(session, tenant_id, utcnow())
+    except DomainError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"tenant {tenant_id} disabled")
+
+
+@main.group()
+def workers() -> None:
+    """Workers (the machines of the pools)."""
+
+
+@workers.command("list")
+@CONFIG_OPTION
+@JSON_OPTION
+@click.option("--pool", default=None, help="Only this pool's workers.")
+@click.option("--state", default="live", show_default=True, help="A worker state, live or all.")
+@click.option("--limit", default=500, show_default=True, type=click.IntRange(1, 10_000))
+def workers_list(
+    config_path: str | None, as_json: bool, pool: str | None, state: str, limit: int
+) -> None:
+    """Workers newest first, with the lease each one serves."""
+    from service import listing
     from service.db import session_scope
 
     factory = _existing_database(config_path)
     with session_scope(factory) as session:
-        rows = tenant_domain.page(session, 10_000, 0)
-        click.echo(f"{'ID':<24} {'ENABLED':<8} {'CREATED':<26} NAME")
-        for t in rows:
-            click.echo(f"{t.id:<24} {t.enabled!s:<8} {t.created_at.isoformat():<26} {t.name}")
+        rows = [
+            {
+                "id": w.id,
+                "pool": w.pool,
+                "state": w.state,
+                "created_at": w.created_at.isoformat(),
+                "address": w.address,
+                "lease": lease_id,
+                "last_error": w.last_error,
+            }
+            for w, lease_id in listing.workers_page(session, pool, state, limit, 0)
+        ]
+    _print(rows, ["id", "pool", "state", "created_at", "lease"], as_json)
+
+
+@main.group()
+def leases() -> None:
+    """Leases (a tenant's hold on a worker)."""
+
+
+@leases.command("list")
+@CONFIG_OPTION
+@JSON_OPTION
+@click.option("--pool", default=None, help="Only this pool's leases.")
+@click.option("--tenant", "tenant_id", default=None, help="Only this tenant's leases.")
+@click.option("--state", default="live", show_default=True, help="A lease state, live or all.")
+@click.option("--limit", default=500, show_default=True, type=click.IntRange(1, 10_000))
+def leases_list(
+    config_path: str | None,
+    as_json: bool,
+    pool: str | None,
+    tenant_id: str | None,
+    state: str,
+    limit: int,
+) -> None:
+    """Leases newest first; a pending one says why it waits. Never a worker's token."""
+    from service import listing
+    from service.api.present import leases_out
+    from service.db import session_scope
+
+    factory = _existing_database(config_path)
+    with session_scope(factory) as session:
+        rows = listing.leases_page(
+            session, tenant_id=tenant_id, pool=pool, state=state, limit=limit
+        )
+        out = [
+            lease.model_dump(mode="json")
+            for lease in leases_out(session, rows, viewer_tenant_id=None)
+        ]
+    if not as_json:  # the table shows the worker's id and why a lease waits, in short
+        for lease in out:
+            lease["worker"] = (lease["worker"] or {}).get("id")
+            lease["waiting"] = (lease["waiting_reason"] or {}).get("detail")
+    _print(out, ["id", "pool", "state", "tenant_id", "worker", "created_at", "waiting"], as_json)
+
+
+@leases.command("revoke")
+@CONFIG_OPTION
+@click.argument("lease_id")
+def leases_revoke(config_path: str | None, lease_id: str) -> None:
+    """Revoke a lease: it ends and its worker is destroyed (audit-logged)."""
+    from service import leasing
+    from service.clock import utcnow
+    from service.db import session_scope
+    from service.errors import DomainError
+
+    factory = _existing_database(config_path)
+    try:
+        with session_scope(factory) as session:
+            lease = leasing.revoke_lease(session, lease_id, utcnow(), "revoked by operator (cli)")
+            state = lease.state
+    except DomainError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"lease {lease_id}: {state}")
+
+
+def _print(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
+    """Rows as a JSON array, or a table whose columns fit their content."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 @main.command()

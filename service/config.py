@@ -7,6 +7,7 @@ come from the environment, which wins over the file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -162,6 +163,7 @@ class Config(_Strict):
     deployment_id: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     database_pool_size: int = Field(default=10, ge=1, le=200)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"  # text: logfmt lines; json: JSON lines
     # When set, GET /metrics needs "Authorization: Bearer <metrics_token>" (the scraper's).
     metrics_token: str | None = Field(default=None, min_length=16)
     # Lease requests with wait_seconds one tenant may have waiting at once, per web
@@ -216,22 +218,35 @@ class Config(_Strict):
         return self.admin_token
 
 
-ENV_OVERRIDES = {
-    "WORKERLEASE_ADMIN_TOKEN": "admin_token",
-    "WORKERLEASE_DATABASE_URL": "database_url",
-    "WORKERLEASE_PUBLIC_URL": "public_url",
-    "WORKERLEASE_ENCRYPTION_KEY": "encryption_key",
-    "WORKERLEASE_METRICS_TOKEN": "metrics_token",
-}
+ENV_PREFIX = "WORKERLEASE_"
+# Keys whose value is a list or a mapping: given as JSON in the environment.
+_JSON_KEYS = ("pools", "scheduler")
+
+
+def _env_keys() -> dict[str, tuple[str, ...]]:
+    """Every key of the file as an environment variable, nested keys joined by ``__``
+    (``WORKERLEASE_DEPLOYMENT_ID``, ``WORKERLEASE_SCHEDULER__INTERVAL``), as
+    pydantic-settings names them."""
+    keys: dict[str, tuple[str, ...]] = {
+        f"{ENV_PREFIX}{name.upper()}": (name,) for name in Config.model_fields
+    }
+    for name in SchedulerConfig.model_fields:
+        keys[f"{ENV_PREFIX}SCHEDULER__{name.upper()}"] = ("scheduler", name)
+    return keys
+
+
+ENV_OVERRIDES = _env_keys()
 
 
 def load_config(
     path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None
 ) -> Config:
-    """Read, merge environment overrides, validate.
+    """Read, merge environment overrides (they win over the file), validate.
 
-    Pools' provisioner options are checked at process start
-    (``service.passes.provisioning.check_pool_options``): that needs the registry.
+    The environment's values are validated like the file's and refused with the same
+    messages, naming the key (``scheduler.interval: ...``). Pools' provisioner options
+    are checked at process start (``service.passes.provisioning.check_pool_options``):
+    that needs the registry.
     """
     environ = dict(os.environ) if environ is None else environ
     raw: dict[str, Any] = {}
@@ -240,8 +255,26 @@ def load_config(
         raw = _read_yaml(Path(path))
     for variable, key in ENV_OVERRIDES.items():
         if environ.get(variable):
-            raw[key] = environ[variable]
+            _set(raw, key, _env_value(variable, key, environ[variable]))
     return config_from_dict(raw)
+
+
+def _env_value(variable: str, key: tuple[str, ...], text: str) -> Any:
+    if key[0] not in _JSON_KEYS or len(key) > 1:
+        return text  # pydantic converts "10", "true", "90s" as it does the file's values
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{variable}: {key[0]} is not valid JSON: {exc}") from None
+
+
+def _set(raw: dict[str, Any], key: tuple[str, ...], value: Any) -> None:
+    *parents, last = key
+    for parent in parents:
+        if not isinstance(raw.get(parent), dict):
+            raw[parent] = {}
+        raw = raw[parent]
+    raw[last] = value
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

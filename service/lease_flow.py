@@ -10,6 +10,7 @@ wake the requests of this process that wait for it. Views call one method here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from service.leasing import Acquired, Outcome
 from service.models import Lease, LeaseState
 from service.waiters import Waiters, lease_waiters
 from service.workers import Ready, worker_ready
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,10 +75,18 @@ class LeaseFlow:
         self.bell.ring()  # the scheduler refills now, not at its next poll
         if not wait_seconds:
             return acquired
+        log.info(
+            "lease_waiting lease=%s pool=%s tenant=%s wait_s=%d",
+            acquired.lease.id,
+            pool,
+            tenant_id,
+            wait_seconds,
+        )
         self.waiters.wait(acquired.lease.id, wait_seconds)
         with transaction(session):
             lease = session.get(Lease, acquired.lease.id, populate_existing=True)
             assert lease is not None
+        log.info("lease_wait_ended lease=%s state=%s", lease.id, lease.state)
         activated = lease.state != LeaseState.PENDING
         return Acquired(lease, Outcome.ACTIVE if activated else Outcome.PENDING)
 

@@ -134,6 +134,31 @@ WAITERS_POLL_ERRORS = Counter(
     ["kind"],
 )
 
+HTTP_REQUESTS = Counter(
+    "workerlease_http_requests_total",
+    "HTTP requests answered, by route template (never the raw path), method and status",
+    ["route", "method", "status"],
+)
+HTTP_DURATION = Histogram(
+    "workerlease_http_request_duration_seconds",
+    "Time to answer an HTTP request (a wait_seconds request includes its wait)",
+    ["route", "method"],
+    buckets=_BUCKETS_FAST,
+)
+UNMATCHED_ROUTE = "<unmatched>"
+# Any other method is one label value: a client cannot grow the label set.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def observe_request(route: str | None, method: str, status: int, seconds: float) -> None:
+    """Count one answered request under its route template (``/v1/leases/<lease_id>``);
+    ``route`` None (no route matched: 404, 405) is counted as ``<unmatched>``."""
+    label_route = route or UNMATCHED_ROUTE
+    label_method = method if method in _METHODS else "other"
+    HTTP_REQUESTS.labels(label_route, label_method, str(status)).inc()
+    HTTP_DURATION.labels(label_route, label_method).observe(seconds)
+
+
 Snapshot = Callable[[], dict[str, list[tuple[dict[str, str], float]]]]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import re
 import unicodedata
 from datetime import datetime
@@ -192,6 +193,26 @@ class WorkerOut(BaseModel):
     access_token: str | None = Field(description="Shown only to the lease's tenant")
 
 
+class WaitingKind(enum.StrEnum):
+    WORKER_ON_ITS_WAY = "worker_on_its_way"
+    PROVISIONER_DEGRADED = "provisioner_degraded"
+    POOL_AT_MAX_WORKERS = "pool_at_max_workers"
+    QUEUED_BEHIND = "queued_behind"
+
+
+class WaitingReason(BaseModel):
+    """Why a pending lease waits; absent on a lease that does not wait."""
+
+    kind: WaitingKind
+    detail: str = Field(description="The same, in a sentence for people")
+    leases_ahead: int = Field(description="Pending leases of the pool served before this one")
+    workers_on_the_way: int = Field(description="The pool's workers starting or just ready")
+    time_to_worker_s: float | None = Field(
+        description="Mean time from create to ready of the pool's live workers"
+    )
+    degraded_reason: str | None = Field(description="Why the pool's provisioner is failing")
+
+
 class LeaseOut(BaseModel):
     id: str
     tenant_id: str
@@ -204,6 +225,9 @@ class LeaseOut(BaseModel):
     ended_at: datetime | None
     end_reason: EndReason | None
     worker: WorkerOut | None
+    waiting_reason: WaitingReason | None = Field(
+        default=None, description="Why the lease is still pending (pending leases only)"
+    )
 
 
 class LeaseList(BaseModel):

@@ -6,8 +6,16 @@ from collections.abc import Sequence
 
 from sqlmodel import Session, col, select
 
+from service.listing import Waiting, waiting_reasons
 from service.models import EndReason, Lease, LeaseState, Pool, Task, Worker
-from service.schemas import ContainerSpec, LeaseOut, TaskOut, WorkerOut
+from service.schemas import (
+    ContainerSpec,
+    LeaseOut,
+    TaskOut,
+    WaitingKind,
+    WaitingReason,
+    WorkerOut,
+)
 
 
 def leases_out(
@@ -26,8 +34,15 @@ def leases_out(
             for w in session.exec(select(Worker).where(col(Worker.id).in_(worker_ids))).all()
         }
     pool_os = {name: _pool_os(session, name) for name in {lease.pool for lease in leases}}
+    waiting = waiting_reasons(session, leases)
     return [
-        _lease_out(lease, workers.get(lease.worker_id or ""), pool_os[lease.pool], viewer_tenant_id)
+        _lease_out(
+            lease,
+            workers.get(lease.worker_id or ""),
+            pool_os[lease.pool],
+            viewer_tenant_id,
+            waiting.get(lease.id),
+        )
         for lease in leases
     ]
 
@@ -41,8 +56,45 @@ def lease_out(session: Session, lease: Lease, *, viewer_tenant_id: str | None) -
     return leases_out(session, [lease], viewer_tenant_id=viewer_tenant_id)[0]
 
 
+def waiting_reason_out(waiting: Waiting) -> WaitingReason:
+    return WaitingReason(
+        kind=WaitingKind(waiting.kind),
+        detail=_waiting_detail(waiting),
+        leases_ahead=waiting.leases_ahead,
+        workers_on_the_way=waiting.workers_on_the_way,
+        time_to_worker_s=waiting.time_to_worker_s,
+        degraded_reason=waiting.degraded_reason,
+    )
+
+
+def _waiting_detail(waiting: Waiting) -> str:
+    ahead = f"; {waiting.leases_ahead} lease(s) ahead" if waiting.leases_ahead else ""
+    if waiting.kind == WaitingKind.WORKER_ON_ITS_WAY:
+        usual = (
+            f" (workers of this pool took {waiting.time_to_worker_s:.0f} s lately)"
+            if waiting.time_to_worker_s is not None
+            else ""
+        )
+        return f"a worker is on its way{usual}{ahead}"
+    if waiting.kind == WaitingKind.PROVISIONER_DEGRADED:
+        return f"the pool's provisioner is failing: {waiting.degraded_reason}{ahead}"
+    if waiting.kind == WaitingKind.POOL_AT_MAX_WORKERS:
+        return (
+            f"the pool is at max_workers ({waiting.max_workers}): waiting for a worker "
+            f"to be released{ahead}"
+        )
+    return (
+        f"{waiting.leases_ahead} lease(s) ahead in the queue for the pool's "
+        f"max_workers ({waiting.max_workers}) workers"
+    )
+
+
 def _lease_out(
-    lease: Lease, worker: Worker | None, pool_os: str, viewer_tenant_id: str | None
+    lease: Lease,
+    worker: Worker | None,
+    pool_os: str,
+    viewer_tenant_id: str | None,
+    waiting: Waiting | None = None,
 ) -> LeaseOut:
     worker_out = None
     if worker is not None:
@@ -69,6 +121,7 @@ def _lease_out(
         ended_at=lease.ended_at,
         end_reason=EndReason(lease.end_reason) if lease.end_reason else None,
         worker=worker_out,
+        waiting_reason=waiting_reason_out(waiting) if waiting else None,
     )
 
 

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from service import leasing, listing, tenants, workers
 from service.api import svc
+from service.api.present import waiting_reason_out
 from service.dashboard import session as auth
 from service.errors import DomainError
 from service.models import LIVE_LEASE_STATES, Lease, LeaseState, Tenant, WorkerState
@@ -204,9 +205,11 @@ def lease(lease_id: str) -> Any:
     row = session.get(Lease, lease_id)
     if row is None:
         abort(404)
+    waiting = listing.waiting_reasons(session, [row]).get(row.id)
     return render_template(
         "dashboard/lease.html",
         lease=row,
+        waiting=waiting_reason_out(waiting) if waiting else None,
         events=listing.lease_timeline(session, row),
         tenant=session.get(Tenant, row.tenant_id),
     )

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import service.metrics  # noqa: F401 - declares the service's metrics in REGISTRY
 from tests.support.server import ServerProcess, free_port, pool, port_listening, wait_until
-from tests.unit.test_monitoring import rule_metric_names
+from tests.unit.test_monitoring import dashboard_metric_names, rule_metric_names
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +95,48 @@ def assert_every_scrape_shows(
         assert missing(scrape(url), wanted) == []
 
 
+def assert_http_requests_are_counted_by_route(server: ServerProcess) -> None:
+    """Requests count under their route template, never a raw path with an id in it;
+    a path no route matches counts as ``<unmatched>``."""
+    token = server.create_tenant("counted")["token"]
+    for _ in range(3):
+        assert (
+            server.request("GET", "/v1/leases/l-00000000000000004711", token=token).status_code
+            == 404
+        )
+        assert server.request("GET", "/no/such/path-4711").status_code == 404
+    wanted = [
+        ("workerlease_http_requests_total", {"route": "/v1/leases", "method": "POST", "status": s})
+        for s in ("201", "202")
+    ]
+    by_route = [
+        ("workerlease_http_requests_total", labels)
+        for labels in (
+            {"route": "/v1/leases/<lease_id>", "method": "GET", "status": "404"},
+            {"route": "<unmatched>", "method": "GET", "status": "404"},
+            {"route": "/v1/admin/tenants", "method": "POST", "status": "201"},
+        )
+    ] + [
+        ("workerlease_http_request_duration_seconds_count", {"route": r, "method": "GET"})
+        for r in ("/v1/leases/<lease_id>", "<unmatched>")
+    ]
+    url = f"{server.url}/metrics"
+    wait_until(
+        lambda: (
+            not missing(scrape(url), by_route) and len(missing(scrape(url), wanted)) < len(wanted)
+        ),  # 201 or 202, as it went
+        30,
+        message=lambda: f"missing {missing(scrape(url), by_route)}\n{server.log_tail()}",
+    )
+    routes = {
+        dict(labels)["route"]
+        for name, labels in scrape(url)
+        if name.startswith("workerlease_http_request")
+    }
+    assert not [r for r in routes if "4711" in r], routes
+    assert all(r.startswith("/") or r == "<unmatched>" for r in routes), routes
+
+
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     servers: list[ServerProcess] = []
@@ -122,9 +164,11 @@ def test_serve_shows_the_scheduler_and_web_metrics(
     assert_every_scrape_shows(
         f"{server.url}/metrics", SCHEDULER_SAMPLES + WEB_SAMPLES, 6, server.log_tail
     )
-    # Every metric the alert rules read is exported (a renamed one would never fire).
-    # A labelled counter has no series before its first count (no provisioner error
-    # happened here): those must at least be declared by service.metrics under that name.
+    assert_http_requests_are_counted_by_route(server)
+    # Every metric the alert rules and the Grafana dashboard read is exported (a renamed
+    # one would never fire, or draw nothing). A labelled metric has no series before its
+    # first count (no provisioner error, no task here): those must at least be declared
+    # by service.metrics under that name.
     exported = {name for name, _ in scrape(f"{server.url}/metrics")}
     exported |= {re.sub(r"_(total|count|sum|bucket|created)$", "", n) for n in exported}
     declared = {
@@ -132,8 +176,13 @@ def test_serve_shows_the_scheduler_and_web_metrics(
         for family in REGISTRY.collect()
         for sample_name in (family.name, f"{family.name}_total")
     }
-    unknown = rule_metric_names() - exported
-    assert unknown <= {"workerlease_provisioner_errors_total"}
+    unknown = (rule_metric_names() | dashboard_metric_names()) - exported
+    assert unknown <= {
+        "workerlease_provisioner_errors_total",
+        "workerlease_tasks_ended_total",
+        "workerlease_task_dispatch_seconds",
+        "workerlease_task_waiters",
+    }
     assert unknown <= declared
 
 

@@ -204,7 +204,8 @@ def test_serve_gunicorn_and_the_scheduler_log_one_format(
 ) -> None:
     server = make_server(pools=[pool(min_ready=1, max_workers=2)]).start()
     server.wait_ready_workers(1)
-    assert server.request("GET", "/healthz").status_code == 200
+    healthz = server.request("GET", "/healthz", headers={"X-Request-Id": "ops-check-1"})
+    assert healthz.status_code == 200 and healthz.headers["X-Request-Id"] == "ops-check-1"
 
     def lines() -> list[str]:
         return [
@@ -215,7 +216,11 @@ def test_serve_gunicorn_and_the_scheduler_log_one_format(
 
     wait_until(
         lambda: (
-            any("event=http_request method=GET path=/healthz status=200" in x for x in lines())
+            any(
+                "event=http_request method=GET path=/healthz status=200" in x
+                and x.endswith(" request_id=ops-check-1")
+                for x in lines()
+            )
             and any("event=scheduler_started interval=" in x for x in lines())
             and any("logger=gunicorn.error" in x for x in lines())
         ),

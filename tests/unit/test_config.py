@@ -10,7 +10,15 @@ import yaml
 from click.testing import CliRunner
 
 from service.cli import main
-from service.config import Config, ConfigError, config_from_dict, load_config, parse_duration
+from service.config import (
+    ENV_OVERRIDES,
+    Config,
+    ConfigError,
+    SchedulerConfig,
+    config_from_dict,
+    load_config,
+    parse_duration,
+)
 from service.passes.provisioning import check_pool_options
 
 TOKEN = "a-file-admin-token-0123456789"
@@ -132,6 +140,65 @@ def test_admin_token_from_environment_wins_over_the_file(tmp_path: Path) -> None
     assert load_config(path, environ={}).admin_token == TOKEN
     from_env = load_config(path, environ={"WORKERLEASE_ADMIN_TOKEN": "env-token-0123456789abc"})
     assert from_env.admin_token == "env-token-0123456789abc"
+
+
+def test_every_key_can_come_from_the_environment_and_wins_over_the_file(
+    tmp_path: Path,
+) -> None:
+    path = _write(tmp_path, _raw(deployment_id="from-file", scheduler={"interval": 5}))
+    environ = {
+        "WORKERLEASE_DEPLOYMENT_ID": "from-env",
+        "WORKERLEASE_SCHEDULER__INTERVAL": "90s",
+        "WORKERLEASE_SCHEDULER__ENABLED": "false",
+        "WORKERLEASE_LOG_FORMAT": "json",
+        "WORKERLEASE_MAX_WAITS_PER_TENANT": "3",
+        "WORKERLEASE_POOLS": '[{"name": "env-pool", "os": "linux", "max_workers": 3}]',
+        "WORKERLEASE_CONFIG_UNRELATED": "ignored",  # not a key: left alone
+    }
+    config = load_config(path, environ=environ)
+    assert config.deployment_id == "from-env"
+    assert (config.scheduler.interval, config.scheduler.enabled) == (90, False)
+    assert config.scheduler.reconcile_interval == 60  # the rest of the file's section stays
+    assert (config.log_format, config.max_waits_per_tenant) == ("json", 3)
+    assert [(p.name, p.max_workers) for p in config.pools] == [("env-pool", 3)]
+    # Without a file at all.
+    alone = load_config(None, environ={"WORKERLEASE_SCHEDULER__INTERVAL": "7"})
+    assert alone.scheduler.interval == 7
+
+
+def test_every_config_key_has_its_environment_variable() -> None:
+    keys = set(ENV_OVERRIDES.values())
+    assert {(name,) for name in Config.model_fields} <= keys
+    assert {("scheduler", name) for name in SchedulerConfig.model_fields} <= keys
+    assert ENV_OVERRIDES["WORKERLEASE_SCHEDULER__DEMAND_INTERVAL"] == (
+        "scheduler",
+        "demand_interval",
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "in_file"),
+    [
+        ("WORKERLEASE_SCHEDULER__INTERVAL", "0", {"scheduler": {"interval": 0}}),
+        ("WORKERLEASE_DEPLOYMENT_ID", "Bad Id", {"deployment_id": "Bad Id"}),
+        ("WORKERLEASE_LOG_FORMAT", "xml", {"log_format": "xml"}),
+        ("WORKERLEASE_DATABASE_POOL_SIZE", "lots", {"database_pool_size": "lots"}),
+    ],
+)
+def test_a_bad_value_from_the_environment_is_refused_as_the_file_is(
+    tmp_path: Path, variable: str, value: str, in_file: dict[str, Any]
+) -> None:
+    with pytest.raises(ConfigError) as from_file:
+        load_config(_write(tmp_path, _raw(**in_file)), environ={})
+    with pytest.raises(ConfigError) as from_env:
+        load_config(_write(tmp_path, _raw()), environ={variable: value})
+    assert str(from_env.value) == str(from_file.value)
+    assert ENV_OVERRIDES[variable][-1] in str(from_env.value)
+
+
+def test_a_list_from_the_environment_must_be_json() -> None:
+    with pytest.raises(ConfigError, match="WORKERLEASE_POOLS: pools is not valid JSON"):
+        load_config(None, environ={"WORKERLEASE_POOLS": "[{name: p"})
 
 
 def test_missing_or_short_admin_token_is_refused() -> None:

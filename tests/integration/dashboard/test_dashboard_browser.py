@@ -1,10 +1,11 @@
 """The admin dashboard in a real browser (Debian's chromium through chromium-driver and
 Selenium) against a real ``serve`` with local workers.
 
-Sign-in (a wrong token and a tenant token refused), the overview's pool counts, a
-pool's page and resize, revoking a lease, creating a tenant (its token shown once)
-and disabling it, destroying a worker, the audit log, sign-out; a forged POST without
-the session's CSRF token is refused (plain HTTP, as a forging site would send it).
+Sign-in (a wrong token and a tenant token refused), the overview's pool counts, why a
+pending lease waits, a pool's page and resize, revoking a lease, creating a tenant (its
+token shown once) and disabling it, destroying a worker, the audit log, sign-out; a
+forged POST without the session's CSRF token is refused (plain HTTP, as a forging site
+would send it).
 Screenshots of each page go to the session's pytest output directory
 (``<basetemp>/screenshots``), or to ``$WORKERLEASE_SCREENSHOTS`` when set.
 """
@@ -144,6 +145,37 @@ def test_overview_shows_every_pool_with_its_counts(browser: Any, server: ServerP
         assert int(ready) == counts["ready"] >= 1
         assert "ok" in row.text
     shot(browser, "overview")
+
+
+def test_a_pending_lease_page_says_why_it_waits(browser: Any, server: ServerProcess) -> None:
+    """hosted-windows holds at most 2 workers: a third tenant's lease waits for one."""
+    leases = []
+    for name in ("w1", "w2", "w3"):
+        token = server.create_tenant(name)["token"]
+        body = {"pool": "hosted-windows", "wait_seconds": 60 if name != "w3" else 0}
+        leases.append(
+            (token, server.request("POST", "/v1/leases", token=token, json=body, timeout=90).json())
+        )
+    assert [lease["state"] for _, lease in leases] == ["active", "active", "pending"]
+    token, pending = leases[2]
+    assert pending["waiting_reason"]["kind"] == "pool_at_max_workers"
+    try:
+        browser.get(f"{server.url}/admin/leases/{pending['id']}")
+        reason = wait_for(browser, "#waiting-reason")
+        assert reason.get_attribute("data-kind") == "pool_at_max_workers"
+        assert "max_workers (2)" in reason.text
+        shot(browser, "lease-waiting")
+    finally:
+        for token, lease in leases:
+            server.request("DELETE", f"/v1/leases/{lease['id']}", token=token)
+        # Leave the pool as the later tests expect it: warm, nothing coming or going.
+        wait_until(
+            lambda: {w["state"] for w in server.workers("live", "hosted-windows")} == {"ready"},
+            90,
+            message=lambda: (
+                f"hosted-windows never settled: {server.workers('live', 'hosted-windows')}"
+            ),
+        )
 
 
 def test_revoke_a_lease_from_its_page(browser: Any, server: ServerProcess) -> None:
