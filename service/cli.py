@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from service import startup
+from service import __version__, startup
 from service.config import Config, ConfigError
 from service.startup import service_url
 
@@ -43,6 +43,7 @@ def _setup_logging(config: Config) -> None:
 
 
 @click.group()
+@click.version_option(__version__, prog_name="workerlease")
 def main() -> None:
     """workerlease: lease warm-pool worker machines to tenants."""
     startup.make_files_private()
@@ -352,6 +353,27 @@ def workers_list(
             for w, lease_id in listing.workers_page(session, pool, state, limit, 0)
         ]
     _print(rows, ["id", "pool", "state", "created_at", "lease"], as_json)
+
+
+@workers.command("destroy")
+@CONFIG_OPTION
+@click.argument("worker_id")
+def workers_destroy(config_path: str | None, worker_id: str) -> None:
+    """Destroy a worker now: its live lease is revoked (audit-logged); the scheduler
+    destroys the machine at its next pass."""
+    from service import workers as worker_domain
+    from service.clock import utcnow
+    from service.db import session_scope
+    from service.errors import DomainError
+
+    factory = _existing_database(config_path)
+    try:
+        with session_scope(factory) as session:
+            worker, lease_id = worker_domain.destroy_by_operator(session, worker_id, utcnow())
+            state = worker.state
+    except DomainError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"worker {worker_id}: {state}" + (f" (lease {lease_id} ended)" if lease_id else ""))
 
 
 @main.group()

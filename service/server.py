@@ -23,8 +23,8 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from service import metrics
-from service.config import Config
+from service import metrics, startup
+from service.config import Config, ConfigError
 from service.startup import prepare_database, service_url
 
 log = logging.getLogger("workerlease.server")
@@ -146,6 +146,9 @@ def run_server(
             shutil.rmtree(own_metrics_dir, ignore_errors=True)
         log.info("stopped")
 
+    def on_reload(_server: Any) -> None:
+        reload_pools(config_path)
+
     def child_exit(_server: Any, worker: Any) -> None:
         metrics.process_exited(worker.pid)
 
@@ -168,8 +171,28 @@ def run_server(
         "loglevel": config.log_level.lower(),
         "when_ready": when_ready,
         "on_exit": on_exit,
+        "on_reload": on_reload,
         "child_exit": child_exit,
         "proc_name": f"workerlease[{config.deployment_id}]",
         "control_socket_disable": True,
     }
     _Gunicorn(config, options).run()
+
+
+def reload_pools(config_path: str | None) -> bool:
+    """SIGHUP: apply the config file's pools again (added, changed, removed ones), as at
+    start. gunicorn then replaces its web workers gracefully (their long polls are
+    answered at once, nothing is dropped); the scheduler reads pools from the database
+    at its next pass. A file that does not validate is refused with the key named, and
+    the settings in force stay. Other keys (database, tokens, ports) need a restart."""
+    if not config_path:
+        log.warning("reload_skipped reason=no_config_file")
+        return False
+    try:
+        fresh = startup.load(config_path, serving=True)
+    except ConfigError as exc:
+        log.error("reload_refused config=%s error=%s", config_path, str(exc).replace("\n", " "))
+        return False
+    prepare_database(fresh).dispose()  # no connection may stay in the master
+    log.info("reloaded config=%s pools=%d", config_path, len(fresh.pools))
+    return True

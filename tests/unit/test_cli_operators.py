@@ -90,3 +90,27 @@ def test_workers_list(tmp_path: Path) -> None:
     assert _json(url, "workers", "list") == []
     header = _cli(url, "workers", "list").output.splitlines()
     assert header == ["ID  POOL  STATE  CREATED_AT  LEASE"]
+
+
+def test_workers_destroy_and_version(tmp_path: Path) -> None:
+    from service import __version__
+    from service.models import WorkerState
+    from service.pools import new_worker
+
+    url = _served_database(tmp_path)
+    engine = make_engine(url)
+    try:
+        with session_scope(session_factory(engine)) as session:
+            worker = new_worker("hosted-ubuntu", utcnow())
+            session.add(worker)
+            worker_id = worker.id
+    finally:
+        engine.dispose()
+    destroyed = _cli(url, "workers", "destroy", worker_id)
+    assert destroyed.exit_code == 0, destroyed.output
+    assert f"worker {worker_id}: {WorkerState.DESTROYING}" in destroyed.output
+    assert any("operator" in reason for reason in _reasons(url, worker_id))
+    unknown = _cli(url, "workers", "destroy", "w-00000000000000000000")
+    assert unknown.exit_code != 0 and "no worker" in unknown.output
+    version = _run("--version", env={})
+    assert version.exit_code == 0 and __version__ in version.output
