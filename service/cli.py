@@ -42,6 +42,44 @@ def _setup_logging(config: Config) -> None:
     configure(config.log_level, config.log_format)
 
 
+URL_OPTION = click.option(
+    "--url",
+    envvar="WORKERLEASE_ADMIN_URL",
+    default=None,
+    help="Act through this running service's admin API (the admin token from "
+    "WORKERLEASE_ADMIN_TOKEN) instead of on the database.",
+)
+
+
+def _admin_api(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One admin API call; a problem answer becomes a one-line error (exit 1)."""
+    import urllib.error
+    import urllib.request
+
+    token = os.environ.get("WORKERLEASE_ADMIN_TOKEN")
+    if not token:
+        raise click.ClickException("--url needs the admin token in WORKERLEASE_ADMIN_TOKEN")
+    request = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            problem = json.loads(exc.read() or b"{}")
+        except ValueError:
+            problem = {}
+        title, detail = problem.get("title", f"HTTP {exc.code}"), problem.get("detail", "")
+        raise click.ClickException(f"{title}: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise click.ClickException(f"cannot reach {url}: {reason}") from None
+
+
 @click.group()
 @click.version_option(__version__, prog_name="workerlease")
 def main() -> None:
@@ -266,18 +304,21 @@ def tenants() -> None:
 
 @tenants.command("create")
 @CONFIG_OPTION
+@URL_OPTION
 @click.argument("name")
-def tenants_create(config_path: str | None, name: str) -> None:
+def tenants_create(config_path: str | None, url: str | None, name: str) -> None:
     """Create a tenant and print its token (shown once)."""
     from service import tenants as tenant_domain
     from service.clock import utcnow
-
-    factory = _existing_database(config_path)
     from service.db import session_scope
 
-    with session_scope(factory) as session:
-        tenant, token = tenant_domain.create(session, name, utcnow())
-        tenant_id = tenant.id
+    if url:
+        created = _admin_api(url, "POST", "/v1/admin/tenants", {"name": name})
+        tenant_id, token = created["id"], created["token"]
+    else:
+        with session_scope(_existing_database(config_path)) as session:
+            tenant, token = tenant_domain.create(session, name, utcnow())
+            tenant_id = tenant.id
     click.echo(f"tenant id: {tenant_id}")
     click.echo(f"token:     {token}")
     click.echo("The token is shown only now; store it safely.", err=True)
@@ -303,14 +344,19 @@ def tenants_list(config_path: str | None, as_json: bool) -> None:
 
 @tenants.command("disable")
 @CONFIG_OPTION
+@URL_OPTION
 @click.argument("tenant_id")
-def tenants_disable(config_path: str | None, tenant_id: str) -> None:
+def tenants_disable(config_path: str | None, url: str | None, tenant_id: str) -> None:
     """Disable a tenant: its token stops working and its leases end (audit-logged)."""
     from service import tenants as tenant_domain
     from service.clock import utcnow
     from service.db import session_scope
     from service.errors import DomainError
 
+    if url:
+        _admin_api(url, "DELETE", f"/v1/admin/tenants/{_path_part(tenant_id)}")
+        click.echo(f"tenant {tenant_id} disabled")
+        return
     factory = _existing_database(config_path)
     try:
         with session_scope(factory) as session:
@@ -357,8 +403,9 @@ def workers_list(
 
 @workers.command("destroy")
 @CONFIG_OPTION
+@URL_OPTION
 @click.argument("worker_id")
-def workers_destroy(config_path: str | None, worker_id: str) -> None:
+def workers_destroy(config_path: str | None, url: str | None, worker_id: str) -> None:
     """Destroy a worker now: its live lease is revoked (audit-logged); the scheduler
     destroys the machine at its next pass."""
     from service import workers as worker_domain
@@ -366,6 +413,10 @@ def workers_destroy(config_path: str | None, worker_id: str) -> None:
     from service.db import session_scope
     from service.errors import DomainError
 
+    if url:
+        answer = _admin_api(url, "DELETE", f"/v1/admin/workers/{_path_part(worker_id)}")
+        click.echo(f"worker {worker_id}: {answer.get('state')}")
+        return
     factory = _existing_database(config_path)
     try:
         with session_scope(factory) as session:
@@ -419,14 +470,19 @@ def leases_list(
 
 @leases.command("revoke")
 @CONFIG_OPTION
+@URL_OPTION
 @click.argument("lease_id")
-def leases_revoke(config_path: str | None, lease_id: str) -> None:
+def leases_revoke(config_path: str | None, url: str | None, lease_id: str) -> None:
     """Revoke a lease: it ends and its worker is destroyed (audit-logged)."""
     from service import leasing
     from service.clock import utcnow
     from service.db import session_scope
     from service.errors import DomainError
 
+    if url:
+        answer = _admin_api(url, "DELETE", f"/v1/admin/leases/{_path_part(lease_id)}")
+        click.echo(f"lease {lease_id}: {answer.get('state')}")
+        return
     factory = _existing_database(config_path)
     try:
         with session_scope(factory) as session:
@@ -435,6 +491,12 @@ def leases_revoke(config_path: str | None, lease_id: str) -> None:
     except DomainError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"lease {lease_id}: {state}")
+
+
+def _path_part(value: str) -> str:
+    import urllib.parse
+
+    return urllib.parse.quote(value, safe="")
 
 
 def _print(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
