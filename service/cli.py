@@ -513,8 +513,9 @@ def _print(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> Non
 
 @main.command()
 @CONFIG_OPTION
-def pools(config_path: str | None) -> None:
-    """A table of pools and their worker counts."""
+@JSON_OPTION
+def pools(config_path: str | None, as_json: bool) -> None:
+    """Pools, their settings and worker counts (and why one is degraded)."""
     from sqlmodel import col, select
 
     from service.db import session_scope
@@ -524,38 +525,28 @@ def pools(config_path: str | None) -> None:
     factory = _existing_database(config_path)
     with session_scope(factory) as session:
         counts = counts_by_pool(session)
-        header = (
-            "POOL",
-            "OS",
-            "PROV",
-            "ON",
-            "MIN",
-            "MAX",
-            "PROVISIONING",
-            "READY",
-            "LEASED",
-            "DESTROYING",
-            "PENDING",
-        )
-        click.echo(" ".join(f"{h:<13}" for h in header))
+        rows = []
         for pool in session.exec(select(Pool).order_by(col(Pool.name))).all():
             c = counts.get(pool.name, PoolCounts({}, 0))
-            row: tuple[Any, ...] = (
-                pool.name,
-                pool.os,
-                pool.provisioner,
-                pool.enabled,
-                pool.min_ready,
-                pool.max_workers,
-                c.by_state.get("provisioning", 0),
-                c.by_state.get("ready", 0),
-                c.by_state.get("leased", 0),
-                c.by_state.get("destroying", 0),
-                c.pending_leases,
+            rows.append(
+                {
+                    "name": pool.name,
+                    "os": pool.os,
+                    "provisioner": pool.provisioner,
+                    "enabled": pool.enabled,
+                    "min_ready": pool.min_ready,
+                    "max_workers": pool.max_workers,
+                    **{state: c.by_state.get(state, 0) for state in _COUNTED},
+                    "pending": c.pending_leases,
+                    "degraded_reason": pool.degraded_reason,
+                    "warning": pool.warning,
+                }
             )
-            click.echo(" ".join(f"{v!s:<13}" for v in row))
-            if pool.degraded_reason:
-                click.echo(f"  degraded: {pool.degraded_reason}")
+    columns = ["name", "os", "provisioner", "enabled", "min_ready", "max_workers"]
+    _print(rows, [*columns, *_COUNTED, "pending", "degraded_reason"], as_json)
+
+
+_COUNTED = ["provisioning", "ready", "leased", "destroying", "failed"]
 
 
 @main.command("check-config")

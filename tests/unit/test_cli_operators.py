@@ -114,3 +114,13 @@ def test_workers_destroy_and_version(tmp_path: Path) -> None:
     assert unknown.exit_code != 0 and "no worker" in unknown.output
     version = _run("--version", env={})
     assert version.exit_code == 0 and __version__ in version.output
+
+
+def test_pools_as_a_fitted_table_and_as_json(tmp_path: Path) -> None:
+    url = _served_database(tmp_path)
+    listed = {entry["name"]: entry for entry in _json(url, "pools")}
+    assert set(listed) == {"hosted-ubuntu", "hosted-windows"}
+    assert {"min_ready", "ready", "pending", "degraded_reason"} <= set(listed["hosted-ubuntu"])
+    table = _cli(url, "pools").output.splitlines()
+    assert table[0].split()[:3] == ["NAME", "OS", "PROVISIONER"]
+    assert len(table) == 3
