@@ -25,6 +25,7 @@ from service.models import (
     Lease,
     LeaseState,
     Pool,
+    Task,
     Tenant,
     Worker,
     WorkerState,
@@ -344,6 +345,11 @@ def pool_workers(
         else {}
     )
     return [(w, leases.get(w.id)) for w in workers]
+
+
+def lease_tasks(session: Session, lease_id: str) -> Sequence[Task]:
+    """A lease's tasks in the order they were submitted (the dashboard's lease page)."""
+    return session.exec(select(Task).where(Task.lease_id == lease_id).order_by(col(Task.seq))).all()
 
 
 def lease_timeline(session: Session, lease: Lease, limit: int = 500) -> Sequence[Event]:

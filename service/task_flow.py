@@ -89,6 +89,13 @@ class TaskFlow:
         self.follows.notify_prefix(_log_key(task.id, 0)[:-1])
         return task, live
 
+    def cancel_by_operator(self, session: Session, task_id: str) -> tuple[Task, bool]:
+        with transaction(session):
+            task, live = tasks.cancel_by_operator(session, task_id, self.clock.now())
+        self.polls.notify([task.worker_id])
+        self.follows.notify_prefix(_log_key(task.id, 0)[:-1])
+        return task, live
+
     def read_log(
         self,
         session: Session,

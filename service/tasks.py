@@ -25,6 +25,7 @@ from service.errors import Conflict, InvalidRequest, NotFound, RangeNotSatisfiab
 from service.models import (
     LIVE_TASK_STATES,
     EndReason,
+    Event,
     Lease,
     LeaseState,
     Pool,
@@ -132,29 +133,55 @@ def tenant_task(
 def cancel(
     session: Session, tenant_id: str, lease_id: str, task_id: str, now: datetime
 ) -> tuple[Task, bool]:
-    """Cancel a task: a queued one ends now, a running one is killed by its agent.
-
-    Returns the task and whether it was still live (an ended task is left as it is).
-    """
+    """The tenant cancels its task: a queued one ends now, a running one is killed by its
+    agent. Returns the task and whether it was still live (an ended one is left as is)."""
     task = locked(session, tenant_task(session, tenant_id, lease_id, task_id))
+    return task, _cancel(session, task, TENANT, now)
+
+
+def cancel_by_operator(session: Session, task_id: str, now: datetime) -> tuple[Task, bool]:
+    """An operator cancels any tenant's task (the dashboard); audited as theirs."""
+    task = session.get(Task, task_id)
+    if task is None:
+        raise NotFound(f"no task {task_id!r}")
+    task = locked(session, task)
+    return task, _cancel(session, task, OPERATOR, now)
+
+
+TENANT = "the tenant"
+OPERATOR = "an operator"
+
+
+def _cancel(session: Session, task: Task, by: str, now: datetime) -> bool:
     if task.state == TaskState.QUEUED:
-        end_task(session, task, TaskState.CANCELLED, now, error="cancelled by the tenant")
-        return task, True
-    if task.state == TaskState.RUNNING:
-        if task.cancel_requested_at is None:
-            task.cancel_requested_at = now
-            session.add(task)
-            record(
-                session,
-                "task",
-                task.id,
-                "cancel requested by the tenant",
-                now,
-                pool=task.pool,
-                tenant_id=task.tenant_id,
-            )
-        return task, True
-    return task, False
+        end_task(session, task, TaskState.CANCELLED, now, error=f"cancelled by {by}")
+        return True
+    if task.state != TaskState.RUNNING:
+        return False
+    if task.cancel_requested_at is None:
+        task.cancel_requested_at = now
+        session.add(task)
+        record(
+            session,
+            "task",
+            task.id,
+            f"cancel requested by {by}",
+            now,
+            pool=task.pool,
+            tenant_id=task.tenant_id,
+        )
+    return True
+
+
+def _cancelled_by(session: Session, task: Task) -> str:
+    """Who asked for the cancel, from the audit log (only read when a cancel ends)."""
+    asked = session.exec(
+        select(Event.reason)
+        .where(Event.subject_id == task.id, col(Event.reason).startswith("cancel requested by "))
+        .order_by(col(Event.id).desc())
+        .limit(1)
+    ).first()
+    return asked.removeprefix("cancel requested by ") if asked else TENANT
 
 
 @dataclass(frozen=True)
@@ -235,7 +262,8 @@ def poll(session: Session, worker_id: str, running: Collection[str], now: dateti
             move_task(session, task, TaskState.RUNNING, f"started on worker {worker_id}", now)
             metrics.TASK_DISPATCH.labels(task.pool).observe((now - task.created_at).total_seconds())
     for task in _cancelled_unstarted(live, running):
-        end_task(session, task, TaskState.CANCELLED, now, error="cancelled by the tenant")
+        error = f"cancelled by {_cancelled_by(session, task)}"
+        end_task(session, task, TaskState.CANCELLED, now, error=error)
     return work
 
 
@@ -406,7 +434,9 @@ def finish(
         error = error or f"killed after timeout_s={task.timeout_s}"
     elif state == TaskState.CANCELLED:
         error = error or (
-            "cancelled by the tenant" if task.cancel_requested_at else "cancelled on the worker"
+            f"cancelled by {_cancelled_by(session, task)}"
+            if task.cancel_requested_at
+            else "cancelled on the worker"
         )
     elif outcome == "failed_to_start":
         error = error or "the task could not be started"
@@ -507,7 +537,10 @@ def sweep(session: Session, now: datetime, retention_s: int) -> Swept:
             continue
         asked = task.cancel_requested_at
         if asked is not None and asked <= now - timedelta(seconds=CANCEL_CONFIRM_S):
-            why = f"cancelled by the tenant; the worker did not confirm within {CANCEL_CONFIRM_S} s"
+            why = (
+                f"cancelled by {_cancelled_by(session, task)}; the worker did not confirm "
+                f"within {CANCEL_CONFIRM_S} s"
+            )
             end_task(session, task, TaskState.CANCELLED, now, error=why)
             cancelled += 1
             continue

@@ -211,6 +211,7 @@ def lease(lease_id: str) -> Any:
         lease=row,
         waiting=waiting_reason_out(waiting) if waiting else None,
         events=listing.lease_timeline(session, row),
+        tasks=listing.lease_tasks(session, row.id),
         tenant=session.get(Tenant, row.tenant_id),
     )
 
@@ -292,6 +293,18 @@ def lease_revoke(lease_id: str) -> Any:
         f"Lease {lease_id} revoked; its worker is being destroyed.",
     )
     return _back(url_for("dashboard.lease", lease_id=lease_id))
+
+
+@bp.post("/tasks/<task_id>/cancel")
+def task_cancel(task_id: str) -> Any:
+    services = svc()
+    try:
+        task, live = services.tasks.cancel_by_operator(services.session(), task_id)
+    except DomainError as exc:
+        flash(exc.detail, "error")
+        return _back(url_for("dashboard.leases"))
+    flash(f"Task {task_id}: cancel {'requested' if live else 'not needed, it had ended'}.", "ok")
+    return _back(url_for("dashboard.lease", lease_id=task.lease_id))
 
 
 @bp.post("/tenants")

@@ -197,6 +197,36 @@ def test_revoke_a_lease_from_its_page(browser: Any, server: ServerProcess) -> No
     assert "requested" in timeline or "pending" in timeline or "active" in timeline
 
 
+def test_cancel_a_running_task_from_its_lease_page(browser: Any, server: ServerProcess) -> None:
+    token = server.create_tenant("tasker")["token"]
+    lease = server.request(
+        "POST", "/v1/leases", token=token, json={"pool": POOL, "wait_seconds": 60}, timeout=90
+    ).json()
+    assert lease["state"] == "active", lease
+    tasks = f"/v1/leases/{lease['id']}/tasks"
+    task = server.request("POST", tasks, token=token, json={"script": "sleep 300"}).json()
+    wait_until(
+        lambda: (
+            server.request("GET", f"{tasks}/{task['id']}", token=token).json()["state"] == "running"
+        ),
+        60,
+        message="the task never started",
+    )
+    browser.get(f"{server.url}/admin/leases/{lease['id']}")
+    wait_for(browser, f'tr[data-task="{task["id"]}"]')
+    submit_confirmed(browser, f"#cancel-{task['id']}")
+    assert "cancel requested" in flash(browser)
+    shot(browser, "lease-with-task")
+    ended: dict[str, Any] = {}
+
+    def cancelled() -> bool:
+        ended.update(server.request("GET", f"{tasks}/{task['id']}", token=token).json())
+        return ended["state"] == "cancelled"
+
+    wait_until(cancelled, 60, message=lambda: f"the task was not cancelled: {ended}")
+    assert ended["error"] == "cancelled by an operator"
+
+
 def test_create_a_tenant_token_once_then_disable_it(browser: Any, server: ServerProcess) -> None:
     browser.get(f"{server.url}/admin/tenants")
     wait_for(browser, "#tenant-name").send_keys("globex")
