@@ -14,10 +14,11 @@ import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, delete, func, insert, or_
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from service import metrics
 from service.db import is_sqlite, with_row_locks
@@ -122,12 +123,7 @@ def tenant_task(
     statement = select(Task).where(
         Task.id == task_id, Task.lease_id == lease_id, Task.tenant_id == tenant_id
     )
-    if lock:
-        statement = with_row_locks(statement, session, skip_locked=False)
-    task = session.exec(statement).first()
-    if task is None:
-        raise NotFound(f"no task {task_id!r} on lease {lease_id!r}")
-    return task
+    return _first_or_404(session, statement, lock, f"no task {task_id!r} on lease {lease_id!r}")
 
 
 def cancel(
@@ -221,12 +217,22 @@ def read_log(session: Session, task: Task, offset: int, limit: int = MAX_LOG_REA
 
 def _tenant_lease(session: Session, tenant_id: str, lease_id: str, lock: bool = False) -> Lease:
     statement = select(Lease).where(Lease.id == lease_id, Lease.tenant_id == tenant_id)
+    return _first_or_404(session, statement, lock, f"no lease {lease_id!r}")
+
+
+RowT = TypeVar("RowT")
+
+
+def _first_or_404(
+    session: Session, statement: SelectOfScalar[RowT], lock: bool, missing: str
+) -> RowT:
+    """The statement's first row (under its row lock when ``lock``), or 404."""
     if lock:
         statement = with_row_locks(statement, session, skip_locked=False)
-    lease = session.exec(statement).first()
-    if lease is None:
-        raise NotFound(f"no lease {lease_id!r}")
-    return lease
+    row = session.exec(statement).first()
+    if row is None:
+        raise NotFound(missing)
+    return row
 
 
 # ---- the agent's side --------------------------------------------------------------
@@ -338,12 +344,7 @@ def workers_with_work(session: Session, worker_ids: Collection[str]) -> set[str]
 
 def worker_task(session: Session, worker_id: str, task_id: str, *, lock: bool = False) -> Task:
     statement = select(Task).where(Task.id == task_id, Task.worker_id == worker_id)
-    if lock:
-        statement = with_row_locks(statement, session, skip_locked=False)
-    task = session.exec(statement).first()
-    if task is None:
-        raise NotFound(f"no task {task_id!r} on worker {worker_id!r}")
-    return task
+    return _first_or_404(session, statement, lock, f"no task {task_id!r} on worker {worker_id!r}")
 
 
 @dataclass(frozen=True)
