@@ -478,6 +478,7 @@ class TaskOut(BaseModel):
 
 class TaskList(BaseModel):
     tasks: list[TaskOut]
+    next_offset: int | None = None
 
 
 # ---- the agent's task endpoints (worker token) --------------------------------------

@@ -72,9 +72,11 @@ class TaskFlow:
         self.polls.notify([task.worker_id])
         return task
 
-    def lease_tasks(self, session: Session, tenant_id: str, lease_id: str) -> Sequence[Task]:
+    def lease_tasks(
+        self, session: Session, tenant_id: str, lease_id: str, limit: int, offset: int
+    ) -> Sequence[Task]:
         with transaction(session):
-            return tasks.lease_tasks(session, tenant_id, lease_id)
+            return tasks.lease_tasks(session, tenant_id, lease_id, limit, offset)
 
     def task(self, session: Session, tenant_id: str, lease_id: str, task_id: str) -> Task:
         with transaction(session):

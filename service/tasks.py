@@ -109,10 +109,19 @@ def submit(
     return task
 
 
-def lease_tasks(session: Session, tenant_id: str, lease_id: str) -> Sequence[Task]:
-    """The tenant's lease's tasks, oldest first (404 for a lease that is not theirs)."""
+def lease_tasks(
+    session: Session, tenant_id: str, lease_id: str, limit: int = 100, offset: int = 0
+) -> Sequence[Task]:
+    """The tenant's lease's tasks, oldest first, a page of ``limit`` from ``offset`` (404
+    for a lease that is not theirs). ``uq_tasks_lease_seq`` serves the order."""
     _tenant_lease(session, tenant_id, lease_id)
-    statement = select(Task).where(Task.lease_id == lease_id).order_by(col(Task.seq))
+    statement = (
+        select(Task)
+        .where(Task.lease_id == lease_id)
+        .order_by(col(Task.seq))
+        .offset(offset)
+        .limit(limit)
+    )
     return session.exec(statement).all()
 
 

@@ -99,15 +99,21 @@ class Client:
 
     def leases(self, state: str = "live") -> list[LeaseInfo]:
         """Your leases, newest first, every page (``next_offset``) of them."""
-        found: list[LeaseInfo] = []
-        params: dict[str, str | int] = {"state": state}
+        items = self._every_page("/v1/leases", "leases", {"state": state})
+        return [LeaseInfo.from_json(item) for item in items]
+
+    def _every_page(
+        self, path: str, key: str, params: dict[str, str | int]
+    ) -> list[dict[str, Any]]:
+        """Every item of a paged list, following ``next_offset``."""
+        found: list[dict[str, Any]] = []
         while True:
-            body = self._http.request("GET", "/v1/leases", idempotent=True, params=params).json()
-            found.extend(LeaseInfo.from_json(item) for item in body["leases"])
+            body = self._http.request("GET", path, idempotent=True, params=params).json()
+            found.extend(body[key])
             next_offset = body.get("next_offset")
             if not isinstance(next_offset, int) or next_offset <= 0:
                 return found
-            params["offset"] = next_offset
+            params = {**params, "offset": next_offset}
 
     def get_lease(self, lease_id: str, wait_seconds: int = 0) -> LeaseInfo:
         """The lease; ``wait_seconds`` (at most 60): while pending, wait that long."""
@@ -208,8 +214,9 @@ class Client:
         return Lease(self, None, lease_id=lease_id, renew=renew)
 
     def tasks(self, lease_id: str) -> list[TaskInfo]:
-        response = self._http.request("GET", f"/v1/leases/{lease_id}/tasks", idempotent=True)
-        return [TaskInfo.from_json(item) for item in response.json()["tasks"]]
+        """The lease's tasks, oldest first, every page of them."""
+        items = self._every_page(f"/v1/leases/{lease_id}/tasks", "tasks", {})
+        return [TaskInfo.from_json(item) for item in items]
 
     def get_task(self, lease_id: str, task_id: str) -> TaskInfo:
         path = f"/v1/leases/{lease_id}/tasks/{task_id}"

@@ -11,7 +11,15 @@ from service.api import BEARER, TENANT_TAG, problems, svc
 from service.api.present import task_out
 from service.auth import require_tenant
 from service.models import LIVE_TASK_STATES
-from service.schemas import LeasePath, TaskCreate, TaskList, TaskLogQuery, TaskOut, TaskPath
+from service.schemas import (
+    LeasePath,
+    Page,
+    TaskCreate,
+    TaskList,
+    TaskLogQuery,
+    TaskOut,
+    TaskPath,
+)
 
 bp = APIBlueprint(
     "tasks",
@@ -45,11 +53,16 @@ def submit_task(path: LeasePath, body: TaskCreate) -> Any:
 
 
 @bp.get("/<lease_id>/tasks", responses={200: TaskList})
-def list_tasks(path: LeasePath) -> Any:
-    """The lease's tasks, oldest first (also after the lease ended, for task_retention)."""
+def list_tasks(path: LeasePath, query: Page) -> Any:
+    """The lease's tasks, oldest first (also after the lease ended, for task_retention);
+    a page of ``limit`` from ``offset``, and ``next_offset`` while there may be more."""
     services = svc()
-    found = services.tasks.lease_tasks(services.session(), g.tenant.id, path.lease_id)
-    return TaskList(tasks=[task_out(task) for task in found]).model_dump(mode="json")
+    found = services.tasks.lease_tasks(
+        services.session(), g.tenant.id, path.lease_id, query.limit, query.offset
+    )
+    return TaskList(
+        tasks=[task_out(task) for task in found], next_offset=query.next_offset(len(found))
+    ).model_dump(mode="json")
 
 
 @bp.get("/<lease_id>/tasks/<task_id>", responses={200: TaskOut})

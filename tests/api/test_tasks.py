@@ -393,7 +393,7 @@ def test_bad_task_bodies_are_422_and_create_nothing(
     assert where in response.get_json()["detail"]
     assert svc.client.get(
         f"/v1/leases/{acme.lease['id']}/tasks", headers=bearer(acme.token)
-    ).get_json() == {"tasks": []}
+    ).get_json() == {"tasks": [], "next_offset": None}
 
 
 def test_files_are_bounded_in_total_and_bodies_over_16_mib_are_413(
@@ -497,3 +497,18 @@ def test_a_finish_racing_the_lease_end_never_fails_or_deadlocks(
     acme.release()
     ended = [_race_finish_and_release(app, svc, acme, n % 2 == 0) for n in range(12)]
     assert set(ended) <= {"succeeded", "cancelled"}, ended
+
+
+def test_the_task_list_is_paged_oldest_first(svc: Service, acme: Tenant) -> None:
+    ids = [acme.submit(script=f"echo {n}").get_json()["id"] for n in range(5)]
+    seen: list[str] = []
+    query: dict[str, Any] = {"limit": 2}
+    while True:
+        page = svc.client.get(
+            f"/v1/leases/{acme.lease['id']}/tasks", query_string=query, headers=bearer(acme.token)
+        ).get_json()
+        seen += [task["id"] for task in page["tasks"]]
+        if page["next_offset"] is None:
+            break
+        query["offset"] = page["next_offset"]
+    assert seen == ids
