@@ -1,18 +1,22 @@
-"""The worker's boot script: the agent, its installer and its environment in one text.
+"""The worker's boot script: it fetches the agent and its installer, pinned by sha256,
+and runs the installer with the agent's environment.
 
 A provisioner whose platform runs a script at first boot (EC2 user data, and the
 like elsewhere: cloud-init, a VM's custom data) hands it :func:`render_user_data`'s
 output. The script writes the agent environment (with the one-time bootstrap
-token, never an access token), unpacks the agent embedded in it and runs the
-agent's own installer (``images/agent/install.sh --service``, or ``install.ps1``,
-which always registers and starts the agent's task). This is the single place that
-builds it; size limits are the platform's and stay with its provisioner.
+token, never an access token), downloads the agent and its installer from the
+service it will call back (``GET {WORKERLEASE_URL}/v1/agent/<name>``: the same
+version as the service, and nothing to embed: with the task runner the agent no
+longer fits EC2's 16 KB of user data even compressed), refuses any file whose
+sha256 differs from the one written into the script, and runs the agent's own
+installer (``images/agent/install.sh --service``, or ``install.ps1``, which always
+registers and starts the agent's task). This is the single place that builds it;
+size limits are the platform's and stay with its provisioner.
 """
 
 from __future__ import annotations
 
-import base64
-import gzip
+import hashlib
 import importlib.resources
 import re
 import shlex
@@ -68,9 +72,12 @@ def render_user_data(
     return render(env, files, extra)
 
 
-def _packed(data: bytes) -> str:
-    # mtime=0 keeps the output stable, so identical specs give identical user data.
-    return base64.b64encode(gzip.compress(data, compresslevel=9, mtime=0)).decode("ascii")
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+AGENT_PATH = "/v1/agent/"  # where the service serves images/agent (service/api/ops.py)
+FETCH_ATTEMPTS = 60  # the service may be restarting while a worker boots
 
 
 def _render_shell(env: Mapping[str, str], files: Mapping[str, bytes], extra: str) -> str:
@@ -85,13 +92,19 @@ def _render_shell(env: Mapping[str, str], files: Mapping[str, bytes], extra: str
             "stage=/run/workerlease-bootstrap",
             'mkdir -p "$stage" && cd "$stage"',
         ]
-        for name, data in files.items():
-            lines += [
-                f"base64 -d <<'WL_EOF' | gunzip > {shlex.quote(name)}",
-                _packed(data),
-                "WL_EOF",
-            ]
         lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(env.items())]
+        lines += [
+            "fetch() {  # fetch NAME SHA256: from the service, refused unless it matches",
+            '  ca=""; [ -n "${WORKERLEASE_CA_FILE:-}" ] && ca="--cacert $WORKERLEASE_CA_FILE"',
+            f"  for _ in $(seq {FETCH_ATTEMPTS}); do",
+            f'    if curl -sf -m 30 $ca -o "$1" "${{WORKERLEASE_URL%/}}{AGENT_PATH}$1" &&',
+            '       echo "$2  $1" | sha256sum -c --status -; then return 0; fi',
+            "    sleep 5",
+            "  done",
+            '  echo "workerlease bootstrap: cannot fetch $1 from $WORKERLEASE_URL" >&2; exit 1',
+            "}",
+        ]
+        lines += [f"fetch {shlex.quote(name)} {_sha256(data)}" for name, data in files.items()]
         lines += [
             "imds=http://169.254.169.254/latest",
             "tok=$(curl -sf -m 5 --retry 3 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300'"
@@ -123,18 +136,26 @@ def _render_powershell(env: Mapping[str, str], files: Mapping[str, bytes], extra
             "$ErrorActionPreference = 'Stop'",
             "$stage = Join-Path $env:ProgramData 'workerlease-bootstrap'",
             "New-Item -ItemType Directory -Force -Path $stage | Out-Null",
-            "function Expand-WorkerleaseFile([string]$Packed, [string]$Name) {",
-            "  $in = New-Object IO.MemoryStream(,[Convert]::FromBase64String($Packed))",
-            "  $gz = New-Object IO.Compression.GZipStream($in, [IO.Compression.CompressionMode]::Decompress)",  # noqa: E501
-            "  $out = [IO.File]::Create((Join-Path $stage $Name))",
-            "  try { $gz.CopyTo($out) } finally { $out.Close(); $gz.Close() }",
+        ]
+        lines += [f"$env:{key} = {_ps_quote(value)}" for key, value in sorted(env.items())]
+        lines += [
+            "function Get-WorkerleaseFile([string]$Name, [string]$Sha256) {",
+            "  $path = Join-Path $stage $Name",
+            f"  $uri = $env:WORKERLEASE_URL.TrimEnd('/') + '{AGENT_PATH}' + $Name",
+            f"  for ($i = 0; $i -lt {FETCH_ATTEMPTS}; $i++) {{",
+            "    try {",
+            "      Invoke-WebRequest -UseBasicParsing -TimeoutSec 30 -Uri $uri -OutFile $path",
+            "      if ((Get-FileHash -Algorithm SHA256 $path).Hash -eq $Sha256) { return }",
+            "    } catch { }",
+            "    Start-Sleep -Seconds 5",
+            "  }",
+            "  throw \"workerlease bootstrap: cannot fetch $Name from $env:WORKERLEASE_URL\"",
             "}",
         ]
         lines += [
-            f"Expand-WorkerleaseFile {_ps_quote(_packed(data))} {_ps_quote(name)}"
+            f"Get-WorkerleaseFile {_ps_quote(name)} {_ps_quote(_sha256(data).upper())}"
             for name, data in files.items()
         ]
-        lines += [f"$env:{key} = {_ps_quote(value)}" for key, value in sorted(env.items())]
         lines += [
             "try {",
             "  $tok = Invoke-RestMethod -Method Put -TimeoutSec 5"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, abort, jsonify
 
 from service import heartbeats, listing, metrics
 from service.api import svc
@@ -13,6 +14,20 @@ from service.db import session_scope
 from service.pools import warm_targets
 
 bp = Blueprint("ops", __name__)
+
+
+# What a worker's boot script fetches (provisioners/userdata.py), pinned there by sha256:
+# the agent of the very version of this service, and its installers. Public code, no
+# secret: no authentication, as the worker has no credential before its callback.
+AGENT_FILES = frozenset({"workerlease_agent.py", "install.sh", "install.ps1"})
+
+
+@bp.get("/v1/agent/<name>")
+def agent_file(name: str) -> Any:
+    if name not in AGENT_FILES:
+        abort(404)
+    data = importlib.resources.files("images.agent").joinpath(name).read_bytes()
+    return Response(data, mimetype="text/plain", headers={"Cache-Control": "no-cache"})
 
 
 @bp.get("/healthz")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import base64
-import gzip
-import re
+import hashlib
 import subprocess
 import threading
 import time
@@ -125,11 +124,10 @@ def test_create_launches_tagged_imdsv2_instance_with_bootstrap_token_only(
     assert "ACCESS_TOKEN" not in script
     assert "export WORKERLEASE_AGENT_HOST=0.0.0.0" in script
     assert "sh install.sh --service" in script
-    # The agent travels in the user data byte for byte.
-    packed = re.search(r"gunzip > workerlease_agent.py\n(\S+)\nWL_EOF", script)
-    assert packed is not None
+    # The agent is fetched from the service, pinned to this version's bytes.
     agent = files("images.agent").joinpath("workerlease_agent.py").read_bytes()
-    assert gzip.decompress(base64.b64decode(packed.group(1))) == agent
+    assert f"fetch workerlease_agent.py {hashlib.sha256(agent).hexdigest()}" in script
+    assert len(script.encode()) < 16384
 
 
 def test_windows_pool_gets_powershell_user_data(ec2, make_provisioner, make_spec, images):
@@ -440,9 +438,39 @@ def test_client_tokens_are_stable_distinct_per_placement_and_short():
     assert len(token) <= 64
 
 
-def test_linux_user_data_unpacks_and_installs_the_agent(make_provisioner, make_spec, tmp_path):
-    """Run the real boot script, staged under tmp_path (DESTDIR, no systemd, no IMDS)."""
-    spec = make_spec()
+def _agent_server() -> ThreadingHTTPServer:
+    """The service's ``GET /v1/agent/<name>`` as far as a boot script sees it, on 127.0.0.1;
+    ``tampered`` files are served with their last byte changed."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            name = self.path.rsplit("/", 1)[-1]
+            try:
+                data = files("images.agent").joinpath(name).read_bytes()
+            except (FileNotFoundError, OSError):
+                self.send_error(404)
+                return
+            if name in self.server.tampered:  # type: ignore[attr-defined]
+                data = data[:-1] + b"#"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.tampered = set()  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_linux_user_data_fetches_and_installs_the_agent(make_provisioner, make_spec, tmp_path):
+    """Run the real boot script, staged under tmp_path (DESTDIR, no systemd, no IMDS),
+    against a local stand-in of the service's agent files."""
+    agents = _agent_server()
+    spec = make_spec(service_url=f"http://127.0.0.1:{agents.server_address[1]}")
     script = make_provisioner().user_data(spec)
     root = tmp_path / "root"
     staged = (
@@ -461,6 +489,18 @@ def test_linux_user_data_unpacks_and_installs_the_agent(make_provisioner, make_s
     assert f"WORKERLEASE_BOOTSTRAP_TOKEN='{spec.bootstrap_token}'" in env
     assert f"WORKERLEASE_WORKER_ID='{spec.worker_id}'" in env
     assert not (tmp_path / "stage").exists()  # the staging copy is removed
+
+    # A file that is not the pinned one is never installed (fewer attempts, same check).
+    agents.tampered.add("workerlease_agent.py")  # type: ignore[attr-defined]
+    refused = subprocess.run(
+        ["bash", "-c", staged.replace("seq 60", "seq 2").replace("sleep 5", "sleep 0")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    agents.shutdown()
+    assert refused.returncode != 0
+    assert "cannot fetch workerlease_agent.py" in refused.stderr
 
 
 def test_destroy_many_reports_a_refused_batch_per_worker(make_provisioner, make_spec):
