@@ -22,6 +22,13 @@ from tests.support.server import wait_until
 pytestmark = pytest.mark.integration
 
 
+
+def _as_from_a_terminal() -> None:
+    """SIGINT as a terminal delivers it: a suite started in the background (a CI runner,
+    ``nohup``, ``cmd &``) passes SIGINT on ignored, and Python then never raises
+    KeyboardInterrupt; Ctrl-C on a terminal is what these tests stand for."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 def test_task_commands_and_sdk_calls_against_the_real_task_api(served: Served) -> None:
     token = served.tenant()
     with Client(served.url, token) as client, client.lease(POOL, wait=120) as lease:
@@ -87,6 +94,7 @@ def test_sigint_during_wl_run_cancels_the_task_and_releases_the_lease(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
     )
     try:
 
@@ -132,6 +140,7 @@ def test_wl_run_output_comes_while_the_script_runs(served: Served) -> None:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
     )
     try:
         first_line: list[str] = []
