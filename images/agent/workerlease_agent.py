@@ -1259,9 +1259,24 @@ def docker_run_command(
     return [
         *command,
         image,
+        *_joined_streams(shell),
         *CONTAINER_SHELLS[shell],
         f"{CONTAINER_SCRIPT_DIR}{separator}{script_file}",
     ]
+
+
+def _joined_streams(shell: str) -> list[str]:
+    """A prefix that runs the shell with its stderr on its stdout, inside the container.
+
+    `docker run` without a terminal carries stdout and stderr as two streams and its CLI
+    writes each from a goroutine of its own, so sharing one pipe outside the container
+    does not keep their order ("to-stderr" came before an earlier stdout line in CI).
+    Joining them in the container does. POSIX images only: a Windows container gets no
+    prefix and its order is the engine's."""
+    if WINDOWS:
+        return []
+    joiner = "bash" if shell == "bash" else "sh"  # the shell the image is known to have
+    return [joiner, "-c", 'exec "$@" 2>&1', joiner]
 
 
 def _docker(docker: str, *args: str) -> None:
