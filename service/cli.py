@@ -215,6 +215,11 @@ def scheduler(
     mark_stopped(rt)
     rt.close()
     log.info("scheduler_stopped")
+    # Everything is closed: skip the interpreter's teardown of a large heap (0.6 s of
+    # CPU on every stop and restart, measured with py-spy), which has nothing to flush.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _stop_when_orphaned(stop: threading.Event) -> None:

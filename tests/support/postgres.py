@@ -131,5 +131,9 @@ class PostgresServer:
         with psycopg.connect(
             f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
         ) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
+            # FILE_COPY (PostgreSQL 15+): the default WAL_LOG strategy writes each copy
+            # of the template through the WAL, and a run's few hundred databases then
+            # made stopping the server take two minutes (FILE_COPY: about one second).
+            strategy = " STRATEGY FILE_COPY" if connection.info.server_version >= 150000 else ""
+            connection.execute(f'CREATE DATABASE "{name}"{strategy}')
         return self.url(name)
