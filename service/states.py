@@ -57,6 +57,13 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 }
 
 
+_TABLES: dict[str, dict[Any, frozenset[Any]]] = {
+    "worker": WORKER_TRANSITIONS,  # type: ignore[dict-item]
+    "lease": LEASE_TRANSITIONS,  # type: ignore[dict-item]
+    "task": TASK_TRANSITIONS,  # type: ignore[dict-item]
+}
+
+
 class InvalidTransition(RuntimeError):
     """A state change that the transition table does not allow: a bug, never user error."""
 
@@ -109,6 +116,37 @@ def move_task(session: Session, task: Task, to: TaskState, reason: str, now: dat
         pool=task.pool,
         tenant_id=task.tenant_id,
     )
+
+
+def check_move(
+    table: dict[Any, frozenset[Any]], kind: str, subject_id: str, current: Any, to: Any
+) -> None:
+    """Raise ``InvalidTransition`` unless ``table`` allows ``current -> to``."""
+    if to not in table[current]:
+        raise InvalidTransition(f"{kind} {subject_id}: {current} -> {to} is not allowed")
+
+
+def moved(
+    session: Session,
+    kind: str,
+    subject_id: str,
+    current: str,
+    to: str,
+    reason: str,
+    now: datetime,
+    *,
+    pool: str | None = None,
+    tenant_id: str | None = None,
+) -> None:
+    """A move made by a Core statement on the hot path (``leasing``'s warm lease).
+
+    The statement holds the row at ``current`` in its ``WHERE``, so the database made
+    exactly this move; this checks it against the table (a forbidden one raises, and
+    the caller's transaction rolls back) and writes its audit row as the ORM moves do.
+    """
+    table = _TABLES[kind]
+    check_move(table, kind, subject_id, current, to)
+    _audit(session, now, kind, subject_id, reason, current, to, pool=pool, tenant_id=tenant_id)
 
 
 def record(
