@@ -198,10 +198,14 @@ def _audit(
     session.info.setdefault(_PENDING_EVENTS, []).append(row)
 
 
+# A Core INSERT of the table: ``insert(Event)`` with rows takes the ORM's bulk path.
+_INSERT_EVENTS = insert(Event.__table__)  # type: ignore[arg-type]
+
+
 def _write_events(session: Session, *_args: Any) -> None:
     rows = session.info.pop(_PENDING_EVENTS, None)
     if rows:
-        session.connection().execute(insert(Event), rows)
+        session.connection().execute(_INSERT_EVENTS, rows)
 
 
 def _drop_events(session: Session, *_args: Any) -> None:
