@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection
-from typing import Any
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Table, bindparam, exists, insert, literal_column, update
 from sqlalchemy import select as core_select
@@ -126,7 +126,8 @@ def _acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) ->
         claim = _CLAIM_SQLITE if conn.dialect.name == "sqlite" else _CLAIM_LOCKED
         worker = conn.execute(claim, {"b_pool": pool_name, "now": now}).first()
         if worker is not None:
-            return Acquired(_insert_active(session, conn, tenant_id, look, worker, now), Outcome.ACTIVE)
+            lease_record = _insert_active(session, conn, tenant_id, look, worker, now)
+            return Acquired(lease_record, Outcome.ACTIVE)
     lease = Lease(
         id=new_id("l"),
         tenant_id=tenant_id,
@@ -167,12 +168,37 @@ def _insert_active(
         ),
         pool_os=look.os,
     )
-    record(session, "lease", lease.id, "requested", now, pool=lease.pool,
-           tenant_id=tenant_id, to_state=LeaseState.PENDING)
-    moved(session, "worker", worker.id, WorkerState.READY, WorkerState.LEASED,
-          f"leased by {lease.id}", now, pool=worker.pool)
-    moved(session, "lease", lease.id, LeaseState.PENDING, LeaseState.ACTIVE,
-          f"worker {worker.id} assigned", now, pool=lease.pool, tenant_id=tenant_id)
+    record(
+        session,
+        "lease",
+        lease.id,
+        "requested",
+        now,
+        pool=lease.pool,
+        tenant_id=tenant_id,
+        to_state=LeaseState.PENDING,
+    )
+    moved(
+        session,
+        "worker",
+        worker.id,
+        WorkerState.READY,
+        WorkerState.LEASED,
+        f"leased by {lease.id}",
+        now,
+        pool=worker.pool,
+    )
+    moved(
+        session,
+        "lease",
+        lease.id,
+        LeaseState.PENDING,
+        LeaseState.ACTIVE,
+        f"worker {worker.id} assigned",
+        now,
+        pool=lease.pool,
+        tenant_id=tenant_id,
+    )
     conn.execute(
         _INSERT_LEASE,
         {
@@ -370,9 +396,7 @@ def renew(session: Session, tenant_id: str, lease_id: str, now: datetime) -> Lea
     return lease
 
 
-def release(
-    session: Session, tenant_id: str, lease_id: str, now: datetime
-) -> Lease | LeaseRecord:
+def release(session: Session, tenant_id: str, lease_id: str, now: datetime) -> Lease | LeaseRecord:
     """End the lease (idempotent: an ended lease is returned as it is)."""
     released = _release_active(session, tenant_id, lease_id, now)
     if released is not None:
@@ -406,7 +430,10 @@ _END_ACTIVE = (
 )
 # (RETURNING renders its columns unqualified: the subqueries name their values.)
 _POOL_OS = (
-    core_select(_P.c.os).where(_P.c.name == bindparam("pool_name")).scalar_subquery().label("pool_os")
+    core_select(_P.c.os)
+    .where(_P.c.name == bindparam("pool_name"))
+    .scalar_subquery()
+    .label("pool_os")
 )
 _DESTROY_LEASED = (
     update(_W)
@@ -436,16 +463,33 @@ def _release_active(
     if ended is None:
         return None
     assert ended.worker_id is not None  # an active lease has its worker
-    moved(session, "lease", lease_id, LeaseState.ACTIVE, LeaseState.RELEASED,
-          "released by tenant", now, pool=ended.pool, tenant_id=tenant_id)
+    moved(
+        session,
+        "lease",
+        lease_id,
+        LeaseState.ACTIVE,
+        LeaseState.RELEASED,
+        "released by tenant",
+        now,
+        pool=ended.pool,
+        tenant_id=tenant_id,
+    )
     metrics.LEASES_ENDED.labels(ended.pool, reason).inc()
     if ended.busy:
         end_lease_tasks(session, lease_id, reason, now)
     worker_params = {"worker_id": ended.worker_id, "now": now, "pool_name": ended.pool}
     worker = conn.execute(_DESTROY_LEASED, worker_params).first()
     if worker is not None:
-        moved(session, "worker", worker.id, WorkerState.LEASED, WorkerState.DESTROYING,
-              f"lease {lease_id} ended: {reason}", now, pool=worker.pool)
+        moved(
+            session,
+            "worker",
+            worker.id,
+            WorkerState.LEASED,
+            WorkerState.DESTROYING,
+            f"lease {lease_id} ended: {reason}",
+            now,
+            pool=worker.pool,
+        )
     else:  # failed meanwhile: the destroy pass has it already
         worker = conn.execute(_WORKER_SHOWN, worker_params).first()
     assert worker is not None
