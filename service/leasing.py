@@ -254,7 +254,7 @@ _P: Table = Pool.__table__  # type: ignore[attr-defined]
 _T: Table = Task.__table__  # type: ignore[attr-defined]
 # Literals, not bound values: SQLite matches the partial live-lease index only to the
 # same IN list (see ``models._LIVE_LEASE_SQL``).
-_LIVE = [literal_column(f"'{state}'") for state in LIVE_LEASE_STATES]
+_LIVE: list[Any] = [literal_column(f"'{state}'") for state in LIVE_LEASE_STATES]
 
 # The pool's settings, the tenant's live lease and whether anyone queues: one SELECT.
 _LOOK = core_select(

@@ -58,9 +58,9 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 
 
 _TABLES: dict[str, dict[Any, frozenset[Any]]] = {
-    "worker": WORKER_TRANSITIONS,  # type: ignore[dict-item]
-    "lease": LEASE_TRANSITIONS,  # type: ignore[dict-item]
-    "task": TASK_TRANSITIONS,  # type: ignore[dict-item]
+    "worker": WORKER_TRANSITIONS,
+    "lease": LEASE_TRANSITIONS,
+    "task": TASK_TRANSITIONS,
 }
 
 
@@ -199,7 +199,7 @@ def _audit(
 
 
 # A Core INSERT of the table: ``insert(Event)`` with rows takes the ORM's bulk path.
-_INSERT_EVENTS = insert(Event.__table__)  # type: ignore[arg-type]
+_INSERT_EVENTS = insert(Event.__table__)  # type: ignore[attr-defined]
 
 
 def _write_events(session: Session, *_args: Any) -> None:
