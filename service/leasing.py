@@ -119,8 +119,11 @@ def _acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) ->
         raise NotFound(f"no enabled pool named {pool_name!r}")
     if look.existing is not None:
         existing = live_lease(session, tenant_id, pool_name)
-        assert existing is not None  # seen in this very transaction
-        return Acquired(existing, Outcome.EXISTING)
+        if existing is not None:
+            return Acquired(existing, Outcome.EXISTING)
+        # Ended between the two statements (PostgreSQL reads each statement's own
+        # snapshot): the tenant holds nothing now, so look again from the start.
+        return _acquire(session, tenant_id, pool_name, now)
     # First come, first served: while others wait, a newcomer queues behind them.
     if not look.queued:
         claim = _CLAIM_SQLITE if conn.dialect.name == "sqlite" else _CLAIM_LOCKED
