@@ -9,15 +9,19 @@ nothing about the request shape, nor which worker ids exist.
 from __future__ import annotations
 
 from flask import current_app, g, request
-from sqlalchemy import bindparam
-from sqlmodel import select
+from sqlalchemy import Table, bindparam, select
 
 from service import workers
 from service.errors import Forbidden, Unauthorized
 from service.models import Tenant
 from service.security import TENANT_TOKEN_PREFIX, hash_token, secret_equals
 
-_TENANT_BY_TOKEN_HASH = select(Tenant).where(Tenant.token_hash == bindparam("token_hash"))
+# Core, not the ORM: every tenant request runs it (views read ``g.tenant.id`` and
+# ``.enabled``, never write the row).
+_TENANTS: Table = Tenant.__table__  # type: ignore[attr-defined]
+_TENANT_BY_TOKEN_HASH = select(_TENANTS.c.id, _TENANTS.c.name, _TENANTS.c.enabled).where(
+    _TENANTS.c.token_hash == bindparam("token_hash")
+)
 
 
 def bearer_token() -> str:
@@ -41,9 +45,11 @@ def require_tenant() -> None:
         session = current_app.extensions["workerlease"].session()
         # Lookup by the hash's unique index; the hash itself is never compared byte-wise
         # against user input, so timing reveals nothing about stored tokens.
-        tenant = session.exec(
-            _TENANT_BY_TOKEN_HASH, params={"token_hash": hash_token(token)}
-        ).first()
+        tenant = (
+            session.connection()
+            .execute(_TENANT_BY_TOKEN_HASH, {"token_hash": hash_token(token)})
+            .first()
+        )
     if tenant is None or not tenant.enabled:
         raise Unauthorized("unknown or revoked token")
     g.tenant = tenant

@@ -15,8 +15,11 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, exists
+from sqlalchemy import Table, bindparam, exists, insert, literal_column, update
+from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -35,7 +38,7 @@ from service.models import (
     WorkerState,
 )
 from service.security import new_id
-from service.states import move_lease, move_worker, record
+from service.states import move_lease, move_worker, moved, record
 from service.tasks import end_lease_tasks
 
 END_STATE_FOR_REASON = {
@@ -53,14 +56,41 @@ class Outcome(enum.Enum):
     EXISTING = "existing"  # the tenant already holds a live lease on the pool (200)
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    """What a lease's answer shows of its worker, as the warm path's statements return it."""
+
+    id: str
+    pool: str
+    address: str | None
+    agent_url: str | None
+    access_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """A lease as the warm path wrote it (no ORM instance), with what its answer needs."""
+
+    id: str
+    tenant_id: str
+    pool: str
+    state: str
+    worker_id: str | None
+    created_at: datetime
+    activated_at: datetime | None
+    idle_expires_at: datetime | None
+    expires_at: datetime | None
+    pending_expires_at: datetime | None
+    ended_at: datetime | None
+    end_reason: str | None
+    worker: WorkerRecord | None
+    pool_os: str
+
+
 @dataclass(frozen=True)
 class Acquired:
-    lease: Lease
+    lease: Lease | LeaseRecord
     outcome: Outcome
-    # The rows the lease was made from. Holding them keeps them in the session's
-    # (weak) identity map, so the answer is built without reading them again.
-    worker: Worker | None = None
-    pool: Pool | None = None
 
 
 # ---- acquire ----------------------------------------------------------------
@@ -83,30 +113,111 @@ def acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) -> 
 
 
 def _acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) -> Acquired:
-    pool = enabled_pool(session, pool_name)
-    existing = live_lease(session, tenant_id, pool_name)
-    if existing is not None:
-        return Acquired(existing, Outcome.EXISTING)
+    conn = session.connection()
+    look = conn.execute(_LOOK, {"tenant_id": tenant_id, "pool": pool_name}).first()
+    if look is None or not look.enabled:
+        raise NotFound(f"no enabled pool named {pool_name!r}")
+    if look.existing is not None:
+        existing = live_lease(session, tenant_id, pool_name)
+        if existing is not None:
+            return Acquired(existing, Outcome.EXISTING)
+        # Ended between the two statements (PostgreSQL reads each statement's own
+        # snapshot): the tenant holds nothing now, so look again from the start.
+        return _acquire(session, tenant_id, pool_name, now)
+    # First come, first served: while others wait, a newcomer queues behind them.
+    if not look.queued:
+        claim = _CLAIM_SQLITE if conn.dialect.name == "sqlite" else _CLAIM_LOCKED
+        worker = conn.execute(claim, {"b_pool": pool_name, "now": now}).first()
+        if worker is not None:
+            lease_record = _insert_active(session, conn, tenant_id, look, worker, now)
+            return Acquired(lease_record, Outcome.ACTIVE)
     lease = Lease(
         id=new_id("l"),
         tenant_id=tenant_id,
-        pool=pool.name,
+        pool=pool_name,
         state=LeaseState.PENDING,
         created_at=now,
+        pending_expires_at=now + timedelta(seconds=look.pending_timeout_s),
     )
-    # First come, first served: while others wait, a newcomer queues behind them.
-    worker = None if _has_pending(session, pool.name) else _claim_ready_worker(session, pool.name)
-    if worker is None:
-        lease.pending_expires_at = now + timedelta(seconds=pool.pending_timeout_s)
-        session.add(lease)
-        _record_created(session, lease, now)
-        session.flush()
-        return Acquired(lease, Outcome.PENDING)
     session.add(lease)
     _record_created(session, lease, now)
-    _assign(session, lease, worker, pool, now)
-    session.flush()  # one INSERT of the active lease; the unique indexes speak here
-    return Acquired(lease, Outcome.ACTIVE, worker, pool)
+    session.flush()
+    return Acquired(lease, Outcome.PENDING)
+
+
+def _insert_active(
+    session: Session, conn: Connection, tenant_id: str, look: Any, worker: Any, now: datetime
+) -> LeaseRecord:
+    """The warm lease: one INSERT of the active lease, its audit rows written with it.
+
+    The claim already moved the worker ``ready -> leased`` (its ``WHERE`` holds the
+    row at ``ready``); the moves are checked against the tables here.
+    """
+    lease = LeaseRecord(
+        id=new_id("l"),
+        tenant_id=tenant_id,
+        pool=worker.pool,
+        state=LeaseState.ACTIVE,
+        worker_id=worker.id,
+        created_at=now,
+        activated_at=now,
+        idle_expires_at=now + timedelta(seconds=look.lease_idle_timeout_s),
+        expires_at=now + timedelta(seconds=look.lease_max_lifetime_s),
+        pending_expires_at=None,
+        ended_at=None,
+        end_reason=None,
+        worker=WorkerRecord(
+            worker.id, worker.pool, worker.address, worker.agent_url, worker.access_token
+        ),
+        pool_os=look.os,
+    )
+    record(
+        session,
+        "lease",
+        lease.id,
+        "requested",
+        now,
+        pool=lease.pool,
+        tenant_id=tenant_id,
+        to_state=LeaseState.PENDING,
+    )
+    moved(
+        session,
+        "worker",
+        worker.id,
+        WorkerState.READY,
+        WorkerState.LEASED,
+        f"leased by {lease.id}",
+        now,
+        pool=worker.pool,
+    )
+    moved(
+        session,
+        "lease",
+        lease.id,
+        LeaseState.PENDING,
+        LeaseState.ACTIVE,
+        f"worker {worker.id} assigned",
+        now,
+        pool=lease.pool,
+        tenant_id=tenant_id,
+    )
+    conn.execute(
+        _INSERT_LEASE,
+        {
+            "id": lease.id,
+            "tenant_id": tenant_id,
+            "pool": lease.pool,
+            "state": lease.state,
+            "worker_id": worker.id,
+            "created_at": now,
+            "activated_at": now,
+            "idle_expires_at": lease.idle_expires_at,
+            "expires_at": lease.expires_at,
+        },
+    )  # the unique indexes speak here
+    metrics.LEASE_WAIT.labels(lease.pool).observe(0.0)
+    return lease
 
 
 def enabled_pool(session: Session, pool_name: str) -> Pool:
@@ -122,11 +233,6 @@ _LIVE_LEASE = select(Lease).where(
     Lease.pool == bindparam("pool"),
     col(Lease.state).in_(LIVE_LEASE_STATES),
 )
-_ANY_PENDING = (
-    select(Lease.id)
-    .where(Lease.state == LeaseState.PENDING, Lease.pool == bindparam("pool"))
-    .limit(1)
-)
 _OLDEST_READY_WORKER = Prepared(
     select(Worker)
     .where(Worker.pool == bindparam("pool"), Worker.state == WorkerState.READY)
@@ -141,12 +247,61 @@ _TENANT_LEASE = Prepared(
 )
 
 
+# The warm path in Core (issue 15): no ORM instance is built or flushed. The
+# invariants stay where they were, in the database: the unique indexes on leases,
+# the claim's row lock (FOR UPDATE SKIP LOCKED on PostgreSQL; BEGIN IMMEDIATE on
+# SQLite) and the claim's ``state = 'ready'``.
+_W: Table = Worker.__table__  # type: ignore[attr-defined]
+_L: Table = Lease.__table__  # type: ignore[attr-defined]
+_P: Table = Pool.__table__  # type: ignore[attr-defined]
+_T: Table = Task.__table__  # type: ignore[attr-defined]
+# Literals, not bound values: SQLite matches the partial live-lease index only to the
+# same IN list (see ``models._LIVE_LEASE_SQL``).
+_LIVE: list[Any] = [literal_column(f"'{state}'") for state in LIVE_LEASE_STATES]
+
+# The pool's settings, the tenant's live lease and whether anyone queues: one SELECT.
+_LOOK = core_select(
+    _P.c.enabled,
+    _P.c.os,
+    _P.c.pending_timeout_s,
+    _P.c.lease_idle_timeout_s,
+    _P.c.lease_max_lifetime_s,
+    core_select(_L.c.id)
+    .where(_L.c.tenant_id == bindparam("tenant_id"), _L.c.pool == _P.c.name, _L.c.state.in_(_LIVE))
+    .limit(1)
+    .scalar_subquery()
+    .label("existing"),
+    exists()
+    .where(_L.c.state == literal_column("'pending'"), _L.c.pool == _P.c.name)
+    .label("queued"),
+).where(_P.c.name == bindparam("pool"))
+
+
+def _claim(*, lock: bool) -> Any:
+    """Move the oldest ready worker of the pool to leased and return it (one statement)."""
+    oldest = (
+        core_select(_W.c.id)
+        .where(_W.c.pool == bindparam("b_pool"), _W.c.state == literal_column("'ready'"))
+        .order_by(_W.c.ready_at, _W.c.id)
+        .limit(1)
+    )
+    if lock:
+        oldest = oldest.with_for_update(skip_locked=True)
+    return (
+        update(_W)
+        .where(_W.c.id == oldest.scalar_subquery(), _W.c.state == literal_column("'ready'"))
+        .values(state=WorkerState.LEASED.value, state_changed_at=bindparam("now"))
+        .returning(_W.c.id, _W.c.pool, _W.c.address, _W.c.agent_url, _W.c.access_token)
+    )
+
+
+_CLAIM_SQLITE = _claim(lock=False)
+_CLAIM_LOCKED = _claim(lock=True)
+_INSERT_LEASE = insert(_L)
+
+
 def live_lease(session: Session, tenant_id: str, pool_name: str) -> Lease | None:
     return session.exec(_LIVE_LEASE, params={"tenant_id": tenant_id, "pool": pool_name}).first()
-
-
-def _has_pending(session: Session, pool_name: str) -> bool:
-    return session.exec(_ANY_PENDING, params={"pool": pool_name}).first() is not None
 
 
 def _claim_ready_worker(session: Session, pool_name: str) -> Worker | None:
@@ -244,12 +399,121 @@ def renew(session: Session, tenant_id: str, lease_id: str, now: datetime) -> Lea
     return lease
 
 
-def release(session: Session, tenant_id: str, lease_id: str, now: datetime) -> Lease:
+def release(session: Session, tenant_id: str, lease_id: str, now: datetime) -> Lease | LeaseRecord:
     """End the lease (idempotent: an ended lease is returned as it is)."""
+    released = _release_active(session, tenant_id, lease_id, now)
+    if released is not None:
+        return released
+    # Pending, already ended, or not the tenant's: the ORM path.
     lease = tenant_lease(session, tenant_id, lease_id, lock=True)
     if lease.state in LIVE_LEASE_STATES:
         end_lease(session, lease, EndReason.RELEASED, "released by tenant", now)
     return lease
+
+
+_END_ACTIVE = (
+    update(_L)
+    .where(
+        _L.c.id == bindparam("lease_id"),
+        _L.c.tenant_id == bindparam("b_tenant_id"),
+        _L.c.state == literal_column("'active'"),
+    )
+    .values(
+        state=LeaseState.RELEASED.value,
+        ended_at=bindparam("now"),
+        end_reason=EndReason.RELEASED.value,
+        pending_expires_at=None,
+    )
+    .returning(
+        *_L.c,
+        exists()
+        .where(_T.c.lease_id == bindparam("lease_id"), _T.c.state.in_(LIVE_TASK_STATES))
+        .label("busy"),
+    )
+)
+# (RETURNING renders its columns unqualified: the subqueries name their values.)
+_POOL_OS = (
+    core_select(_P.c.os)
+    .where(_P.c.name == bindparam("pool_name"))
+    .scalar_subquery()
+    .label("pool_os")
+)
+_DESTROY_LEASED = (
+    update(_W)
+    .where(_W.c.id == bindparam("worker_id"), _W.c.state == literal_column("'leased'"))
+    .values(
+        state=WorkerState.DESTROYING.value,
+        state_changed_at=bindparam("now"),
+        next_attempt_at=bindparam("now"),
+        claimed_until=None,
+    )
+    .returning(_W.c.id, _W.c.pool, _W.c.address, _W.c.agent_url, _W.c.access_token, _POOL_OS)
+)
+_WORKER_SHOWN = core_select(
+    _W.c.id, _W.c.pool, _W.c.address, _W.c.agent_url, _W.c.access_token, _POOL_OS
+).where(_W.c.id == bindparam("worker_id"))
+
+
+def _release_active(
+    session: Session, tenant_id: str, lease_id: str, now: datetime
+) -> LeaseRecord | None:
+    """The warm release in Core: end the tenant's active lease, end its tasks, send its
+    worker to destroying, as ``end_lease`` does; None when the lease is not active."""
+    conn = session.connection()
+    reason = EndReason.RELEASED
+    params = {"lease_id": lease_id, "b_tenant_id": tenant_id, "now": now}
+    ended = conn.execute(_END_ACTIVE, params).first()
+    if ended is None:
+        return None
+    assert ended.worker_id is not None  # an active lease has its worker
+    moved(
+        session,
+        "lease",
+        lease_id,
+        LeaseState.ACTIVE,
+        LeaseState.RELEASED,
+        "released by tenant",
+        now,
+        pool=ended.pool,
+        tenant_id=tenant_id,
+    )
+    metrics.LEASES_ENDED.labels(ended.pool, reason).inc()
+    if ended.busy:
+        end_lease_tasks(session, lease_id, reason, now)
+    worker_params = {"worker_id": ended.worker_id, "now": now, "pool_name": ended.pool}
+    worker = conn.execute(_DESTROY_LEASED, worker_params).first()
+    if worker is not None:
+        moved(
+            session,
+            "worker",
+            worker.id,
+            WorkerState.LEASED,
+            WorkerState.DESTROYING,
+            f"lease {lease_id} ended: {reason}",
+            now,
+            pool=worker.pool,
+        )
+    else:  # failed meanwhile: the destroy pass has it already
+        worker = conn.execute(_WORKER_SHOWN, worker_params).first()
+    assert worker is not None
+    return LeaseRecord(
+        id=lease_id,
+        tenant_id=tenant_id,
+        pool=ended.pool,
+        state=LeaseState.RELEASED,
+        worker_id=ended.worker_id,
+        created_at=ended.created_at,
+        activated_at=ended.activated_at,
+        idle_expires_at=ended.idle_expires_at,
+        expires_at=ended.expires_at,
+        pending_expires_at=None,
+        ended_at=now,
+        end_reason=reason,
+        worker=WorkerRecord(
+            worker.id, worker.pool, worker.address, worker.agent_url, worker.access_token
+        ),
+        pool_os=worker.pool_os or "",
+    )
 
 
 def end_lease(
@@ -265,7 +529,7 @@ def end_lease(
     metrics.LEASES_ENDED.labels(lease.pool, reason).inc()
     lease.pending_expires_at = None
     if lease.worker_id is not None:
-        end_lease_tasks(session, lease, reason, now)
+        end_lease_tasks(session, lease.id, reason, now)
         worker = session.get(Worker, lease.worker_id)
         if worker is not None and worker.state == WorkerState.LEASED:
             schedule_destroy(session, worker, f"lease {lease.id} ended: {reason}", now)

@@ -57,6 +57,13 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 }
 
 
+_TABLES: dict[str, dict[Any, frozenset[Any]]] = {
+    "worker": WORKER_TRANSITIONS,
+    "lease": LEASE_TRANSITIONS,
+    "task": TASK_TRANSITIONS,
+}
+
+
 class InvalidTransition(RuntimeError):
     """A state change that the transition table does not allow: a bug, never user error."""
 
@@ -111,6 +118,37 @@ def move_task(session: Session, task: Task, to: TaskState, reason: str, now: dat
     )
 
 
+def check_move(
+    table: dict[Any, frozenset[Any]], kind: str, subject_id: str, current: Any, to: Any
+) -> None:
+    """Raise ``InvalidTransition`` unless ``table`` allows ``current -> to``."""
+    if to not in table[current]:
+        raise InvalidTransition(f"{kind} {subject_id}: {current} -> {to} is not allowed")
+
+
+def moved(
+    session: Session,
+    kind: str,
+    subject_id: str,
+    current: str,
+    to: str,
+    reason: str,
+    now: datetime,
+    *,
+    pool: str | None = None,
+    tenant_id: str | None = None,
+) -> None:
+    """A move made by a Core statement on the hot path (``leasing``'s warm lease).
+
+    The statement holds the row at ``current`` in its ``WHERE``, so the database made
+    exactly this move; this checks it against the table (a forbidden one raises, and
+    the caller's transaction rolls back) and writes its audit row as the ORM moves do.
+    """
+    table = _TABLES[kind]
+    check_move(table, kind, subject_id, current, to)
+    _audit(session, now, kind, subject_id, reason, current, to, pool=pool, tenant_id=tenant_id)
+
+
 def record(
     session: Session,
     kind: str,
@@ -160,10 +198,14 @@ def _audit(
     session.info.setdefault(_PENDING_EVENTS, []).append(row)
 
 
+# A Core INSERT of the table: ``insert(Event)`` with rows takes the ORM's bulk path.
+_INSERT_EVENTS = insert(Event.__table__)  # type: ignore[attr-defined]
+
+
 def _write_events(session: Session, *_args: Any) -> None:
     rows = session.info.pop(_PENDING_EVENTS, None)
     if rows:
-        session.connection().execute(insert(Event), rows)
+        session.connection().execute(_INSERT_EVENTS, rows)
 
 
 def _drop_events(session: Session, *_args: Any) -> None:

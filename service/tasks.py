@@ -518,10 +518,10 @@ def _restart_idle_clock(session: Session, task: Task, now: datetime) -> None:
     session.add(lease)
 
 
-def end_lease_tasks(session: Session, lease: Lease, reason: EndReason, now: datetime) -> int:
+def end_lease_tasks(session: Session, lease_id: str, reason: EndReason, now: datetime) -> int:
     """The lease ended: its queued tasks are cancelled, its running ones cancelled (the
     tenant or an operator ended it, or it expired) or lost (its worker failed)."""
-    statement = select(Task).where(Task.lease_id == lease.id, col(Task.state).in_(LIVE_TASK_STATES))
+    statement = select(Task).where(Task.lease_id == lease_id, col(Task.state).in_(LIVE_TASK_STATES))
     tasks = session.exec(with_row_locks(statement, session, skip_locked=False)).all()
     for task in tasks:
         to = TaskState.LOST if reason == EndReason.FAILED else TaskState.CANCELLED

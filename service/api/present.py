@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from sqlmodel import Session, col, select
 
+from service.leasing import LeaseRecord, WorkerRecord
 from service.listing import Waiting, waiting_reasons
 from service.models import EndReason, Lease, LeaseState, Pool, Task, Worker
 from service.schemas import (
@@ -52,7 +53,13 @@ def _pool_os(session: Session, name: str) -> str:
     return pool.os if pool else ""
 
 
-def lease_out(session: Session, lease: Lease, *, viewer_tenant_id: str | None) -> LeaseOut:
+def lease_out(
+    session: Session, lease: Lease | LeaseRecord, *, viewer_tenant_id: str | None
+) -> LeaseOut:
+    if isinstance(lease, LeaseRecord):
+        # The warm path's answer (active or released, never waiting): its statements
+        # returned every row it shows.
+        return _lease_out(lease, lease.worker, lease.pool_os, viewer_tenant_id)
     return leases_out(session, [lease], viewer_tenant_id=viewer_tenant_id)[0]
 
 
@@ -90,8 +97,8 @@ def _waiting_detail(waiting: Waiting) -> str:
 
 
 def _lease_out(
-    lease: Lease,
-    worker: Worker | None,
+    lease: Lease | LeaseRecord,
+    worker: Worker | WorkerRecord | None,
     pool_os: str,
     viewer_tenant_id: str | None,
     waiting: Waiting | None = None,

@@ -56,6 +56,7 @@ MIN_READY, MAX_WORKERS = 6, 24
 PENDING_ROUNDS = 100  # looks at a pending lease this often (0.5-1.2 s apart)
 RACE_EVERY = 8
 REQUEST_TIMEOUT_S = 60.0
+UNAVAILABLE_RETRIES = 5  # a 503 ("retry later") is retried, as the client SDK does
 
 
 @pytest.fixture
@@ -118,6 +119,10 @@ class Clients:
         self.hang_deadline = time.monotonic() + HANG_CAP_S
         self.lease_ids: set[str] = set()
         self.worker_leases: dict[str, set[str]] = {}
+        # Same-tenant races answered with two leases: allowed only when the database
+        # shows the service ended the first (its worker failed) before the second began.
+        self.split_races: list[tuple[str, str]] = []
+        self.retried_503 = 0
 
     def claim_cycle(self) -> int | None:
         with self.lock:
@@ -135,21 +140,30 @@ class Clients:
         self, client: int, replica: int, method: str, path: str, **kwargs: Any
     ) -> dict[str, Any] | None:
         server = self.replicas[replica % 2]
-        try:
-            # A new connection per request: a kept-alive one may be closed by the server
-            # just as it is reused, and that reset would be the client's, not the service's.
-            response = requests.request(
-                method,
-                f"{server.url}{path}",
-                timeout=REQUEST_TIMEOUT_S,
-                headers={"Authorization": f"Bearer {self.tokens[client]}"},
-                **kwargs,
-            )
-        except requests.RequestException as exc:
+        for retry in range(UNAVAILABLE_RETRIES + 1):
+            try:
+                # A new connection per request: a kept-alive one may be closed by the server
+                # just as it is reused, and that reset would be the client's, not the
+                # service's.
+                response = requests.request(
+                    method,
+                    f"{server.url}{path}",
+                    timeout=REQUEST_TIMEOUT_S,
+                    headers={"Authorization": f"Bearer {self.tokens[client]}"},
+                    **kwargs,
+                )
+            except requests.RequestException as exc:
+                with self.lock:
+                    self.statuses["no answer"] += 1
+                    self.problems.append(f"{method} {path} on replica {replica % 2}: {exc}")
+                return None
+            # An overloaded machine can starve the database connection (the service
+            # answers 503, "retry later", and logs why); every call here is idempotent.
+            if response.status_code != 503 or retry == UNAVAILABLE_RETRIES:
+                break
             with self.lock:
-                self.statuses["no answer"] += 1
-                self.problems.append(f"{method} {path} on replica {replica % 2}: {exc}")
-            return None
+                self.retried_503 += 1
+            time.sleep(0.5 * 2**retry)
         with self.lock:
             self.statuses[str(response.status_code)] += 1
             if response.status_code not in (200, 201, 202):
@@ -187,12 +201,15 @@ class Clients:
                     )
                     if any(a is None for a in answers):
                         return
-                    ids = {a["id"] for a in answers if a}
-                    if len(ids) != 1:
+                    first_id, second_id = (a["id"] for a in answers if a)
+                    if first_id != second_id:
                         with self.lock:
-                            self.problems.append(f"tenant {client} got two leases {ids}")
-                        return
-                    body = answers[0]
+                            self.split_races.append((first_id, second_id))
+                        # The one still live is released below; the other has ended.
+                        live = [a for a in answers if a and a["state"] in ("pending", "active")]
+                        body = live[0] if live else answers[0]
+                    else:
+                        body = answers[0]
                 else:
                     body = self.lease(client, replica, rng.randint(1, 3))
                 for attempt in range(PENDING_ROUNDS):  # still pending: wait, look again
@@ -244,7 +261,8 @@ def test_two_replicas_64_tenants_lease_and_release(replicas: list[ServerProcess]
     print(
         f"{clients.cycles} cycles ({clients.served} with a worker, {clients.gave_up} gave "
         f"up) in {elapsed:.1f}s by {CLIENTS} tenants on 2 replicas; "
-        f"answers {dict(clients.statuses)}"
+        f"answers {dict(clients.statuses)} ({clients.retried_503} 503s retried); "
+        f"{len(clients.split_races)} same-tenant races answered with two leases"
     )
     assert stuck == 0, f"{stuck} client threads still waiting"
 
@@ -264,6 +282,7 @@ def test_two_replicas_64_tenants_lease_and_release(replicas: list[ServerProcess]
             if before["ended_at"] is None or before["ended_at"] > after["created_at"]:
                 overlaps.append((before["id"], after["id"]))
     assert overlaps == [], f"a tenant held two leases on a pool at once: {overlaps[:10]}"
+    assert _unexplained_splits(clients.split_races, leases) == []
     activated = db.query("SELECT count(*) FROM leases WHERE worker_id IS NOT NULL")[0][0]
     assert activated >= clients.served
 
@@ -295,3 +314,19 @@ def test_two_replicas_64_tenants_lease_and_release(replicas: list[ServerProcess]
     assert sorted(snap.rows.values()) == ["ready"] * MIN_READY, snap.describe()
     print(f"settled after {took:.1f}s: {len(snap.agents)} agents = {len(snap.live)} live rows")
     wait_until(lambda: first.pool_counts()["ready"] == MIN_READY, 60)
+
+
+def _unexplained_splits(
+    splits: list[tuple[str, str]], leases: dict[str, dict[str, Any]]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The two answers of a same-tenant race name two leases only if the first one had
+    ended before the second was created, and not by the tenant (who released neither
+    before both answers came): its worker failed, and a request still on its way then
+    rightly got a new lease. Anything else is a race the unique index should have won."""
+    unexplained = []
+    for one, other in splits:
+        earlier, later = sorted((leases[one], leases[other]), key=lambda r: r["created_at"])
+        ended_first = earlier["ended_at"] is not None and earlier["ended_at"] <= later["created_at"]
+        if not ended_first or earlier["end_reason"] == "released":
+            unexplained.append((earlier, later))
+    return unexplained
