@@ -68,6 +68,9 @@ class FakeWorkerService:
     refuse_logs: int = 0  # 400: the chunk is not taken
     poll_statuses: list[int] = field(default_factory=list)
     poll_cancels: bool = True  # False: a cancel reaches the agent through log answers only
+    # The longest a poll is held (the service holds one up to 30 s). A redelivered task
+    # reaches the agent only at its next poll: a test of that shortens the wait.
+    max_poll_wait_s: float = 30.0
     port: int = 0
     polls: list[list[str]] = field(default_factory=list)  # each poll's ``running``
     ready_calls: int = 0
@@ -198,7 +201,7 @@ class FakeWorkerService:
 
     def _poll(self, body: dict[str, Any]) -> tuple[int, Any, str]:
         running = list(body.get("running", []))
-        deadline = time.monotonic() + min(float(body.get("wait_seconds", 20)), 30.0)
+        started, wait = time.monotonic(), float(body.get("wait_seconds", 20))
         with self.cond:
             if self._down:
                 raise _Down
@@ -221,7 +224,7 @@ class FakeWorkerService:
                         or self.tasks[tid].state == "ended"
                     )
                 ]
-                remaining = deadline - time.monotonic()
+                remaining = started + min(wait, self.max_poll_wait_s) - time.monotonic()
                 if handout or cancel or remaining <= 0:
                     break
                 self.cond.wait(remaining)
