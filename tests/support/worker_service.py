@@ -206,6 +206,7 @@ class FakeWorkerService:
             if self._down:
                 raise _Down
             self.polls.append(running)
+            self.cond.notify_all()  # a test may be waiting for the poll to arrive
             if self.poll_statuses:
                 return self.poll_statuses.pop(0), {"title": "fault"}, "application/problem+json"
             while True:
