@@ -264,3 +264,56 @@ def window_open(schedule: Schedule, now: datetime) -> bool:
     since = now - timedelta(seconds=schedule.duration_s) + timedelta(microseconds=1)
     fire = trigger.get_next_fire_time(None, since)
     return fire is not None and fire <= now
+
+
+# ---- when time alone changes the target ----------------------------------------------
+# A replay (``workerlease simulate``) runs the full pass only when one of these is due,
+# instead of every few seconds of virtual time; the running service does not need them.
+
+
+def next_schedule_edge(
+    schedules: Sequence[Schedule], delay_s: float, now: datetime
+) -> datetime | None:
+    """The first moment after ``now`` at which a window opens, closes, or stops holding
+    the floor (``delay_s`` after it closed): the only times a schedule moves a target."""
+    edges: list[datetime] = []
+    for schedule in schedules:
+        trigger = cron_trigger(schedule.cron, schedule.timezone)
+        span = timedelta(seconds=schedule.duration_s + delay_s)
+        fire = trigger.get_next_fire_time(None, now - span)
+        for _ in range(10_000):  # a window per minute for a week, at most
+            if fire is None:
+                break
+            opened = [fire, fire + span - timedelta(seconds=delay_s), fire + span]
+            edges += [edge for edge in opened if edge > now]
+            if fire > now:
+                break
+            fire = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
+    return min(edges, default=None)
+
+
+def keep_falls_below(
+    policy: WarmPolicy, history: History, now: datetime, count: int, until: datetime
+) -> datetime | None:
+    """The first moment in (now, until] at which trim would keep fewer than ``count``
+    workers if no request came meanwhile, to the second; None if it does not.
+
+    Without new requests every estimate only decays, so what trim keeps never rises
+    (schedule edges aside: ``until`` must not pass the next one) and a bisection over
+    ``warm_target`` itself finds the moment.
+    """
+
+    def keep_at(offset_s: float) -> int:
+        later = History([age + offset_s for age in history.request_ages_s], history.provision_s)
+        return warm_target(policy, later, now + timedelta(seconds=offset_s)).keep
+
+    low, high = 0.0, (until - now).total_seconds()
+    if high <= 0 or keep_at(high) >= count:
+        return None
+    while high - low > 1.0:
+        middle = (low + high) / 2
+        if keep_at(middle) < count:
+            high = middle
+        else:
+            low = middle
+    return now + timedelta(seconds=high)
