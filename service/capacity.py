@@ -32,8 +32,9 @@ from apscheduler.triggers.cron import CronTrigger
 
 FIXED = "fixed"
 ADAPTIVE = "adaptive"
-# The arrival rate forgets with this half-life; the history read is HISTORY_HALF_LIVES
-# of them (beyond, a request weighs under 1/16 and is left out).
+# The arrival rate forgets with this half-life by default (a pool's ``demand_half_life``);
+# the history read is HISTORY_HALF_LIVES of them (beyond, a request weighs under 1/16
+# and is left out).
 RATE_HALF_LIFE_S = 600.0
 # The demand estimate is the larger of that rate and one with this short half-life, so
 # it rises within minutes and falls over ten. Measured (simulate, business-day trace,
@@ -41,6 +42,7 @@ RATE_HALF_LIFE_S = 600.0
 # warm and p95 wait 48 s; with a 2-minute one beside it 97.8 % and 0 s (5-minute: 92.8 %,
 # 32 s). Ubuntu-like (40 s boots): 98.6 % -> 99.0 % warm, idle minutes +11 %.
 FAST_HALF_LIFE_S = 120.0
+FAST_FACTOR = RATE_HALF_LIFE_S / FAST_HALF_LIFE_S  # a pool's fast rate: its half-life / 5
 HISTORY_HALF_LIVES = 4
 PROVISION_PERCENTILE = 0.9
 PROVISION_SAMPLES = 50  # the most recent provisioning times the percentile is taken of
@@ -67,10 +69,22 @@ class WarmPolicy:
     scale_down_delay_s: int = 600
     schedules: tuple[Schedule, ...] = ()
     os: str = "ubuntu"
+    demand_half_life_s: float = RATE_HALF_LIFE_S
 
     @property
     def reads_history(self) -> bool:
         return self.policy == ADAPTIVE
+
+    @property
+    def half_lives(self) -> tuple[float, float]:
+        """The slow and the fast half-life of the demand estimate."""
+        return self.demand_half_life_s, self.demand_half_life_s / FAST_FACTOR
+
+    @property
+    def history_s(self) -> float:
+        """How far back the target reads requests: the estimate's window, and the
+        scale-down delay over which trim keeps its peak."""
+        return history_window_s(self.demand_half_life_s) + self.scale_down_delay_s
 
 
 @dataclass(frozen=True)
@@ -123,10 +137,10 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
         ready = min(base, policy.max_workers)
         keep = min(max(base, held_floor), policy.max_workers)
         return Target(ready, max(ready, keep), policy.policy, policy.min_ready, floor, schedule)
-    rate = demand_rate(history.request_ages_s)
+    rate = demand_rate(history.request_ages_s, policy.demand_half_life_s)
     peak = max(
         peak_rate(history.request_ages_s, policy.scale_down_delay_s, half_life)
-        for half_life in (RATE_HALF_LIFE_S, FAST_HALF_LIFE_S)
+        for half_life in policy.half_lives
     )
     provision = provision_time(history.provision_s, policy.os)
     demand = base_stock(rate * provision, policy.hit_target, policy.max_workers)
@@ -149,8 +163,8 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
 # ---- the estimators ------------------------------------------------------------------
 
 
-def history_window_s() -> float:
-    return RATE_HALF_LIFE_S * HISTORY_HALF_LIVES
+def history_window_s(half_life_s: float = RATE_HALF_LIFE_S) -> float:
+    return half_life_s * HISTORY_HALF_LIVES
 
 
 def ewma_rate(ages_s: Sequence[float], half_life_s: float = RATE_HALF_LIFE_S) -> float:
@@ -162,9 +176,9 @@ def ewma_rate(ages_s: Sequence[float], half_life_s: float = RATE_HALF_LIFE_S) ->
     return weight * decay / (1 - math.exp(-decay * window))
 
 
-def demand_rate(ages_s: Sequence[float]) -> float:
+def demand_rate(ages_s: Sequence[float], half_life_s: float = RATE_HALF_LIFE_S) -> float:
     """Requests per second: the larger of the slow and the fast ``ewma_rate``."""
-    return max(ewma_rate(ages_s), ewma_rate(ages_s, FAST_HALF_LIFE_S))
+    return max(ewma_rate(ages_s, half_life_s), ewma_rate(ages_s, half_life_s / FAST_FACTOR))
 
 
 def peak_rate(

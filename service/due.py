@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from service.capacity import history_window_s, keep_falls_below, next_schedule_edge
+from service.capacity import keep_falls_below, next_schedule_edge
 from service.models import Lease, LeaseState, Pool, Worker, WorkerState
 from service.pools import PoolCounts, counts_by_pool, pool_history, warm_policy
 
@@ -88,8 +88,8 @@ def _trim_due(session: Session, pool: Pool, counts: PoolCounts, now: datetime) -
     surplus_at = counts[WorkerState.READY] - counts.pending_leases
     if surplus_at <= 0 or not policy.reads_history:
         return edge
-    horizon = now + timedelta(seconds=history_window_s() + policy.scale_down_delay_s + 1)
-    since = now - timedelta(seconds=history_window_s() + policy.scale_down_delay_s)
+    horizon = now + timedelta(seconds=policy.history_s + 1)
+    since = now - timedelta(seconds=policy.history_s)
     history = pool_history(session, pool.name, since, now)
     falls = keep_falls_below(policy, history, now, surplus_at, min(horizon, edge or horizon))
     return min((m for m in (falls, edge) if m is not None), default=None)

@@ -17,7 +17,6 @@ from service.capacity import (
     Schedule,
     Target,
     WarmPolicy,
-    history_window_s,
     warm_target,
 )
 from service.config import PoolConfig
@@ -98,6 +97,7 @@ def _apply_pool_config(row: Pool, config: PoolConfig) -> None:
     row.warm_policy = config.warm_policy
     row.warm_hit_target = config.warm_hit_target
     row.scale_down_delay_s = config.scale_down_delay
+    row.demand_half_life_s = config.demand_half_life
     row.schedules = [schedule.model_dump() for schedule in config.schedules]
 
 
@@ -173,6 +173,7 @@ def warm_policy(pool: Pool) -> WarmPolicy:
         max_workers=pool.max_workers,
         hit_target=pool.warm_hit_target,
         scale_down_delay_s=pool.scale_down_delay_s,
+        demand_half_life_s=pool.demand_half_life_s,
         schedules=tuple(
             Schedule(s["cron"], s["duration"], s["min_ready"], s.get("timezone", "UTC"))
             for s in pool.schedules
@@ -250,7 +251,7 @@ def warm_targets(session: Session, pools: Sequence[Pool], now: datetime) -> dict
         policy = warm_policy(pool)
         history = History()
         if policy.reads_history:
-            since = now - timedelta(seconds=history_window_s() + pool.scale_down_delay_s)
+            since = now - timedelta(seconds=policy.history_s)
             history = pool_history(session, pool.name, since, now)
         targets[pool.name] = warm_target(policy, history, now)
     return targets
