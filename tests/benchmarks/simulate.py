@@ -69,6 +69,7 @@ def _checkout(revision: str, into: Path) -> Path:
         capture_output=True,
         check=True,
     )
+    into.mkdir()
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into
 
