@@ -29,3 +29,4 @@ print(sys.argv[2], 'best fixed', r['best_fixed'], 'adaptive idle', format(-r['id
 export -f compare
 export out
 printf '%s\n' "${runs[@]}" | xargs -P "${JOBS:-2}" -L 1 bash -c 'compare "$@"' _
+python3 docs/capacity/table.py "$out"
