@@ -2,7 +2,7 @@
 
 The leasing, refill, trim, expiry and destroy code is the service's own
 (``leasing.acquire`` / ``release``, ``workers.worker_ready``, the ``maintain``,
-``destroy`` and demand passes), on a temporary SQLite database, with a virtual
+``destroy`` and demand passes), on an in-memory SQLite database, with a virtual
 clock and a simulated provisioner (``provisioners.simulated``). Nothing sleeps:
 the replay jumps from one event to the next.
 
@@ -13,15 +13,18 @@ What the running service does, and how the replay stands in for it:
   served from the queue, and the demand pass runs at once;
 - an agent's ready callback: at the time the simulated provisioner drew for it;
 - the tenant releases ``hold_seconds`` after its lease became active;
-- the scheduler: the replay runs the full ``maintain`` pass (expiry, timeouts, trim,
-  refill) every ``FULL_PASS_S`` (60 s) rather than every ``scheduler.interval``:
-  what it finds between events changes only with time (timeouts, the decay of the
-  demand estimate, schedule edges, a create backoff ending), which the replay thus
-  sees up to a minute late (trim a little late: idle minutes a little high). The
-  steps the service takes sooner are taken when it would: the demand pass on each
-  ring, and, when leases are pending, the ``destroy`` pass at the next
-  ``scheduler.interval`` after a release followed by the demand poll (the room a
-  released worker frees refills at once).
+- the scheduler: the full ``maintain`` pass (expiry, timeouts, trim, refill) runs when
+  time gives it work (``service.due.next_due``: a lease's deadline, a provisioning
+  timeout, a backoff ending, a schedule edge, what trim keeps falling below the ready
+  workers), at the first ``scheduler.interval`` of the service's schedule at or after
+  it, rather than every interval: a pass skipped is one that would have found nothing
+  to do. The replay asks again after each pass and each worker that becomes ready
+  (the only event that can bring a trim sooner). The demand pass runs on each ring;
+  when leases are pending, the ``destroy`` pass at the next ``scheduler.interval``
+  after a release, followed by the demand poll (the room a released worker frees
+  refills at once); otherwise destroys run every ``DESTROY_PASS_S``;
+- one virtual instant reads a pool's history once (``pools.HistoryMemo``), forgotten on
+  each request and each ready callback, the two events that change it.
 
 Results are read back from the database: lease waits (request to active), warm hits
 (active at once), worker-minutes (created to the decision to destroy it), idle
