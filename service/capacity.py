@@ -309,8 +309,10 @@ def next_schedule_edge(
 def keep_falls_below(
     policy: WarmPolicy, history: History, now: datetime, count: int, until: datetime
 ) -> datetime | None:
-    """The first moment in (now, until] at which trim would keep fewer than ``count``
-    workers if no request came meanwhile, to the second; None if it does not.
+    """When, in (now, until], trim would first keep fewer than ``count`` workers if no
+    request came meanwhile: a moment at most a second *before* it (never after, so a
+    pass planned then is never late; one that comes too early finds nothing and asks
+    again); None if it does not happen.
 
     Without new requests every estimate only decays, so what trim keeps never rises
     (schedule edges aside: ``until`` must not pass the next one) and a bisection over
@@ -330,4 +332,4 @@ def keep_falls_below(
             high = middle
         else:
             low = middle
-    return now + timedelta(seconds=high)
+    return now + timedelta(seconds=low)

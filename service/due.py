@@ -18,14 +18,18 @@ from sqlmodel import Session, col, select
 
 from service.capacity import keep_falls_below, next_schedule_edge
 from service.models import Lease, LeaseState, Pool, Worker, WorkerState
-from service.pools import PoolCounts, counts_by_pool, pool_history, warm_policy
+from service.pools import PoolCounts, counts_by_pool, pool_history, refill_wanted, warm_policy
 
 
 def next_due(session: Session, now: datetime) -> datetime | None:
-    """The earliest moment after ``now`` at which ``maintain`` would act without any
-    other event first; None when nothing is ever due. Destroys are not included:
-    the destroy pass follows releases and trims, not the clock."""
+    """The earliest moment from ``now`` on at which ``maintain`` would act without any
+    other event first; None when nothing is ever due. ``now`` itself when a pool lacks
+    workers that no ring will ask for (a create failed after the pass planned it, a
+    destroy freed room under ``max_workers``). Destroys are not included: the destroy
+    pass follows releases and trims, not the clock."""
     pools = session.exec(select(Pool)).all()
+    if refill_wanted(session, now):
+        return now
     candidates = [*_lease_deadlines(session), *_provision_deadlines(session, pools)]
     candidates += [
         pool.create_backoff_until

@@ -63,7 +63,7 @@ from service.models import Event, Lease, LeaseState, Worker
 from service.passes.destroy import destroy
 from service.passes.maintain import answer_demand, maintain
 from service.passes.simulation import simulated_cloud, simulation_runtime
-from service.pools import HISTORY_MEMO, HistoryMemo
+from service.pools import HISTORY_MEMO, HistoryMemo, refill_wanted
 from service.scheduler import RING_SETTLE_S
 from service.startup import prepare_database
 from service.workers import worker_ready
@@ -331,7 +331,7 @@ class Replay:
             self._push(row.time, "request", row)
         self._plan_tick(-WARM_UP_S)
         last_request = self.trace[-1].time if self.trace else 0.0
-        now = 0.0
+        now = done = 0.0  # done: the last event handled, where the figures end
         remembering = HISTORY_MEMO.set(self.memo)
         try:
             while self._queue:
@@ -349,9 +349,10 @@ class Replay:
                 if self.cloud.failures != self._failures:
                     self._after_create_failures()
                 self.events += event.kind in ("request", "ready", "release")
+                done = now
         finally:
             HISTORY_MEMO.reset(remembering)
-        return self._result(now)
+        return self._result(done)
 
     # -- what happens ----------------------------------------------------------------
 
@@ -467,6 +468,10 @@ class Replay:
         destroy(self.rt, self.clock.now())
         if self._waiting:
             answer_demand(self.rt, self.clock.now())  # the poll: pending leases, room freed
+        with session_scope(self.rt.read_factory) as session:
+            short = refill_wanted(session, self.clock.now())
+        if short:  # room freed under max_workers: the service's next full pass refills
+            self._plan_tick(self._seconds(self.clock.now()))
 
     def _after_create_failures(self) -> None:
         """A failed create: the pool backs off (the pass resumes its refill when the
