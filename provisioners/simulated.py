@@ -48,6 +48,7 @@ class SimulatedCloud:
     rng: random.Random
     machines: dict[str, WorkerSpec] = field(default_factory=dict)
     destroyed: set[str] = field(default_factory=set)
+    failures: int = 0  # creates that failed, so a replay knows a pool now backs off
 
 
 class SimulatedProvisioner(Provisioner[SimulatedOptions]):
@@ -69,6 +70,7 @@ class SimulatedProvisioner(Provisioner[SimulatedOptions]):
         if spec.worker_id in self.cloud.machines:
             return handle  # idempotent: the machine is already on its way
         if self.cloud.rng.random() < self.options.failure_rate:
+            self.cloud.failures += 1
             raise TransientProvisionerError("simulated create failure")
         self.cloud.machines[spec.worker_id] = spec
         at = self.cloud.now() + timedelta(seconds=self.provision_time())

@@ -32,8 +32,9 @@ from apscheduler.triggers.cron import CronTrigger
 
 FIXED = "fixed"
 ADAPTIVE = "adaptive"
-# The arrival rate forgets with this half-life; the history read is HISTORY_HALF_LIVES
-# of them (beyond, a request weighs under 1/16 and is left out).
+# The arrival rate forgets with this half-life by default (a pool's ``demand_half_life``);
+# the history read is HISTORY_HALF_LIVES of them (beyond, a request weighs under 1/16
+# and is left out).
 RATE_HALF_LIFE_S = 600.0
 # The demand estimate is the larger of that rate and one with this short half-life, so
 # it rises within minutes and falls over ten. Measured (simulate, business-day trace,
@@ -41,6 +42,7 @@ RATE_HALF_LIFE_S = 600.0
 # warm and p95 wait 48 s; with a 2-minute one beside it 97.8 % and 0 s (5-minute: 92.8 %,
 # 32 s). Ubuntu-like (40 s boots): 98.6 % -> 99.0 % warm, idle minutes +11 %.
 FAST_HALF_LIFE_S = 120.0
+FAST_FACTOR = RATE_HALF_LIFE_S / FAST_HALF_LIFE_S  # a pool's fast rate: its half-life / 5
 HISTORY_HALF_LIVES = 4
 PROVISION_PERCENTILE = 0.9
 PROVISION_SAMPLES = 50  # the most recent provisioning times the percentile is taken of
@@ -67,10 +69,22 @@ class WarmPolicy:
     scale_down_delay_s: int = 600
     schedules: tuple[Schedule, ...] = ()
     os: str = "ubuntu"
+    demand_half_life_s: float = RATE_HALF_LIFE_S
 
     @property
     def reads_history(self) -> bool:
         return self.policy == ADAPTIVE
+
+    @property
+    def half_lives(self) -> tuple[float, float]:
+        """The slow and the fast half-life of the demand estimate."""
+        return self.demand_half_life_s, self.demand_half_life_s / FAST_FACTOR
+
+    @property
+    def history_s(self) -> float:
+        """How far back the target reads requests: the estimate's window, and the
+        scale-down delay over which trim keeps its peak."""
+        return history_window_s(self.demand_half_life_s) + self.scale_down_delay_s
 
 
 @dataclass(frozen=True)
@@ -123,10 +137,10 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
         ready = min(base, policy.max_workers)
         keep = min(max(base, held_floor), policy.max_workers)
         return Target(ready, max(ready, keep), policy.policy, policy.min_ready, floor, schedule)
-    rate = demand_rate(history.request_ages_s)
+    rate = demand_rate(history.request_ages_s, policy.demand_half_life_s)
     peak = max(
         peak_rate(history.request_ages_s, policy.scale_down_delay_s, half_life)
-        for half_life in (RATE_HALF_LIFE_S, FAST_HALF_LIFE_S)
+        for half_life in policy.half_lives
     )
     provision = provision_time(history.provision_s, policy.os)
     demand = base_stock(rate * provision, policy.hit_target, policy.max_workers)
@@ -149,8 +163,8 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
 # ---- the estimators ------------------------------------------------------------------
 
 
-def history_window_s() -> float:
-    return RATE_HALF_LIFE_S * HISTORY_HALF_LIVES
+def history_window_s(half_life_s: float = RATE_HALF_LIFE_S) -> float:
+    return half_life_s * HISTORY_HALF_LIVES
 
 
 def ewma_rate(ages_s: Sequence[float], half_life_s: float = RATE_HALF_LIFE_S) -> float:
@@ -162,9 +176,9 @@ def ewma_rate(ages_s: Sequence[float], half_life_s: float = RATE_HALF_LIFE_S) ->
     return weight * decay / (1 - math.exp(-decay * window))
 
 
-def demand_rate(ages_s: Sequence[float]) -> float:
+def demand_rate(ages_s: Sequence[float], half_life_s: float = RATE_HALF_LIFE_S) -> float:
     """Requests per second: the larger of the slow and the fast ``ewma_rate``."""
-    return max(ewma_rate(ages_s), ewma_rate(ages_s, FAST_HALF_LIFE_S))
+    return max(ewma_rate(ages_s, half_life_s), ewma_rate(ages_s, half_life_s / FAST_FACTOR))
 
 
 def peak_rate(
@@ -264,3 +278,58 @@ def window_open(schedule: Schedule, now: datetime) -> bool:
     since = now - timedelta(seconds=schedule.duration_s) + timedelta(microseconds=1)
     fire = trigger.get_next_fire_time(None, since)
     return fire is not None and fire <= now
+
+
+# ---- when time alone changes the target ----------------------------------------------
+# A replay (``workerlease simulate``) runs the full pass only when one of these is due,
+# instead of every few seconds of virtual time; the running service does not need them.
+
+
+def next_schedule_edge(
+    schedules: Sequence[Schedule], delay_s: float, now: datetime
+) -> datetime | None:
+    """The first moment after ``now`` at which a window opens, closes, or stops holding
+    the floor (``delay_s`` after it closed): the only times a schedule moves a target."""
+    edges: list[datetime] = []
+    for schedule in schedules:
+        trigger = cron_trigger(schedule.cron, schedule.timezone)
+        span = timedelta(seconds=schedule.duration_s + delay_s)
+        fire = trigger.get_next_fire_time(None, now - span)
+        for _ in range(10_000):  # a window per minute for a week, at most
+            if fire is None:
+                break
+            opened = [fire, fire + span - timedelta(seconds=delay_s), fire + span]
+            edges += [edge for edge in opened if edge > now]
+            if fire > now:
+                break
+            fire = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
+    return min(edges, default=None)
+
+
+def keep_falls_below(
+    policy: WarmPolicy, history: History, now: datetime, count: int, until: datetime
+) -> datetime | None:
+    """When, in (now, until], trim would first keep fewer than ``count`` workers if no
+    request came meanwhile: a moment at most a second *before* it (never after, so a
+    pass planned then is never late; one that comes too early finds nothing and asks
+    again); None if it does not happen.
+
+    Without new requests every estimate only decays, so what trim keeps never rises
+    (schedule edges aside: ``until`` must not pass the next one) and a bisection over
+    ``warm_target`` itself finds the moment.
+    """
+
+    def keep_at(offset_s: float) -> int:
+        later = History([age + offset_s for age in history.request_ages_s], history.provision_s)
+        return warm_target(policy, later, now + timedelta(seconds=offset_s)).keep
+
+    low, high = 0.0, (until - now).total_seconds()
+    if high <= 0 or keep_at(high) >= count:
+        return None
+    while high - low > 1.0:
+        middle = (low + high) / 2
+        if keep_at(middle) < count:
+            high = middle
+        else:
+            low = middle
+    return now + timedelta(seconds=low)

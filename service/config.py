@@ -137,6 +137,8 @@ class PoolConfig(_Strict):
     warm_policy: Literal["fixed", "adaptive"] = "fixed"
     warm_hit_target: float = Field(default=0.95, gt=0, lt=1)
     scale_down_delay: Duration = 10 * 60
+    # adaptive: the demand estimate's half-life (a second rate forgets five times faster).
+    demand_half_life: Duration = Field(default=10 * 60, ge=5)
     schedules: list[ScheduleConfig] = Field(default_factory=list)
     cost_per_hour: float | None = Field(default=None, ge=0)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)

@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql import Select
 from sqlmodel import Session, create_engine
 
@@ -40,8 +41,17 @@ def make_engine(url: str, pool_size: int = 10) -> Engine:
 _HOLDS_WRITER = "workerlease_holds_writer_lock"
 
 
+MEMORY_URL = "sqlite://"
+
+
 def _sqlite_engine(url: str) -> Engine:
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    connect_args = {"check_same_thread": False, "timeout": 30}
+    if make_url(url).database in (None, "", ":memory:"):
+        # One connection for every session: each new connection to an in-memory
+        # database would be a new, empty database (``workerlease simulate``'s replay).
+        engine = create_engine(url, connect_args=connect_args, poolclass=StaticPool)
+    else:
+        engine = create_engine(url, connect_args=connect_args)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

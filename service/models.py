@@ -161,6 +161,7 @@ class Pool(SQLModel, table=True):
     warm_policy: str = Field(default="fixed", max_length=20)
     warm_hit_target: float = 0.95
     scale_down_delay_s: int = 600
+    demand_half_life_s: int = 600
     schedules: list[dict[str, Any]] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False)
     )

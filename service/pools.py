@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func
 from sqlmodel import Session, col, select
 
 from service.capacity import (
@@ -16,7 +17,6 @@ from service.capacity import (
     Schedule,
     Target,
     WarmPolicy,
-    history_window_s,
     warm_target,
 )
 from service.config import PoolConfig
@@ -97,6 +97,7 @@ def _apply_pool_config(row: Pool, config: PoolConfig) -> None:
     row.warm_policy = config.warm_policy
     row.warm_hit_target = config.warm_hit_target
     row.scale_down_delay_s = config.scale_down_delay
+    row.demand_half_life_s = config.demand_half_life
     row.schedules = [schedule.model_dump() for schedule in config.schedules]
 
 
@@ -134,23 +135,27 @@ class PoolCounts:
         return self.by_state.get(state, 0)
 
 
+# Every pass counts, so the statements are built once (see ``db.Prepared``): building
+# them took about as long as running them on SQLite.
+_LIVE_WORKERS_BY_POOL = (
+    select(Worker.pool, Worker.state, func.count())
+    # IN, not "!= destroyed": the (state, pool) index then skips all of history.
+    .where(col(Worker.state).in_(LIVE_WORKER_STATES))
+    .group_by(col(Worker.pool), col(Worker.state))
+)
+_PENDING_BY_POOL = (
+    select(Lease.pool, func.count())
+    .where(Lease.state == LeaseState.PENDING)
+    .group_by(col(Lease.pool))
+)
+
+
 def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
     """Unfinished workers per pool and state, and pending leases per pool (partial indexes)."""
     counts: dict[str, PoolCounts] = {}
-    workers_q = (
-        select(Worker.pool, Worker.state, func.count())
-        # IN, not "!= destroyed": the (state, pool) index then skips all of history.
-        .where(col(Worker.state).in_(LIVE_WORKER_STATES))
-        .group_by(col(Worker.pool), col(Worker.state))
-    )
-    for pool, state, n in session.exec(workers_q).all():
+    for pool, state, n in session.exec(_LIVE_WORKERS_BY_POOL).all():
         counts.setdefault(pool, PoolCounts({}, 0)).by_state[state] = n
-    pending_q = (
-        select(Lease.pool, func.count())
-        .where(Lease.state == LeaseState.PENDING)
-        .group_by(col(Lease.pool))
-    )
-    for pool, n in session.exec(pending_q).all():
+    for pool, n in session.exec(_PENDING_BY_POOL).all():
         counts.setdefault(pool, PoolCounts({}, 0)).pending_leases = n
     return counts
 
@@ -168,6 +173,7 @@ def warm_policy(pool: Pool) -> WarmPolicy:
         max_workers=pool.max_workers,
         hit_target=pool.warm_hit_target,
         scale_down_delay_s=pool.scale_down_delay_s,
+        demand_half_life_s=pool.demand_half_life_s,
         schedules=tuple(
             Schedule(s["cron"], s["duration"], s["min_ready"], s.get("timezone", "UTC"))
             for s in pool.schedules
@@ -176,21 +182,62 @@ def warm_policy(pool: Pool) -> WarmPolicy:
     )
 
 
+class HistoryMemo:
+    """Histories read at one instant, kept until the owner says history changed.
+
+    For a single-threaded replay only (``workerlease simulate``): one virtual instant
+    runs several passes that read the same history (a rung demand pass reads it twice,
+    ``due.next_due`` once more), and only a lease request or a worker becoming ready
+    changes it, both of which the replay does itself and follows with ``forget()``.
+    The service never sets one: its passes run beside requests in other threads.
+    """
+
+    def __init__(self) -> None:
+        self._read: dict[tuple[str, datetime, datetime], History] = {}
+
+    def get(self, key: tuple[str, datetime, datetime]) -> History | None:
+        return self._read.get(key)
+
+    def put(self, key: tuple[str, datetime, datetime], history: History) -> None:
+        self._read[key] = history
+
+    def forget(self) -> None:
+        self._read.clear()
+
+
+HISTORY_MEMO: ContextVar[HistoryMemo | None] = ContextVar("workerlease_history_memo", default=None)
+
+
 def pool_history(session: Session, pool: str, since: datetime, now: datetime) -> History:
     """The pool's lease requests since ``since`` and its last provisioning times (two
     range reads of ``ix_leases_pool_created`` and ``ix_workers_pool_ready``)."""
-    requests = session.exec(
-        select(Lease.created_at)
-        .where(Lease.pool == pool, col(Lease.created_at) >= since)
-        .order_by(col(Lease.created_at).desc())
-        .limit(MAX_REQUESTS_READ)
-    ).all()
-    provisioned = session.exec(
-        select(Worker.created_at, Worker.ready_at)
-        .where(Worker.pool == pool, col(Worker.ready_at).is_not(None))
-        .order_by(col(Worker.ready_at).desc())
-        .limit(PROVISION_SAMPLES)
-    ).all()
+    memo = HISTORY_MEMO.get()
+    if memo is None:
+        return _read_history(session, pool, since, now)
+    history = memo.get((pool, since, now))
+    if history is None:
+        history = _read_history(session, pool, since, now)
+        memo.put((pool, since, now), history)
+    return history
+
+
+_REQUESTS_SINCE = (
+    select(Lease.created_at)
+    .where(Lease.pool == bindparam("pool"), col(Lease.created_at) >= bindparam("since"))
+    .order_by(col(Lease.created_at).desc())
+    .limit(MAX_REQUESTS_READ)
+)
+_LAST_PROVISIONED = (
+    select(Worker.created_at, Worker.ready_at)
+    .where(Worker.pool == bindparam("pool"), col(Worker.ready_at).is_not(None))
+    .order_by(col(Worker.ready_at).desc())
+    .limit(PROVISION_SAMPLES)
+)
+
+
+def _read_history(session: Session, pool: str, since: datetime, now: datetime) -> History:
+    requests = session.exec(_REQUESTS_SINCE, params={"pool": pool, "since": since}).all()
+    provisioned = session.exec(_LAST_PROVISIONED, params={"pool": pool}).all()
     return History(
         request_ages_s=[(now - at).total_seconds() for at in requests],
         provision_s=[(ready - created).total_seconds() for created, ready in provisioned if ready],
@@ -204,7 +251,7 @@ def warm_targets(session: Session, pools: Sequence[Pool], now: datetime) -> dict
         policy = warm_policy(pool)
         history = History()
         if policy.reads_history:
-            since = now - timedelta(seconds=history_window_s() + pool.scale_down_delay_s)
+            since = now - timedelta(seconds=policy.history_s)
             history = pool_history(session, pool.name, since, now)
         targets[pool.name] = warm_target(policy, history, now)
     return targets

@@ -23,10 +23,11 @@ def maintain(rt: Runtime, now: datetime | None = None, wait: bool = True) -> Non
         provision_timeouts(session, now, rt.provisioners.deployment.service_url)
         sweep_tasks(session, now, rt.task_retention_s)
     check_health(rt, now)
+    warnings = _provisioner_warnings(rt)  # read before: not a second session inside this one
     with session_scope(rt.factory) as session:
         serve_all_pending(session, now)
         trim(session, now)
-        record_warnings(session, _provisioner_warnings(rt), now)
+        record_warnings(session, warnings, now)
     refill(rt, now, wait)
 
 

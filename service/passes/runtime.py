@@ -18,6 +18,7 @@ from service.passes.provisioning import Deployment, ProvisionerSet
 from service.pools import installation_id
 
 DESTROYS_PER_POOL = 8
+_POOLS_BY_NAME = select(Pool).order_by(col(Pool.name))  # built once: every pass reads it
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Runtime:
 
     def pools(self) -> list[Pool]:
         with session_scope(self.read_factory) as session:
-            return list(session.exec(select(Pool).order_by(col(Pool.name))).all())
+            return list(session.exec(_POOLS_BY_NAME).all())
 
     def close(self) -> None:
         self.creates.shutdown()

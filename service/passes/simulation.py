@@ -37,13 +37,15 @@ def simulated_options(pool: PoolConfig) -> SimulatedOptions:
 
 
 def simulated_cloud(
-    now: Callable[[], datetime], on_ready: Callable[[str, str, datetime], None], seed: int
+    now: Callable[[], datetime],
+    on_ready: Callable[[str, str, str, datetime], None],
+    seed: int,
 ) -> SimulatedCloud:
-    """The simulated platform; ``on_ready(worker_id, bootstrap_token, at)`` is told when
-    each machine's agent will call back."""
+    """The simulated platform; ``on_ready(worker_id, pool, bootstrap_token, at)`` is told
+    when each machine's agent will call back."""
 
     def ready(spec: WorkerSpec, at: datetime) -> None:
-        on_ready(spec.worker_id, spec.bootstrap_token, at)
+        on_ready(spec.worker_id, spec.pool, spec.bootstrap_token, at)
 
     return SimulatedCloud(now, ready, random.Random(seed))
 

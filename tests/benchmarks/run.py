@@ -3,6 +3,7 @@
     python -m tests.benchmarks.run                 # everything (make bench), ~20 min on 2 cores
     python -m tests.benchmarks.run --quick         # smaller pools and sizes, ~6 min
     python -m tests.benchmarks.run --only warm     # warm | scale | ttw | longpoll | tasks | refill
+    python -m tests.benchmarks.run --only simulate --simulate-before a2f031a  # replay speed
     python -m tests.benchmarks.run --db sqlite     # skip PostgreSQL
 
 Figures and targets: issue 6 and docs/benchmarks.md.
@@ -19,7 +20,7 @@ from typing import Any
 
 from tests.benchmarks.common import ROOT, machine_info, sqlite_version
 
-SECTIONS = ("warm", "scale", "ttw", "longpoll", "tasks", "refill")
+SECTIONS = ("warm", "scale", "ttw", "longpoll", "tasks", "refill", "simulate")
 # The figures whose growth with history (and with live leases) the scale table shows.
 GROWTH_KEYS = ("maintain", "destroy", "reconcile", "admin_leases", "admin_workers", "admin_events")
 FULL = {
@@ -41,6 +42,7 @@ FULL = {
     "task_warm_cycles": 16,
     "refill_ready": 10,
     "refill_samples": 5,
+    "simulate_hours": 168,
 }
 QUICK = {
     "ready": 72,
@@ -61,6 +63,7 @@ QUICK = {
     "task_warm_cycles": 16,
     "refill_ready": 10,
     "refill_samples": 3,
+    "simulate_hours": 24,
 }
 
 
@@ -78,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         "--db",
         default="sqlite,postgres",
         help="comma-separated database kinds (default: sqlite,postgres)",
+    )
+    parser.add_argument(
+        "--simulate-before",
+        metavar="REVISION",
+        help="simulate: also replay the trace with this git revision's code, for the ratio",
     )
     parser.add_argument("--out", default=str(ROOT / "var" / "bench" / "results.json"))
     args = parser.parse_args(argv)
@@ -121,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             pg_url = postgres.create_database() if postgres is not None else None
             results["refill"] = run_refill(
                 settings["refill_ready"], settings["refill_samples"], pg_url, log
+            )
+        if "simulate" in sections:
+            from tests.benchmarks.simulate import run_simulate
+
+            results["simulate"] = run_simulate(
+                settings["simulate_hours"], args.simulate_before, log
             )
     finally:
         if postgres is not None:
@@ -324,6 +338,12 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         _get(r, "time_to_worker", "docker", "row_to_ready_ratio"),
         1.3001,
     )
+    week = _get(r, "simulate", "hours") == 168
+    add(
+        "simulate: a week of a 1-lease-per-minute pool, wall (s) < 30",
+        _get(r, "simulate", "after", "wall_s") if week else None,
+        30,
+    )
     return rows
 
 
@@ -484,6 +504,34 @@ def _render_refill(rf: dict[str, Any]) -> str:
         + f"\n\nOn vs off (median): {rf.get('refill_on_vs_off')}. One ring: "
         + f"{cost.get('socket_us')} us (datagram); PostgreSQL {cost.get('postgres_ring_us')} us "
         + f"(the bell's thread sends the NOTIFY, {cost.get('notify_us')} us)."
+    )
+
+
+def _render_simulate(sim: dict[str, Any]) -> str:
+    rows = [
+        [
+            name if name == "after" else f"before ({sim[name]['revision']})",
+            sim[name]["wall_s"],
+            sim[name]["cpu_s"],
+            sim[name]["passes"],
+            sim[name]["pool"]["warm_hit_rate"],
+            sim[name]["pool"]["idle_worker_minutes"],
+            sim[name]["pool"]["creations"],
+        ]
+        for name in ("before", "after")
+        if name in sim
+    ]
+    ratio = ""
+    if "speedup_wall" in sim:
+        ratio = f"\n\nBefore / after: {sim['speedup_wall']}x wall, {sim['speedup_cpu']}x CPU."
+    return (
+        f"### Replay of {sim['hours']:g} h of a steady 1-lease-per-minute pool "
+        f"({sim['requests']} requests, `simulate --policy adaptive`, docs/capacity/ubuntu.yaml)\n"
+        + _table(
+            ["code", "wall s", "CPU s", "passes", "warm hit", "idle worker-min", "creations"],
+            rows,
+        )
+        + ratio
     )
 
 
@@ -679,6 +727,8 @@ def render(r: dict[str, Any]) -> str:
         parts.append(_render_tasks(r["tasks"]))
     if r.get("refill"):
         parts.append(_render_refill(r["refill"]))
+    if r.get("simulate"):
+        parts.append(_render_simulate(r["simulate"]))
     parts.append(
         "### Targets\n"
         + _table(

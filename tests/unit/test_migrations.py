@@ -19,7 +19,7 @@ def _differences(engine: Engine) -> list[Any]:
 
 
 def test_migrated_schema_matches_the_models(engine: Engine) -> None:
-    assert migrate.current_revision(engine) == "0007"
+    assert migrate.current_revision(engine) == "0008"
     assert _differences(engine) == []
 
 
@@ -32,5 +32,5 @@ def test_downgrade_then_upgrade_again(engine: Engine) -> None:
         command.downgrade(config, "0001")
     assert migrate.current_revision(engine) == "0001"
     migrate.upgrade(engine)
-    assert migrate.current_revision(engine) == "0007"
+    assert migrate.current_revision(engine) == "0008"
     assert _differences(engine) == []

@@ -1,0 +1,99 @@
+"""When time alone next gives the ``maintain`` pass work to do.
+
+Between events (a request, a release, an agent's callback) what the pass finds changes
+only with the clock: a lease's idle, lifetime or pending deadline, a provisioning
+timeout, a create backoff ending, a schedule window's edge, and what trim keeps as the
+demand estimate decays. ``next_due`` reads those from the database and the pools' own
+policies, so a replay (``workerlease simulate``) can run the pass when it has work
+instead of every few virtual seconds. The running service keeps its fixed interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from service.capacity import keep_falls_below, next_schedule_edge
+from service.models import Lease, LeaseState, Pool, Worker, WorkerState
+from service.pools import PoolCounts, counts_by_pool, pool_history, refill_wanted, warm_policy
+
+
+def next_due(session: Session, now: datetime) -> datetime | None:
+    """The earliest moment from ``now`` on at which ``maintain`` would act without any
+    other event first; None when nothing is ever due. ``now`` itself when a pool lacks
+    workers that no ring will ask for (a create failed after the pass planned it, a
+    destroy freed room under ``max_workers``). Destroys are not included: the destroy
+    pass follows releases and trims, not the clock."""
+    pools = session.exec(select(Pool)).all()
+    if refill_wanted(session, now):
+        return now
+    candidates = [*_lease_deadlines(session), *_provision_deadlines(session, pools)]
+    candidates += [
+        pool.create_backoff_until
+        for pool in pools
+        if pool.create_backoff_until is not None and pool.create_backoff_until > now
+    ]
+    counts = counts_by_pool(session)
+    for pool in pools:
+        if pool.enabled:
+            pool_counts = counts.get(pool.name, PoolCounts({}, 0))
+            candidates.append(_trim_due(session, pool, pool_counts, now))
+    return min((moment for moment in candidates if moment is not None), default=None)
+
+
+def next_trim_due(session: Session, pool_name: str, now: datetime) -> datetime | None:
+    """``next_due`` after a worker of the pool became ready: only its trim can come
+    sooner (one more ready worker), the deadlines are as they were."""
+    pool = session.get(Pool, pool_name)
+    if pool is None or not pool.enabled:
+        return None
+    counts = counts_by_pool(session).get(pool_name, PoolCounts({}, 0))
+    return _trim_due(session, pool, counts, now)
+
+
+def _lease_deadlines(session: Session) -> list[datetime | None]:
+    active = session.exec(
+        select(func.min(Lease.idle_expires_at), func.min(Lease.expires_at)).where(
+            Lease.state == LeaseState.ACTIVE
+        )
+    ).one()
+    pending = session.exec(
+        select(func.min(Lease.pending_expires_at)).where(Lease.state == LeaseState.PENDING)
+    ).one()
+    return [*active, pending]
+
+
+def _provision_deadlines(session: Session, pools: Sequence[Pool]) -> list[datetime | None]:
+    """Each pool's oldest provisioning worker times out ``provision_timeout`` after its
+    creation (``workers.provision_timeouts``)."""
+    oldest = dict(
+        session.exec(
+            select(Worker.pool, func.min(Worker.created_at))
+            .where(Worker.state == WorkerState.PROVISIONING)
+            .group_by(col(Worker.pool))
+        ).all()
+    )
+    return [
+        oldest[pool.name] + timedelta(seconds=pool.provision_timeout_s)
+        for pool in pools
+        if oldest.get(pool.name) is not None
+    ]
+
+
+def _trim_due(session: Session, pool: Pool, counts: PoolCounts, now: datetime) -> datetime | None:
+    """When trim would first find a surplus: what it keeps (plus the pending leases)
+    falls below the workers ready now. A worker that becomes ready later is an event:
+    the caller asks again then."""
+    policy = warm_policy(pool)
+    edge = next_schedule_edge(policy.schedules, policy.scale_down_delay_s, now)
+    surplus_at = counts[WorkerState.READY] - counts.pending_leases
+    if surplus_at <= 0 or not policy.reads_history:
+        return edge
+    horizon = now + timedelta(seconds=policy.history_s + 1)
+    since = now - timedelta(seconds=policy.history_s)
+    history = pool_history(session, pool.name, since, now)
+    falls = keep_falls_below(policy, history, now, surplus_at, min(horizon, edge or horizon))
+    return min((m for m in (falls, edge) if m is not None), default=None)
