@@ -149,7 +149,7 @@ def _render_powershell(env: Mapping[str, str], files: Mapping[str, bytes], extra
             "    } catch { }",
             "    Start-Sleep -Seconds 5",
             "  }",
-            "  throw \"workerlease bootstrap: cannot fetch $Name from $env:WORKERLEASE_URL\"",
+            '  throw "workerlease bootstrap: cannot fetch $Name from $env:WORKERLEASE_URL"',
             "}",
         ]
         lines += [

@@ -22,12 +22,12 @@ from tests.support.server import wait_until
 pytestmark = pytest.mark.integration
 
 
-
 def _as_from_a_terminal() -> None:
     """SIGINT as a terminal delivers it: a suite started in the background (a CI runner,
     ``nohup``, ``cmd &``) passes SIGINT on ignored, and Python then never raises
     KeyboardInterrupt; Ctrl-C on a terminal is what these tests stand for."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 def test_task_commands_and_sdk_calls_against_the_real_task_api(served: Served) -> None:
     token = served.tenant()
