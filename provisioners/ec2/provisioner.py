@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import random
 import re
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from provisioners.base import (
     CapacityError,
@@ -21,6 +23,7 @@ from provisioners.base import (
     Provisioner,
     ProvisionerError,
     ResourceState,
+    TransientProvisionerError,
     WorkerHandle,
     WorkerSpec,
 )
@@ -36,6 +39,9 @@ from provisioners.ec2.throttling import FAMILY_OF_OPERATION, rate_limiter
 from provisioners.userdata import agent_files, render_user_data
 
 log = logging.getLogger(__name__)
+
+UNPARSEABLE_ATTEMPTS = 4  # an answer that is not EC2's XML: tried this often in all
+UNPARSEABLE_BACKOFF_S = 0.5  # times the attempt number, with jitter
 
 USER_DATA_LIMIT = 16 * 1024  # EC2 limit on raw user data, before base64
 ID_BATCH = 1000  # TerminateInstances / DescribeInstances accept up to 1000 ids
@@ -98,9 +104,24 @@ class EC2Provisioner(Provisioner[EC2Options]):
         )
 
     def _call(self, operation: str, **params: Any) -> dict[str, Any]:
-        """One EC2 call (rate limited per request); botocore exceptions pass through."""
-        result: dict[str, Any] = getattr(self.client(), operation)(**params)
-        return result
+        """One EC2 call (rate limited per request); botocore exceptions pass through.
+
+        An answer that is not EC2's XML at all (an HTML 500 page from something between
+        us and EC2, or from moto) is retried here: botocore retries 5xx only when it can
+        parse them. Every call made is idempotent (launches carry a ClientToken).
+        """
+        for attempt in range(1, UNPARSEABLE_ATTEMPTS + 1):
+            try:
+                result: dict[str, Any] = getattr(self.client(), operation)(**params)
+                return result
+            except ResponseParserError as exc:
+                if attempt == UNPARSEABLE_ATTEMPTS:
+                    raise TransientProvisionerError(
+                        f"{operation}: the answer was not EC2's XML {attempt} times"
+                    ) from exc
+                log.warning("ec2_unparseable_answer operation=%s attempt=%d", operation, attempt)
+                time.sleep(UNPARSEABLE_BACKOFF_S * attempt * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
 
     def _describe_pages(self, **params: Any) -> Iterator[dict[str, Any]]:
         """Every instance DescribeInstances returns, one rate-limited page at a time."""

@@ -83,12 +83,17 @@ def test_each_waiting_request_logs_under_its_own_id(server: ServerProcess) -> No
     # The waits overlapped in one process: several began before the first one ended.
     first_end = next(i for i, line in enumerate(waits) if line["event"] == "lease_wait_ended")
     assert len({(line["proc"], line["lease"]) for line in waits[:first_end]}) >= 2, waits
-    access = [
-        line
-        for line in _lines(server)
-        if line["event"] == "http_request" and line.get("path") == "/v1/leases"
-    ]
-    assert sorted(line["request_id"] for line in access) == sorted(leases)
+
+    def access() -> list[str]:
+        return sorted(
+            line["request_id"]
+            for line in _lines(server)
+            if line["event"] == "http_request" and line.get("path") == "/v1/leases"
+        )
+
+    # gunicorn writes the access line after the answer is sent: the client may be first.
+    wait_until(lambda: len(access()) == REQUESTS, 30, message=lambda: server.log_tail())
+    assert access() == sorted(leases)
 
     # An id the client did not send, or one that is not sane, is made by the service.
     response = server.request("GET", "/readyz", headers={"X-Request-Id": "x" * 300})

@@ -402,6 +402,37 @@ def test_botocore_retries_pass_the_rate_limiter_too(make_provisioner, make_spec,
     assert turns.count("run") == 4  # ...each waited for its turn at the limiter
 
 
+class _GarblingHandler(_ThrottlingHandler):
+    """The first answer is an HTML 500 page (as moto's web server gives when it breaks,
+    or a proxy in front of EC2), the rest are EC2's."""
+
+    def do_POST(self) -> None:
+        self.server.launch_requests += 1
+        if self.server.launch_requests > 1:
+            super().do_POST()
+            return
+        self.rfile.read(int(self.headers["Content-Length"]))
+        data = b"<!doctype html>\n<title>500 Internal Server Error</title>\n"
+        self.send_response(500)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_an_answer_that_is_not_ec2s_xml_is_retried(make_provisioner, deployment_id):
+    server = _ThrottlingEC2()
+    server.RequestHandlerClass = _GarblingHandler
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        provisioner = make_provisioner(endpoint_url=server.url, max_attempts=1)
+        assert provisioner.list_owned(deployment_id) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert server.launch_requests == 2  # the garbled answer, then the one that parsed
+
+
 def test_rate_limiter_refuses_a_wait_beyond_the_bound():
     now = [0.0]
     limiter = RateLimiter(
