@@ -83,7 +83,7 @@ def require_worker_token() -> None:
     if request.endpoint == "worker_tasks.poll":
         services.tasks.authenticate_worker(worker_id, token)
     else:
-        workers.check_worker_token(services.session(), worker_id, token)
+        workers.check_worker_token(services.session().connection(), worker_id, token)
     g.worker_id = worker_id
 
 

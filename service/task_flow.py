@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 
 from service import metrics, tasks
 from service.clock import Clock
-from service.db import session_scope, transaction
+from service.db import read_scope, session_scope, transaction
 from service.models import LIVE_TASK_STATES, Task
 from service.schemas import TaskCreate
 from service.tasks import LogReceipt, LogSlice, Work
@@ -120,8 +120,7 @@ class TaskFlow:
         self, session: Session, tenant_id: str, lease_id: str, task_id: str, offset: int
     ) -> LogSlice:
         with transaction(session):
-            task = tasks.tenant_task(session, tenant_id, lease_id, task_id)
-            return tasks.read_log(session, task, offset)
+            return tasks.read_log(session.connection(), tenant_id, lease_id, task_id, offset)
 
     def _logs_moved(self, keys: Collection[str]) -> set[str]:
         wanted = [(key, *key.rsplit("@", 1)) for key in keys]
@@ -159,7 +158,7 @@ class TaskFlow:
                     changed.wait(remaining)
 
     def _look_and_take(self, session: Session, worker_id: str, running: Collection[str]) -> Work:
-        with session_scope(self.read_factory) as reading:
+        with read_scope(self.read_factory) as reading:
             if not tasks.has_work(reading, worker_id, running):
                 return Work()
         with transaction(session):
@@ -198,5 +197,5 @@ class TaskFlow:
     def authenticate_worker(self, worker_id: str, token: str) -> None:
         """Checked on a read session of its own: a poll must not hold a write transaction
         (on SQLite, the database's write lock) while it waits."""
-        with session_scope(self.read_factory) as session:
-            check_worker_token(session, worker_id, token)
+        with read_scope(self.read_factory) as connection:
+            check_worker_token(connection, worker_id, token)
