@@ -8,6 +8,7 @@ changes made by another process, one re-read per process every 0.5 s.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Collection, Sequence
 from contextlib import nullcontext
@@ -25,6 +26,11 @@ from service.tasks import LogReceipt, LogSlice, Work
 from service.waiters import Waiters, WaitMetrics
 from service.workers import check_worker_token
 
+# An idle poll is answered after ``wait_seconds`` less up to this share of it, at random:
+# agents that started together (a pool filled at once, a service restart) would otherwise
+# all ask again at the same moment every ``wait_seconds``, a burst of looks that every
+# other request queues behind.
+POLL_JITTER = 0.2
 # An agent holds one poll; a second covers a retry while the first is still being answered.
 POLLS_PER_WORKER = 2
 
@@ -147,7 +153,7 @@ class TaskFlow:
         poll that starts or ends a task takes a write transaction.
         """
         with self.polls.slot(worker_id):
-            deadline = time.monotonic() + wait_seconds
+            deadline = time.monotonic() + wait_seconds * (1 - POLL_JITTER * random.random())
             with self.polls.watch(worker_id) as changed:
                 while True:
                     changed.clear()
@@ -155,7 +161,10 @@ class TaskFlow:
                     remaining = deadline - time.monotonic()
                     if work or remaining <= 0 or self.polls.draining:
                         return work
-                    changed.wait(remaining)
+                    if not changed.wait(remaining):
+                        # Nothing came: no last look, the agent asks again at once (and a
+                        # change elsewhere in the last recheck interval is seen then).
+                        return work
 
     def _look_and_take(self, session: Session, worker_id: str, running: Collection[str]) -> Work:
         with read_scope(self.read_factory) as reading:
