@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 from service import metrics, tasks
 from service.clock import Clock
 from service.db import read_scope, session_scope, transaction
-from service.models import LIVE_TASK_STATES, Task
+from service.models import LIVE_TASK_STATES, Task, TaskState
 from service.schemas import TaskCreate
 from service.tasks import LogReceipt, LogSlice, Work
 from service.waiters import Waiters, WaitMetrics
@@ -114,12 +114,20 @@ class TaskFlow:
         wait_seconds: int,
     ) -> LogSlice:
         """Output from ``offset``; with nothing there yet and the task live, wait for more."""
+        key = _log_key(task_id, offset)
         with self.follows.slot(tenant_id) if wait_seconds else nullcontext():
-            with self.follows.watch(_log_key(task_id, offset)) as moved:
+            with self.follows.watch(key) as moved:
                 now = self._read(session, tenant_id, lease_id, task_id, offset)
                 if now.data or now.state not in LIVE_TASK_STATES or not wait_seconds:
                     return now
                 moved.wait(wait_seconds)
+                # Woken by a chunk stored at this very offset (in this process): it is the
+                # answer, committed, and this request already read the task as the
+                # tenant's. Anything else (a chunk elsewhere, an ending, another
+                # process's write, the timeout) reads again.
+                handed = self.follows.handed(key)
+            if isinstance(handed, LogSlice):
+                return handed
             return self._read(session, tenant_id, lease_id, task_id, offset)
 
     def _read(
@@ -182,6 +190,10 @@ class TaskFlow:
     ) -> LogReceipt:
         with transaction(session):
             receipt = tasks.append_log(session, worker_id, task_id, offset, data, self.log_limit)
+        if receipt.stored:
+            chunk = receipt.stored[: tasks.MAX_LOG_READ]
+            slice_ = LogSlice(chunk, receipt.stored_at + len(chunk), TaskState.RUNNING)
+            self.follows.hand(_log_key(task_id, receipt.stored_at), slice_)
         self.follows.notify_prefix(_log_key(task_id, 0)[:-1])
         return receipt
 

@@ -459,6 +459,8 @@ class LogReceipt:
     received: int
     cancel: bool
     discard: bool
+    stored_at: int = 0  # where ``stored`` begins in the kept log
+    stored: bytes = b""  # what this chunk added to the kept log
 
 
 def append_log(
@@ -485,6 +487,7 @@ def append_log(
     running = task.state == TaskState.RUNNING
     received, capped = task.received_bytes, task.log_capped
     fresh = data[received - offset :] if running and offset <= received else b""
+    kept = b""
     if fresh:
         received += len(fresh)
         kept = fresh[: max(0, log_limit - task.log_bytes)]
@@ -509,6 +512,8 @@ def append_log(
         received=received,
         cancel=not running or task.cancel_requested_at is not None,
         discard=capped,
+        stored_at=task.log_bytes,
+        stored=kept,
     )
 
 
