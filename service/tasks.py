@@ -64,6 +64,7 @@ _C: Table = TaskLogChunk.__table__  # type: ignore[attr-defined]
 _P: Table = Pool.__table__  # type: ignore[attr-defined]
 _LIVE: list[Any] = [literal_column(f"'{state}'") for state in LIVE_TASK_STATES]
 
+_LARGEST_OFFSET = (1 << 31) - 1  # log_bytes and a chunk's offset are INTEGER columns
 # The tenant's task (no row: not theirs) and, when the log goes past ``b_offset``, the
 # chunks holding [b_offset, b_end): from the last one starting at or before b_offset.
 _FIRST_CHUNK = (
@@ -291,8 +292,10 @@ def read_log(
         "b_task_id": task_id,
         "b_lease_id": lease_id,
         "b_tenant_id": tenant_id,
-        "b_offset": offset,
-        "b_end": offset + limit,
+        # Offsets past any log are asked as the largest the column holds: no chunk lies
+        # there either, and PostgreSQL refuses an INTEGER parameter beyond it.
+        "b_offset": min(offset, _LARGEST_OFFSET),
+        "b_end": min(offset + limit, _LARGEST_OFFSET),
     }
     rows = connection.execute(_LOG_READ, params).all()
     if not rows:

@@ -176,6 +176,7 @@ def test_a_task_runs_through_the_service_with_its_log_exact(svc: Service, acme: 
     end = acme.task(task["id"], "/log", offset=12)
     assert (end.data, end.headers["X-Task-State"]) == (b"", "succeeded")
     assert acme.task(task["id"], "/log", offset=13).status_code == 416
+    assert acme.task(task["id"], "/log", offset=1 << 47).status_code == 416
     # What may hold secrets is gone from the database once the task ended.
     assert _task_row(svc, task["id"]).payload is None
     # A finish repeated (its answer was lost) changes nothing.
@@ -555,4 +556,11 @@ def test_followers_waiting_for_more_get_exactly_the_bytes_that_came(
     assert ahead.headers["X-Next-Offset"] == "14"
     # Both read on from there: no byte lost or repeated.
     assert acme.task(task_id, "/log", offset=0).data == b"one\ntwo\nthree\n"
+    # Far past the end of a live log: nothing yet, and the next read starts there.
+    beyond = acme.task(task_id, "/log", offset=1 << 47)
+    assert (beyond.status_code, beyond.data, beyond.headers["X-Next-Offset"]) == (
+        200,
+        b"",
+        str(1 << 47),
+    )
     assert follows.waiting() == 0 and follows.handed(f"{task_id}@4") is None
