@@ -216,7 +216,7 @@ class TaskFlow:
         return task
 
     def authenticate_worker(self, worker_id: str, token: str) -> None:
-        """Checked on a read session of its own: a poll must not hold a write transaction
-        (on SQLite, the database's write lock) while it waits."""
+        """Checked on a read connection of its own: a poll must not hold a write
+        transaction (on SQLite, the database's write lock) while it waits."""
         with read_scope(self.read_factory) as connection:
             check_worker_token(connection, worker_id, token)
