@@ -74,7 +74,7 @@ def require_bootstrap_token() -> None:
 def require_worker_token() -> None:
     """The agent's worker token for the worker in the path, checked before the body.
 
-    The long poll checks it on a read session of its own (it must not hold a write
+    The long poll checks it on a read connection of its own (it must not hold a write
     transaction while it waits); output and results check it in the request's own
     transaction, which their write then continues (one session, not two)."""
     token = bearer_token()
@@ -83,7 +83,7 @@ def require_worker_token() -> None:
     if request.endpoint == "worker_tasks.poll":
         services.tasks.authenticate_worker(worker_id, token)
     else:
-        workers.check_worker_token(services.session(), worker_id, token)
+        workers.check_worker_token(services.session().connection(), worker_id, token)
     g.worker_id = worker_id
 
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql import Select
@@ -121,6 +121,16 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
             yield session
     finally:
         session.close()
+
+
+@contextmanager
+def read_scope(factory: sessionmaker[Session]) -> Iterator[Connection]:
+    """One read transaction on a connection of the factory's engine, without an ORM
+    session: for the reads that waiting requests repeat (an agent's poll looks, its token),
+    where building a session cost more than their one SELECT."""
+    engine: Engine = factory.kw["bind"]
+    with engine.connect() as connection, connection.begin():
+        yield connection
 
 
 def with_row_locks(

@@ -8,6 +8,7 @@ changes made by another process, one re-read per process every 0.5 s.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Collection, Sequence
 from contextlib import nullcontext
@@ -18,13 +19,18 @@ from sqlmodel import Session, col, select
 
 from service import metrics, tasks
 from service.clock import Clock
-from service.db import session_scope, transaction
-from service.models import LIVE_TASK_STATES, Task
+from service.db import read_scope, session_scope, transaction
+from service.models import LIVE_TASK_STATES, Task, TaskState
 from service.schemas import TaskCreate
 from service.tasks import LogReceipt, LogSlice, Work
 from service.waiters import Waiters, WaitMetrics
 from service.workers import check_worker_token
 
+# An idle poll is answered after ``wait_seconds`` less up to this share of it, at random:
+# agents that started together (a pool filled at once, a service restart) would otherwise
+# all ask again at the same moment every ``wait_seconds``, a burst of looks that every
+# other request queues behind.
+POLL_JITTER = 0.2
 # An agent holds one poll; a second covers a retry while the first is still being answered.
 POLLS_PER_WORKER = 2
 
@@ -108,20 +114,27 @@ class TaskFlow:
         wait_seconds: int,
     ) -> LogSlice:
         """Output from ``offset``; with nothing there yet and the task live, wait for more."""
+        key = _log_key(task_id, offset)
         with self.follows.slot(tenant_id) if wait_seconds else nullcontext():
-            with self.follows.watch(_log_key(task_id, offset)) as moved:
+            with self.follows.watch(key) as moved:
                 now = self._read(session, tenant_id, lease_id, task_id, offset)
                 if now.data or now.state not in LIVE_TASK_STATES or not wait_seconds:
                     return now
                 moved.wait(wait_seconds)
+                # Woken by a chunk stored at this very offset (in this process): it is the
+                # answer, committed, and this request already read the task as the
+                # tenant's. Anything else (a chunk elsewhere, an ending, another
+                # process's write, the timeout) reads again.
+                handed = self.follows.handed(key)
+            if isinstance(handed, LogSlice):
+                return handed
             return self._read(session, tenant_id, lease_id, task_id, offset)
 
     def _read(
         self, session: Session, tenant_id: str, lease_id: str, task_id: str, offset: int
     ) -> LogSlice:
         with transaction(session):
-            task = tasks.tenant_task(session, tenant_id, lease_id, task_id)
-            return tasks.read_log(session, task, offset)
+            return tasks.read_log(session.connection(), tenant_id, lease_id, task_id, offset)
 
     def _logs_moved(self, keys: Collection[str]) -> set[str]:
         wanted = [(key, *key.rsplit("@", 1)) for key in keys]
@@ -148,7 +161,7 @@ class TaskFlow:
         poll that starts or ends a task takes a write transaction.
         """
         with self.polls.slot(worker_id):
-            deadline = time.monotonic() + wait_seconds
+            deadline = time.monotonic() + wait_seconds * (1 - POLL_JITTER * random.random())
             with self.polls.watch(worker_id) as changed:
                 while True:
                     changed.clear()
@@ -156,10 +169,13 @@ class TaskFlow:
                     remaining = deadline - time.monotonic()
                     if work or remaining <= 0 or self.polls.draining:
                         return work
-                    changed.wait(remaining)
+                    if not changed.wait(remaining):
+                        # Nothing came: no last look, the agent asks again at once (and a
+                        # change elsewhere in the last recheck interval is seen then).
+                        return work
 
     def _look_and_take(self, session: Session, worker_id: str, running: Collection[str]) -> Work:
-        with session_scope(self.read_factory) as reading:
+        with read_scope(self.read_factory) as reading:
             if not tasks.has_work(reading, worker_id, running):
                 return Work()
         with transaction(session):
@@ -174,6 +190,10 @@ class TaskFlow:
     ) -> LogReceipt:
         with transaction(session):
             receipt = tasks.append_log(session, worker_id, task_id, offset, data, self.log_limit)
+        if receipt.stored:
+            chunk = receipt.stored[: tasks.MAX_LOG_READ]
+            slice_ = LogSlice(chunk, receipt.stored_at + len(chunk), TaskState.RUNNING)
+            self.follows.hand(_log_key(task_id, receipt.stored_at), slice_)
         self.follows.notify_prefix(_log_key(task_id, 0)[:-1])
         return receipt
 
@@ -196,7 +216,7 @@ class TaskFlow:
         return task
 
     def authenticate_worker(self, worker_id: str, token: str) -> None:
-        """Checked on a read session of its own: a poll must not hold a write transaction
-        (on SQLite, the database's write lock) while it waits."""
-        with session_scope(self.read_factory) as session:
-            check_worker_token(session, worker_id, token)
+        """Checked on a read connection of its own: a poll must not hold a write
+        transaction (on SQLite, the database's write lock) while it waits."""
+        with read_scope(self.read_factory) as connection:
+            check_worker_token(connection, worker_id, token)

@@ -14,14 +14,16 @@ import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from sqlalchemy import and_, delete, func, insert, or_
+from sqlalchemy import Table, and_, bindparam, delete, func, insert, literal_column, or_, update
+from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from service import metrics
-from service.db import is_sqlite, with_row_locks
+from service.db import Prepared, is_sqlite, with_row_locks
 from service.errors import Conflict, InvalidRequest, NotFound, RangeNotSatisfiable
 from service.models import (
     LIVE_TASK_STATES,
@@ -53,6 +55,85 @@ def default_shell(pool_os: str) -> str:
 
 def is_ended(task: Task) -> bool:
     return task.state not in LIVE_TASK_STATES
+
+
+# The hot path in Core (issue 11): a followed log costs an output chunk and a log read
+# per line, and every idle agent's poll looks; none of them builds ORM instances.
+_T: Table = Task.__table__  # type: ignore[attr-defined]
+_C: Table = TaskLogChunk.__table__  # type: ignore[attr-defined]
+_P: Table = Pool.__table__  # type: ignore[attr-defined]
+_LIVE: list[Any] = [literal_column(f"'{state}'") for state in LIVE_TASK_STATES]
+
+_LARGEST_OFFSET = (1 << 31) - 1  # log_bytes and a chunk's offset are INTEGER columns
+# The tenant's task (no row: not theirs) and, when the log goes past ``b_offset``, the
+# chunks holding [b_offset, b_end): from the last one starting at or before b_offset.
+_FIRST_CHUNK = (
+    core_select(func.coalesce(func.max(_C.c.offset), 0))
+    .where(_C.c.task_id == bindparam("b_task_id"), _C.c.offset <= bindparam("b_offset"))
+    .scalar_subquery()
+)
+_LOG_READ = (
+    core_select(_T.c.state, _T.c.log_bytes, _C.c.offset, _C.c.data)
+    .select_from(
+        _T.outerjoin(
+            _C,
+            and_(
+                _C.c.task_id == _T.c.id,
+                _T.c.log_bytes > bindparam("b_offset"),
+                _C.c.offset >= _FIRST_CHUNK,
+                _C.c.offset < bindparam("b_end"),
+            ),
+        )
+    )
+    .where(
+        _T.c.id == bindparam("b_task_id"),
+        _T.c.lease_id == bindparam("b_lease_id"),
+        _T.c.tenant_id == bindparam("b_tenant_id"),
+    )
+    .order_by(_C.c.offset)
+)
+# The worker's live tasks and its pool's max_concurrent_tasks: a poll's look.
+_LIVE_TASK_LOOK = (
+    core_select(
+        _T.c.id,
+        _T.c.state,
+        _T.c.cancel_requested_at,
+        func.coalesce(
+            core_select(_P.c.max_concurrent_tasks).where(_P.c.name == _T.c.pool).scalar_subquery(),
+            1,
+        ).label("max_concurrent_tasks"),
+    )
+    .where(_T.c.worker_id == bindparam("b_worker_id"), _T.c.state.in_(_LIVE))
+    .order_by(_T.c.seq)
+)
+_LIVE_TASKS = Prepared(
+    select(Task)
+    .where(Task.worker_id == bindparam("b_worker_id"), col(Task.state).in_(_LIVE))
+    .order_by(col(Task.seq)),
+    skip_locked=False,
+)
+# What storing a chunk of output reads of its task, and writes.
+_OUTPUT_LOOK = Prepared(
+    core_select(
+        _T.c.state,
+        _T.c.received_bytes,
+        _T.c.log_bytes,
+        _T.c.log_capped,
+        _T.c.cancel_requested_at,
+        _T.c.pool,
+    ).where(_T.c.id == bindparam("b_task_id"), _T.c.worker_id == bindparam("b_worker_id")),
+    skip_locked=False,
+)
+_INSERT_CHUNK = insert(_C)
+_STORE_OUTPUT = (
+    update(_T)
+    .where(_T.c.id == bindparam("b_task_id"))
+    .values(
+        received_bytes=bindparam("b_received"),
+        log_bytes=bindparam("b_log_bytes"),
+        log_capped=bindparam("b_capped"),
+    )
+)
 
 
 # ---- the tenant's side -------------------------------------------------------------
@@ -196,32 +277,39 @@ class LogSlice:
     state: TaskState
 
 
-def read_log(session: Session, task: Task, offset: int, limit: int = MAX_LOG_READ) -> LogSlice:
-    """The kept log from byte ``offset``, at most ``limit`` bytes (416 past its end when the
-    task has ended: such an offset never fills)."""
-    if offset > task.log_bytes and is_ended(task):
-        raise RangeNotSatisfiable(
-            f"offset {offset} is past the end of the log ({task.log_bytes} bytes)"
-        )
-    end = min(task.log_bytes, offset + limit)
+def read_log(
+    connection: Connection,
+    tenant_id: str,
+    lease_id: str,
+    task_id: str,
+    offset: int,
+    limit: int = MAX_LOG_READ,
+) -> LogSlice:
+    """The tenant's task's kept log from byte ``offset``, at most ``limit`` bytes (404 for a
+    task that is not theirs; 416 past its end when the task has ended: such an offset
+    never fills). One statement: a follower reads on every line printed."""
+    params = {
+        "b_task_id": task_id,
+        "b_lease_id": lease_id,
+        "b_tenant_id": tenant_id,
+        # Offsets past any log are asked as the largest the column holds: no chunk lies
+        # there either, and PostgreSQL refuses an INTEGER parameter beyond it.
+        "b_offset": min(offset, _LARGEST_OFFSET),
+        "b_end": min(offset + limit, _LARGEST_OFFSET),
+    }
+    rows = connection.execute(_LOG_READ, params).all()
+    if not rows:
+        raise NotFound(f"no task {task_id!r} on lease {lease_id!r}")
+    state, log_bytes = TaskState(rows[0].state), rows[0].log_bytes
+    if offset > log_bytes and state not in LIVE_TASK_STATES:
+        raise RangeNotSatisfiable(f"offset {offset} is past the end of the log ({log_bytes} bytes)")
+    end = min(log_bytes, offset + limit)
     data = b""
-    if end > offset:
-        first = select(func.max(TaskLogChunk.offset)).where(
-            TaskLogChunk.task_id == task.id, TaskLogChunk.offset <= offset
-        )
-        start = session.exec(first).one() or 0
-        chunks = session.exec(
-            select(TaskLogChunk)
-            .where(
-                TaskLogChunk.task_id == task.id,
-                TaskLogChunk.offset >= start,
-                TaskLogChunk.offset < end,
-            )
-            .order_by(col(TaskLogChunk.offset))
-        ).all()
-        joined = b"".join(chunk.data for chunk in chunks)
+    if end > offset and rows[0].offset is not None:
+        start = rows[0].offset
+        joined = b"".join(row.data for row in rows)
         data = joined[offset - start : end - start]
-    return LogSlice(data, offset + len(data), TaskState(task.state))
+    return LogSlice(data, offset + len(data), state)
 
 
 def _tenant_lease(session: Session, tenant_id: str, lease_id: str, lock: bool = False) -> Lease:
@@ -258,11 +346,12 @@ class Work:
         return bool(self.tasks or self.cancel)
 
 
-def has_work(session: Session, worker_id: str, running: Collection[str]) -> bool:
-    """Whether :func:`poll` would answer something (a read, so an idle poll writes nothing)."""
-    live = _live_tasks(session, worker_id, lock=False)
-    work = _plan(session, worker_id, live, running, with_payloads=False)
-    return bool(work) or bool(_cancelled_unstarted(live, running))
+def has_work(connection: Connection, worker_id: str, running: Collection[str]) -> bool:
+    """Whether :func:`poll` would answer something: a read of the worker's live tasks
+    (none, for an idle worker), so an idle poll writes nothing."""
+    live = connection.execute(_LIVE_TASK_LOOK, {"b_worker_id": worker_id}).all()
+    capacity = live[0].max_concurrent_tasks if live else 0
+    return bool(_plan(live, running, capacity)) or bool(_cancelled_unstarted(live, running))
 
 
 def poll(session: Session, worker_id: str, running: Collection[str], now: datetime) -> Work:
@@ -270,8 +359,10 @@ def poll(session: Session, worker_id: str, running: Collection[str], now: dateti
     again what it should be running but does not list, and name what it must kill."""
     _lock_lease(session, select(Lease.id).where(Lease.worker_id == worker_id))
     live = _live_tasks(session, worker_id, lock=True)
-    work = _plan(session, worker_id, live, running, with_payloads=True)
-    for task, _payload in work.tasks:
+    capacity = _max_concurrent_tasks(session, live[0].pool) if live else 0
+    planned = _plan(live, running, capacity)
+    work = Work([(task, _payload(task)) for task in planned.start], planned.cancel)
+    for task in planned.start:
         if task.state == TaskState.QUEUED:
             task.started_at = now
             move_task(session, task, TaskState.RUNNING, f"started on worker {worker_id}", now)
@@ -282,7 +373,21 @@ def poll(session: Session, worker_id: str, running: Collection[str], now: dateti
     return work
 
 
-def _cancelled_unstarted(live: Sequence[Task], running: Collection[str]) -> list[Task]:
+class _LiveTask(Protocol):
+    """What planning reads of a live task: an ORM ``Task``, or a row of the idle look."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def cancel_requested_at(self) -> datetime | None: ...
+
+
+LiveT = TypeVar("LiveT", bound=_LiveTask)
+
+
+def _cancelled_unstarted(live: Sequence[LiveT], running: Collection[str]) -> list[LiveT]:
     """Cancelled while its agent did not run it (the answer handing it out was lost):
     there is nothing to kill, so it ends now."""
     return [
@@ -294,28 +399,30 @@ def _cancelled_unstarted(live: Sequence[Task], running: Collection[str]) -> list
     ]
 
 
-def _plan(
-    session: Session,
-    worker_id: str,
-    live: Sequence[Task],
-    running: Collection[str],
-    *,
-    with_payloads: bool,
-) -> Work:
+@dataclass
+class _Plan(Generic[LiveT]):
+    start: list[LiveT] = field(default_factory=list)
+    cancel: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.start or self.cancel)
+
+
+def _plan(live: Sequence[LiveT], running: Collection[str], capacity: int) -> _Plan[LiveT]:
+    """What to hand out (``start``) and what to kill (``cancel``), from the worker's live
+    tasks, what its agent runs, and the pool's ``max_concurrent_tasks`` (``capacity``)."""
     by_id = {task.id: task for task in live}
-    work = Work()
+    plan: _Plan[LiveT] = _Plan()
     for task_id in running:
         task = by_id.get(task_id)
         if task is None or task.state != TaskState.RUNNING or task.cancel_requested_at:
-            work.cancel.append(task_id)
+            plan.cancel.append(task_id)
     started = [task for task in live if task.state == TaskState.RUNNING]
     # Running here but not there: the answer that handed it out was lost on the way.
     resend = [t for t in started if t.id not in running and t.cancel_requested_at is None]
-    capacity = _max_concurrent_tasks(session, live[0].pool) - len(started) if live else 0
-    queued = [task for task in live if task.state == TaskState.QUEUED][: max(0, capacity)]
-    for task in resend + queued:
-        work.tasks.append((task, _payload(task) if with_payloads else {}))
-    return work
+    queued = [task for task in live if task.state == TaskState.QUEUED]
+    plan.start = resend + queued[: max(0, capacity - len(started))]
+    return plan
 
 
 def _max_concurrent_tasks(session: Session, pool_name: str) -> int:
@@ -329,14 +436,8 @@ def _payload(task: Task) -> dict[str, Any]:
 
 
 def _live_tasks(session: Session, worker_id: str, *, lock: bool) -> Sequence[Task]:
-    statement = (
-        select(Task)
-        .where(Task.worker_id == worker_id, col(Task.state).in_(LIVE_TASK_STATES))
-        .order_by(col(Task.seq))
-    )
-    if lock:
-        statement = with_row_locks(statement, session, skip_locked=False)
-    return session.exec(statement).all()
+    statement = _LIVE_TASKS.for_update(session) if lock else _LIVE_TASKS.plain
+    return session.exec(statement, params={"b_worker_id": worker_id}).all()
 
 
 def workers_with_work(session: Session, worker_ids: Collection[str]) -> set[str]:
@@ -361,6 +462,8 @@ class LogReceipt:
     received: int
     cancel: bool
     discard: bool
+    stored_at: int = 0  # where ``stored`` begins in the kept log
+    stored: bytes = b""  # what this chunk added to the kept log
 
 
 def append_log(
@@ -377,34 +480,44 @@ def append_log(
     ``received_bytes`` are a retry's duplicates, a chunk after a gap is not stored
     (the agent sends again from ``received``). The kept log stops at ``log_limit``
     with one marker line; the stream is still counted, so the agent can finish.
+    In Core under the task's row lock: a followed log sends a chunk per line or two.
     """
-    task = worker_task(session, worker_id, task_id, lock=True)
+    connection = session.connection()
+    params = {"b_task_id": task_id, "b_worker_id": worker_id}
+    task = connection.execute(_OUTPUT_LOOK.for_update(session), params).first()
+    if task is None:
+        raise NotFound(f"no task {task_id!r} on worker {worker_id!r}")
     running = task.state == TaskState.RUNNING
-    if running and offset <= task.received_bytes:
-        fresh = data[task.received_bytes - offset :]
-        if fresh:
-            _keep(session, task, fresh, log_limit)
-    return LogReceipt(
-        received=task.received_bytes,
-        cancel=not running or task.cancel_requested_at is not None,
-        discard=task.log_capped,
-    )
-
-
-def _keep(session: Session, task: Task, fresh: bytes, log_limit: int) -> None:
-    task.received_bytes += len(fresh)
-    kept = fresh[: max(0, log_limit - task.log_bytes)]
-    if not task.log_capped and len(kept) < len(fresh):
-        marker = f"\n[workerlease: output beyond {log_limit} bytes was dropped]\n".encode()
-        kept += marker
-        task.log_capped = True
-    if kept:
-        session.execute(
-            insert(TaskLogChunk).values(task_id=task.id, offset=task.log_bytes, data=kept)
+    received, capped = task.received_bytes, task.log_capped
+    fresh = data[received - offset :] if running and offset <= received else b""
+    kept = b""
+    if fresh:
+        received += len(fresh)
+        kept = fresh[: max(0, log_limit - task.log_bytes)]
+        if not capped and len(kept) < len(fresh):
+            kept += f"\n[workerlease: output beyond {log_limit} bytes was dropped]\n".encode()
+            capped = True
+        if kept:
+            connection.execute(
+                _INSERT_CHUNK, {"task_id": task_id, "offset": task.log_bytes, "data": kept}
+            )
+            metrics.TASK_LOG_BYTES.labels(task.pool).inc(len(kept))
+        connection.execute(
+            _STORE_OUTPUT,
+            {
+                "b_task_id": task_id,
+                "b_received": received,
+                "b_log_bytes": task.log_bytes + len(kept),
+                "b_capped": capped,
+            },
         )
-        task.log_bytes += len(kept)
-        metrics.TASK_LOG_BYTES.labels(task.pool).inc(len(kept))
-    session.add(task)
+    return LogReceipt(
+        received=received,
+        cancel=not running or task.cancel_requested_at is not None,
+        discard=capped,
+        stored_at=task.log_bytes,
+        stored=kept,
+    )
 
 
 # What the agent reports -> the task's end state.

@@ -68,6 +68,7 @@ class Waiters:
         self._metrics = wait_metrics
         self._lock = threading.Lock()
         self._events: dict[str, threading.Event] = {}
+        self._handed: dict[str, object] = {}  # key -> what its waiters were handed
         self._waiting_on: Counter[str] = Counter()  # lease id -> requests waiting
         self._waiting = 0  # requests waiting, all leases
         self._by_tenant: Counter[str] = Counter()
@@ -130,6 +131,21 @@ class Waiters:
                 if event is not None:
                     event.set()
 
+    def hand(self, key: str, value: object) -> None:
+        """Give the waiters of ``key`` (if any) ``value`` and wake them; :meth:`handed`
+        reads it until the key's last waiter leaves. Saves each woken waiter a read of
+        what the writer already holds (a log chunk for the followers at its offset)."""
+        with self._lock:
+            event = self._events.get(key)
+            if event is not None:
+                self._handed[key] = value
+                event.set()
+
+    def handed(self, key: str) -> object | None:
+        """What :meth:`hand` gave the waiters of ``key``, while one of them still waits."""
+        with self._lock:
+            return self._handed.get(key)
+
     def notify_prefix(self, prefix: str) -> None:
         """Wake the waiters of every key that starts with ``prefix``."""
         with self._lock:
@@ -161,6 +177,7 @@ class Waiters:
             if self._waiting_on[lease_id] <= 0:
                 del self._waiting_on[lease_id]
                 self._events.pop(lease_id, None)
+                self._handed.pop(lease_id, None)
             self._metrics.waiting.set(self._waiting)
 
     def _poll(self) -> None:

@@ -16,7 +16,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import Table, bindparam, update
+from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
 from service import metrics
@@ -127,16 +129,24 @@ BAD_WORKER_TOKEN = "unknown worker, or an invalid or revoked worker token"
 _NO_HASH = "0" * 64
 
 
-def check_worker_token(session: Session, worker_id: str, token: str) -> Worker:
-    """The worker whose agent holds this worker token; else Unauthorized. The token dies
-    with the worker: once it is being destroyed, its agent has nothing more to do."""
-    worker = session.get(Worker, worker_id)
-    stored = worker.worker_token_hash if worker is not None else None
+# Core, not the ORM: every agent call runs it (a poll, each chunk of output), and it
+# reads two columns of the row.
+_WORKERS: Table = Worker.__table__  # type: ignore[attr-defined]
+_WORKER_TOKEN = core_select(_WORKERS.c.worker_token_hash, _WORKERS.c.state).where(
+    _WORKERS.c.id == bindparam("worker_id")
+)
+_TOKEN_LIVE_STATES = frozenset((WorkerState.READY, WorkerState.LEASED))
+
+
+def check_worker_token(connection: Connection, worker_id: str, token: str) -> None:
+    """Unauthorized unless this is the worker token of this worker. The token dies with
+    the worker: once it is being destroyed, its agent has nothing more to do."""
+    row = connection.execute(_WORKER_TOKEN, {"worker_id": worker_id}).first()
+    stored = row.worker_token_hash if row is not None else None
     matches = secret_equals(hash_token(token), stored or _NO_HASH)
-    live = worker is not None and worker.state in (WorkerState.READY, WorkerState.LEASED)
-    if worker is None or stored is None or not matches or not live:
+    live = row is not None and row.state in _TOKEN_LIVE_STATES
+    if stored is None or not matches or not live:
         raise Unauthorized(BAD_WORKER_TOKEN)
-    return worker
 
 
 def mark_ready(

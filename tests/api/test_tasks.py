@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -175,6 +176,7 @@ def test_a_task_runs_through_the_service_with_its_log_exact(svc: Service, acme: 
     end = acme.task(task["id"], "/log", offset=12)
     assert (end.data, end.headers["X-Task-State"]) == (b"", "succeeded")
     assert acme.task(task["id"], "/log", offset=13).status_code == 416
+    assert acme.task(task["id"], "/log", offset=1 << 47).status_code == 416
     # What may hold secrets is gone from the database once the task ended.
     assert _task_row(svc, task["id"]).payload is None
     # A finish repeated (its answer was lost) changes nothing.
@@ -512,3 +514,53 @@ def test_the_task_list_is_paged_oldest_first(svc: Service, acme: Tenant) -> None
             break
         query["offset"] = page["next_offset"]
     assert seen == ids
+
+
+def _wait_for(condition: Any, message: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.01)
+
+
+def test_followers_waiting_for_more_get_exactly_the_bytes_that_came(
+    svc: Service, acme: Tenant
+) -> None:
+    """A follower waiting at the log's end is handed the chunk that lands there; one
+    waiting past it (at an offset inside that chunk) reads its part from the database."""
+    task_id = acme.submit().get_json()["id"]
+    agent = Agent(svc, acme.worker_id)
+    assert agent.poll().status_code == 200
+    assert agent.send(task_id, 0, b"one\n").get_json()["received"] == 4
+    answers: dict[str, TestResponse] = {}
+
+    def follow(name: str, offset: int) -> None:
+        answers[name] = acme.task(task_id, "/log", offset=offset, wait_seconds=30)
+
+    followers = [
+        threading.Thread(target=follow, args=("at_end", 4)),
+        threading.Thread(target=follow, args=("ahead", 6)),
+    ]
+    for thread in followers:
+        thread.start()
+    follows = svc.client.application.extensions["workerlease"].tasks.follows
+    _wait_for(lambda: follows.waiting() == 2, "the two followers never waited")
+    assert agent.send(task_id, 4, b"two\nthree\n").get_json()["received"] == 14
+    for thread in followers:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    at_end, ahead = answers["at_end"], answers["ahead"]
+    assert (at_end.status_code, at_end.data) == (200, b"two\nthree\n")
+    assert (at_end.headers["X-Next-Offset"], at_end.headers["X-Task-State"]) == ("14", "running")
+    assert (ahead.status_code, ahead.data) == (200, b"o\nthree\n")
+    assert ahead.headers["X-Next-Offset"] == "14"
+    # Both read on from there: no byte lost or repeated.
+    assert acme.task(task_id, "/log", offset=0).data == b"one\ntwo\nthree\n"
+    # Far past the end of a live log: nothing yet, and the next read starts there.
+    beyond = acme.task(task_id, "/log", offset=1 << 47)
+    assert (beyond.status_code, beyond.data, beyond.headers["X-Next-Offset"]) == (
+        200,
+        b"",
+        str(1 << 47),
+    )
+    assert follows.waiting() == 0 and follows.handed(f"{task_id}@4") is None

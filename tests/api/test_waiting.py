@@ -136,3 +136,27 @@ def test_a_pending_lease_can_be_long_polled_with_get(svc: Service) -> None:
     assert not poll.is_alive()
     assert answers[0].status_code == 200
     assert answers[0].get_json()["state"] == "active"
+
+
+def test_what_is_handed_to_a_key_reaches_its_waiters_and_goes_with_the_last() -> None:
+    waiters = Waiters(lambda _ids: set(), recheck_s=60)
+    waiters.hand("t-1@4", "nobody waits")  # no waiter: nothing is kept
+    assert waiters.handed("t-1@4") is None
+    got: list[object] = []
+
+    def wait() -> None:
+        with waiters.watch("t-1@4") as event:
+            assert event.wait(60)
+            got.append(waiters.handed("t-1@4"))
+
+    threads = [threading.Thread(target=wait) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    _eventually(lambda: waiters.waiting() == 2, "the waiters never waited")
+    waiters.hand("t-1@9", "another key")
+    waiters.hand("t-1@4", "the chunk")
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert got == ["the chunk", "the chunk"]
+    assert waiters.waiting() == 0 and waiters.handed("t-1@4") is None
