@@ -325,7 +325,10 @@ def test_concurrent_creates_never_exceed_two_run_instances_per_second(
         handles = list(pool.map(provisioner.create, specs))
 
     assert len({h.provider_id for h in handles}) == 50
-    assert len(starts) == 50
+    # 50, or more when moto's server broke on concurrent launches in one subnet (an HTML
+    # 500, "generator already executing") and the provisioner sent that launch again:
+    # every attempt is one send that waited at the limiter, checked below.
+    assert len(starts) >= 50
     assert_at_most_two_per_second(starts)
     assert len(provisioner.list_owned(deployment_id)) == 50
 
