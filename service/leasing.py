@@ -171,16 +171,7 @@ def _insert_active(
         ),
         pool_os=look.os,
     )
-    record(
-        session,
-        "lease",
-        lease.id,
-        "requested",
-        now,
-        pool=lease.pool,
-        tenant_id=tenant_id,
-        to_state=LeaseState.PENDING,
-    )
+    _record_created(session, lease, now)
     moved(
         session,
         "worker",
@@ -320,7 +311,7 @@ def _assign(session: Session, lease: Lease, worker: Worker, pool: Pool, now: dat
     metrics.LEASE_WAIT.labels(pool.name).observe((now - lease.created_at).total_seconds())
 
 
-def _record_created(session: Session, lease: Lease, now: datetime) -> None:
+def _record_created(session: Session, lease: Lease | LeaseRecord, now: datetime) -> None:
     record(
         session,
         "lease",
