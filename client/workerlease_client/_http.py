@@ -51,6 +51,10 @@ class Retry:
 
 
 NO_RETRY = Retry(attempts=1)
+# Cleaning up after an interrupt (cancel the task, release the lease) tries a few times
+# within seconds: whoever pressed Ctrl-C is waiting for the prompt.
+CLEANUP_RETRY = Retry(attempts=4, base=0.25, cap=2.0, max_retry_after=5.0)
+CLEANUP_TIMEOUT_S = 10.0
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -84,15 +88,25 @@ class Http:
         self.retry = retry
         self.timeout = timeout
         self._sleep = sleep
-        self._client = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {token}", "User-Agent": user_agent},
-            timeout=timeout,
-            transport=transport,
-        )
+        self._settings: dict[str, Any] = {
+            "base_url": base_url.rstrip("/"),
+            "headers": {"Authorization": f"Bearer {token}", "User-Agent": user_agent},
+        }
+        self._transport = transport
+        self._client = httpx.Client(**self._settings, timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self._client.close()
+
+    def cleanup(self, method: str, path: str) -> httpx.Response:
+        """One cleanup call after an interrupt (cancel, release; all idempotent): on a
+        connection of its own, because Ctrl-C may have landed inside the shared client
+        (its connection mid-answer, its pool in any state), and with ``CLEANUP_RETRY``,
+        so that it ends within seconds whatever the service does."""
+        with httpx.Client(
+            **self._settings, timeout=CLEANUP_TIMEOUT_S, transport=self._transport
+        ) as client:
+            return self._send(client, CLEANUP_RETRY, method, path, idempotent=True)
 
     def request(
         self,
@@ -109,18 +123,45 @@ class Http:
         ``wait``: how long the service may hold the call (a long poll), added to the
         read timeout."""
         timeout = httpx.Timeout(self.timeout, read=self.timeout + wait)
+        return self._send(
+            self._client,
+            self.retry,
+            method,
+            path,
+            idempotent=idempotent,
+            params=params,
+            json=json,
+            timeout=timeout,
+        )
+
+    def _send(
+        self,
+        client: httpx.Client,
+        retry: Retry,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
         attempt = 0
         while True:
             attempt += 1
-            last = attempt >= self.retry.attempts
+            last = attempt >= retry.attempts
             try:
-                response = self._client.request(
-                    method, path, params=params, json=json, timeout=timeout
+                response = client.request(
+                    method,
+                    path,
+                    params=params,
+                    json=json,
+                    timeout=timeout if timeout is not None else client.timeout,
                 )
             except NOT_SENT as exc:
                 if last:
                     raise ConnectionFailed(f"{method} {path}: {exc or type(exc).__name__}") from exc
-                delay = self.retry.backoff(attempt - 1)
+                delay = retry.backoff(attempt - 1)
             except httpx.TransportError as exc:
                 if not idempotent:
                     raise ConnectionFailed(
@@ -130,7 +171,7 @@ class Http:
                     ) from exc
                 if last:
                     raise ConnectionFailed(f"{method} {path}: {exc or type(exc).__name__}") from exc
-                delay = self.retry.backoff(attempt - 1)
+                delay = retry.backoff(attempt - 1)
             else:
                 if response.is_success:
                     return response
@@ -138,9 +179,9 @@ class Http:
                 if response.status_code not in RETRY_STATUSES or last:
                     raise error
                 after = retry_after_seconds(response.headers.get("Retry-After"))
-                if after is not None and after > self.retry.max_retry_after:
+                if after is not None and after > retry.max_retry_after:
                     raise error
-                delay = after if after is not None else self.retry.backoff(attempt - 1)
+                delay = after if after is not None else retry.backoff(attempt - 1)
             log.info(
                 "retrying method=%s path=%s attempt=%d delay=%.2f", method, path, attempt, delay
             )

@@ -182,14 +182,17 @@ class Client:
         response = self._http.request("POST", f"/v1/leases/{lease_id}/renew", idempotent=True)
         return _lease(response)
 
-    def release_lease(self, lease_id: str) -> LeaseInfo:
-        """Release (idempotent: an ended lease is answered as it is)."""
-        response = self._http.request("DELETE", f"/v1/leases/{lease_id}", idempotent=True)
-        return _lease(response)
+    def release_lease(self, lease_id: str, *, cleanup: bool = False) -> LeaseInfo:
+        """Release (idempotent: an ended lease is answered as it is). ``cleanup``: after
+        an interrupt, on a fresh connection with a short retry budget."""
+        path = f"/v1/leases/{lease_id}"
+        if cleanup:
+            return _lease(self._http.cleanup("DELETE", path))
+        return _lease(self._http.request("DELETE", path, idempotent=True))
 
     def _release_quietly(self, lease_id: str) -> None:
         with contextlib.suppress(WorkerleaseError):
-            self.release_lease(lease_id)
+            self.release_lease(lease_id, cleanup=True)
 
     def lease(
         self,
@@ -251,9 +254,12 @@ class Client:
         )
         return TaskInfo.from_json(response.json())
 
-    def cancel_task(self, lease_id: str, task_id: str) -> TaskInfo:
-        """Ask for the task to be killed (202); a task that already ended is answered as it is."""
+    def cancel_task(self, lease_id: str, task_id: str, *, cleanup: bool = False) -> TaskInfo:
+        """Ask for the task to be killed (202); a task that already ended is answered as
+        it is. ``cleanup``: after an interrupt, as ``release_lease`` says."""
         path = f"/v1/leases/{lease_id}/tasks/{task_id}/cancel"
+        if cleanup:
+            return TaskInfo.from_json(self._http.cleanup("POST", path).json())
         return TaskInfo.from_json(self._http.request("POST", path, idempotent=True).json())
 
     def read_log(

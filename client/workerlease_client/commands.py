@@ -127,7 +127,7 @@ def run_task(
         task = client.get_task(lease_id, task.id)
     except BaseException:
         with shielded(), contextlib.suppress(WorkerleaseError):
-            client.cancel_task(lease_id, task.id)
+            client.cancel_task(lease_id, task.id, cleanup=True)
         raise
     if args.json:
         report.update(task=task.raw, exit_code=task.exit_code, state=task.state, log="".join(parts))
@@ -161,16 +161,31 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     args.interrupted = "lease kept" if args.keep else "lease released"
     try:
         code = run_task(client, lease.id, script, args, lease=lease.info.raw)
-    finally:
-        if args.keep:
-            lease.detach()
-            sys.stderr.write(f"lease {lease.id} kept (release: wl lease release {lease.id})\n")
-        else:
-            with shielded():
-                lease.release()
-            if args.interrupted == "task cancelled":
-                args.interrupted = "task cancelled and lease released"
+    except BaseException:
+        _end_lease(lease, args, cleanup=True)
+        raise
+    _end_lease(lease, args, cleanup=False)
     return code
+
+
+def _end_lease(lease: Lease, args: argparse.Namespace, *, cleanup: bool) -> None:
+    """Release the lease after the task (``cleanup``: after an interrupt or error), or
+    with --keep, only stop renewing it."""
+    if args.keep:
+        lease.detach()
+        sys.stderr.write(f"lease {lease.id} kept (release: wl lease release {lease.id})\n")
+        return
+    with shielded():
+        if not cleanup:
+            lease.release()
+        else:
+            try:
+                lease.release(cleanup=True)
+            except WorkerleaseError as exc:  # say so, and let the interrupt go on
+                sys.stderr.write(f"error: lease {lease.id} not released: {exc.detail}\n")
+                return
+    if args.interrupted == "task cancelled":
+        args.interrupted = "task cancelled and lease released"
 
 
 def _print_lease(lease: LeaseInfo, args: argparse.Namespace) -> None:

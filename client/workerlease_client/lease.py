@@ -30,6 +30,8 @@ log = logging.getLogger("workerlease_client")
 MIN_RENEW_INTERVAL_S = 0.5
 # The ``Date`` header has whole seconds: the service's clock may be up to 1 s later.
 DATE_RESOLUTION = timedelta(seconds=1)
+# How long stopping the renewer waits for a renew in flight.
+STOP_JOIN_S = 1.0
 
 
 class Lease:
@@ -105,10 +107,11 @@ class Lease:
         self._info = self.client.renew_lease(self.id)
         return self._info
 
-    def release(self) -> LeaseInfo:
-        """Stop renewing and release (safe to call twice)."""
+    def release(self, *, cleanup: bool = False) -> LeaseInfo:
+        """Stop renewing and release (safe to call twice). ``cleanup``: after an
+        interrupt, on a fresh connection with a short retry budget."""
         self.detach()
-        self._info = self.client.release_lease(self.id)
+        self._info = self.client.release_lease(self.id, cleanup=cleanup)
         return self._info
 
     def detach(self) -> None:
@@ -129,7 +132,7 @@ class Lease:
         if self._id is None:
             return
         try:
-            self.release()
+            self.release(cleanup=exc is not None)
         except WorkerleaseError:
             if exc is None:
                 raise
@@ -232,7 +235,7 @@ class Task:
             info = self.refresh()
         except BaseException:
             with contextlib.suppress(WorkerleaseError):
-                self.cancel()
+                self.info = self.client.cancel_task(self.lease_id, self.id, cleanup=True)
             raise
         return Result(exit_code=info.exit_code, state=info.state, log="".join(parts), task=info)
 
@@ -252,9 +255,12 @@ class _Renewer:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop renewing. A renew already in flight is not waited for beyond
+        ``STOP_JOIN_S``: the release may overtake it, and it then meets the ended lease
+        (409) and the thread ends; after Ctrl-C nobody should wait out its retries."""
         self._stop.set()
         if self._thread is not threading.current_thread():
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=STOP_JOIN_S)
 
     def _run(self) -> None:
         lease = self._lease

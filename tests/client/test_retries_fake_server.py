@@ -5,17 +5,20 @@ whose connection broke after it was sent is never sent again."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from workerlease_client import Client, ConnectionFailed, Retry
 
-# What the server does with the n-th request to a path: ("answer", status, headers, body)
-# or ("drop",): read the request, then close the connection without a word.
+# What the server does with the n-th request to a path: ("answer", status, headers, body),
+# ("drop",): read the request, then close the connection without a word, or ("hang",):
+# read it and answer nothing until the test ends.
 Step = tuple[Any, ...]
 
 
@@ -27,6 +30,8 @@ class Scripted(ThreadingHTTPServer):
         self.script = script
         self.seen: list[tuple[float, str, str]] = []
         self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        self.hung = threading.Event()  # set when the test ends: hanging requests end
 
     @property
     def url(self) -> str:
@@ -34,6 +39,10 @@ class Scripted(ThreadingHTTPServer):
 
     def times(self, method: str, path: str) -> list[float]:
         return [at for at, m, p in self.seen if (m, p) == (method, path)]
+
+    def wait_for(self, method: str, path: str, timeout: float = 60) -> None:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: self.times(method, path), timeout)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -49,8 +58,12 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         with self.server.lock:
             self.server.seen.append((time.monotonic(), self.command, path))
+            self.server.arrived.notify_all()
             steps = self.server.script.get((self.command, path)) or [("answer", 404, {}, {})]
             step = steps.pop(0) if len(steps) > 1 else steps[0]
+        if step[0] == "hang":
+            self.server.hung.wait(300)
+            step = ("drop",)
         if step[0] == "drop":
             self.close_connection = True
             self.connection.close()
@@ -79,6 +92,7 @@ def serve() -> Iterator[Any]:
 
     yield start
     for server in servers:
+        server.hung.set()
         server.shutdown()
         server.server_close()
 
@@ -123,3 +137,45 @@ def test_a_service_that_is_not_there_is_a_connection_error_after_the_retries() -
     client = Client("http://127.0.0.1:9", "wlt_x", retry=Retry(attempts=2, base=0.01))
     with client, pytest.raises(ConnectionFailed):
         client.pools()
+
+
+def test_ctrl_c_cancels_and_releases_at_once_while_a_renew_and_the_log_poll_hang(
+    serve: Any,
+) -> None:
+    """Ctrl-C while following a log: the cancel and the release go out on a fresh
+    connection at once, not after the renew in flight (which never answers) gives up."""
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    lease = {**LEASE, "idle_expires_at": soon}
+    renew, log = f"/v1/leases/{LEASE['id']}/renew", f"{TASKS}/{TASK['id']}/log"
+    cancel, release = f"{TASKS}/{TASK['id']}/cancel", f"/v1/leases/{LEASE['id']}"
+    server = serve(
+        {
+            ("POST", "/v1/leases"): [("answer", 201, {}, lease)],
+            ("POST", renew): [("hang",)],
+            ("POST", TASKS): [("answer", 201, {}, TASK)],
+            ("GET", log): [("hang",)],
+            ("POST", cancel): [("answer", 202, {}, {**TASK, "state": "cancelled"})],
+            ("DELETE", release): [("answer", 200, {}, {**LEASE, "state": "released"})],
+        }
+    )
+    main = threading.get_ident()
+
+    def press_ctrl_c() -> None:
+        server.wait_for("POST", renew)
+        server.wait_for("GET", log)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    # A suite started in the background may have SIGINT ignored; Ctrl-C is the point here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), Client(server.url, "wlt_x") as client:
+            threading.Thread(target=press_ctrl_c, daemon=True).start()
+            with client.lease("p", wait=10) as held:
+                held.run("sleep 600")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    pressed = server.times("GET", log)[0]
+    (cancelled,) = server.times("POST", cancel)
+    (released,) = server.times("DELETE", release)
+    # The renew hangs for its whole 30 s read timeout; the old renewer join waited 60 s.
+    assert pressed < cancelled < released < pressed + 25
