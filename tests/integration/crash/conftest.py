@@ -4,7 +4,7 @@
 database and from /proc, never from the service's own counters); at the end
 of the session one line is written to the terminal, without ``-s``:
 
-    crash suite: runs=8 kills=8 leaked=0 lost=0 double_leased=0
+    crash suite: runs=4 kills=4 leaked=0 lost=0 double_leased=0
 
 Full mode (``WORKERLEASE_CRASH_FULL=1``) runs many more kills and cycles; see
 ``tests/integration/crash/support.py``.
