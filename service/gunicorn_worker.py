@@ -9,6 +9,11 @@ poll again, and reach another worker or the restarted one.
 Connections kept alive between requests are closed on SIGTERM too: gunicorn counts
 them as busy and waits for the keep-alive timeout (5 s) before the worker may exit,
 so every stop took 5.5 s while any client held one open.
+
+And the worker stops accepting at once. gunicorn's own loop notices a stop at its next
+1 s tick; until then it accepted new connections, and every wait on them was answered
+at once (draining), so an agent re-polled in a tight loop for that second (about 30
+polls each) instead of moving to another worker or waiting for the restart.
 """
 
 from __future__ import annotations
@@ -18,13 +23,22 @@ import contextlib
 import fcntl
 import socket
 import termios
+import time
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 import gevent
+import gevent.event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker
 
 from service.waiters import drain_all
+
+# How often the stopping worker looks whether its last request has ended (gunicorn: 1 s).
+STOP_CHECK_S = 0.1
 
 
 class DrainingGeventWorker(GeventWorker):
@@ -32,7 +46,45 @@ class DrainingGeventWorker(GeventWorker):
         self._clients: dict[Any, socket.socket] = {}  # greenlet -> the connection it serves
         # the same, for connections waiting for their next request
         self._between_requests: dict[Any, socket.socket] = {}
+        self._servers: list[StreamServer] = []
+        self._stopping = gevent.event.Event()
         super().init_process()
+
+    def run(self) -> None:
+        """gunicorn's ``GeventWorker.run`` (27.0, its ``StreamServer`` path), except that
+        the stop is an event rather than a 1 s tick: ``_drain`` closes the listeners
+        before it answers any wait, and the last request's end is seen within 0.1 s."""
+        ssl_args = {"ssl_context": ssl_context(self.cfg)} if self.cfg.is_ssl else {}
+        for sock in self.sockets:
+            sock.setblocking(1)
+            server = StreamServer(
+                sock,
+                handle=partial(self.handle, sock),
+                spawn=Pool(self.worker_connections),
+                **ssl_args,
+            )
+            if self.cfg.workers > 1:
+                server.max_accept = 1
+            server.start()
+            self._servers.append(server)
+        while self.alive:
+            self.notify()
+            self._stopping.wait(1.0)
+        self._stop_accepting()
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < deadline:
+            if all(server.pool.free_count() == server.pool.size for server in self._servers):
+                return
+            self.notify()
+            gevent.sleep(STOP_CHECK_S)
+        self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
+        for server in self._servers:
+            server.stop(timeout=1)
+
+    def _stop_accepting(self) -> None:
+        for server in self._servers:
+            if not server.closed:
+                server.close()
 
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
         current = gevent.getcurrent()
@@ -53,6 +105,8 @@ class DrainingGeventWorker(GeventWorker):
         gevent.spawn(self._drain)
 
     def _drain(self) -> None:
+        self._stop_accepting()  # first: a wait answered below must not come back here
+        self._stopping.set()
         drain_all()
         for client in list(self._between_requests.values()):
             # A request already arriving is read and answered (with Connection: close,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -384,6 +385,50 @@ def test_sigterm_exits_cleanly_and_keeps_leases(make_server: Callable[..., Serve
     assert after.json()["worker"]["id"] == worker["id"]
     result = run_script(worker, "echo still-here")
     assert result.status_code == 200 and "still-here" in result.json()["stdout"]
+
+
+def test_a_stopping_serve_answers_a_waiting_poll_once_and_takes_no_new_one(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    """A client that polls again the moment it is answered (as agents do) gets one answer
+    from a stopping serve, not a tight loop of them until gunicorn's next 1 s tick."""
+    server = make_server(pools=[pool(min_ready=1, max_workers=1)]).start()
+    server.wait_ready_workers(1)
+    assert lease(server, server.create_tenant("holder")["token"]).status_code == 201
+    waiter = server.create_tenant("waiter")["token"]
+    pending = lease(server, waiter)
+    assert pending.status_code == 202, pending.text
+    url = f"{server.url}/v1/leases/{pending.json()['id']}"
+    answered: list[float] = []  # when each poll was answered
+    ended: list[BaseException] = []
+
+    def poll_again_and_again() -> None:
+        with requests.Session() as session:
+            session.headers["Authorization"] = f"Bearer {waiter}"
+            deadline = time.monotonic() + 120
+            while len(answered) < 2000 and time.monotonic() < deadline:
+                try:
+                    session.get(url, params={"wait_seconds": 30}, timeout=60)
+                except requests.RequestException as exc:
+                    ended.append(exc)
+                    return
+                answered.append(time.monotonic())
+
+    poller = threading.Thread(target=poll_again_and_again, daemon=True)
+    poller.start()
+    wait_until(
+        lambda: "workerlease_waiting_requests 1.0" in server.request("GET", "/metrics").text,
+        60,
+        message="the poll never waited",
+    )
+    stopped_at = time.monotonic()
+    assert server.stop(timeout=60) == 0, server.log_tail()
+    poller.join(90)
+    assert ended, "the poller never saw the service go"
+    after_stop = [at for at in answered if at >= stopped_at]
+    # The waiting poll is answered at once, and the one sent right after it on the same
+    # kept-alive connection (with "Connection: close"); then no new connection is taken.
+    assert len(after_stop) <= 2, (len(after_stop), ended)
 
 
 # ---- 6. idle expiry ----------------------------------------------------------------------
