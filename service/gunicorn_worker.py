@@ -10,6 +10,9 @@ Connections kept alive between requests are closed on SIGTERM too: gunicorn coun
 them as busy and waits for the keep-alive timeout (5 s) before the worker may exit,
 so every stop took 5.5 s while any client held one open.
 
+psycopg is made to wait cooperatively (``_cooperative_psycopg``): otherwise every
+PostgreSQL round trip would block the whole process.
+
 And the worker stops accepting at once. gunicorn's own loop notices a stop at its next
 1 s tick; until then it accepted new connections, and every wait on them was answered
 at once (draining), so an agent re-polled in a tight loop for that second (about 30
@@ -21,7 +24,9 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
+import selectors
 import socket
+import sys
 import termios
 import time
 from functools import partial
@@ -49,6 +54,10 @@ class DrainingGeventWorker(GeventWorker):
         self._servers: list[StreamServer] = []
         self._stopping = gevent.event.Event()
         super().init_process()
+
+    def patch(self) -> None:
+        super().patch()  # gevent's monkey patching, in the worker after the fork
+        _cooperative_psycopg()
 
     def run(self) -> None:
         """gunicorn's ``GeventWorker.run`` (27.0, its ``StreamServer`` path), except that
@@ -136,6 +145,21 @@ class _BetweenRequests:
     ) -> bool:
         self._waiting.pop(gevent.getcurrent(), None)
         return bool(self._timeout.__exit__(kind, value, traceback))
+
+
+def _cooperative_psycopg() -> None:
+    """psycopg chooses how it waits for the server when it is first imported: a loop in C
+    that blocks the whole process, unless gevent had patched ``select`` by then. The
+    gunicorn master imports it before the fork (it prepares the database), so each
+    PostgreSQL round trip stalled every request of the worker. Choose again as psycopg
+    does when imported after the patch: ``select.poll`` (gevent's now) for queries, and
+    gevent's selector for connecting."""
+    if "psycopg.waiting" not in sys.modules:
+        return  # imported later, it sees the patch and chooses a cooperative wait itself
+    from psycopg import waiting
+
+    waiting.wait = waiting.wait_poll
+    waiting.DefaultSelector = selectors.DefaultSelector  # type: ignore[misc]
 
 
 def _unread_bytes(client: socket.socket) -> int:
