@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REVISION",
         help="simulate: also replay the trace with this git revision's code, for the ratio",
     )
+    parser.add_argument(
+        "--web-workers",
+        type=int,
+        default=1,
+        help="warm: serve (and the HTTP floor) with this many web processes (default 1)",
+    )
     parser.add_argument("--out", default=str(ROOT / "var" / "bench" / "results.json"))
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if postgres is not None:
             results["machine"]["postgresql"] = str(postgres.bin_dir)
         if "warm" in sections:
-            results["warm"] = _warm(settings, kinds, postgres)
+            results["warm"] = _warm(settings, kinds, postgres, args.web_workers)
         if "scale" in sections:
             results["scale"] = _scale(settings, kinds, postgres)
         if "ttw" in sections:
@@ -173,22 +179,26 @@ def _start_postgres(kinds: list[str], sections: list[str]) -> Any:
         return None
 
 
-def _warm(settings: dict[str, Any], kinds: list[str], postgres: Any) -> dict[str, Any]:
+def _warm(
+    settings: dict[str, Any], kinds: list[str], postgres: Any, web_workers: int = 1
+) -> dict[str, Any]:
     from tests.benchmarks import warm
 
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"web_workers": web_workers}
     levels = settings["levels"]
     for kind in kinds:
         if kind == "postgres" and postgres is None:
             continue
         log(f"warm lease on {kind}")
         url = postgres.create_database() if kind == "postgres" else None
-        out[kind] = warm.run_database(kind, url, levels, settings["ready"], settings["bursts"], log)
+        out[kind] = warm.run_database(
+            kind, url, levels, settings["ready"], settings["bursts"], log, web_workers
+        )
     iterations = {
         c: max(1, (settings["ready"] - warm.MARGIN) // c) * settings["bursts"] for c in levels
     }
     log("HTTP floor")
-    floor = warm.run_http_floor(levels, iterations, log)
+    floor = warm.run_http_floor(levels, iterations, log, web_workers)
     out["http_floor"] = floor
     for kind in kinds:
         if kind in out:

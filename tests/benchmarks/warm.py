@@ -2,7 +2,8 @@
 
 Per database kind, in one run:
 
-1. ``serve`` (default gunicorn settings: 1 worker, 32 threads) with one ``local``
+1. ``serve`` (its default web settings: 1 gevent worker; ``run.py --web-workers N``
+   for more, the HTTP floor then gets as many) with one ``local``
    pool whose ``min_ready == max_workers == R``; the harness waits until R agents
    are ready and nothing is provisioning or destroying, then runs a *burst*: c
    clients (distinct tenants) each do ``POST /v1/leases`` (must be 201) then
@@ -109,12 +110,24 @@ def seed_ready_workers(url: str, count: int) -> None:
 
 
 def run_database(
-    kind: str, url: str | None, levels: list[int], ready: int, bursts: int, log: Any
+    kind: str,
+    url: str | None,
+    levels: list[int],
+    ready: int,
+    bursts: int,
+    log: Any,
+    web_workers: int = 1,
 ) -> dict[str, Any]:
-    """Warm lease + SQL floors on one database kind; ``url`` None means a fresh SQLite file."""
+    """Warm lease + SQL floors on one database kind; ``url`` None means a fresh SQLite file.
+    ``web_workers``: ``serve --workers``."""
     tmp = Path(tempfile.mkdtemp(prefix=f"wl-bench-{kind}-"))
     extra = {"database_url": url} if url else None
-    server = BenchServer(tmp, pools=[pool(POOL, min_ready=ready, max_workers=ready)], extra=extra)
+    server = BenchServer(
+        tmp,
+        pools=[pool(POOL, min_ready=ready, max_workers=ready)],
+        extra=extra,
+        serve_args=["--workers", str(web_workers)],
+    )
     plan = {c: max(1, (ready - MARGIN) // c) for c in levels}
     out: dict[str, Any] = {"ready_workers": ready, "bursts": bursts, "levels": {}}
     try:
@@ -164,12 +177,22 @@ def run_database(
     return out
 
 
-def run_http_floor(levels: list[int], iterations: dict[int, int], log: Any) -> dict[str, Any]:
+def run_http_floor(
+    levels: list[int], iterations: dict[int, int], log: Any, web_workers: int = 1
+) -> dict[str, Any]:
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="wl-bench-floor-")) / "floor.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.benchmarks.http_floor", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "tests.benchmarks.http_floor",
+                "--port",
+                str(port),
+                "--workers",
+                str(web_workers),
+            ],
             cwd=ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
