@@ -176,14 +176,14 @@ def _end_lease(lease: Lease, args: argparse.Namespace, *, cleanup: bool) -> None
         sys.stderr.write(f"lease {lease.id} kept (release: wl lease release {lease.id})\n")
         return
     with shielded():
-        if not cleanup:
-            lease.release()
-        else:
-            try:
-                lease.release(cleanup=True)
-            except WorkerleaseError as exc:  # say so, and let the interrupt go on
-                sys.stderr.write(f"error: lease {lease.id} not released: {exc.detail}\n")
-                return
+        try:
+            lease.release(cleanup=cleanup)
+        except WorkerleaseError as exc:
+            if not cleanup:
+                raise
+            # Say so, and let the interrupt or error that got here go on.
+            sys.stderr.write(f"error: lease {lease.id} not released: {exc.detail}\n")
+            return
     if args.interrupted == "task cancelled":
         args.interrupted = "task cancelled and lease released"
 

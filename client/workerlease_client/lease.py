@@ -200,8 +200,10 @@ class Task:
         self.info = self.client.get_task(self.lease_id, self.id)
         return self.info
 
-    def cancel(self) -> TaskInfo:
-        self.info = self.client.cancel_task(self.lease_id, self.id)
+    def cancel(self, *, cleanup: bool = False) -> TaskInfo:
+        """Ask for the task to be killed. ``cleanup``: after an interrupt, on a fresh
+        connection with a short retry budget."""
+        self.info = self.client.cancel_task(self.lease_id, self.id, cleanup=cleanup)
         return self.info
 
     def log(self, offset: int = 0, *, follow: bool = True) -> Iterator[str]:
@@ -235,7 +237,7 @@ class Task:
             info = self.refresh()
         except BaseException:
             with contextlib.suppress(WorkerleaseError):
-                self.info = self.client.cancel_task(self.lease_id, self.id, cleanup=True)
+                self.cancel(cleanup=True)
             raise
         return Result(exit_code=info.exit_code, state=info.state, log="".join(parts), task=info)
 
