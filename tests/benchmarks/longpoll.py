@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import json
 import multiprocessing as mp
 import re
@@ -105,7 +104,7 @@ def _metric(server: BenchServer, name: str) -> float:
 
 
 def _time_healthz(port: int, count: int) -> dict[str, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn = drivers.NoDelayHTTPConnection("127.0.0.1", port, timeout=60)
     seconds = []
     try:
         for _ in range(count):

@@ -2,7 +2,8 @@
 
 Each ``run_*`` function is the body of a ``spawn``-ed process: it speaks the task
 protocol of docs/tasks.md to one ``serve`` on 127.0.0.1 until the harness sets
-``stop`` or ``seconds`` pass, then puts its figures on ``result_q``. Many
+``stop`` or ``seconds`` pass, then puts its figures on ``result_q`` (before it closes
+its connections: closing a thousand of them can take longer than the harness waits). Many
 connections (idle polls, log producers, log followers) are asyncio coroutines, one
 connection each; the few sequential ones (dispatch, the log flood) are threads with
 ``http.client``. Times are ``time.monotonic()``, system-wide on Linux, so the
@@ -19,8 +20,11 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tests.benchmarks import drivers
 
 POLL_WAIT_S = 20
 FOLLOW_WAIT_S = 30
@@ -89,10 +93,14 @@ class Conn:
         self.reader = self.writer = None
 
 
-async def _until_stopped(coros: list[Any], stop: Any, seconds: float) -> None:
-    """Run the coroutines until ``stop`` is set or ``seconds`` pass, then cancel them."""
+async def _until_stopped(
+    coros: list[Any], stop: Any, seconds: float, report: Callable[[], None]
+) -> None:
+    """Run the coroutines until ``stop`` is set or ``seconds`` pass, ``report`` the figures,
+    then cancel them."""
     tasks = [asyncio.create_task(c) for c in coros]
     await asyncio.get_running_loop().run_in_executor(None, stop.wait, seconds)
+    report()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -135,7 +143,7 @@ def run_pollers(
 ) -> None:
     """One long poll per ``(worker id, worker token)``, again as soon as it is answered."""
 
-    async def main() -> dict[str, int]:
+    async def main() -> None:
         out: Counter[str] = Counter()
 
         async def staggered(i: int, worker_id: str, token: str) -> None:
@@ -143,10 +151,9 @@ def run_pollers(
             await _poll_forever(port, worker_id, token, out)
 
         coros = [staggered(i, w, t) for i, (w, t) in enumerate(agents)]
-        await _until_stopped(coros, stop, seconds)
-        return dict(out)
+        await _until_stopped(coros, stop, seconds, lambda: result_q.put(("pollers", dict(out))))
 
-    result_q.put(("pollers", asyncio.run(main())))
+    asyncio.run(main())
 
 
 # ---- running tasks: agents sending lines, tenants following ----------------------
@@ -189,14 +196,14 @@ async def _produce(
 def run_producers(
     port: int, runs: list[dict[str, str]], seconds: float, stop: Any, result_q: Any
 ) -> None:
-    async def main() -> dict[str, Any]:
+    async def main() -> None:
         out: Counter[str] = Counter()
         sent = [0]
         coros = [_produce(port, r, random.uniform(0, LINE_EVERY_S), out, sent) for r in runs]
-        await _until_stopped(coros, stop, seconds)
-        return {**out, "lines_acknowledged": sent[0]}
+        figures = lambda: {**out, "lines_acknowledged": sent[0]}  # noqa: E731
+        await _until_stopped(coros, stop, seconds, lambda: result_q.put(("producers", figures())))
 
-    result_q.put(("producers", asyncio.run(main())))
+    asyncio.run(main())
 
 
 @dataclass
@@ -250,20 +257,22 @@ async def _follow(port: int, run: dict[str, str], out: Counter[str], fig: Follow
 def run_followers(
     port: int, runs: list[dict[str, str]], seconds: float, stop: Any, result_q: Any
 ) -> None:
-    async def main() -> dict[str, Any]:
-        out: Counter[str] = Counter()
-        fig = FollowFigures()
-        await _until_stopped([_follow(port, r, out, fig) for r in runs], stop, seconds)
-        return {
+    out: Counter[str] = Counter()
+    fig = FollowFigures()
+
+    def report() -> None:
+        figures = {
             **out,
-            "samples": fig.samples,
+            "samples": list(fig.samples),
             "lost": fig.lost,
             "repeated": fig.repeated,
             "reads": fig.reads,
             "empty_reads": fig.empty_reads,
         }
+        result_q.put(("followers", figures))
 
-    result_q.put(("followers", asyncio.run(main())))
+    coros = [_follow(port, r, out, fig) for r in runs]
+    asyncio.run(_until_stopped(coros, stop, seconds, report))
 
 
 # ---- dispatch: submit -> the agent has it ------------------------------------------
@@ -277,7 +286,7 @@ class _Client:
     """Blocking keep-alive client for the sequential parts."""
 
     def __init__(self, port: int, token: str) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.conn = drivers.NoDelayHTTPConnection("127.0.0.1", port, timeout=60)
         self.token = token
         self.used = time.monotonic()
 

@@ -311,22 +311,32 @@ def _overlap(bursts: list[LoadResult], start: float, end: float) -> float | None
 def _spawn(target: Any, *args: Any) -> tuple[Any, Any]:
     ctx = mp.get_context("spawn")
     result_q = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, result_q), daemon=True)
+    proc = ctx.Process(target=target, args=(*args, result_q), daemon=True, name=target.__name__)
     proc.start()
     return proc, result_q
 
 
 def _collect(procs: list[tuple[Any, Any]], timeout: float) -> dict[str, Any]:
+    """Each process's ``(name, figures)``; one that sends none within ``timeout`` is killed,
+    and ``missing`` lists it with its exit code (the figures it would have given are absent,
+    not zero)."""
     out: dict[str, Any] = {}
+    missing: list[str] = []
     deadline = time.monotonic() + timeout
     for proc, result_q in procs:
-        with contextlib.suppress(Exception):
+        try:
             name, value = result_q.get(timeout=max(1.0, deadline - time.monotonic()))
             out[name] = value
+        except Exception as exc:  # queue.Empty, or figures that did not unpickle
+            missing.append(f"{proc.name}: {type(exc).__name__}")
         proc.join(max(1.0, deadline - time.monotonic()))
         if proc.is_alive():
             proc.kill()
             proc.join(5)
+        if missing and missing[-1].startswith(f"{proc.name}:"):
+            missing[-1] += f", exit code {proc.exitcode}"
+    if missing:
+        out["missing"] = missing
     return out
 
 
@@ -394,6 +404,7 @@ def _under_load(server: TaskBenchServer, seeded: Seeded, sizes: Sizes, log: Any)
     out["log_latency"] = summarize(in_window)
     out["log_latency_all"] = summarize([lat for _, lat in latency])
     out["followers"] = followers
+    out["missing"] = got.get("missing", [])
     out["window_s"] = round(window_end - window_start, 1)
     return out
 
