@@ -45,6 +45,7 @@ RATE_HALF_LIFE_S = 600.0
 FAST_HALF_LIFE_S = 120.0
 FAST_FACTOR = RATE_HALF_LIFE_S / FAST_HALF_LIFE_S  # a pool's fast rate: its half-life / 5
 HISTORY_HALF_LIVES = 4
+FAST_NOISE_SD = 1.0  # the fast rate counts beyond this many of its standard deviations
 PROVISION_SAMPLES = 50  # the most recent provisioning times the mean is taken of
 # Until a pool has provisioned a worker, how long one is assumed to take (by os).
 DEFAULT_PROVISION_S = {"windows": 600.0, "ubuntu": 60.0, "linux": 60.0}
@@ -138,10 +139,7 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
         keep = min(max(base, held_floor), policy.max_workers)
         return Target(ready, max(ready, keep), policy.policy, policy.min_ready, floor, schedule)
     rate = demand_rate(history.request_ages_s, policy.demand_half_life_s)
-    peak = max(
-        peak_rate(history.request_ages_s, policy.scale_down_delay_s, half_life)
-        for half_life in policy.half_lives
-    )
+    peak = peak_rate(history.request_ages_s, policy.scale_down_delay_s, policy.demand_half_life_s)
     provision = provision_time(history.provision_s, policy.os)
     demand = base_stock(rate * provision, policy.hit_target, policy.max_workers)
     held = base_stock(peak * provision, policy.hit_target, policy.max_workers)
@@ -177,8 +175,19 @@ def ewma_rate(ages_s: Sequence[float], half_life_s: float = RATE_HALF_LIFE_S) ->
 
 
 def demand_rate(ages_s: Sequence[float], half_life_s: float = RATE_HALF_LIFE_S) -> float:
-    """Requests per second: the larger of the slow and the fast ``ewma_rate``."""
-    return max(ewma_rate(ages_s, half_life_s), ewma_rate(ages_s, half_life_s / FAST_FACTOR))
+    """Requests per second: the slow ``ewma_rate``, or the fast one where it stands more
+    than its own noise above it.
+
+    Of a steady Poisson stream at rate r, an exponentially weighted rate with decay d has
+    variance r * d / 2: the fast estimate of 1 request a minute is +-42 %, so the larger
+    of the two alone rose with every cluster of arrivals of a steady stream and ordered
+    workers that trim then threw away. Only the part of the fast rate beyond one standard
+    deviation of it (at the slow rate) counts: a step still shows within minutes.
+    """
+    slow = ewma_rate(ages_s, half_life_s)
+    fast_half_life = half_life_s / FAST_FACTOR
+    noise = math.sqrt(slow * math.log(2) / fast_half_life / 2)
+    return max(slow, ewma_rate(ages_s, fast_half_life) - FAST_NOISE_SD * noise)
 
 
 def peak_rate(

@@ -44,6 +44,20 @@ def test_the_demand_rate_rises_within_minutes_and_falls_over_ten() -> None:
     assert demand_rate(busy_then_quiet) == ewma_rate(busy_then_quiet)
 
 
+def test_the_fast_rate_counts_only_beyond_its_noise() -> None:
+    # A steady stream of 1 a minute with three requests in its last minute: the fast rate
+    # alone reads ~1.6/min there, but that is within its noise of the slow rate.
+    steady = [60.0 + i * 60 for i in range(40)]
+    cluster = [5.0, 20.0, 40.0, *steady]
+    fast = ewma_rate(cluster, 120.0)
+    assert fast > 1.4 * ewma_rate(cluster)
+    assert demand_rate(cluster) < fast
+    assert demand_rate(cluster) * 60 == pytest.approx(1.25, abs=0.15)
+    # A step from 1 a minute to 10 a minute over the last 3 minutes is well beyond it.
+    step = [i * 6.0 for i in range(30)] + [180.0 + i * 60 for i in range(40)]
+    assert demand_rate(step) * 60 > 2 * ewma_rate(step) * 60
+
+
 def test_peak_rate_holds_the_burst_that_just_ended() -> None:
     burst_an_hour_ago = [1800.0 + i for i in range(30)]  # 30 requests, 30 min ago
     assert peak_rate(burst_an_hour_ago, within_s=3600) > 3 * ewma_rate(burst_an_hour_ago)
@@ -159,3 +173,15 @@ def test_adaptive_keeps_the_burst_target_until_the_scale_down_delay() -> None:
         TUESDAY_9_UTC,
     )
     assert short_delay.keep == short_delay.ready
+
+
+def test_trim_holds_the_peak_of_the_slow_rate_only() -> None:
+    # 40 requests in 40 s, 5 minutes ago: the fast rate's peak asks for far more than the
+    # slow rate's; trim keeps what the slow rate's peak asks for.
+    ages = [300.0 + i for i in range(40)]
+    policy = _policy(policy=ADAPTIVE, min_ready=0, scale_down_delay_s=600)
+    target = warm_target(policy, History(request_ages_s=ages, provision_s=[60.0]), TUESDAY_9_UTC)
+    slow_peak = base_stock(peak_rate(ages, 600, 600.0) * 60, 0.95, 20)
+    fast_peak = base_stock(peak_rate(ages, 600, 120.0) * 60, 0.95, 20)
+    assert fast_peak > slow_peak > target.ready
+    assert target.keep == slow_peak
