@@ -11,13 +11,14 @@ answer. Nothing is stored: the target is recomputed from the same history each p
   ``lam`` an arriving lease is served warm iff fewer than S replacements are still
   provisioning: P(N <= S - 1) with N ~ Poisson(lam * T), T the mean of recent
   provisioning times (the count in flight of an M/G/inf queue is Poisson with mean
-  rate x *mean* service time, whatever the distribution's tail). ``lam`` is the larger
-  of two exponentially weighted rates of recent lease requests (half-lives 10 and 2
-  minutes). Floor ``min_ready`` (and the schedules), ceiling ``max_workers``.
+  rate x *mean* service time, whatever the distribution's tail). ``lam`` is an
+  exponentially weighted rate of recent lease requests (half-life 10 minutes), or a
+  2-minute one where that stands beyond its noise above it (a step in demand).
+  Floor ``min_ready`` (and the schedules), ceiling ``max_workers``.
 - Surplus is trimmed only after ``scale_down_delay``: trim keeps the highest target
-  of that window (the rate peaks right after an arrival; a schedule's floor is held
-  for the delay after its window ends), so a lull does not throw away workers that
-  took minutes to boot.
+  of that window, at the slow rate's peak (it peaks right after an arrival; a
+  schedule's floor is held for the delay after its window ends), so a lull does not
+  throw away workers that took minutes to boot.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ RATE_HALF_LIFE_S = 600.0
 FAST_HALF_LIFE_S = 120.0
 FAST_FACTOR = RATE_HALF_LIFE_S / FAST_HALF_LIFE_S  # a pool's fast rate: its half-life / 5
 HISTORY_HALF_LIVES = 4
-FAST_NOISE_SD = 1.0  # the fast rate counts beyond this many of its standard deviations
+FAST_NOISE_SD = 2.0  # the fast rate counts beyond this many of its standard deviations
 PROVISION_SAMPLES = 50  # the most recent provisioning times the mean is taken of
 # Until a pool has provisioned a worker, how long one is assumed to take (by os).
 DEFAULT_PROVISION_S = {"windows": 600.0, "ubuntu": 60.0, "linux": 60.0}
@@ -181,8 +182,10 @@ def demand_rate(ages_s: Sequence[float], half_life_s: float = RATE_HALF_LIFE_S) 
     Of a steady Poisson stream at rate r, an exponentially weighted rate with decay d has
     variance r * d / 2: the fast estimate of 1 request a minute is +-42 %, so the larger
     of the two alone rose with every cluster of arrivals of a steady stream and ordered
-    workers that trim then threw away. Only the part of the fast rate beyond one standard
-    deviation of it (at the slow rate) counts: a step still shows within minutes.
+    workers that trim then threw away. Only the part of the fast rate beyond two standard
+    deviations of it (at the slow rate) counts: a step still shows within minutes.
+    Measured (simulate, 24 h traces): one deviation left the steady Windows-like pool
+    43 % above the best fixed pool's idle minutes, two 17 %; the business days kept p95 0 s.
     """
     slow = ewma_rate(ages_s, half_life_s)
     fast_half_life = half_life_s / FAST_FACTOR
