@@ -16,9 +16,9 @@ answer. Nothing is stored: the target is recomputed from the same history each p
   2-minute one where that stands beyond its noise above it (a step in demand).
   Floor ``min_ready`` (and the schedules), ceiling ``max_workers``.
 - Surplus is trimmed only after ``scale_down_delay``: trim keeps the highest target
-  of that window, at the slow rate's peak (it peaks right after an arrival; a
-  schedule's floor is held for the delay after its window ends), so a lull does not
-  throw away workers that took minutes to boot.
+  of that window (the rates peak right after an arrival; a schedule's floor is held
+  for the delay after its window ends), so a lull does not throw away workers that
+  took minutes to boot.
 """
 
 from __future__ import annotations
@@ -140,7 +140,9 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
         keep = min(max(base, held_floor), policy.max_workers)
         return Target(ready, max(ready, keep), policy.policy, policy.min_ready, floor, schedule)
     rate = demand_rate(history.request_ages_s, policy.demand_half_life_s)
-    peak = peak_rate(history.request_ages_s, policy.scale_down_delay_s, policy.demand_half_life_s)
+    peak = peak_demand_rate(
+        history.request_ages_s, policy.scale_down_delay_s, policy.demand_half_life_s
+    )
     provision = provision_time(history.provision_s, policy.os)
     demand = base_stock(rate * provision, policy.hit_target, policy.max_workers)
     held = base_stock(peak * provision, policy.hit_target, policy.max_workers)
@@ -187,10 +189,41 @@ def demand_rate(ages_s: Sequence[float], half_life_s: float = RATE_HALF_LIFE_S) 
     Measured (simulate, 24 h traces): one deviation left the steady Windows-like pool
     43 % above the best fixed pool's idle minutes, two 17 %; the business days kept p95 0 s.
     """
-    slow = ewma_rate(ages_s, half_life_s)
     fast_half_life = half_life_s / FAST_FACTOR
-    noise = math.sqrt(slow * math.log(2) / fast_half_life / 2)
-    return max(slow, ewma_rate(ages_s, fast_half_life) - FAST_NOISE_SD * noise)
+    return _beyond_noise(
+        ewma_rate(ages_s, half_life_s), ewma_rate(ages_s, fast_half_life), fast_half_life
+    )
+
+
+def _beyond_noise(slow: float, fast: float, fast_half_life_s: float) -> float:
+    noise = math.sqrt(slow * math.log(2) / fast_half_life_s / 2)
+    return max(slow, fast - FAST_NOISE_SD * noise)
+
+
+def peak_demand_rate(
+    ages_s: Sequence[float], within_s: float, half_life_s: float = RATE_HALF_LIFE_S
+) -> float:
+    """The highest ``demand_rate`` over the last ``within_s`` seconds (what trim holds):
+    both rates peak at arrivals, so it is read at each arrival of that window, both
+    levels carried along in one pass (requests older than a rate's window still count
+    there, decayed below 1/16)."""
+    fast_half_life = half_life_s / FAST_FACTOR
+    rates = [(math.log(2) / h, h * HISTORY_HALF_LIVES) for h in (half_life_s, fast_half_life)]
+    norms = [d / (1 - math.exp(-d * window)) for d, window in rates]
+    levels, previous, peak = [0.0, 0.0], None, 0.0
+    horizon = half_life_s * HISTORY_HALF_LIVES + within_s
+    for age in sorted((a for a in ages_s if 0 <= a <= horizon), reverse=True):
+        if previous is not None:
+            levels = [
+                level * math.exp(-d * (previous - age))
+                for level, (d, _) in zip(levels, rates, strict=True)
+            ]
+        levels = [level + 1.0 for level in levels]
+        previous = age
+        if age <= within_s:
+            slow, fast = (level * norm for level, norm in zip(levels, norms, strict=True))
+            peak = max(peak, _beyond_noise(slow, fast, fast_half_life))
+    return max(peak, demand_rate(ages_s, half_life_s))
 
 
 def peak_rate(

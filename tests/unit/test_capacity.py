@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,6 +18,7 @@ from service.capacity import (
     cron_trigger,
     demand_rate,
     ewma_rate,
+    peak_demand_rate,
     peak_rate,
     provision_time,
     schedule_floor,
@@ -178,13 +180,28 @@ def test_adaptive_keeps_the_burst_target_until_the_scale_down_delay() -> None:
     assert short_delay.keep == short_delay.ready
 
 
-def test_trim_holds_the_peak_of_the_slow_rate_only() -> None:
-    # 40 requests in 40 s, 5 minutes ago: the fast rate's peak asks for far more than the
-    # slow rate's; trim keeps what the slow rate's peak asks for.
+def test_trim_holds_the_peak_of_the_demand_estimate_over_the_delay() -> None:
+    # 40 requests in 40 s, 5 minutes ago: a step the fast rate shows beyond its noise.
+    # Trim keeps what the estimate asked for at its peak (at the burst's last request),
+    # more than the slow rate's own peak asks for, and lets go once the delay has passed.
     ages = [300.0 + i for i in range(40)]
+    history = History(request_ages_s=ages, provision_s=[60.0])
     policy = _policy(policy=ADAPTIVE, min_ready=0, scale_down_delay_s=600)
-    target = warm_target(policy, History(request_ages_s=ages, provision_s=[60.0]), TUESDAY_9_UTC)
-    slow_peak = base_stock(peak_rate(ages, 600, 600.0) * 60, 0.95, 20)
-    fast_peak = base_stock(peak_rate(ages, 600, 120.0) * 60, 0.95, 20)
-    assert fast_peak > slow_peak > target.ready
-    assert target.keep == slow_peak
+    target = warm_target(policy, history, TUESDAY_9_UTC)
+    at_the_peak = demand_rate([age - 300.0 for age in ages])
+    assert peak_demand_rate(ages, 600) == pytest.approx(at_the_peak, rel=0.01)
+    assert target.keep == base_stock(at_the_peak * 60, 0.95, 20)
+    assert target.keep > base_stock(peak_rate(ages, 600) * 60, 0.95, 20) > target.ready
+    later = History(request_ages_s=[age + 600 for age in ages], provision_s=[60.0])
+    assert warm_target(policy, later, TUESDAY_9_UTC).keep < target.keep
+
+
+def test_noise_of_the_fast_rate_is_not_held() -> None:
+    # An hour of Poisson requests at 1 a minute: the fast rate's peaks over the last
+    # 10 minutes are noise (1.8/min here), and what trim holds stays at the slow rate's.
+    rng, t, ages = random.Random(1), 0.0, []
+    while t < 3600:
+        t += rng.expovariate(1 / 60)
+        ages.append(t)
+    assert peak_rate(ages, 600, 120.0) > 1.3 * peak_rate(ages, 600)
+    assert peak_demand_rate(ages, 600) < 1.1 * peak_rate(ages, 600)
