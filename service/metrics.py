@@ -175,7 +175,7 @@ class DatabaseCollector(Collector):
         "scale_down_delay)",
         "workerlease_pool_schedule_min_ready": "Floor set by an open schedule window, or 0",
         "workerlease_pool_lease_rate_per_minute": "Lease requests per minute (EWMA), adaptive",
-        "workerlease_pool_provision_p90_seconds": "p90 of recent provisioning times, adaptive",
+        "workerlease_pool_provision_mean_seconds": "Mean of recent provisioning times, adaptive",
     }
 
     def __init__(self, snapshot: Snapshot) -> None:
@@ -199,15 +199,15 @@ def warm_samples(targets: Mapping[str, Target]) -> dict[str, list[tuple[dict[str
             ({"pool": n}, t.schedule_min_ready) for n, t in targets.items()
         ],
         "workerlease_pool_lease_rate_per_minute": [],
-        "workerlease_pool_provision_p90_seconds": [],
+        "workerlease_pool_provision_mean_seconds": [],
     }
     for name, target in targets.items():
-        if target.rate_per_min is not None and target.provision_p90_s is not None:
+        if target.rate_per_min is not None and target.provision_mean_s is not None:
             out["workerlease_pool_lease_rate_per_minute"].append(
                 ({"pool": name}, target.rate_per_min)
             )
-            out["workerlease_pool_provision_p90_seconds"].append(
-                ({"pool": name}, target.provision_p90_s)
+            out["workerlease_pool_provision_mean_seconds"].append(
+                ({"pool": name}, target.provision_mean_s)
             )
     return out
 

@@ -260,8 +260,8 @@ class WarmTargetOut(BaseModel):
     schedule_min_ready: int = Field(description="Floor set by an open schedule window, or 0")
     schedule: str | None = Field(description="The cron of the window that sets that floor")
     rate_per_min: float | None = Field(description="Lease requests per minute (EWMA), adaptive")
-    provision_p90_s: float | None = Field(
-        description="90th percentile of recent provisioning times, adaptive"
+    provision_mean_s: float | None = Field(
+        description="Mean of the last 50 provisioning times, adaptive"
     )
     demand_target: int | None = Field(
         description="What the demand alone asks for (Poisson quantile at warm_hit_target)"

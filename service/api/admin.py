@@ -137,7 +137,7 @@ def _warm_out(pool: Pool, target: Target) -> WarmTargetOut:
         schedule_min_ready=target.schedule_min_ready,
         schedule=target.schedule,
         rate_per_min=target.rate_per_min,
-        provision_p90_s=target.provision_p90_s,
+        provision_mean_s=target.provision_mean_s,
         demand_target=target.demand_ready,
         hit_target=pool.warm_hit_target,
         reason=target.reason,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from service.capacity import (
     ADAPTIVE,
+    FAST_NOISE_SD,
     FIXED,
     History,
     Schedule,
@@ -17,6 +19,7 @@ from service.capacity import (
     cron_trigger,
     demand_rate,
     ewma_rate,
+    peak_demand_rate,
     peak_rate,
     provision_time,
     schedule_floor,
@@ -44,14 +47,34 @@ def test_the_demand_rate_rises_within_minutes_and_falls_over_ten() -> None:
     assert demand_rate(busy_then_quiet) == ewma_rate(busy_then_quiet)
 
 
+def test_the_fast_rate_counts_only_beyond_its_noise() -> None:
+    # A steady stream of 1 a minute with two more requests in its last minute: the fast
+    # rate alone reads 1.5/min there, but that is within one of its standard deviations
+    # (+-0.45/min at the slow rate's 1.1/min), so the estimate stays the slow rate.
+    steady = [60.0 + i * 60 for i in range(40)]
+    cluster = [5.0, 20.0, *steady]
+    assert ewma_rate(cluster, 120.0) > 1.3 * ewma_rate(cluster)
+    assert demand_rate(cluster) == ewma_rate(cluster)
+    # A step from 1 a minute to 10 a minute over the last 3 minutes is well beyond it:
+    # the estimate is the fast rate less its noise, twice the slow rate.
+    step = [i * 6.0 for i in range(30)] + [180.0 + i * 60 for i in range(40)]
+    fast, slow = ewma_rate(step, 120.0), ewma_rate(step)
+    noise = math.sqrt(slow * math.log(2) / 120.0 / 2)
+    assert demand_rate(step) == pytest.approx(fast - FAST_NOISE_SD * noise)
+    assert demand_rate(step) > 2 * slow
+
+
 def test_peak_rate_holds_the_burst_that_just_ended() -> None:
     burst_an_hour_ago = [1800.0 + i for i in range(30)]  # 30 requests, 30 min ago
     assert peak_rate(burst_an_hour_ago, within_s=3600) > 3 * ewma_rate(burst_an_hour_ago)
     assert peak_rate(burst_an_hour_ago, within_s=60) == ewma_rate(burst_an_hour_ago)
 
 
-def test_provision_time_is_the_p90_or_the_os_default() -> None:
-    assert provision_time(list(range(1, 101)), "ubuntu") == 90
+def test_provision_time_is_the_mean_or_the_os_default() -> None:
+    # The M/G/inf count in flight is Poisson with rate x *mean* time: a long tail
+    # (one 900 s boot among 40 s ones) moves the mean, not a high percentile's margin.
+    assert provision_time(list(range(1, 101)), "ubuntu") == 50.5
+    assert provision_time([40.0] * 9 + [900.0], "windows") == 126
     assert provision_time([], "windows") == 600
     assert provision_time([], "ubuntu") == 60
 
@@ -133,7 +156,7 @@ def test_adaptive_target_follows_rate_times_provisioning_time() -> None:
     target = warm_target(_policy(policy=ADAPTIVE, min_ready=0), steady, TUESDAY_9_UTC)
     # 10/min x 40 s: Poisson(6.67), the 95% base stock is 11.
     assert target.rate_per_min == pytest.approx(10, rel=0.03)
-    assert target.provision_p90_s == 40
+    assert target.provision_mean_s == 40
     assert target.ready == base_stock(10 / 60 * 40, 0.95, 20) == target.demand_ready
 
 
@@ -156,3 +179,30 @@ def test_adaptive_keeps_the_burst_target_until_the_scale_down_delay() -> None:
         TUESDAY_9_UTC,
     )
     assert short_delay.keep == short_delay.ready
+
+
+def test_trim_holds_the_peak_of_the_demand_estimate_over_the_delay() -> None:
+    # 40 requests in 40 s, 5 minutes ago: a step the fast rate shows beyond its noise.
+    # Trim keeps what the estimate asked for at its peak (at the burst's last request),
+    # more than the slow rate's own peak asks for, and lets go once the delay has passed.
+    ages = [300.0 + i for i in range(40)]
+    history = History(request_ages_s=ages, provision_s=[60.0])
+    policy = _policy(policy=ADAPTIVE, min_ready=0, scale_down_delay_s=600)
+    target = warm_target(policy, history, TUESDAY_9_UTC)
+    at_the_peak = demand_rate([age - 300.0 for age in ages])
+    assert peak_demand_rate(ages, 600) == pytest.approx(at_the_peak, rel=0.01)
+    assert target.keep == base_stock(at_the_peak * 60, 0.95, 20)
+    assert target.keep > base_stock(peak_rate(ages, 600) * 60, 0.95, 20) > target.ready
+    later = History(request_ages_s=[age + 600 for age in ages], provision_s=[60.0])
+    assert warm_target(policy, later, TUESDAY_9_UTC).keep < target.keep
+
+
+def test_noise_of_the_fast_rate_is_not_held() -> None:
+    # An hour of Poisson requests at 1 a minute: the fast rate's peaks over the last
+    # 10 minutes are noise (1.8/min here), and what trim holds stays at the slow rate's.
+    rng, t, ages = random.Random(1), 0.0, []
+    while t < 3600:
+        t += rng.expovariate(1 / 60)
+        ages.append(t)
+    assert peak_rate(ages, 600, 120.0) > 1.3 * peak_rate(ages, 600)
+    assert peak_demand_rate(ages, 600) < 1.1 * peak_rate(ages, 600)
