@@ -78,11 +78,6 @@ class WarmPolicy:
         return self.policy == ADAPTIVE
 
     @property
-    def half_lives(self) -> tuple[float, float]:
-        """The slow and the fast half-life of the demand estimate."""
-        return self.demand_half_life_s, self.demand_half_life_s / FAST_FACTOR
-
-    @property
     def history_s(self) -> float:
         """How far back the target reads requests: the estimate's window, and the
         scale-down delay over which trim keeps its peak."""
