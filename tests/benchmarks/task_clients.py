@@ -200,8 +200,11 @@ def run_producers(
         out: Counter[str] = Counter()
         sent = [0]
         coros = [_produce(port, r, random.uniform(0, LINE_EVERY_S), out, sent) for r in runs]
-        figures = lambda: {**out, "lines_acknowledged": sent[0]}  # noqa: E731
-        await _until_stopped(coros, stop, seconds, lambda: result_q.put(("producers", figures())))
+
+        def report() -> None:
+            result_q.put(("producers", {**out, "lines_acknowledged": sent[0]}))
+
+        await _until_stopped(coros, stop, seconds, report)
 
     asyncio.run(main())
 

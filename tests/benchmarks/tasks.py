@@ -324,17 +324,18 @@ def _collect(procs: list[tuple[Any, Any]], timeout: float) -> dict[str, Any]:
     missing: list[str] = []
     deadline = time.monotonic() + timeout
     for proc, result_q in procs:
+        failure = None
         try:
             name, value = result_q.get(timeout=max(1.0, deadline - time.monotonic()))
             out[name] = value
         except Exception as exc:  # queue.Empty, or figures that did not unpickle
-            missing.append(f"{proc.name}: {type(exc).__name__}")
+            failure = type(exc).__name__
         proc.join(max(1.0, deadline - time.monotonic()))
         if proc.is_alive():
             proc.kill()
             proc.join(5)
-        if missing and missing[-1].startswith(f"{proc.name}:"):
-            missing[-1] += f", exit code {proc.exitcode}"
+        if failure:
+            missing.append(f"{proc.name}: {failure}, exit code {proc.exitcode}")
     if missing:
         out["missing"] = missing
     return out
