@@ -20,7 +20,7 @@ from service.capacity import (
     warm_target,
 )
 from service.config import PoolConfig
-from service.db import lock_job, with_row_locks
+from service.db import core_connection, lock_job, with_row_locks
 from service.errors import InvalidRequest, NotFound
 from service.leasing import schedule_destroy
 from service.models import (
@@ -153,9 +153,10 @@ _PENDING_BY_POOL = (
 def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
     """Unfinished workers per pool and state, and pending leases per pool (partial indexes)."""
     counts: dict[str, PoolCounts] = {}
-    for pool, state, n in session.exec(_LIVE_WORKERS_BY_POOL).all():
+    connection = core_connection(session)
+    for pool, state, n in connection.execute(_LIVE_WORKERS_BY_POOL).all():
         counts.setdefault(pool, PoolCounts({}, 0)).by_state[state] = n
-    for pool, n in session.exec(_PENDING_BY_POOL).all():
+    for pool, n in connection.execute(_PENDING_BY_POOL).all():
         counts.setdefault(pool, PoolCounts({}, 0)).pending_leases = n
     return counts
 
@@ -183,26 +184,37 @@ def warm_policy(pool: Pool) -> WarmPolicy:
 
 
 class HistoryMemo:
-    """Histories read at one instant, kept until the owner says history changed.
+    """A pool's history rows, kept until the owner says history changed.
 
-    For a single-threaded replay only (``workerlease simulate``): one virtual instant
-    runs several passes that read the same history (a rung demand pass reads it twice,
-    ``due.next_due`` once more), and only a lease request or a worker becoming ready
-    changes it, both of which the replay does itself and follows with ``forget()``.
+    For a single-threaded replay only (``workerlease simulate``): between a lease
+    request and an agent's ready callback, the only events that add to a pool's history
+    (a request time, a provisioning time), every pass reads the same rows: a rung demand
+    pass reads them twice, ``due.next_due`` and the destroy pass's check again, at later
+    virtual instants too. The replay follows those two events with ``forget()``. Rows are
+    kept, not ages: a later read takes those at or after its own ``since``, which is
+    what the database would return (nothing is inserted before ``now``).
     The service never sets one: its passes run beside requests in other threads.
     """
 
     def __init__(self) -> None:
-        self._read: dict[tuple[str, datetime, datetime], History] = {}
+        self._read: dict[str, _HistoryRows] = {}
 
-    def get(self, key: tuple[str, datetime, datetime]) -> History | None:
-        return self._read.get(key)
+    def get(self, pool: str, since: datetime) -> _HistoryRows | None:
+        rows = self._read.get(pool)
+        return rows if rows is not None and rows.since <= since else None
 
-    def put(self, key: tuple[str, datetime, datetime], history: History) -> None:
-        self._read[key] = history
+    def put(self, pool: str, rows: _HistoryRows) -> None:
+        self._read[pool] = rows
 
     def forget(self) -> None:
         self._read.clear()
+
+
+@dataclass(frozen=True)
+class _HistoryRows:
+    since: datetime
+    requested: Sequence[datetime]  # newest first, as read
+    provision_s: Sequence[float]
 
 
 HISTORY_MEMO: ContextVar[HistoryMemo | None] = ContextVar("workerlease_history_memo", default=None)
@@ -212,13 +224,15 @@ def pool_history(session: Session, pool: str, since: datetime, now: datetime) ->
     """The pool's lease requests since ``since`` and its last provisioning times (two
     range reads of ``ix_leases_pool_created`` and ``ix_workers_pool_ready``)."""
     memo = HISTORY_MEMO.get()
-    if memo is None:
-        return _read_history(session, pool, since, now)
-    history = memo.get((pool, since, now))
-    if history is None:
-        history = _read_history(session, pool, since, now)
-        memo.put((pool, since, now), history)
-    return history
+    rows = memo.get(pool, since) if memo is not None else None
+    if rows is None:
+        rows = _read_history(session, pool, since)
+        if memo is not None:
+            memo.put(pool, rows)
+    return History(
+        request_ages_s=[(now - at).total_seconds() for at in rows.requested if at >= since],
+        provision_s=rows.provision_s,
+    )
 
 
 _REQUESTS_SINCE = (
@@ -235,12 +249,14 @@ _LAST_PROVISIONED = (
 )
 
 
-def _read_history(session: Session, pool: str, since: datetime, now: datetime) -> History:
-    requests = session.exec(_REQUESTS_SINCE, params={"pool": pool, "since": since}).all()
-    provisioned = session.exec(_LAST_PROVISIONED, params={"pool": pool}).all()
-    return History(
-        request_ages_s=[(now - at).total_seconds() for at in requests],
-        provision_s=[(ready - created).total_seconds() for created, ready in provisioned if ready],
+def _read_history(session: Session, pool: str, since: datetime) -> _HistoryRows:
+    connection = core_connection(session)
+    requests = connection.execute(_REQUESTS_SINCE, {"pool": pool, "since": since}).scalars()
+    provisioned = connection.execute(_LAST_PROVISIONED, {"pool": pool}).all()
+    return _HistoryRows(
+        since,
+        requests.all(),
+        [(ready - created).total_seconds() for created, ready in provisioned if ready],
     )
 
 

@@ -23,8 +23,8 @@ What the running service does, and how the replay stands in for it:
   when leases are pending, the ``destroy`` pass at the next ``scheduler.interval``
   after a release, followed by the demand poll (the room a released worker frees
   refills at once); otherwise destroys run every ``DESTROY_PASS_S``;
-- one virtual instant reads a pool's history once (``pools.HistoryMemo``), forgotten on
-  each request and each ready callback, the two events that change it.
+- a pool's history is read once between a request and a ready callback, the two
+  events that change it (``pools.HistoryMemo``, forgotten after each).
 
 Results are read back from the database: lease waits (request to active), warm hits
 (active at once), worker-minutes (created to the decision to destroy it), idle
@@ -342,7 +342,6 @@ class Replay:
                 if now > last_request + DRAIN_LIMIT_S:
                     break
                 self.clock.set(self.start + timedelta(seconds=now))
-                self.memo.forget()
                 getattr(self, f"_on_{event.kind}")(event.payload)
                 if self._waiting:
                     self._collect_activations()
