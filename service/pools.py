@@ -316,19 +316,24 @@ def refill_wanted(session: Session, now: datetime) -> bool:
     )
 
 
-def plan_refill(session: Session, now: datetime) -> list[Worker]:
+def plan_refill(
+    session: Session, now: datetime, every_pool: Sequence[Pool] | None = None
+) -> list[Worker]:
     """Commit-ready rows (state provisioning) for every worker the pools lack.
 
     The rows are committed before any provisioner is asked to create anything,
     so a crash never leaves a resource the database does not know about.
+    ``every_pool``: the pools as this transaction read them (else they are read here).
     """
     lock_job(session, "refill")  # two replicas must not both fill the same gap
     counts = counts_by_pool(session)
     created: list[Worker] = []
+    if every_pool is None:
+        every_pool = session.exec(select(Pool)).all()
     pools = [
         pool
-        for pool in session.exec(select(Pool).where(col(Pool.enabled).is_(True))).all()
-        if pool.create_backoff_until is None or pool.create_backoff_until <= now
+        for pool in every_pool
+        if pool.enabled and (pool.create_backoff_until is None or pool.create_backoff_until <= now)
     ]
     targets = warm_targets(session, pools, now)
     for pool in pools:
