@@ -16,7 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Table, bindparam, func, literal_column, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
@@ -37,7 +37,7 @@ from service.models import (
 )
 from service.pools import note_callback, note_callback_timeout, note_create_result
 from service.security import WORKER_TOKEN_PREFIX, hash_token, new_token, secret_equals
-from service.states import move_worker, record
+from service.states import move_worker, moved, record
 
 log = logging.getLogger("workerlease.workers")
 
@@ -118,9 +118,11 @@ def worker_ready(
         raise Conflict(f"worker {worker_id} is {worker.state}, not provisioning")
     worker_token = new_token(WORKER_TOKEN_PREFIX)
     worker.worker_token_hash = hash_token(worker_token)
-    mark_ready(session, worker, agent_url, address, now)
+    # Loaded before ``mark_ready``, which then finds it in the session: the session holds
+    # its rows weakly, so a second ``get`` after it would read the row again.
     pool = session.get(Pool, worker.pool)
     assert pool is not None
+    mark_ready(session, worker, agent_url, address, now)
     return Ready(worker, worker_token, serve_pending(session, pool, now))
 
 
@@ -191,6 +193,26 @@ def claim_creates(
     return workers
 
 
+# The create's and the destroy's records in Core: each worker's create and destroy
+# records itself, and the ORM loads of the worker and pool rows cost more than the
+# UPDATE (simulate's profile). The pool's row is loaded only when it has a mark to clear.
+_POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
+_RECORD_CREATE = (
+    update(_WORKERS)
+    .where(_WORKERS.c.id == bindparam("worker_id"))
+    .values(
+        provider_id=bindparam("provider_id"),
+        # as ``address or given``: a known address is kept
+        address=func.coalesce(func.nullif(_WORKERS.c.address, ""), bindparam("address")),
+        claimed_until=None,
+    )
+)
+_CREATES_FAILED = core_select(_POOLS.c.name).where(
+    _POOLS.c.name == bindparam("pool"),
+    (_POOLS.c.create_failures != 0) | _POOLS.c.create_backoff_until.is_not(None),
+)
+
+
 def record_create(
     session: Session,
     pool_name: str,
@@ -200,12 +222,11 @@ def record_create(
     now: datetime,
 ) -> None:
     """The provisioner launched the worker's resource: remember where it is."""
-    row = session.get(Worker, worker_id)
-    if row is not None:
-        row.provider_id = provider_id
-        row.address = row.address or address
-        row.claimed_until = None
-        session.add(row)
+    connection = session.connection()
+    values = {"worker_id": worker_id, "provider_id": provider_id, "address": address}
+    connection.execute(_RECORD_CREATE, values)
+    if connection.execute(_CREATES_FAILED, {"pool": pool_name}).first() is None:
+        return  # no backoff for a success to clear
     pool = session.get(Pool, pool_name)
     if pool is not None:
         note_create_result(pool, None, now)
@@ -258,16 +279,17 @@ def record_destroys(
     destroyed = 0
     permanent: CallFailure | None = None
     for worker_id, failure in results.items():
+        if failure is None:
+            destroyed += _finish_destroy(session, worker_id, now)
+            continue
         row = session.get(Worker, worker_id)
         if row is None or row.state != WorkerState.DESTROYING:
-            continue
-        if failure is None:
-            _finish_destroy(session, row, now)
-            destroyed += 1
             continue
         _retry_destroy_later(session, row, failure, now)
         if failure.permanent:
             permanent = failure
+    if permanent is None and not (destroyed and _destroy_error_marked(session, pool_name)):
+        return destroyed  # the pool's row has nothing to change
     pool = session.get(Pool, pool_name)
     if pool is not None:
         if permanent is not None:
@@ -279,12 +301,49 @@ def record_destroys(
     return destroyed
 
 
-def _finish_destroy(session: Session, worker: Worker, now: datetime) -> None:
-    worker.claimed_until = None
-    worker.next_attempt_at = None
-    worker.bootstrap_token = None
-    move_worker(session, worker, WorkerState.DESTROYED, "provisioner confirmed", now)
-    log.info("worker_destroyed pool=%s worker=%s", worker.pool, worker.id)
+_FINISH_DESTROY = (
+    update(_WORKERS)
+    .where(
+        _WORKERS.c.id == bindparam("worker_id"), _WORKERS.c.state == literal_column("'destroying'")
+    )
+    .values(
+        state=WorkerState.DESTROYED.value,
+        state_changed_at=bindparam("now"),
+        claimed_until=None,
+        next_attempt_at=None,
+        bootstrap_token=None,
+    )
+    .returning(_WORKERS.c.pool)
+)
+_DESTROY_ERROR = core_select(_POOLS.c.name).where(
+    _POOLS.c.name == bindparam("pool"), _POOLS.c.destroy_error.is_not(None)
+)
+
+
+def _finish_destroy(session: Session, worker_id: str, now: datetime) -> int:
+    """The provisioner confirmed: ``destroying -> destroyed`` (the ``WHERE`` holds the row
+    at ``destroying``); 0 when the row is not there or not being destroyed."""
+    finished = session.connection().execute(_FINISH_DESTROY, {"worker_id": worker_id, "now": now})
+    pool = finished.scalar()
+    if pool is None:
+        return 0
+    reason = "provisioner confirmed"
+    moved(
+        session,
+        "worker",
+        worker_id,
+        WorkerState.DESTROYING,
+        WorkerState.DESTROYED,
+        reason,
+        now,
+        pool=pool,
+    )
+    log.info("worker_destroyed pool=%s worker=%s", pool, worker_id)
+    return 1
+
+
+def _destroy_error_marked(session: Session, pool_name: str) -> bool:
+    return session.connection().execute(_DESTROY_ERROR, {"pool": pool_name}).first() is not None
 
 
 def _retry_destroy_later(
