@@ -331,19 +331,23 @@ def serve_pending(session: Session, pool: Pool, now: datetime) -> list[Lease]:
     """Hand ready workers to pending leases of the pool, oldest lease and oldest worker first."""
     if not pool.enabled:
         return []
-    pending_q = (
-        select(Lease)
-        .where(Lease.pool == pool.name, Lease.state == LeaseState.PENDING)
-        .order_by(col(Lease.created_at), col(Lease.id))
-    )
     activated: list[Lease] = []
-    for lease in session.exec(with_row_locks(pending_q, session)).all():
+    pending = _PENDING_OF_POOL.for_update(session)
+    for lease in session.exec(pending, params={"pool": pool.name}).all():
         worker = _claim_ready_worker(session, pool.name)
         if worker is None:
             break
         _assign(session, lease, worker, pool, now)
         activated.append(lease)
     return activated
+
+
+# Every ready callback and every full pass asks (see ``Prepared``).
+_PENDING_OF_POOL = Prepared(
+    select(Lease)
+    .where(Lease.pool == bindparam("pool"), Lease.state == LeaseState.PENDING)
+    .order_by(col(Lease.created_at), col(Lease.id))
+)
 
 
 def serve_pending_of(session: Session, pool_name: str, now: datetime) -> list[Lease]:

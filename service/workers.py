@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
 from service import metrics
-from service.db import with_row_locks
+from service.db import Prepared, with_row_locks
 from service.errors import Conflict, NotFound, Unauthorized
 from service.leasing import end_lease, revoke_lease, schedule_destroy, serve_pending
 from service.models import (
@@ -78,12 +78,15 @@ def release_claims(session: Session) -> int:
 BAD_BOOTSTRAP = "unknown worker, or an invalid or already used bootstrap token"
 
 
+_WORKER_BY_ID = Prepared(
+    select(Worker).where(Worker.id == bindparam("worker_id")), skip_locked=False
+)
+
+
 def check_bootstrap_token(session: Session, worker_id: str, bootstrap_token: str) -> Worker:
     """The worker whose one-time bootstrap token this is, locked; else Unauthorized."""
-    statement = with_row_locks(
-        select(Worker).where(Worker.id == worker_id), session, skip_locked=False
-    )
-    worker = session.exec(statement).first()
+    statement = _WORKER_BY_ID.for_update(session)
+    worker = session.exec(statement, params={"worker_id": worker_id}).first()
     stored = worker.bootstrap_token if worker is not None else None
     # Compared even when there is nothing to compare with, so both cases take as long.
     matches = secret_equals(bootstrap_token, stored or "wlb_" + "-" * 43)
@@ -116,12 +119,13 @@ def worker_ready(
     worker = check_bootstrap_token(session, worker_id, bootstrap_token)
     if worker.state != WorkerState.PROVISIONING:
         raise Conflict(f"worker {worker_id} is {worker.state}, not provisioning")
-    worker_token = new_token(WORKER_TOKEN_PREFIX)
-    worker.worker_token_hash = hash_token(worker_token)
-    # Loaded before ``mark_ready``, which then finds it in the session: the session holds
-    # its rows weakly, so a second ``get`` after it would read the row again.
+    # Loaded before ``mark_ready``, which then finds it in the session (which holds its
+    # rows weakly: a second ``get`` after it read the row again), and before the worker
+    # changes, so that its autoflush does not write the worker's row twice.
     pool = session.get(Pool, worker.pool)
     assert pool is not None
+    worker_token = new_token(WORKER_TOKEN_PREFIX)
+    worker.worker_token_hash = hash_token(worker_token)
     mark_ready(session, worker, agent_url, address, now)
     return Ready(worker, worker_token, serve_pending(session, pool, now))
 
@@ -165,6 +169,31 @@ def mark_ready(
         note_callback(session, pool, now)
 
 
+# The claims run in every refill and destroy pass: built once (see ``Prepared``).
+_TO_CREATE = Prepared(
+    select(Worker)
+    .where(
+        Worker.pool == bindparam("pool"),
+        Worker.state == WorkerState.PROVISIONING,
+        col(Worker.provider_id).is_(None),
+        col(Worker.id).not_in(bindparam("skip", expanding=True)),
+    )
+    .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < bindparam("now")))
+    .order_by(col(Worker.created_at))
+    .limit(bindparam("limit"))
+)
+_TO_DESTROY = Prepared(
+    select(Worker)
+    .where(Worker.pool == bindparam("pool"), Worker.state == WorkerState.DESTROYING)
+    .where(
+        col(Worker.next_attempt_at).is_(None) | (col(Worker.next_attempt_at) <= bindparam("now"))
+    )
+    .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < bindparam("now")))
+    .order_by(col(Worker.next_attempt_at))
+    .limit(bindparam("limit"))
+)
+
+
 def claim_creates(
     session: Session, pool: str, now: datetime, limit: int, skip: Collection[str] = ()
 ) -> list[Worker]:
@@ -172,20 +201,9 @@ def claim_creates(
 
     ``skip``: worker ids whose create is still running in this process.
     """
-    statement = (
-        select(Worker)
-        .where(
-            Worker.pool == pool,
-            Worker.state == WorkerState.PROVISIONING,
-            col(Worker.provider_id).is_(None),
-        )
-        .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < now))
-        .order_by(col(Worker.created_at))
-        .limit(limit)
-    )
-    if skip:
-        statement = statement.where(col(Worker.id).not_in(list(skip)))
-    workers = list(session.exec(with_row_locks(statement, session)).all())
+    statement = _TO_CREATE.for_update(session)
+    params = {"pool": pool, "now": now, "limit": limit, "skip": list(skip)}
+    workers = list(session.exec(statement, params=params).all())
     for worker in workers:
         worker.claimed_until = now + CLAIM_FOR
         worker.create_attempts += 1
@@ -251,15 +269,9 @@ def record_create_failure(
 
 
 def claim_destroys(session: Session, pool: str, now: datetime, limit: int = 500) -> list[Worker]:
-    statement = (
-        select(Worker)
-        .where(Worker.pool == pool, Worker.state == WorkerState.DESTROYING)
-        .where(col(Worker.next_attempt_at).is_(None) | (col(Worker.next_attempt_at) <= now))
-        .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < now))
-        .order_by(col(Worker.next_attempt_at))
-        .limit(limit)
-    )
-    workers = list(session.exec(with_row_locks(statement, session)).all())
+    statement = _TO_DESTROY.for_update(session)
+    params = {"pool": pool, "now": now, "limit": limit}
+    workers = list(session.exec(statement, params=params).all())
     for worker in workers:
         worker.claimed_until = now + CLAIM_FOR
         session.add(worker)
