@@ -135,9 +135,12 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
         keep = min(max(base, held_floor), policy.max_workers)
         return Target(ready, max(ready, keep), policy.policy, policy.min_ready, floor, schedule)
     rate = demand_rate(history.request_ages_s, policy.demand_half_life_s)
-    peak = peak_demand_rate(
-        history.request_ages_s, policy.scale_down_delay_s, policy.demand_half_life_s
-    )
+    peak = max(
+        _peak_at_arrivals(
+            history.request_ages_s, policy.scale_down_delay_s, policy.demand_half_life_s
+        ),
+        rate,
+    )  # = peak_demand_rate, without computing ``rate`` twice
     provision = provision_time(history.provision_s, policy.os)
     demand = base_stock(rate * provision, policy.hit_target, policy.max_workers)
     held = base_stock(peak * provision, policy.hit_target, policy.max_workers)
@@ -204,6 +207,10 @@ def peak_demand_rate(
     both rates peak at arrivals, so it is read at each arrival of that window, both
     levels carried along in one pass (requests older than a rate's window still count
     there, decayed below 1/16)."""
+    return max(_peak_at_arrivals(ages_s, within_s, half_life_s), demand_rate(ages_s, half_life_s))
+
+
+def _peak_at_arrivals(ages_s: Sequence[float], within_s: float, half_life_s: float) -> float:
     fast_half_life = half_life_s / FAST_FACTOR
     # Two scalars, not lists of both: a replay evaluates this ~15 times per trim check
     # (``keep_falls_below``), and the lists cost twice the arithmetic.
@@ -222,7 +229,7 @@ def peak_demand_rate(
         previous = age
         if age <= within_s:
             peak = max(peak, _beyond_noise(slow * slow_norm, fast * fast_norm, fast_half_life))
-    return max(peak, demand_rate(ages_s, half_life_s))
+    return peak
 
 
 def peak_rate(

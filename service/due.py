@@ -54,28 +54,30 @@ def next_trim_due(session: Session, pool_name: str, now: datetime) -> datetime |
     return _trim_due(session, pool, counts, now)
 
 
+# Asked after every full pass: built once, as ``pools``' counts.
+_ACTIVE_DEADLINES = select(func.min(Lease.idle_expires_at), func.min(Lease.expires_at)).where(
+    Lease.state == LeaseState.ACTIVE
+)
+_PENDING_DEADLINE = select(func.min(Lease.pending_expires_at)).where(
+    Lease.state == LeaseState.PENDING
+)
+_OLDEST_PROVISIONING = (
+    select(Worker.pool, func.min(Worker.created_at))
+    .where(Worker.state == WorkerState.PROVISIONING)
+    .group_by(col(Worker.pool))
+)
+
+
 def _lease_deadlines(session: Session) -> list[datetime | None]:
-    active = session.exec(
-        select(func.min(Lease.idle_expires_at), func.min(Lease.expires_at)).where(
-            Lease.state == LeaseState.ACTIVE
-        )
-    ).one()
-    pending = session.exec(
-        select(func.min(Lease.pending_expires_at)).where(Lease.state == LeaseState.PENDING)
-    ).one()
+    active = session.exec(_ACTIVE_DEADLINES).one()
+    pending = session.exec(_PENDING_DEADLINE).one()
     return [*active, pending]
 
 
 def _provision_deadlines(session: Session, pools: Sequence[Pool]) -> list[datetime | None]:
     """Each pool's oldest provisioning worker times out ``provision_timeout`` after its
     creation (``workers.provision_timeouts``)."""
-    oldest = dict(
-        session.exec(
-            select(Worker.pool, func.min(Worker.created_at))
-            .where(Worker.state == WorkerState.PROVISIONING)
-            .group_by(col(Worker.pool))
-        ).all()
-    )
+    oldest = dict(session.exec(_OLDEST_PROVISIONING).all())
     return [
         oldest[pool.name] + timedelta(seconds=pool.provision_timeout_s)
         for pool in pools

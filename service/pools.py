@@ -184,37 +184,40 @@ def warm_policy(pool: Pool) -> WarmPolicy:
 
 
 class HistoryMemo:
-    """A pool's history rows, kept until the owner says history changed.
+    """A pool's history rows, kept until the owner says they changed.
 
-    For a single-threaded replay only (``workerlease simulate``): between a lease
-    request and an agent's ready callback, the only events that add to a pool's history
-    (a request time, a provisioning time), every pass reads the same rows: a rung demand
-    pass reads them twice, ``due.next_due`` and the destroy pass's check again, at later
-    virtual instants too. The replay follows those two events with ``forget()``. Rows are
-    kept, not ages: a later read takes those at or after its own ``since``, which is
-    what the database would return (nothing is inserted before ``now``).
+    For a single-threaded replay only (``workerlease simulate``): a lease request adds
+    a request time, an agent's ready callback a provisioning time, and nothing else adds
+    to either (a simulated worker becomes ready by its callback only), so between those
+    events every pass reads the same rows (a rung demand pass twice, ``due.next_due``
+    and the destroy pass's check again, at later virtual instants too). The replay
+    follows a request with ``forget_requests()`` and a ready callback with
+    ``forget_provisioning()``. Request times are kept, not ages: a later read takes
+    those at or after its own ``since``, which is what the database would return
+    (nothing is inserted before ``now``).
     The service never sets one: its passes run beside requests in other threads.
     """
 
     def __init__(self) -> None:
-        self._read: dict[str, _HistoryRows] = {}
+        self._requests: dict[str, tuple[datetime, list[datetime]]] = {}
+        self._provisioning: dict[str, list[float]] = {}
 
-    def get(self, pool: str, since: datetime) -> _HistoryRows | None:
-        rows = self._read.get(pool)
-        return rows if rows is not None and rows.since <= since else None
+    def requests_since(self, session: Session, pool: str, since: datetime) -> list[datetime]:
+        read = self._requests.get(pool)
+        if read is None or read[0] > since:
+            read = self._requests[pool] = (since, _requests_since(session, pool, since))
+        return read[1]
 
-    def put(self, pool: str, rows: _HistoryRows) -> None:
-        self._read[pool] = rows
+    def provisioned(self, session: Session, pool: str) -> list[float]:
+        if pool not in self._provisioning:
+            self._provisioning[pool] = _provisioned(session, pool)
+        return self._provisioning[pool]
 
-    def forget(self) -> None:
-        self._read.clear()
+    def forget_requests(self) -> None:
+        self._requests.clear()
 
-
-@dataclass(frozen=True)
-class _HistoryRows:
-    since: datetime
-    requested: Sequence[datetime]  # newest first, as read
-    provision_s: Sequence[float]
+    def forget_provisioning(self) -> None:
+        self._provisioning.clear()
 
 
 HISTORY_MEMO: ContextVar[HistoryMemo | None] = ContextVar("workerlease_history_memo", default=None)
@@ -224,14 +227,14 @@ def pool_history(session: Session, pool: str, since: datetime, now: datetime) ->
     """The pool's lease requests since ``since`` and its last provisioning times (two
     range reads of ``ix_leases_pool_created`` and ``ix_workers_pool_ready``)."""
     memo = HISTORY_MEMO.get()
-    rows = memo.get(pool, since) if memo is not None else None
-    if rows is None:
-        rows = _read_history(session, pool, since)
-        if memo is not None:
-            memo.put(pool, rows)
+    if memo is None:
+        requested, provision_s = _requests_since(session, pool, since), _provisioned(session, pool)
+    else:
+        requested = memo.requests_since(session, pool, since)
+        provision_s = memo.provisioned(session, pool)
     return History(
-        request_ages_s=[(now - at).total_seconds() for at in rows.requested if at >= since],
-        provision_s=rows.provision_s,
+        request_ages_s=[(now - at).total_seconds() for at in requested if at >= since],
+        provision_s=provision_s,
     )
 
 
@@ -249,15 +252,15 @@ _LAST_PROVISIONED = (
 )
 
 
-def _read_history(session: Session, pool: str, since: datetime) -> _HistoryRows:
-    connection = core_connection(session)
-    requests = connection.execute(_REQUESTS_SINCE, {"pool": pool, "since": since}).scalars()
-    provisioned = connection.execute(_LAST_PROVISIONED, {"pool": pool}).all()
-    return _HistoryRows(
-        since,
-        requests.all(),
-        [(ready - created).total_seconds() for created, ready in provisioned if ready],
-    )
+def _requests_since(session: Session, pool: str, since: datetime) -> list[datetime]:
+    """Newest first, at most ``MAX_REQUESTS_READ``."""
+    params = {"pool": pool, "since": since}
+    return list(core_connection(session).execute(_REQUESTS_SINCE, params).scalars())
+
+
+def _provisioned(session: Session, pool: str) -> list[float]:
+    rows = core_connection(session).execute(_LAST_PROVISIONED, {"pool": pool}).all()
+    return [(ready - created).total_seconds() for created, ready in rows if ready]
 
 
 def warm_targets(session: Session, pools: Sequence[Pool], now: datetime) -> dict[str, Target]:
@@ -300,13 +303,16 @@ def demand_outruns_supply(session: Session) -> bool:
     )
 
 
+_ENABLED_POOLS = select(Pool).where(col(Pool.enabled).is_(True))  # built once, as the counts
+
+
 def refill_wanted(session: Session, now: datetime) -> bool:
     """True when some enabled pool, not backing off, lacks workers: pending leases or
     fewer ready (and on their way) than its target. What a rung doorbell checks."""
     counts = counts_by_pool(session)
     pools = [
         pool
-        for pool in session.exec(select(Pool).where(col(Pool.enabled).is_(True))).all()
+        for pool in session.exec(_ENABLED_POOLS).all()
         if pool.create_backoff_until is None or pool.create_backoff_until <= now
     ]
     targets = warm_targets(session, pools, now)
