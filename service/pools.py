@@ -8,7 +8,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func
+from sqlalchemy import bindparam, func, insert
 from sqlmodel import Session, col, select
 
 from service.capacity import (
@@ -347,10 +347,14 @@ def plan_refill(
         wanted = workers_wanted(pool, counts.get(pool.name, PoolCounts({}, 0)), target)
         for _ in range(wanted):
             worker = new_worker(pool.name, now)
-            session.add(worker)
             record(session, "worker", worker.id, "provisioning: pool refill", now, pool=pool.name)
             created.append(worker)
+    if created:  # one INSERT, not the ORM's flush of new objects
+        core_connection(session).execute(_INSERT_WORKERS, [w.model_dump() for w in created])
     return created
+
+
+_INSERT_WORKERS = insert(Worker.__table__)  # type: ignore[attr-defined]
 
 
 def new_worker(pool_name: str, now: datetime) -> Worker:

@@ -19,6 +19,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import Table, bindparam, func, literal_column, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.dml import Update
 from sqlmodel import Session, col, select
 
 from service import metrics
@@ -204,11 +206,31 @@ def claim_creates(
     statement = _TO_CREATE.for_update(session)
     params = {"pool": pool, "now": now, "limit": limit, "skip": list(skip)}
     workers = list(session.exec(statement, params=params).all())
-    for worker in workers:
-        worker.claimed_until = now + CLAIM_FOR
-        worker.create_attempts += 1
-        session.add(worker)
+    _claimed(session, workers, _CLAIM_CREATES, now + CLAIM_FOR, attempt=True)
     return workers
+
+
+# A claim is one UPDATE of the rows the SELECT locked, not one per row from the ORM's
+# flush; the loaded rows are given the written values (``set_committed_value``: what
+# the database holds, nothing left to flush).
+_CLAIM_DESTROYS = (
+    update(_WORKERS)
+    .where(_WORKERS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(claimed_until=bindparam("until"))
+)
+_CLAIM_CREATES = _CLAIM_DESTROYS.values(create_attempts=_WORKERS.c.create_attempts + 1)
+
+
+def _claimed(
+    session: Session, workers: list[Worker], claim: Update, until: datetime, attempt: bool = False
+) -> None:
+    if not workers:
+        return
+    session.connection().execute(claim, {"ids": [w.id for w in workers], "until": until})
+    for worker in workers:
+        set_committed_value(worker, "claimed_until", until)
+        if attempt:
+            set_committed_value(worker, "create_attempts", worker.create_attempts + 1)
 
 
 # The create's and the destroy's records in Core: each worker's create and destroy
@@ -272,9 +294,7 @@ def claim_destroys(session: Session, pool: str, now: datetime, limit: int = 500)
     statement = _TO_DESTROY.for_update(session)
     params = {"pool": pool, "now": now, "limit": limit}
     workers = list(session.exec(statement, params=params).all())
-    for worker in workers:
-        worker.claimed_until = now + CLAIM_FOR
-        session.add(worker)
+    _claimed(session, workers, _CLAIM_DESTROYS, now + CLAIM_FOR)
     return workers
 
 
