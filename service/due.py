@@ -18,7 +18,14 @@ from sqlmodel import Session, col, select
 
 from service.capacity import keep_falls_below, next_schedule_edge
 from service.models import Lease, LeaseState, Pool, Worker, WorkerState
-from service.pools import PoolCounts, counts_by_pool, pool_history, refill_wanted, warm_policy
+from service.pools import (
+    PoolCounts,
+    counts_by_pool,
+    pool_history,
+    pool_named,
+    refill_wanted,
+    warm_policy,
+)
 
 
 def next_due(session: Session, now: datetime) -> datetime | None:
@@ -47,7 +54,7 @@ def next_due(session: Session, now: datetime) -> datetime | None:
 def next_trim_due(session: Session, pool_name: str, now: datetime) -> datetime | None:
     """``next_due`` after a worker of the pool became ready: only its trim can come
     sooner (one more ready worker), the deadlines are as they were."""
-    pool = session.get(Pool, pool_name)
+    pool = pool_named(session, pool_name)
     if pool is None or not pool.enabled:
         return None
     counts = counts_by_pool(session).get(pool_name, PoolCounts({}, 0))

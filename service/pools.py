@@ -101,6 +101,16 @@ def _apply_pool_config(row: Pool, config: PoolConfig) -> None:
     row.schedules = [schedule.model_dump() for schedule in config.schedules]
 
 
+_POOL_NAMED = select(Pool).where(Pool.name == bindparam("name"))
+
+
+def pool_named(session: Session, name: str) -> Pool | None:
+    """``session.get(Pool, name)`` for the hot paths (the ready callback, the replay's trim
+    check): ``get`` builds its statement and cache key anew on each call, which cost as
+    much as the read itself on SQLite; this statement is built once."""
+    return session.exec(_POOL_NAMED, params={"name": name}).first()
+
+
 def patch_pool(session: Session, name: str, patch: PoolPatch, now: datetime) -> Pool:
     pool = session.get(Pool, name)
     if pool is None:

@@ -37,7 +37,7 @@ from service.models import (
     Worker,
     WorkerState,
 )
-from service.pools import note_callback, note_callback_timeout, note_create_result
+from service.pools import note_callback, note_callback_timeout, note_create_result, pool_named
 from service.security import WORKER_TOKEN_PREFIX, hash_token, new_token, secret_equals
 from service.states import move_worker, moved, record
 
@@ -124,7 +124,7 @@ def worker_ready(
     # Loaded before ``mark_ready``, which then finds it in the session (which holds its
     # rows weakly: a second ``get`` after it read the row again), and before the worker
     # changes, so that its autoflush does not write the worker's row twice.
-    pool = session.get(Pool, worker.pool)
+    pool = pool_named(session, worker.pool)
     assert pool is not None
     worker_token = new_token(WORKER_TOKEN_PREFIX)
     worker.worker_token_hash = hash_token(worker_token)
