@@ -8,7 +8,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, bindparam, func, insert, literal, union_all
+from sqlalchemy import String, bindparam, func, insert, literal, literal_column, union_all
 from sqlmodel import Session, col, select
 
 from service.capacity import (
@@ -151,8 +151,9 @@ class PoolCounts:
 _PENDING_LEASES = "leases:pending"  # in the state column of the pending leases' counts
 _COUNTS_BY_POOL = union_all(
     select(Worker.pool, Worker.state, func.count())
-    # IN, not "!= destroyed": the (state, pool) index then skips all of history.
-    .where(col(Worker.state).in_(LIVE_WORKER_STATES))
+    # IN, not "!= destroyed": the (state, pool) index then skips all of history. Literals:
+    # a bound list is expanded into the SQL again at every execution.
+    .where(col(Worker.state).in_([literal_column(f"'{state}'") for state in LIVE_WORKER_STATES]))
     .group_by(col(Worker.pool), col(Worker.state)),
     select(Lease.pool, literal(_PENDING_LEASES, String), func.count())
     .where(Lease.state == LeaseState.PENDING)

@@ -172,17 +172,21 @@ def mark_ready(
 
 
 # The claims run in every refill and destroy pass: built once (see ``Prepared``).
-_TO_CREATE = Prepared(
+_TO_CREATE_ALL = (
     select(Worker)
     .where(
         Worker.pool == bindparam("pool"),
         Worker.state == WorkerState.PROVISIONING,
         col(Worker.provider_id).is_(None),
-        col(Worker.id).not_in(bindparam("skip", expanding=True)),
     )
     .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < bindparam("now")))
     .order_by(col(Worker.created_at))
     .limit(bindparam("limit"))
+)
+_TO_CREATE = Prepared(_TO_CREATE_ALL)
+# Only with creates in flight here: a bound list is expanded into the SQL at each run.
+_TO_CREATE_SKIPPING = Prepared(
+    _TO_CREATE_ALL.where(col(Worker.id).not_in(bindparam("skip", expanding=True)))
 )
 _TO_DESTROY = Prepared(
     select(Worker)
@@ -203,7 +207,7 @@ def claim_creates(
 
     ``skip``: worker ids whose create is still running in this process.
     """
-    statement = _TO_CREATE.for_update(session)
+    statement = (_TO_CREATE_SKIPPING if skip else _TO_CREATE).for_update(session)
     params = {"pool": pool, "now": now, "limit": limit, "skip": list(skip)}
     workers = list(session.exec(statement, params=params).all())
     _claimed(session, workers, _CLAIM_CREATES, now + CLAIM_FOR, attempt=True)
