@@ -210,19 +210,19 @@ def claim_creates(
     statement = (_TO_CREATE_SKIPPING if skip else _TO_CREATE).for_update(session)
     params = {"pool": pool, "now": now, "limit": limit, "skip": list(skip)}
     workers = list(session.exec(statement, params=params).all())
-    _claimed(session, workers, _CLAIM_CREATES, now + CLAIM_FOR, attempt=True)
+    _claimed(session, workers, _CLAIM_CREATE, now + CLAIM_FOR, attempt=True)
     return workers
 
 
 # A claim is one UPDATE of the rows the SELECT locked, not one per row from the ORM's
 # flush; the loaded rows are given the written values (``set_committed_value``: what
 # the database holds, nothing left to flush).
-_CLAIM_DESTROYS = (
+_CLAIM = (
     update(_WORKERS)
     .where(_WORKERS.c.id.in_(bindparam("ids", expanding=True)))
     .values(claimed_until=bindparam("until"))
 )
-_CLAIM_CREATES = _CLAIM_DESTROYS.values(create_attempts=_WORKERS.c.create_attempts + 1)
+_CLAIM_CREATE = _CLAIM.values(create_attempts=_WORKERS.c.create_attempts + 1)
 
 
 def _claimed(
@@ -298,7 +298,7 @@ def claim_destroys(session: Session, pool: str, now: datetime, limit: int = 500)
     statement = _TO_DESTROY.for_update(session)
     params = {"pool": pool, "now": now, "limit": limit}
     workers = list(session.exec(statement, params=params).all())
-    _claimed(session, workers, _CLAIM_DESTROYS, now + CLAIM_FOR)
+    _claimed(session, workers, _CLAIM, now + CLAIM_FOR)
     return workers
 
 
