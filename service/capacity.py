@@ -135,9 +135,12 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
         keep = min(max(base, held_floor), policy.max_workers)
         return Target(ready, max(ready, keep), policy.policy, policy.min_ready, floor, schedule)
     rate = demand_rate(history.request_ages_s, policy.demand_half_life_s)
-    peak = peak_demand_rate(
-        history.request_ages_s, policy.scale_down_delay_s, policy.demand_half_life_s
-    )
+    peak = max(
+        _peak_at_arrivals(
+            history.request_ages_s, policy.scale_down_delay_s, policy.demand_half_life_s
+        ),
+        rate,
+    )  # = peak_demand_rate, without computing ``rate`` twice
     provision = provision_time(history.provision_s, policy.os)
     demand = base_stock(rate * provision, policy.hit_target, policy.max_workers)
     held = base_stock(peak * provision, policy.hit_target, policy.max_workers)
@@ -204,23 +207,29 @@ def peak_demand_rate(
     both rates peak at arrivals, so it is read at each arrival of that window, both
     levels carried along in one pass (requests older than a rate's window still count
     there, decayed below 1/16)."""
+    return max(_peak_at_arrivals(ages_s, within_s, half_life_s), demand_rate(ages_s, half_life_s))
+
+
+def _peak_at_arrivals(ages_s: Sequence[float], within_s: float, half_life_s: float) -> float:
     fast_half_life = half_life_s / FAST_FACTOR
-    rates = [(math.log(2) / h, h * HISTORY_HALF_LIVES) for h in (half_life_s, fast_half_life)]
-    norms = [d / (1 - math.exp(-d * window)) for d, window in rates]
-    levels, previous, peak = [0.0, 0.0], None, 0.0
+    # Two scalars, not lists of both: a replay evaluates this ~15 times per trim check
+    # (``keep_falls_below``), and the lists cost twice the arithmetic.
+    slow_decay, fast_decay = math.log(2) / half_life_s, math.log(2) / fast_half_life
+    slow_norm = slow_decay / (1 - math.exp(-slow_decay * (half_life_s * HISTORY_HALF_LIVES)))
+    fast_norm = fast_decay / (1 - math.exp(-fast_decay * (fast_half_life * HISTORY_HALF_LIVES)))
+    slow = fast = peak = 0.0
+    previous = None
     horizon = half_life_s * HISTORY_HALF_LIVES + within_s
     for age in sorted((a for a in ages_s if 0 <= a <= horizon), reverse=True):
         if previous is not None:
-            levels = [
-                level * math.exp(-d * (previous - age))
-                for level, (d, _) in zip(levels, rates, strict=True)
-            ]
-        levels = [level + 1.0 for level in levels]
+            slow *= math.exp(-slow_decay * (previous - age))
+            fast *= math.exp(-fast_decay * (previous - age))
+        slow += 1.0
+        fast += 1.0
         previous = age
         if age <= within_s:
-            slow, fast = (level * norm for level, norm in zip(levels, norms, strict=True))
-            peak = max(peak, _beyond_noise(slow, fast, fast_half_life))
-    return max(peak, demand_rate(ages_s, half_life_s))
+            peak = max(peak, _beyond_noise(slow * slow_norm, fast * fast_norm, fast_half_life))
+    return peak
 
 
 def peak_rate(

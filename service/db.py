@@ -208,6 +208,14 @@ def read_scope(factory: sessionmaker[Session]) -> Iterator[Connection]:
         yield connection
 
 
+def core_connection(session: Session) -> Connection:
+    """The session's connection, for a statement run in Core (no ORM result objects: on
+    SQLite the ORM's per-statement work cost more than the counts and range reads the
+    passes repeat). The session's pending changes are flushed first, as autoflush would."""
+    session.flush()
+    return session.connection()
+
+
 def with_row_locks(
     statement: S, session: Session, *, skip_locked: bool = True, of: Any = None
 ) -> S:

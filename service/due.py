@@ -18,7 +18,14 @@ from sqlmodel import Session, col, select
 
 from service.capacity import keep_falls_below, next_schedule_edge
 from service.models import Lease, LeaseState, Pool, Worker, WorkerState
-from service.pools import PoolCounts, counts_by_pool, pool_history, refill_wanted, warm_policy
+from service.pools import (
+    PoolCounts,
+    counts_by_pool,
+    pool_history,
+    pool_named,
+    refill_wanted,
+    warm_policy,
+)
 
 
 def next_due(session: Session, now: datetime) -> datetime | None:
@@ -47,35 +54,37 @@ def next_due(session: Session, now: datetime) -> datetime | None:
 def next_trim_due(session: Session, pool_name: str, now: datetime) -> datetime | None:
     """``next_due`` after a worker of the pool became ready: only its trim can come
     sooner (one more ready worker), the deadlines are as they were."""
-    pool = session.get(Pool, pool_name)
+    pool = pool_named(session, pool_name)
     if pool is None or not pool.enabled:
         return None
     counts = counts_by_pool(session).get(pool_name, PoolCounts({}, 0))
     return _trim_due(session, pool, counts, now)
 
 
+# Asked after every full pass: built once, as ``pools``' counts.
+_ACTIVE_DEADLINES = select(func.min(Lease.idle_expires_at), func.min(Lease.expires_at)).where(
+    Lease.state == LeaseState.ACTIVE
+)
+_PENDING_DEADLINE = select(func.min(Lease.pending_expires_at)).where(
+    Lease.state == LeaseState.PENDING
+)
+_OLDEST_PROVISIONING = (
+    select(Worker.pool, func.min(Worker.created_at))
+    .where(Worker.state == WorkerState.PROVISIONING)
+    .group_by(col(Worker.pool))
+)
+
+
 def _lease_deadlines(session: Session) -> list[datetime | None]:
-    active = session.exec(
-        select(func.min(Lease.idle_expires_at), func.min(Lease.expires_at)).where(
-            Lease.state == LeaseState.ACTIVE
-        )
-    ).one()
-    pending = session.exec(
-        select(func.min(Lease.pending_expires_at)).where(Lease.state == LeaseState.PENDING)
-    ).one()
+    active = session.exec(_ACTIVE_DEADLINES).one()
+    pending = session.exec(_PENDING_DEADLINE).one()
     return [*active, pending]
 
 
 def _provision_deadlines(session: Session, pools: Sequence[Pool]) -> list[datetime | None]:
     """Each pool's oldest provisioning worker times out ``provision_timeout`` after its
     creation (``workers.provision_timeouts``)."""
-    oldest = dict(
-        session.exec(
-            select(Worker.pool, func.min(Worker.created_at))
-            .where(Worker.state == WorkerState.PROVISIONING)
-            .group_by(col(Worker.pool))
-        ).all()
-    )
+    oldest = dict(session.exec(_OLDEST_PROVISIONING).all())
     return [
         oldest[pool.name] + timedelta(seconds=pool.provision_timeout_s)
         for pool in pools

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from service import metrics
-from service.db import Prepared, with_row_locks
+from service.db import Prepared, core_connection, with_row_locks
 from service.errors import Conflict, NotFound
 from service.models import (
     LIVE_LEASE_STATES,
@@ -331,19 +331,35 @@ def serve_pending(session: Session, pool: Pool, now: datetime) -> list[Lease]:
     """Hand ready workers to pending leases of the pool, oldest lease and oldest worker first."""
     if not pool.enabled:
         return []
-    pending_q = (
-        select(Lease)
-        .where(Lease.pool == pool.name, Lease.state == LeaseState.PENDING)
-        .order_by(col(Lease.created_at), col(Lease.id))
-    )
+    # Most ready callbacks and passes find no lease waiting: one Core look first, the
+    # ORM's load (and lock) only for leases there are.
+    look = core_connection(session).execute(_ANY_PENDING_OF_POOL, {"pool": pool.name})
+    if look.first() is None:
+        return []
     activated: list[Lease] = []
-    for lease in session.exec(with_row_locks(pending_q, session)).all():
+    pending = _PENDING_OF_POOL.for_update(session)
+    for lease in session.exec(pending, params={"pool": pool.name}).all():
         worker = _claim_ready_worker(session, pool.name)
         if worker is None:
             break
         _assign(session, lease, worker, pool, now)
         activated.append(lease)
     return activated
+
+
+# Every ready callback and every full pass asks (see ``Prepared``).
+_PENDING_OF_POOL = Prepared(
+    select(Lease)
+    .where(Lease.pool == bindparam("pool"), Lease.state == LeaseState.PENDING)
+    .order_by(col(Lease.created_at), col(Lease.id))
+)
+
+
+_ANY_PENDING_OF_POOL = (
+    core_select(_L.c.id)
+    .where(_L.c.pool == bindparam("pool"), _L.c.state == LeaseState.PENDING.value)
+    .limit(1)
+)
 
 
 def serve_pending_of(session: Session, pool_name: str, now: datetime) -> list[Lease]:

@@ -8,7 +8,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func
+from sqlalchemy import String, bindparam, func, insert, literal, literal_column, union_all
 from sqlmodel import Session, col, select
 
 from service.capacity import (
@@ -20,7 +20,7 @@ from service.capacity import (
     warm_target,
 )
 from service.config import PoolConfig
-from service.db import lock_job, with_row_locks
+from service.db import core_connection, lock_job, with_row_locks
 from service.errors import InvalidRequest, NotFound
 from service.leasing import schedule_destroy
 from service.models import (
@@ -101,6 +101,16 @@ def _apply_pool_config(row: Pool, config: PoolConfig) -> None:
     row.schedules = [schedule.model_dump() for schedule in config.schedules]
 
 
+_POOL_NAMED = select(Pool).where(Pool.name == bindparam("name"))
+
+
+def pool_named(session: Session, name: str) -> Pool | None:
+    """``session.get(Pool, name)`` for the hot paths (the ready callback, the replay's trim
+    check): ``get`` builds its statement and cache key anew on each call, which cost as
+    much as the read itself on SQLite; this statement is built once."""
+    return session.exec(_POOL_NAMED, params={"name": name}).first()
+
+
 def patch_pool(session: Session, name: str, patch: PoolPatch, now: datetime) -> Pool:
     pool = session.get(Pool, name)
     if pool is None:
@@ -135,28 +145,31 @@ class PoolCounts:
         return self.by_state.get(state, 0)
 
 
-# Every pass counts, so the statements are built once (see ``db.Prepared``): building
-# them took about as long as running them on SQLite.
-_LIVE_WORKERS_BY_POOL = (
+# Every pass counts, so the statement is built once (see ``db.Prepared``): building
+# it took about as long as running it on SQLite. One statement for both counts: a
+# second one cost as much again.
+_PENDING_LEASES = "leases:pending"  # in the state column of the pending leases' counts
+_COUNTS_BY_POOL = union_all(
     select(Worker.pool, Worker.state, func.count())
-    # IN, not "!= destroyed": the (state, pool) index then skips all of history.
-    .where(col(Worker.state).in_(LIVE_WORKER_STATES))
-    .group_by(col(Worker.pool), col(Worker.state))
-)
-_PENDING_BY_POOL = (
-    select(Lease.pool, func.count())
+    # IN, not "!= destroyed": the (state, pool) index then skips all of history. Literals:
+    # a bound list is expanded into the SQL again at every execution.
+    .where(col(Worker.state).in_([literal_column(f"'{state}'") for state in LIVE_WORKER_STATES]))
+    .group_by(col(Worker.pool), col(Worker.state)),
+    select(Lease.pool, literal(_PENDING_LEASES, String), func.count())
     .where(Lease.state == LeaseState.PENDING)
-    .group_by(col(Lease.pool))
+    .group_by(col(Lease.pool)),
 )
 
 
 def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
     """Unfinished workers per pool and state, and pending leases per pool (partial indexes)."""
     counts: dict[str, PoolCounts] = {}
-    for pool, state, n in session.exec(_LIVE_WORKERS_BY_POOL).all():
-        counts.setdefault(pool, PoolCounts({}, 0)).by_state[state] = n
-    for pool, n in session.exec(_PENDING_BY_POOL).all():
-        counts.setdefault(pool, PoolCounts({}, 0)).pending_leases = n
+    for pool, state, n in core_connection(session).execute(_COUNTS_BY_POOL).all():
+        pool_counts = counts.setdefault(pool, PoolCounts({}, 0))
+        if state == _PENDING_LEASES:
+            pool_counts.pending_leases = n
+        else:
+            pool_counts.by_state[state] = n
     return counts
 
 
@@ -183,26 +196,40 @@ def warm_policy(pool: Pool) -> WarmPolicy:
 
 
 class HistoryMemo:
-    """Histories read at one instant, kept until the owner says history changed.
+    """A pool's history rows, kept until the owner says they changed.
 
-    For a single-threaded replay only (``workerlease simulate``): one virtual instant
-    runs several passes that read the same history (a rung demand pass reads it twice,
-    ``due.next_due`` once more), and only a lease request or a worker becoming ready
-    changes it, both of which the replay does itself and follows with ``forget()``.
+    For a single-threaded replay only (``workerlease simulate``): a lease request adds
+    a request time, an agent's ready callback a provisioning time, and nothing else adds
+    to either (a simulated worker becomes ready by its callback only), so between those
+    events every pass reads the same rows (a rung demand pass twice, ``due.next_due``
+    and the destroy pass's check again, at later virtual instants too). The replay
+    follows a request with ``forget_requests()`` and a ready callback with
+    ``forget_provisioning()``. Request times are kept, not ages: a later read takes
+    those at or after its own ``since``, which is what the database would return
+    (nothing is inserted before ``now``).
     The service never sets one: its passes run beside requests in other threads.
     """
 
     def __init__(self) -> None:
-        self._read: dict[tuple[str, datetime, datetime], History] = {}
+        self._requests: dict[str, tuple[datetime, list[datetime]]] = {}
+        self._provisioning: dict[str, list[float]] = {}
 
-    def get(self, key: tuple[str, datetime, datetime]) -> History | None:
-        return self._read.get(key)
+    def requests_since(self, session: Session, pool: str, since: datetime) -> list[datetime]:
+        read = self._requests.get(pool)
+        if read is None or read[0] > since:
+            read = self._requests[pool] = (since, _requests_since(session, pool, since))
+        return read[1]
 
-    def put(self, key: tuple[str, datetime, datetime], history: History) -> None:
-        self._read[key] = history
+    def provisioned(self, session: Session, pool: str) -> list[float]:
+        if pool not in self._provisioning:
+            self._provisioning[pool] = _provisioned(session, pool)
+        return self._provisioning[pool]
 
-    def forget(self) -> None:
-        self._read.clear()
+    def forget_requests(self) -> None:
+        self._requests.clear()
+
+    def forget_provisioning(self) -> None:
+        self._provisioning.clear()
 
 
 HISTORY_MEMO: ContextVar[HistoryMemo | None] = ContextVar("workerlease_history_memo", default=None)
@@ -213,12 +240,14 @@ def pool_history(session: Session, pool: str, since: datetime, now: datetime) ->
     range reads of ``ix_leases_pool_created`` and ``ix_workers_pool_ready``)."""
     memo = HISTORY_MEMO.get()
     if memo is None:
-        return _read_history(session, pool, since, now)
-    history = memo.get((pool, since, now))
-    if history is None:
-        history = _read_history(session, pool, since, now)
-        memo.put((pool, since, now), history)
-    return history
+        requested, provision_s = _requests_since(session, pool, since), _provisioned(session, pool)
+    else:
+        requested = memo.requests_since(session, pool, since)
+        provision_s = memo.provisioned(session, pool)
+    return History(
+        request_ages_s=[(now - at).total_seconds() for at in requested if at >= since],
+        provision_s=provision_s,
+    )
 
 
 _REQUESTS_SINCE = (
@@ -235,13 +264,15 @@ _LAST_PROVISIONED = (
 )
 
 
-def _read_history(session: Session, pool: str, since: datetime, now: datetime) -> History:
-    requests = session.exec(_REQUESTS_SINCE, params={"pool": pool, "since": since}).all()
-    provisioned = session.exec(_LAST_PROVISIONED, params={"pool": pool}).all()
-    return History(
-        request_ages_s=[(now - at).total_seconds() for at in requests],
-        provision_s=[(ready - created).total_seconds() for created, ready in provisioned if ready],
-    )
+def _requests_since(session: Session, pool: str, since: datetime) -> list[datetime]:
+    """Newest first, at most ``MAX_REQUESTS_READ``."""
+    params = {"pool": pool, "since": since}
+    return list(core_connection(session).execute(_REQUESTS_SINCE, params).scalars())
+
+
+def _provisioned(session: Session, pool: str) -> list[float]:
+    rows = core_connection(session).execute(_LAST_PROVISIONED, {"pool": pool}).all()
+    return [(ready - created).total_seconds() for created, ready in rows if ready]
 
 
 def warm_targets(session: Session, pools: Sequence[Pool], now: datetime) -> dict[str, Target]:
@@ -284,13 +315,16 @@ def demand_outruns_supply(session: Session) -> bool:
     )
 
 
+_ENABLED_POOLS = select(Pool).where(col(Pool.enabled).is_(True))  # built once, as the counts
+
+
 def refill_wanted(session: Session, now: datetime) -> bool:
     """True when some enabled pool, not backing off, lacks workers: pending leases or
     fewer ready (and on their way) than its target. What a rung doorbell checks."""
     counts = counts_by_pool(session)
     pools = [
         pool
-        for pool in session.exec(select(Pool).where(col(Pool.enabled).is_(True))).all()
+        for pool in session.exec(_ENABLED_POOLS).all()
         if pool.create_backoff_until is None or pool.create_backoff_until <= now
     ]
     targets = warm_targets(session, pools, now)
@@ -300,19 +334,24 @@ def refill_wanted(session: Session, now: datetime) -> bool:
     )
 
 
-def plan_refill(session: Session, now: datetime) -> list[Worker]:
+def plan_refill(
+    session: Session, now: datetime, every_pool: Sequence[Pool] | None = None
+) -> list[Worker]:
     """Commit-ready rows (state provisioning) for every worker the pools lack.
 
     The rows are committed before any provisioner is asked to create anything,
     so a crash never leaves a resource the database does not know about.
+    ``every_pool``: the pools as this transaction read them (else they are read here).
     """
     lock_job(session, "refill")  # two replicas must not both fill the same gap
     counts = counts_by_pool(session)
     created: list[Worker] = []
+    if every_pool is None:
+        every_pool = session.exec(select(Pool)).all()
     pools = [
         pool
-        for pool in session.exec(select(Pool).where(col(Pool.enabled).is_(True))).all()
-        if pool.create_backoff_until is None or pool.create_backoff_until <= now
+        for pool in every_pool
+        if pool.enabled and (pool.create_backoff_until is None or pool.create_backoff_until <= now)
     ]
     targets = warm_targets(session, pools, now)
     for pool in pools:
@@ -320,10 +359,14 @@ def plan_refill(session: Session, now: datetime) -> list[Worker]:
         wanted = workers_wanted(pool, counts.get(pool.name, PoolCounts({}, 0)), target)
         for _ in range(wanted):
             worker = new_worker(pool.name, now)
-            session.add(worker)
             record(session, "worker", worker.id, "provisioning: pool refill", now, pool=pool.name)
             created.append(worker)
+    if created:  # one INSERT, not the ORM's flush of new objects
+        core_connection(session).execute(_INSERT_WORKERS, [w.model_dump() for w in created])
     return created
+
+
+_INSERT_WORKERS = insert(Worker.__table__)  # type: ignore[attr-defined]
 
 
 def new_worker(pool_name: str, now: datetime) -> Worker:

@@ -23,8 +23,8 @@ What the running service does, and how the replay stands in for it:
   when leases are pending, the ``destroy`` pass at the next ``scheduler.interval``
   after a release, followed by the demand poll (the room a released worker frees
   refills at once); otherwise destroys run every ``DESTROY_PASS_S``;
-- one virtual instant reads a pool's history once (``pools.HistoryMemo``), forgotten on
-  each request and each ready callback, the two events that change it.
+- a pool's request times are read once per request, its provisioning times once per
+  ready callback, the events that add to them (``pools.HistoryMemo``).
 
 Results are read back from the database: lease waits (request to active), warm hits
 (active at once), worker-minutes (created to the decision to destroy it), idle
@@ -342,7 +342,6 @@ class Replay:
                 if now > last_request + DRAIN_LIMIT_S:
                     break
                 self.clock.set(self.start + timedelta(seconds=now))
-                self.memo.forget()
                 getattr(self, f"_on_{event.kind}")(event.payload)
                 if self._waiting:
                     self._collect_activations()
@@ -369,7 +368,7 @@ class Replay:
             lease_id = acquired.lease.id
         if acquired.outcome == Outcome.EXISTING:
             return  # the tenant's live lease answers; nothing new happens
-        self.memo.forget()  # a new request: the demand estimate moved
+        self.memo.forget_requests()  # a new request: the demand estimate moved
         lease = acquired.lease
         self._plan_deadlines(lease.idle_expires_at, lease.expires_at, lease.pending_expires_at)
         self._holds[lease_id] = (tenant_id, row.hold_seconds)
@@ -416,7 +415,7 @@ class Replay:
                 )
         except (Conflict, NotFound):
             return  # failed or timed out meanwhile: the service answers the agent 4xx
-        self.memo.forget()  # a provisioning time more
+        self.memo.forget_provisioning()  # a provisioning time more
         with session_scope(self.rt.read_factory) as session:
             # One more ready worker: trim may find a surplus sooner; nothing else moved.
             due = next_trim_due(session, pool, self.clock.now())

@@ -16,13 +16,15 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Table, bindparam, func, literal_column, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.dml import Update
 from sqlmodel import Session, col, select
 
 from service import metrics
-from service.db import with_row_locks
+from service.db import Prepared, with_row_locks
 from service.errors import Conflict, NotFound, Unauthorized
 from service.leasing import end_lease, revoke_lease, schedule_destroy, serve_pending
 from service.models import (
@@ -35,9 +37,9 @@ from service.models import (
     Worker,
     WorkerState,
 )
-from service.pools import note_callback, note_callback_timeout, note_create_result
+from service.pools import note_callback, note_callback_timeout, note_create_result, pool_named
 from service.security import WORKER_TOKEN_PREFIX, hash_token, new_token, secret_equals
-from service.states import move_worker, record
+from service.states import move_worker, moved, record
 
 log = logging.getLogger("workerlease.workers")
 
@@ -78,12 +80,15 @@ def release_claims(session: Session) -> int:
 BAD_BOOTSTRAP = "unknown worker, or an invalid or already used bootstrap token"
 
 
+_WORKER_BY_ID = Prepared(
+    select(Worker).where(Worker.id == bindparam("worker_id")), skip_locked=False
+)
+
+
 def check_bootstrap_token(session: Session, worker_id: str, bootstrap_token: str) -> Worker:
     """The worker whose one-time bootstrap token this is, locked; else Unauthorized."""
-    statement = with_row_locks(
-        select(Worker).where(Worker.id == worker_id), session, skip_locked=False
-    )
-    worker = session.exec(statement).first()
+    statement = _WORKER_BY_ID.for_update(session)
+    worker = session.exec(statement, params={"worker_id": worker_id}).first()
     stored = worker.bootstrap_token if worker is not None else None
     # Compared even when there is nothing to compare with, so both cases take as long.
     matches = secret_equals(bootstrap_token, stored or "wlb_" + "-" * 43)
@@ -116,11 +121,14 @@ def worker_ready(
     worker = check_bootstrap_token(session, worker_id, bootstrap_token)
     if worker.state != WorkerState.PROVISIONING:
         raise Conflict(f"worker {worker_id} is {worker.state}, not provisioning")
+    # Loaded before ``mark_ready``, which then finds it in the session (which holds its
+    # rows weakly: a second ``get`` after it read the row again), and before the worker
+    # changes, so that its autoflush does not write the worker's row twice.
+    pool = pool_named(session, worker.pool)
+    assert pool is not None
     worker_token = new_token(WORKER_TOKEN_PREFIX)
     worker.worker_token_hash = hash_token(worker_token)
     mark_ready(session, worker, agent_url, address, now)
-    pool = session.get(Pool, worker.pool)
-    assert pool is not None
     return Ready(worker, worker_token, serve_pending(session, pool, now))
 
 
@@ -163,6 +171,35 @@ def mark_ready(
         note_callback(session, pool, now)
 
 
+# The claims run in every refill and destroy pass: built once (see ``Prepared``).
+_TO_CREATE_ALL = (
+    select(Worker)
+    .where(
+        Worker.pool == bindparam("pool"),
+        Worker.state == WorkerState.PROVISIONING,
+        col(Worker.provider_id).is_(None),
+    )
+    .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < bindparam("now")))
+    .order_by(col(Worker.created_at))
+    .limit(bindparam("limit"))
+)
+_TO_CREATE = Prepared(_TO_CREATE_ALL)
+# Only with creates in flight here: a bound list is expanded into the SQL at each run.
+_TO_CREATE_SKIPPING = Prepared(
+    _TO_CREATE_ALL.where(col(Worker.id).not_in(bindparam("skip", expanding=True)))
+)
+_TO_DESTROY = Prepared(
+    select(Worker)
+    .where(Worker.pool == bindparam("pool"), Worker.state == WorkerState.DESTROYING)
+    .where(
+        col(Worker.next_attempt_at).is_(None) | (col(Worker.next_attempt_at) <= bindparam("now"))
+    )
+    .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < bindparam("now")))
+    .order_by(col(Worker.next_attempt_at))
+    .limit(bindparam("limit"))
+)
+
+
 def claim_creates(
     session: Session, pool: str, now: datetime, limit: int, skip: Collection[str] = ()
 ) -> list[Worker]:
@@ -170,25 +207,54 @@ def claim_creates(
 
     ``skip``: worker ids whose create is still running in this process.
     """
-    statement = (
-        select(Worker)
-        .where(
-            Worker.pool == pool,
-            Worker.state == WorkerState.PROVISIONING,
-            col(Worker.provider_id).is_(None),
-        )
-        .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < now))
-        .order_by(col(Worker.created_at))
-        .limit(limit)
-    )
-    if skip:
-        statement = statement.where(col(Worker.id).not_in(list(skip)))
-    workers = list(session.exec(with_row_locks(statement, session)).all())
-    for worker in workers:
-        worker.claimed_until = now + CLAIM_FOR
-        worker.create_attempts += 1
-        session.add(worker)
+    statement = (_TO_CREATE_SKIPPING if skip else _TO_CREATE).for_update(session)
+    params = {"pool": pool, "now": now, "limit": limit, "skip": list(skip)}
+    workers = list(session.exec(statement, params=params).all())
+    _claimed(session, workers, _CLAIM_CREATE, now + CLAIM_FOR, attempt=True)
     return workers
+
+
+# A claim is one UPDATE of the rows the SELECT locked, not one per row from the ORM's
+# flush; the loaded rows are given the written values (``set_committed_value``: what
+# the database holds, nothing left to flush).
+_CLAIM = (
+    update(_WORKERS)
+    .where(_WORKERS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(claimed_until=bindparam("until"))
+)
+_CLAIM_CREATE = _CLAIM.values(create_attempts=_WORKERS.c.create_attempts + 1)
+
+
+def _claimed(
+    session: Session, workers: list[Worker], claim: Update, until: datetime, attempt: bool = False
+) -> None:
+    if not workers:
+        return
+    session.connection().execute(claim, {"ids": [w.id for w in workers], "until": until})
+    for worker in workers:
+        set_committed_value(worker, "claimed_until", until)
+        if attempt:
+            set_committed_value(worker, "create_attempts", worker.create_attempts + 1)
+
+
+# The create's and the destroy's records in Core: each worker's create and destroy
+# records itself, and the ORM loads of the worker and pool rows cost more than the
+# UPDATE (simulate's profile). The pool's row is loaded only when it has a mark to clear.
+_POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
+_RECORD_CREATE = (
+    update(_WORKERS)
+    .where(_WORKERS.c.id == bindparam("worker_id"))
+    .values(
+        provider_id=bindparam("provider_id"),
+        # as ``address or given``: a known address is kept
+        address=func.coalesce(func.nullif(_WORKERS.c.address, ""), bindparam("address")),
+        claimed_until=None,
+    )
+)
+_CREATES_FAILED = core_select(_POOLS.c.name).where(
+    _POOLS.c.name == bindparam("pool"),
+    (_POOLS.c.create_failures != 0) | _POOLS.c.create_backoff_until.is_not(None),
+)
 
 
 def record_create(
@@ -200,12 +266,11 @@ def record_create(
     now: datetime,
 ) -> None:
     """The provisioner launched the worker's resource: remember where it is."""
-    row = session.get(Worker, worker_id)
-    if row is not None:
-        row.provider_id = provider_id
-        row.address = row.address or address
-        row.claimed_until = None
-        session.add(row)
+    connection = session.connection()
+    values = {"worker_id": worker_id, "provider_id": provider_id, "address": address}
+    connection.execute(_RECORD_CREATE, values)
+    if connection.execute(_CREATES_FAILED, {"pool": pool_name}).first() is None:
+        return  # no backoff for a success to clear
     pool = session.get(Pool, pool_name)
     if pool is not None:
         note_create_result(pool, None, now)
@@ -230,18 +295,10 @@ def record_create_failure(
 
 
 def claim_destroys(session: Session, pool: str, now: datetime, limit: int = 500) -> list[Worker]:
-    statement = (
-        select(Worker)
-        .where(Worker.pool == pool, Worker.state == WorkerState.DESTROYING)
-        .where(col(Worker.next_attempt_at).is_(None) | (col(Worker.next_attempt_at) <= now))
-        .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < now))
-        .order_by(col(Worker.next_attempt_at))
-        .limit(limit)
-    )
-    workers = list(session.exec(with_row_locks(statement, session)).all())
-    for worker in workers:
-        worker.claimed_until = now + CLAIM_FOR
-        session.add(worker)
+    statement = _TO_DESTROY.for_update(session)
+    params = {"pool": pool, "now": now, "limit": limit}
+    workers = list(session.exec(statement, params=params).all())
+    _claimed(session, workers, _CLAIM, now + CLAIM_FOR)
     return workers
 
 
@@ -258,16 +315,17 @@ def record_destroys(
     destroyed = 0
     permanent: CallFailure | None = None
     for worker_id, failure in results.items():
+        if failure is None:
+            destroyed += _finish_destroy(session, worker_id, now)
+            continue
         row = session.get(Worker, worker_id)
         if row is None or row.state != WorkerState.DESTROYING:
-            continue
-        if failure is None:
-            _finish_destroy(session, row, now)
-            destroyed += 1
             continue
         _retry_destroy_later(session, row, failure, now)
         if failure.permanent:
             permanent = failure
+    if permanent is None and not (destroyed and _destroy_error_marked(session, pool_name)):
+        return destroyed  # the pool's row has nothing to change
     pool = session.get(Pool, pool_name)
     if pool is not None:
         if permanent is not None:
@@ -279,12 +337,49 @@ def record_destroys(
     return destroyed
 
 
-def _finish_destroy(session: Session, worker: Worker, now: datetime) -> None:
-    worker.claimed_until = None
-    worker.next_attempt_at = None
-    worker.bootstrap_token = None
-    move_worker(session, worker, WorkerState.DESTROYED, "provisioner confirmed", now)
-    log.info("worker_destroyed pool=%s worker=%s", worker.pool, worker.id)
+_FINISH_DESTROY = (
+    update(_WORKERS)
+    .where(
+        _WORKERS.c.id == bindparam("worker_id"), _WORKERS.c.state == literal_column("'destroying'")
+    )
+    .values(
+        state=WorkerState.DESTROYED.value,
+        state_changed_at=bindparam("now"),
+        claimed_until=None,
+        next_attempt_at=None,
+        bootstrap_token=None,
+    )
+    .returning(_WORKERS.c.pool)
+)
+_DESTROY_ERROR = core_select(_POOLS.c.name).where(
+    _POOLS.c.name == bindparam("pool"), _POOLS.c.destroy_error.is_not(None)
+)
+
+
+def _finish_destroy(session: Session, worker_id: str, now: datetime) -> int:
+    """The provisioner confirmed: ``destroying -> destroyed`` (the ``WHERE`` holds the row
+    at ``destroying``); 0 when the row is not there or not being destroyed."""
+    finished = session.connection().execute(_FINISH_DESTROY, {"worker_id": worker_id, "now": now})
+    pool = finished.scalar()
+    if pool is None:
+        return 0
+    reason = "provisioner confirmed"
+    moved(
+        session,
+        "worker",
+        worker_id,
+        WorkerState.DESTROYING,
+        WorkerState.DESTROYED,
+        reason,
+        now,
+        pool=pool,
+    )
+    log.info("worker_destroyed pool=%s worker=%s", pool, worker_id)
+    return 1
+
+
+def _destroy_error_marked(session: Session, pool_name: str) -> bool:
+    return session.connection().execute(_DESTROY_ERROR, {"pool": pool_name}).first() is not None
 
 
 def _retry_destroy_later(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from sqlmodel import Session
+
 from provisioners import WorkerSpec
 from service.db import session_scope
 from service.models import Pool, Worker
 from service.passes.provisioning import failure_of
-from service.passes.runtime import Runtime
+from service.passes.runtime import Runtime, pools_by_name
 from service.pools import plan_refill
 from service.workers import claim_creates, record_create, record_create_failure
 
@@ -22,20 +24,24 @@ def refill(rt: Runtime, now: datetime, wait: bool = True) -> None:
     Creates run in the background (``rt.creates``); ``wait`` waits for them, as tests
     and one-off calls want. The scheduler does not wait.
     """
+    # Plan and claim in one transaction (the pools read there too): the rows are
+    # committed, already claimed, before any provisioner is asked to create anything.
     with session_scope(rt.factory) as session:
-        plan_refill(session, now)
-    for pool in rt.pools():
-        slots = rt.creates.free_slots(pool.name)
-        if slots == 0:
-            continue
-        with session_scope(rt.factory) as session:
-            claimed = claim_creates(
-                session, pool.name, now, slots, skip=rt.creates.in_flight(pool.name)
-            )
+        pools = pools_by_name(session)
+        plan_refill(session, now, pools)
+        claims = [(pool, _claim(rt, session, pool, now)) for pool in pools]
+    for pool, claimed in claims:
         for worker in claimed:
             rt.creates.submit(pool.name, worker.id, create_one, rt, pool, worker, now)
     if wait:
         rt.creates.wait()
+
+
+def _claim(rt: Runtime, session: Session, pool: Pool, now: datetime) -> list[Worker]:
+    slots = rt.creates.free_slots(pool.name)
+    if slots == 0:
+        return []
+    return claim_creates(session, pool.name, now, slots, skip=rt.creates.in_flight(pool.name))
 
 
 def create_one(rt: Runtime, pool: Pool, worker: Worker, now: datetime) -> None:

@@ -7,7 +7,7 @@ from datetime import datetime
 from service.db import session_scope
 from service.models import Pool, Worker
 from service.passes.provisioning import failure_of, handle_of
-from service.passes.runtime import Runtime
+from service.passes.runtime import Runtime, pools_by_name
 from service.workers import CallFailure, claim_destroys, record_destroys
 
 
@@ -17,13 +17,15 @@ def destroy(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None
     Several batches of a pool run at once, so one hanging destroy holds up only itself.
     """
     now = now or rt.clock.now()
-    for pool in rt.pools():
-        slots = rt.destroys.free_slots(pool.name)
-        if slots == 0:
-            continue
-        size = rt.provisioners.for_pool(pool).destroy_batch_size
-        with session_scope(rt.factory) as session:
-            claimed = claim_destroys(session, pool.name, now, limit=slots * size)
+    claims = []
+    with session_scope(rt.factory) as session:  # one transaction claims for every pool
+        for pool in pools_by_name(session):
+            slots = rt.destroys.free_slots(pool.name)
+            if slots == 0:
+                continue
+            size = rt.provisioners.for_pool(pool).destroy_batch_size
+            claims.append((pool, size, claim_destroys(session, pool.name, now, slots * size)))
+    for pool, size, claimed in claims:
         for start in range(0, len(claimed), size):
             batch = claimed[start : start + size]
             rt.destroys.submit(pool.name, batch[0].id, destroy_batch, rt, pool, batch, now)

@@ -21,6 +21,12 @@ DESTROYS_PER_POOL = 8
 _POOLS_BY_NAME = select(Pool).order_by(col(Pool.name))  # built once: every pass reads it
 
 
+def pools_by_name(session: Session) -> list[Pool]:
+    """Every pool, in the caller's transaction: a pass that claims work reads them there
+    rather than in a transaction of their own."""
+    return list(session.exec(_POOLS_BY_NAME).all())
+
+
 @dataclass
 class Runtime:
     factory: sessionmaker[Session]
@@ -43,7 +49,7 @@ class Runtime:
 
     def pools(self) -> list[Pool]:
         with session_scope(self.read_factory) as session:
-            return list(session.exec(_POOLS_BY_NAME).all())
+            return pools_by_name(session)
 
     def close(self) -> None:
         self.creates.shutdown()
