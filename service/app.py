@@ -17,9 +17,10 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from service import __version__, crypto, openapi
+from service.auth import BODY_IN_MEMORY
 from service.clock import Clock, SystemClock
 from service.config import Config
-from service.db import make_engine, session_factory, transaction
+from service.db import WEB_CHECKPOINT_PAGES, make_engine, session_factory, transaction
 from service.doorbell import bell_for
 from service.errors import register_error_handlers, validation_problem
 from service.lease_flow import LeaseFlow
@@ -95,7 +96,9 @@ def create_app(
         ADMIN_TOKEN=admin_token, MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False
     )
     app.json = BoundedJSON(app)
-    engine = engine or make_engine(config.database_url, config.database_pool_size)
+    engine = engine or make_engine(
+        config.database_url, config.database_pool_size, wal_autocheckpoint=WEB_CHECKPOINT_PAGES
+    )
     clock = clock or SystemClock()
     read_factory = session_factory(engine, read_only=True)
     services = Services(
@@ -126,6 +129,7 @@ def create_app(
             session.close()
 
     _count_requests(app)
+    _read_small_bodies_first(app)
     register_error_handlers(app)
     app.wsgi_app = RequestIds(app.wsgi_app)  # type: ignore[method-assign]
     _register_blueprints(app)
@@ -150,6 +154,28 @@ def _count_requests(app: Flask) -> None:
                 rule, request.method, response.status_code, time.perf_counter() - started
             )
         return response
+
+
+def _read_small_bodies_first(app: Flask) -> None:
+    """A body within the app's limit is read before authentication opens a transaction.
+
+    Authentication runs first and, for most requests, in the request's own write
+    transaction; had the body not arrived yet (a client that sends it in a second
+    packet, or slowly), that transaction would wait on the network holding SQLite's one
+    write lock. Only bodies within ``MAX_BODY_BYTES`` are read this early: the few
+    endpoints allowed more (a task, a chunk of output) read theirs after authentication,
+    which then looks the token up on a read connection (``service.auth``).
+    """
+
+    @app.before_request
+    def _body_into_memory() -> None:
+        length = request.content_length
+        if length is None:  # no body, or a chunked one (its length is known only at its end)
+            chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+            g.setdefault(BODY_IN_MEMORY, not chunked)
+        elif length <= MAX_BODY_BYTES:
+            request.get_data(cache=True)
+            g.setdefault(BODY_IN_MEMORY, True)
 
 
 def _register_blueprints(app: OpenAPI) -> None:

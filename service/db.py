@@ -10,7 +10,9 @@ pysqlite recipe). ``synchronous=NORMAL`` in WAL survives a process crash
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
@@ -25,9 +27,24 @@ from sqlmodel import Session, create_engine
 S = TypeVar("S", bound=Select[Any])
 
 
-def make_engine(url: str, pool_size: int = 10) -> Engine:
+# SQLite copies its write-ahead log back into the database file ("checkpoints") inside
+# the commit that takes the log past this many pages: SQLite's default, kept wherever
+# no other process checkpoints.
+INLINE_CHECKPOINT_PAGES = 1000
+# ``serve``'s web worker: its scheduler process checkpoints every second
+# (``checkpoint_wal``), so a request's commit checkpoints (~40 MiB) only if that fell
+# far behind or no scheduler runs. A checkpoint writes the pages and fsyncs, and in the
+# web worker it stopped every request of the process while it did (1,000 pages, a few
+# dozen lease cycles' worth, took up to 50-100 ms here).
+WEB_CHECKPOINT_PAGES = 10_000
+
+
+def make_engine(
+    url: str, pool_size: int = 10, *, wal_autocheckpoint: int = INLINE_CHECKPOINT_PAGES
+) -> Engine:
+    """``wal_autocheckpoint``: SQLite only, see ``INLINE_CHECKPOINT_PAGES``."""
     if url.startswith("sqlite"):
-        return _sqlite_engine(url)
+        return _sqlite_engine(url, wal_autocheckpoint)
     return create_engine(
         url,
         pool_size=pool_size,
@@ -44,7 +61,7 @@ _HOLDS_WRITER = "workerlease_holds_writer_lock"
 MEMORY_URL = "sqlite://"
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, wal_autocheckpoint: int) -> Engine:
     connect_args = {"check_same_thread": False, "timeout": 30}
     if make_url(url).database in (None, "", ":memory:"):
         # One connection for every session: each new connection to an in-memory
@@ -60,8 +77,9 @@ def _sqlite_engine(url: str) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
         cursor.close()
 
     # Writers of this process queue on a lock before asking SQLite: SQLite's own busy
@@ -78,7 +96,7 @@ def _sqlite_engine(url: str) -> Engine:
         writer.acquire()
         connection.info[_HOLDS_WRITER] = True
         try:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            begin_immediate(connection.connection.dbapi_connection)
         except BaseException:
             _release(connection)
             raise
@@ -90,6 +108,63 @@ def _sqlite_engine(url: str) -> Engine:
     event.listen(engine, "commit", _release)
     event.listen(engine, "rollback", _release)
     return engine
+
+
+BUSY_TIMEOUT_S = 30.0
+# How often a writer asks again for the lock another process holds: SQLite checks the
+# lock in microseconds, so a millisecond's poll costs little and finds it soon after
+# the other process commits.
+WRITE_LOCK_POLL_S = 0.001
+
+
+def begin_immediate(dbapi_connection: Any, timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    """``BEGIN IMMEDIATE``, waiting for another process's write lock in Python, not in SQLite.
+
+    SQLite's busy handler waits in C (``sqlite3_sleep``): under ``serve``'s gevent worker
+    that stops every request of the process until the scheduler process commits, then
+    oversleeps it in steps of up to 100 ms (measured: 7 s of such stalls, up to 188 ms
+    each, in one warm-lease benchmark). Here the first try does not wait at all, and the
+    retries sleep with ``time.sleep``, which gevent turns into a switch to the other
+    requests and a thread into a release of the GIL. Same 30 s limit and the same
+    "database is locked" error after it as the busy timeout everywhere else.
+    """
+    dbapi_connection.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                dbapi_connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(WRITE_LOCK_POLL_S)
+    finally:
+        dbapi_connection.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_BUSY
+    return "database is locked" in str(exc)
+
+
+def checkpoint_wal(engine: Engine) -> None:
+    """Copy SQLite's write-ahead log into the database file, in this process, now.
+
+    ``PASSIVE``: it neither waits for nor blocks readers and writers, and copies what no
+    reader still needs; the next writer then starts the log from its beginning. Outside
+    any transaction (a checkpoint cannot run in one), on a pooled connection. Nothing on
+    PostgreSQL, which checkpoints itself.
+    """
+    if engine.dialect.name != "sqlite":
+        return
+    connection = engine.raw_connection()
+    try:
+        connection.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
+    finally:
+        connection.close()
 
 
 READ_ONLY = "workerlease_read_only"

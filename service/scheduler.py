@@ -18,7 +18,7 @@ from apscheduler.events import EVENT_SCHEDULER_SHUTDOWN, SchedulerEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from service import heartbeats, metrics
-from service.db import session_scope
+from service.db import checkpoint_wal, session_scope
 from service.passes.destroy import destroy
 from service.passes.maintain import answer_demand, maintain
 from service.passes.reconcile import reconcile
@@ -35,8 +35,17 @@ STOP_CHECK_S = 0.1  # how soon the demand loop notices stop() (every stop waits 
 RING_SETTLE_S = 0.1
 
 
+# How often the scheduler checkpoints SQLite's write-ahead log for the whole deployment,
+# so that the web worker's commits need not (``db.WEB_CHECKPOINT_PAGES``).
+CHECKPOINT_INTERVAL_S = 1.0
+
+
 def _reconcile(rt: Runtime) -> None:
     reconcile(rt)
+
+
+def _checkpoint(rt: Runtime) -> None:
+    checkpoint_wal(rt.factory.kw["bind"])
 
 
 def _no_wait(job: Callable[..., None]) -> Callable[[Runtime], None]:
@@ -146,6 +155,8 @@ def start_scheduler(rt: Runtime) -> BackgroundScheduler:
         ("maintain", _no_wait(maintain), interval),
         ("destroy", _no_wait(destroy), interval),
     ]
+    if rt.factory.kw["bind"].dialect.name == "sqlite":
+        jobs.append(("checkpoint", _checkpoint, CHECKPOINT_INTERVAL_S))
     for name, job, every in jobs:
         scheduler.add_job(
             instrumented(name, job, rt), "interval", seconds=every, id=name, next_run_time=now

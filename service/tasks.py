@@ -675,6 +675,26 @@ def sweep(session: Session, now: datetime, retention_s: int) -> Swept:
     return Swept(cancelled=cancelled, lost=lost, purged=_purge(session, now, retention_s))
 
 
+_RUNNING_DEADLINES = core_select(_T.c.started_at, _T.c.timeout_s, _T.c.cancel_requested_at).where(
+    _T.c.state == TaskState.RUNNING
+)
+_OLDEST_FINISHED = core_select(func.min(_T.c.finished_at))
+
+
+def sweep_due(session: Session, now: datetime, retention_s: int) -> bool:
+    """Whether ``sweep`` would end or purge a task at ``now`` (its deadlines, read only)."""
+    connection = session.connection()
+    for started_at, timeout_s, asked in connection.execute(_RUNNING_DEADLINES):
+        if asked is not None and asked <= now - timedelta(seconds=CANCEL_CONFIRM_S):
+            return True
+        if started_at is not None and (
+            started_at + timedelta(seconds=timeout_s + RESULT_GRACE_S) <= now
+        ):
+            return True
+    oldest = connection.execute(_OLDEST_FINISHED).scalar()
+    return oldest is not None and oldest < now - timedelta(seconds=retention_s)
+
+
 def _purge(session: Session, now: datetime, retention_s: int) -> int:
     cutoff = now - timedelta(seconds=retention_s)
     old = (

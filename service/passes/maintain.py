@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from service.db import session_scope
+from service.due import expiry_due
 from service.leasing import expire, fail_pending_of_disabled_pools, serve_all_pending
 from service.passes.create import refill
 from service.passes.health import check_health
@@ -17,11 +18,14 @@ from service.workers import provision_timeouts
 def maintain(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
     """Expire, end silent tasks, check health, serve pending leases, trim and refill."""
     now = now or rt.clock.now()
-    with session_scope(rt.factory) as session:
-        expire(session, now)
-        fail_pending_of_disabled_pools(session, now)
-        provision_timeouts(session, now, rt.provisioners.deployment.service_url)
-        sweep_tasks(session, now, rt.task_retention_s)
+    with session_scope(rt.read_factory) as session:  # the write lock only for work
+        expiring = expiry_due(session, now, rt.task_retention_s)
+    if expiring:
+        with session_scope(rt.factory) as session:
+            expire(session, now)
+            fail_pending_of_disabled_pools(session, now)
+            provision_timeouts(session, now, rt.provisioners.deployment.service_url)
+            sweep_tasks(session, now, rt.task_retention_s)
     check_health(rt, now)
     warnings = _provisioner_warnings(rt)  # read before: not a second session inside this one
     with session_scope(rt.factory) as session:
