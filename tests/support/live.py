@@ -65,16 +65,28 @@ class LiveService:
         return counts
 
     def tick_until(
-        self, done: Callable[[], bool], timeout_s: float = 120, every_s: float = 0.3
+        self,
+        done: Callable[[], bool],
+        timeout_s: float = 120,
+        every_s: float = 0.3,
+        progress: Callable[[], object] | None = None,
     ) -> None:
-        """Run scheduler rounds until ``done()``; ``timeout_s`` bounds a hang only."""
+        """Run scheduler rounds until ``done()``; ``timeout_s`` bounds a hang only.
+
+        ``progress``: a reading that changes as the work advances (e.g. how many leases are
+        active); each change gives ``timeout_s`` again, so a slow machine that keeps
+        advancing is waited for and only a stall fails.
+        """
         deadline = time.monotonic() + timeout_s
+        seen = progress() if progress is not None else None
         while time.monotonic() < deadline:
             self.tick()
             if done():
                 return
+            if progress is not None and (now_seen := progress()) != seen:
+                seen, deadline = now_seen, time.monotonic() + timeout_s
             time.sleep(every_s)
-        raise AssertionError(f"condition not reached within {timeout_s}s")
+        raise AssertionError(f"condition not reached within {timeout_s}s without progress")
 
 
 @contextmanager
