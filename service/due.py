@@ -16,13 +16,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from service.capacity import keep_falls_below, next_schedule_edge
+from service.capacity import WarmPolicy, keep_falls_below, next_schedule_edge
 from service.models import Lease, LeaseState, Pool, Worker, WorkerState
 from service.pools import (
     PoolCounts,
     counts_by_pool,
+    enabled_warm_policy,
     pool_history,
-    pool_named,
     refill_wanted,
     warm_policy,
 )
@@ -48,7 +48,7 @@ def next_due(session: Session, now: datetime) -> datetime | None:
     for pool in pools:
         if pool.enabled:
             pool_counts = counts.get(pool.name, PoolCounts({}, 0))
-            candidates.append(_trim_due(session, pool, pool_counts, now))
+            candidates.append(_trim_due(session, pool.name, warm_policy(pool), pool_counts, now))
     return min((moment for moment in candidates if moment is not None), default=None)
 
 
@@ -77,11 +77,11 @@ def expiry_due(session: Session, now: datetime, task_retention_s: int) -> bool:
 def next_trim_due(session: Session, pool_name: str, now: datetime) -> datetime | None:
     """``next_due`` after a worker of the pool became ready: only its trim can come
     sooner (one more ready worker), the deadlines are as they were."""
-    pool = pool_named(session, pool_name)
-    if pool is None or not pool.enabled:
+    policy = enabled_warm_policy(session, pool_name)
+    if policy is None:
         return None
     counts = counts_by_pool(session).get(pool_name, PoolCounts({}, 0))
-    return _trim_due(session, pool, counts, now)
+    return _trim_due(session, pool_name, policy, counts, now)
 
 
 # Asked after every full pass: built once, as ``pools``' counts.
@@ -121,17 +121,18 @@ def _provision_deadlines(session: Session, pools: Sequence[Pool]) -> list[dateti
     ]
 
 
-def _trim_due(session: Session, pool: Pool, counts: PoolCounts, now: datetime) -> datetime | None:
+def _trim_due(
+    session: Session, pool_name: str, policy: WarmPolicy, counts: PoolCounts, now: datetime
+) -> datetime | None:
     """When trim would first find a surplus: what it keeps (plus the pending leases)
     falls below the workers ready now. A worker that becomes ready later is an event:
     the caller asks again then."""
-    policy = warm_policy(pool)
     edge = next_schedule_edge(policy.schedules, policy.scale_down_delay_s, now)
     surplus_at = counts[WorkerState.READY] - counts.pending_leases
     if surplus_at <= 0 or not policy.reads_history:
         return edge
     horizon = now + timedelta(seconds=policy.history_s + 1)
     since = now - timedelta(seconds=policy.history_s)
-    history = pool_history(session, pool.name, since, now)
+    history = pool_history(session, pool_name, since, now)
     falls = keep_falls_below(policy, history, now, surplus_at, min(horizon, edge or horizon))
     return min((m for m in (falls, edge) if m is not None), default=None)
