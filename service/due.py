@@ -35,7 +35,7 @@ def next_due(session: Session, now: datetime) -> datetime | None:
     workers that no ring will ask for (a create failed after the pass planned it, a
     destroy freed room under ``max_workers``). Destroys are not included: the destroy
     pass follows releases and trims, not the clock."""
-    pools = session.exec(select(Pool)).all()
+    pools = session.exec(_POOLS).all()
     if refill_wanted(session, now):
         return now
     candidates = [*_lease_deadlines(session), *_provision_deadlines(session, pools)]
@@ -65,7 +65,7 @@ def expiry_due(session: Session, now: datetime, task_retention_s: int) -> bool:
     whenever the transaction would act (sometimes when it would not: an idle deadline
     passed by a lease that runs a task).
     """
-    pools = session.exec(select(Pool)).all()
+    pools = session.exec(_POOLS).all()
     deadlines = [*_lease_deadlines(session), *_provision_deadlines(session, pools)]
     if any(moment is not None and moment <= now for moment in deadlines):
         return True
@@ -85,6 +85,7 @@ def next_trim_due(session: Session, pool_name: str, now: datetime) -> datetime |
 
 
 # Asked after every full pass: built once, as ``pools``' counts.
+_POOLS = select(Pool)
 _ACTIVE_DEADLINES = select(func.min(Lease.idle_expires_at), func.min(Lease.expires_at)).where(
     Lease.state == LeaseState.ACTIVE
 )
