@@ -236,9 +236,9 @@ class Prepared(Generic[S]):
     parameters (``bindparam``) at execution.
     """
 
-    def __init__(self, statement: S, *, skip_locked: bool = True) -> None:
+    def __init__(self, statement: S, *, skip_locked: bool = True, of: Any = None) -> None:
         self.plain = statement
-        self.locked = statement.with_for_update(skip_locked=skip_locked)
+        self.locked = statement.with_for_update(skip_locked=skip_locked, of=of)
 
     def for_update(self, session: Session) -> S:
         """As ``with_row_locks``: the locking variant where the database has row locks."""

@@ -16,13 +16,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from service.capacity import keep_falls_below, next_schedule_edge
+from service.capacity import WarmPolicy, keep_falls_below, next_schedule_edge
 from service.models import Lease, LeaseState, Pool, Worker, WorkerState
 from service.pools import (
     PoolCounts,
     counts_by_pool,
+    enabled_warm_policy,
     pool_history,
-    pool_named,
     refill_wanted,
     warm_policy,
 )
@@ -35,7 +35,7 @@ def next_due(session: Session, now: datetime) -> datetime | None:
     workers that no ring will ask for (a create failed after the pass planned it, a
     destroy freed room under ``max_workers``). Destroys are not included: the destroy
     pass follows releases and trims, not the clock."""
-    pools = session.exec(select(Pool)).all()
+    pools = session.exec(_POOLS).all()
     if refill_wanted(session, now):
         return now
     candidates = [*_lease_deadlines(session), *_provision_deadlines(session, pools)]
@@ -48,7 +48,7 @@ def next_due(session: Session, now: datetime) -> datetime | None:
     for pool in pools:
         if pool.enabled:
             pool_counts = counts.get(pool.name, PoolCounts({}, 0))
-            candidates.append(_trim_due(session, pool, pool_counts, now))
+            candidates.append(_trim_due(session, pool.name, warm_policy(pool), pool_counts, now))
     return min((moment for moment in candidates if moment is not None), default=None)
 
 
@@ -65,7 +65,7 @@ def expiry_due(session: Session, now: datetime, task_retention_s: int) -> bool:
     whenever the transaction would act (sometimes when it would not: an idle deadline
     passed by a lease that runs a task).
     """
-    pools = session.exec(select(Pool)).all()
+    pools = session.exec(_POOLS).all()
     deadlines = [*_lease_deadlines(session), *_provision_deadlines(session, pools)]
     if any(moment is not None and moment <= now for moment in deadlines):
         return True
@@ -77,14 +77,15 @@ def expiry_due(session: Session, now: datetime, task_retention_s: int) -> bool:
 def next_trim_due(session: Session, pool_name: str, now: datetime) -> datetime | None:
     """``next_due`` after a worker of the pool became ready: only its trim can come
     sooner (one more ready worker), the deadlines are as they were."""
-    pool = pool_named(session, pool_name)
-    if pool is None or not pool.enabled:
+    policy = enabled_warm_policy(session, pool_name)
+    if policy is None:
         return None
     counts = counts_by_pool(session).get(pool_name, PoolCounts({}, 0))
-    return _trim_due(session, pool, counts, now)
+    return _trim_due(session, pool_name, policy, counts, now)
 
 
 # Asked after every full pass: built once, as ``pools``' counts.
+_POOLS = select(Pool)
 _ACTIVE_DEADLINES = select(func.min(Lease.idle_expires_at), func.min(Lease.expires_at)).where(
     Lease.state == LeaseState.ACTIVE
 )
@@ -121,17 +122,18 @@ def _provision_deadlines(session: Session, pools: Sequence[Pool]) -> list[dateti
     ]
 
 
-def _trim_due(session: Session, pool: Pool, counts: PoolCounts, now: datetime) -> datetime | None:
+def _trim_due(
+    session: Session, pool_name: str, policy: WarmPolicy, counts: PoolCounts, now: datetime
+) -> datetime | None:
     """When trim would first find a surplus: what it keeps (plus the pending leases)
     falls below the workers ready now. A worker that becomes ready later is an event:
     the caller asks again then."""
-    policy = warm_policy(pool)
     edge = next_schedule_edge(policy.schedules, policy.scale_down_delay_s, now)
     surplus_at = counts[WorkerState.READY] - counts.pending_leases
     if surplus_at <= 0 or not policy.reads_history:
         return edge
     horizon = now + timedelta(seconds=policy.history_s + 1)
     since = now - timedelta(seconds=policy.history_s)
-    history = pool_history(session, pool.name, since, now)
+    history = pool_history(session, pool_name, since, now)
     falls = keep_falls_below(policy, history, now, surplus_at, min(horizon, edge or horizon))
     return min((m for m in (falls, edge) if m is not None), default=None)

@@ -329,13 +329,12 @@ def _record_created(session: Session, lease: Lease | LeaseRecord, now: datetime)
 
 def serve_pending(session: Session, pool: Pool, now: datetime) -> list[Lease]:
     """Hand ready workers to pending leases of the pool, oldest lease and oldest worker first."""
-    if not pool.enabled:
+    if not pool.enabled or not any_pending(session, pool.name):
         return []
-    # Most ready callbacks and passes find no lease waiting: one Core look first, the
-    # ORM's load (and lock) only for leases there are.
-    look = core_connection(session).execute(_ANY_PENDING_OF_POOL, {"pool": pool.name})
-    if look.first() is None:
-        return []
+    return _serve_waiting(session, pool, now)
+
+
+def _serve_waiting(session: Session, pool: Pool, now: datetime) -> list[Lease]:
     activated: list[Lease] = []
     pending = _PENDING_OF_POOL.for_update(session)
     for lease in session.exec(pending, params={"pool": pool.name}).all():
@@ -362,9 +361,21 @@ _ANY_PENDING_OF_POOL = (
 )
 
 
+def any_pending(session: Session, pool_name: str) -> bool:
+    """Whether a lease of the pool waits. Most ready callbacks and passes find none: one
+    Core look first, the ORM's load (and lock) only for leases there are."""
+    look = core_connection(session).execute(_ANY_PENDING_OF_POOL, {"pool": pool_name})
+    return look.first() is not None
+
+
 def serve_pending_of(session: Session, pool_name: str, now: datetime) -> list[Lease]:
+    """``serve_pending`` by the pool's name: its row is loaded only when a lease waits."""
+    if not any_pending(session, pool_name):
+        return []
     pool = session.get(Pool, pool_name)
-    return serve_pending(session, pool, now) if pool is not None else []
+    if pool is None or not pool.enabled:
+        return []
+    return _serve_waiting(session, pool, now)
 
 
 def settled_leases(session: Session, lease_ids: Collection[str]) -> set[str]:

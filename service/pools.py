@@ -7,8 +7,20 @@ from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import String, bindparam, func, insert, literal, literal_column, union_all
+from sqlalchemy import (
+    String,
+    Table,
+    bindparam,
+    func,
+    insert,
+    literal,
+    literal_column,
+    union_all,
+)
+from sqlalchemy import select as core_select
+from sqlalchemy.engine import Row
 from sqlmodel import Session, col, select
 
 from service.capacity import (
@@ -179,7 +191,8 @@ def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
 MAX_REQUESTS_READ = 20_000
 
 
-def warm_policy(pool: Pool) -> WarmPolicy:
+def warm_policy(pool: Pool | Row[*tuple[Any, ...]]) -> WarmPolicy:
+    """The pool's warm policy, from its ORM row or a row of ``_WARM_POLICY``'s columns."""
     return WarmPolicy(
         policy=pool.warm_policy,
         min_ready=pool.min_ready,
@@ -193,6 +206,28 @@ def warm_policy(pool: Pool) -> WarmPolicy:
         ),
         os=pool.os,
     )
+
+
+_POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
+# The replay's trim check after each ready callback reads only these: in Core, as an ORM
+# load of the pool's row cost more than the rest of the check's statements.
+_WARM_POLICY = core_select(
+    _POOLS.c.enabled,
+    _POOLS.c.warm_policy,
+    _POOLS.c.min_ready,
+    _POOLS.c.max_workers,
+    _POOLS.c.warm_hit_target,
+    _POOLS.c.scale_down_delay_s,
+    _POOLS.c.demand_half_life_s,
+    _POOLS.c.schedules,
+    _POOLS.c.os,
+).where(_POOLS.c.name == bindparam("name"))
+
+
+def enabled_warm_policy(session: Session, name: str) -> WarmPolicy | None:
+    """The pool's warm policy; None when there is no such pool or it is disabled."""
+    row = core_connection(session).execute(_WARM_POLICY, {"name": name}).first()
+    return warm_policy(row) if row is not None and row.enabled else None
 
 
 class HistoryMemo:

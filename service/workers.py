@@ -15,18 +15,25 @@ import random
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Table, bindparam, func, literal_column, update
 from sqlalchemy import select as core_select
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.sql.dml import Update
 from sqlmodel import Session, col, select
 
 from service import metrics
-from service.db import Prepared, with_row_locks
+from service.db import Prepared, core_connection, with_row_locks
 from service.errors import Conflict, NotFound, Unauthorized
-from service.leasing import end_lease, revoke_lease, schedule_destroy, serve_pending
+from service.leasing import (
+    end_lease,
+    revoke_lease,
+    schedule_destroy,
+    serve_pending,
+    serve_pending_of,
+)
 from service.models import (
     LIVE_LEASE_STATES,
     LIVE_WORKER_STATES,
@@ -80,30 +87,74 @@ def release_claims(session: Session) -> int:
 BAD_BOOTSTRAP = "unknown worker, or an invalid or already used bootstrap token"
 
 
-_WORKER_BY_ID = Prepared(
-    select(Worker).where(Worker.id == bindparam("worker_id")), skip_locked=False
-)
-
-
-def check_bootstrap_token(session: Session, worker_id: str, bootstrap_token: str) -> Worker:
-    """The worker whose one-time bootstrap token this is, locked; else Unauthorized."""
-    statement = _WORKER_BY_ID.for_update(session)
-    worker = session.exec(statement, params={"worker_id": worker_id}).first()
-    stored = worker.bootstrap_token if worker is not None else None
-    # Compared even when there is nothing to compare with, so both cases take as long.
-    matches = secret_equals(bootstrap_token, stored or "wlb_" + "-" * 43)
-    if worker is None or stored is None or not matches:
-        raise Unauthorized(BAD_BOOTSTRAP)
-    return worker
+_WORKERS: Table = Worker.__table__  # type: ignore[attr-defined]
+_POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
 class Ready:
     """What the ready callback gives the agent, and the leases it activated."""
 
-    worker: Worker
+    worker_id: str
+    access_token: str  # for the agent; shown to tenants only through their active lease
     worker_token: str  # shown once: only its hash is kept
     activated: list[Lease]
+
+
+# The ready callback in Core: every worker calls it once, and the ORM's load of the
+# worker and pool rows and its flush cost more than the statements (simulate's profile,
+# docs/capacity.md). One SELECT reads the worker and what the callback needs of its
+# pool, locking the worker's row only (``OF``: callbacks of one pool do not queue on
+# the pool's row); one UPDATE moves it, held at ``provisioning`` by its WHERE.
+_READY_LOOK = Prepared(
+    core_select(
+        _WORKERS.c.pool,
+        _WORKERS.c.state,
+        _WORKERS.c.bootstrap_token,
+        _WORKERS.c.access_token,
+        _WORKERS.c.address,
+        _WORKERS.c.created_at,
+        _POOLS.c.enabled,
+        _POOLS.c.degraded_reason,
+        _POOLS.c.create_failures,
+    )
+    .select_from(_WORKERS.outerjoin(_POOLS, _POOLS.c.name == _WORKERS.c.pool))
+    .where(_WORKERS.c.id == bindparam("worker_id")),
+    skip_locked=False,
+    of=_WORKERS,
+)
+_MARK_READY = (
+    update(_WORKERS)
+    .where(
+        _WORKERS.c.id == bindparam("worker_id"),
+        _WORKERS.c.state == WorkerState.PROVISIONING.value,
+    )
+    .values(
+        state=WorkerState.READY.value,
+        state_changed_at=bindparam("now"),
+        ready_at=bindparam("now"),
+        agent_url=bindparam("agent_url"),
+        address=bindparam("address"),
+        bootstrap_token=None,
+        worker_token_hash=bindparam("token_hash"),
+    )
+)
+
+
+def check_bootstrap_token(
+    session: Session, worker_id: str, bootstrap_token: str
+) -> Row[*tuple[Any, ...]]:
+    """The worker whose one-time bootstrap token this is (and its pool's marks), its row
+    locked; else Unauthorized. Read in Core: no ORM object of the worker is left in the
+    session for the ready callback's UPDATE to make stale."""
+    statement = _READY_LOOK.for_update(session)
+    row = core_connection(session).execute(statement, {"worker_id": worker_id}).first()
+    stored = row.bootstrap_token if row is not None else None
+    # Compared even when there is nothing to compare with, so both cases take as long.
+    matches = secret_equals(bootstrap_token, stored or "wlb_" + "-" * 43)
+    if row is None or stored is None or not matches:
+        raise Unauthorized(BAD_BOOTSTRAP)
+    return row
 
 
 def worker_ready(
@@ -118,18 +169,40 @@ def worker_ready(
 
     The agent gets its worker token here: the credential of its task endpoints, which
     no tenant ever holds (tenants see the worker's access token, for ``/run``)."""
-    worker = check_bootstrap_token(session, worker_id, bootstrap_token)
-    if worker.state != WorkerState.PROVISIONING:
-        raise Conflict(f"worker {worker_id} is {worker.state}, not provisioning")
-    # Loaded before ``mark_ready``, which then finds it in the session (which holds its
-    # rows weakly: a second ``get`` after it read the row again), and before the worker
-    # changes, so that its autoflush does not write the worker's row twice.
-    pool = pool_named(session, worker.pool)
-    assert pool is not None
+    row = check_bootstrap_token(session, worker_id, bootstrap_token)
+    if row.state != WorkerState.PROVISIONING:
+        raise Conflict(f"worker {worker_id} is {row.state}, not provisioning")
+    assert row.enabled is not None  # the worker's pool (a foreign key)
     worker_token = new_token(WORKER_TOKEN_PREFIX)
-    worker.worker_token_hash = hash_token(worker_token)
-    mark_ready(session, worker, agent_url, address, now)
-    return Ready(worker, worker_token, serve_pending(session, pool, now))
+    params = {
+        "worker_id": worker_id,
+        "now": now,
+        "agent_url": agent_url,
+        "address": address or row.address,
+        "token_hash": hash_token(worker_token),
+    }
+    if session.connection().execute(_MARK_READY, params).rowcount != 1:
+        raise Conflict(f"worker {worker_id} is no longer provisioning")  # not under the lock
+    loaded = session.identity_map.get(session.identity_key(Worker, worker_id))
+    if loaded is not None:  # loaded earlier in this transaction: read it again if used
+        session.expire(loaded)
+    moved(
+        session,
+        "worker",
+        worker_id,
+        WorkerState.PROVISIONING,
+        WorkerState.READY,
+        "agent reported ready",
+        now,
+        pool=row.pool,
+    )
+    metrics.PROVISIONING.labels(row.pool).observe((now - row.created_at).total_seconds())
+    if row.degraded_reason is not None and not row.create_failures:
+        pool = pool_named(session, row.pool)
+        assert pool is not None
+        note_callback(session, pool, now)
+    activated = serve_pending_of(session, row.pool, now) if row.enabled else []
+    return Ready(worker_id, row.access_token, worker_token, activated)
 
 
 # One answer for an unknown worker, a wrong token and a worker that is gone.
@@ -139,7 +212,6 @@ _NO_HASH = "0" * 64
 
 # Core, not the ORM: every agent call runs it (a poll, each chunk of output), and it
 # reads two columns of the row.
-_WORKERS: Table = Worker.__table__  # type: ignore[attr-defined]
 _WORKER_TOKEN = core_select(_WORKERS.c.worker_token_hash, _WORKERS.c.state).where(
     _WORKERS.c.id == bindparam("worker_id")
 )
@@ -240,7 +312,6 @@ def _claimed(
 # The create's and the destroy's records in Core: each worker's create and destroy
 # records itself, and the ORM loads of the worker and pool rows cost more than the
 # UPDATE (simulate's profile). The pool's row is loaded only when it has a mark to clear.
-_POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
 _RECORD_CREATE = (
     update(_WORKERS)
     .where(_WORKERS.c.id == bindparam("worker_id"))

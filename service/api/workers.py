@@ -28,6 +28,4 @@ def ready(path: WorkerPath, body: WorkerReady) -> Any:
     ready = services.flow.worker_ready(
         services.session(), path.worker_id, bearer_token(), body.agent_url, body.address
     )
-    return ReadyAck(
-        access_token=ready.worker.access_token, worker_token=ready.worker_token
-    ).model_dump()
+    return ReadyAck(access_token=ready.access_token, worker_token=ready.worker_token).model_dump()

@@ -6,14 +6,14 @@ import logging
 from datetime import datetime
 
 from sqlalchemy import select as sa_select
-from sqlmodel import col, select
+from sqlmodel import col
 
 from provisioners import ResourceState
 from service import metrics
 from service.db import session_scope
-from service.models import Pool, Worker, WorkerState
+from service.models import Worker, WorkerState
 from service.passes.provisioning import failure_of, group_by_pool, handle_of
-from service.passes.runtime import Runtime
+from service.passes.runtime import Runtime, pools_by_name
 from service.workers import apply_health, health_change
 
 log = logging.getLogger("workerlease.passes.health")
@@ -21,20 +21,23 @@ log = logging.getLogger("workerlease.passes.health")
 _OBSERVED_STATES = (WorkerState.PROVISIONING, WorkerState.READY, WorkerState.LEASED)
 
 
+# Plain columns, not Worker objects: this reads every running worker on every pass, and
+# building ORM objects (tokens decrypted) was most of its cost. Built once, as every
+# pass runs it (see ``db.Prepared``).
+_RUNNING = sa_select(
+    col(Worker.id),
+    col(Worker.pool),
+    col(Worker.state),
+    col(Worker.provider_id),
+    col(Worker.address),
+).where(col(Worker.state).in_(_OBSERVED_STATES), col(Worker.provider_id).is_not(None))
+
+
 def check_health(rt: Runtime, now: datetime) -> int:
     """Describe every running worker, pool by pool; apply what changed. Returns the moves."""
     with session_scope(rt.read_factory) as session:
-        pools = {p.name: p for p in session.exec(select(Pool)).all()}
-        # Plain columns, not Worker objects: this reads every running worker on every
-        # pass, and building ORM objects (tokens decrypted) was most of its cost.
-        statement = sa_select(
-            col(Worker.id),
-            col(Worker.pool),
-            col(Worker.state),
-            col(Worker.provider_id),
-            col(Worker.address),
-        ).where(col(Worker.state).in_(_OBSERVED_STATES), col(Worker.provider_id).is_not(None))
-        workers = list(session.execute(statement).all())
+        pools = {p.name: p for p in pools_by_name(session)}
+        workers = list(session.execute(_RUNNING).all())
     changed = 0
     for pool_name, pool_workers in group_by_pool(workers).items():
         provisioner = rt.provisioners.for_pool(pools[pool_name])

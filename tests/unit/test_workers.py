@@ -11,6 +11,7 @@ from service.errors import Unauthorized
 from service.leasing import acquire, schedule_destroy
 from service.models import Event, Lease, LeaseState, Pool, Worker, WorkerState
 from service.pools import new_worker
+from service.security import hash_token
 from service.workers import (
     MAX_DESTROY_BACKOFF_S,
     CallFailure,
@@ -51,9 +52,14 @@ def test_the_bootstrap_token_works_once_and_an_unknown_worker_looks_the_same(
         worker_ready(session, worker_id, "wlb_wrong", "http://x/", None, clock.now())
     with tx() as session:
         ready = worker_ready(session, worker_id, token, "http://x/", None, clock.now())
-        assert (ready.worker.state, ready.activated) == (WorkerState.READY, [])
+        assert ready.activated == []
         assert ready.worker_token.startswith("wlw_")
-        assert ready.worker.worker_token_hash != ready.worker_token  # only its hash is kept
+    with tx() as session:
+        worker = session.get(Worker, worker_id)
+        assert worker is not None and worker.state == WorkerState.READY
+        assert ready.access_token == worker.access_token
+        assert worker.bootstrap_token is None
+        assert worker.worker_token_hash == hash_token(ready.worker_token)  # only its hash
     with tx() as session, pytest.raises(Unauthorized):
         worker_ready(session, worker_id, token, "http://x/", None, clock.now())
     with tx() as session, pytest.raises(Unauthorized) as unknown:
@@ -73,7 +79,9 @@ def test_a_ready_callback_hands_the_worker_to_the_oldest_pending_lease(
     with tx() as session:
         ready = worker_ready(session, worker_id, token, "http://x/", None, clock.now())
         assert [lease.id for lease in ready.activated] == [lease_id]
-        assert ready.worker.state == WorkerState.LEASED
+    with tx() as session:
+        worker = session.get(Worker, worker_id)
+        assert worker is not None and worker.state == WorkerState.LEASED
 
 
 def test_a_confirmed_destroy_finishes_the_worker(tx: Tx, clock: ManualClock) -> None:
