@@ -23,15 +23,18 @@ from sqlalchemy.engine import Connection
 
 from service import workers
 from service.db import read_scope
+from service.driver_sql import DriverStatement
 from service.errors import Forbidden, Unauthorized
 from service.models import Tenant
 from service.security import TENANT_TOKEN_PREFIX, hash_token, secret_equals
 
-# Core, not the ORM: every tenant request runs it (views read ``g.tenant.id`` and
-# ``.enabled``, never write the row).
+# On the driver, not the ORM: every tenant request runs it (views read ``g.tenant.id``
+# and ``.enabled``, never write the row).
 _TENANTS: Table = Tenant.__table__  # type: ignore[attr-defined]
-_TENANT_BY_TOKEN_HASH = select(_TENANTS.c.id, _TENANTS.c.name, _TENANTS.c.enabled).where(
-    _TENANTS.c.token_hash == bindparam("token_hash")
+_TENANT_BY_TOKEN_HASH = DriverStatement(
+    select(_TENANTS.c.id, _TENANTS.c.name, _TENANTS.c.enabled).where(
+        _TENANTS.c.token_hash == bindparam("token_hash")
+    )
 )
 
 
@@ -71,9 +74,7 @@ def require_tenant() -> None:
         # Lookup by the hash's unique index; the hash itself is never compared byte-wise
         # against user input, so timing reveals nothing about stored tokens.
         with _lookup_connection() as connection:
-            tenant = connection.execute(
-                _TENANT_BY_TOKEN_HASH, {"token_hash": hash_token(token)}
-            ).first()
+            tenant = _TENANT_BY_TOKEN_HASH.first(connection, {"token_hash": hash_token(token)})
     if tenant is None or not tenant.enabled:
         raise Unauthorized("unknown or revoked token")
     g.tenant = tenant

@@ -25,6 +25,7 @@ from sqlmodel import Session, col, select
 
 from service import metrics
 from service.db import Prepared, core_connection, with_row_locks
+from service.driver_sql import DriverStatement
 from service.errors import Conflict, NotFound
 from service.models import (
     LIVE_LEASE_STATES,
@@ -114,7 +115,7 @@ def acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) -> 
 
 def _acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) -> Acquired:
     conn = session.connection()
-    look = conn.execute(_LOOK, {"tenant_id": tenant_id, "pool": pool_name}).first()
+    look = _LOOK.first(conn, {"tenant_id": tenant_id, "pool": pool_name})
     if look is None or not look.enabled:
         raise NotFound(f"no enabled pool named {pool_name!r}")
     if look.existing is not None:
@@ -127,7 +128,7 @@ def _acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) ->
     # First come, first served: while others wait, a newcomer queues behind them.
     if not look.queued:
         claim = _CLAIM_SQLITE if conn.dialect.name == "sqlite" else _CLAIM_LOCKED
-        worker = conn.execute(claim, {"b_pool": pool_name, "now": now}).first()
+        worker = claim.first(conn, {"b_pool": pool_name, "now": now})
         if worker is not None:
             lease_record = _insert_active(session, conn, tenant_id, look, worker, now)
             return Acquired(lease_record, Outcome.ACTIVE)
@@ -193,8 +194,8 @@ def _insert_active(
         pool=lease.pool,
         tenant_id=tenant_id,
     )
-    conn.execute(
-        _INSERT_LEASE,
+    _INSERT_LEASE.run(
+        conn,
         {
             "id": lease.id,
             "tenant_id": tenant_id,
@@ -238,10 +239,10 @@ _TENANT_LEASE = Prepared(
 )
 
 
-# The warm path in Core (issue 15): no ORM instance is built or flushed. The
-# invariants stay where they were, in the database: the unique indexes on leases,
-# the claim's row lock (FOR UPDATE SKIP LOCKED on PostgreSQL; BEGIN IMMEDIATE on
-# SQLite) and the claim's ``state = 'ready'``.
+# The warm path in Core, run on the driver's cursor (``DriverStatement``, issue 15): no
+# ORM instance is built or flushed. The invariants stay where they were, in the
+# database: the unique indexes on leases, the claim's row lock (FOR UPDATE SKIP LOCKED
+# on PostgreSQL; BEGIN IMMEDIATE on SQLite) and the claim's ``state = 'ready'``.
 _W: Table = Worker.__table__  # type: ignore[attr-defined]
 _L: Table = Lease.__table__  # type: ignore[attr-defined]
 _P: Table = Pool.__table__  # type: ignore[attr-defined]
@@ -251,21 +252,25 @@ _T: Table = Task.__table__  # type: ignore[attr-defined]
 _LIVE: list[Any] = [literal_column(f"'{state}'") for state in LIVE_LEASE_STATES]
 
 # The pool's settings, the tenant's live lease and whether anyone queues: one SELECT.
-_LOOK = core_select(
-    _P.c.enabled,
-    _P.c.os,
-    _P.c.pending_timeout_s,
-    _P.c.lease_idle_timeout_s,
-    _P.c.lease_max_lifetime_s,
-    core_select(_L.c.id)
-    .where(_L.c.tenant_id == bindparam("tenant_id"), _L.c.pool == _P.c.name, _L.c.state.in_(_LIVE))
-    .limit(1)
-    .scalar_subquery()
-    .label("existing"),
-    exists()
-    .where(_L.c.state == literal_column("'pending'"), _L.c.pool == _P.c.name)
-    .label("queued"),
-).where(_P.c.name == bindparam("pool"))
+_LOOK = DriverStatement(
+    core_select(
+        _P.c.enabled,
+        _P.c.os,
+        _P.c.pending_timeout_s,
+        _P.c.lease_idle_timeout_s,
+        _P.c.lease_max_lifetime_s,
+        core_select(_L.c.id)
+        .where(
+            _L.c.tenant_id == bindparam("tenant_id"), _L.c.pool == _P.c.name, _L.c.state.in_(_LIVE)
+        )
+        .limit(1)
+        .scalar_subquery()
+        .label("existing"),
+        exists()
+        .where(_L.c.state == literal_column("'pending'"), _L.c.pool == _P.c.name)
+        .label("queued"),
+    ).where(_P.c.name == bindparam("pool"))
+)
 
 
 def _claim(*, lock: bool) -> Any:
@@ -286,9 +291,26 @@ def _claim(*, lock: bool) -> Any:
     )
 
 
-_CLAIM_SQLITE = _claim(lock=False)
-_CLAIM_LOCKED = _claim(lock=True)
-_INSERT_LEASE = insert(_L)
+_CLAIM_SQLITE = DriverStatement(_claim(lock=False))
+_CLAIM_LOCKED = DriverStatement(_claim(lock=True))
+_INSERT_LEASE = DriverStatement(
+    insert(_L).values(
+        {
+            name: bindparam(name)
+            for name in (
+                "id",
+                "tenant_id",
+                "pool",
+                "state",
+                "worker_id",
+                "created_at",
+                "activated_at",
+                "idle_expires_at",
+                "expires_at",
+            )
+        }
+    )
+)
 
 
 def live_lease(session: Session, tenant_id: str, pool_name: str) -> Lease | None:
@@ -429,7 +451,7 @@ def release(session: Session, tenant_id: str, lease_id: str, now: datetime) -> L
     return lease
 
 
-_END_ACTIVE = (
+_END_ACTIVE = DriverStatement(
     update(_L)
     .where(
         _L.c.id == bindparam("lease_id"),
@@ -456,7 +478,7 @@ _POOL_OS = (
     .scalar_subquery()
     .label("pool_os")
 )
-_DESTROY_LEASED = (
+_DESTROY_LEASED = DriverStatement(
     update(_W)
     .where(_W.c.id == bindparam("worker_id"), _W.c.state == literal_column("'leased'"))
     .values(
@@ -467,9 +489,11 @@ _DESTROY_LEASED = (
     )
     .returning(_W.c.id, _W.c.pool, _W.c.address, _W.c.agent_url, _W.c.access_token, _POOL_OS)
 )
-_WORKER_SHOWN = core_select(
-    _W.c.id, _W.c.pool, _W.c.address, _W.c.agent_url, _W.c.access_token, _POOL_OS
-).where(_W.c.id == bindparam("worker_id"))
+_WORKER_SHOWN = DriverStatement(
+    core_select(
+        _W.c.id, _W.c.pool, _W.c.address, _W.c.agent_url, _W.c.access_token, _POOL_OS
+    ).where(_W.c.id == bindparam("worker_id"))
+)
 
 
 def _release_active(
@@ -480,7 +504,7 @@ def _release_active(
     conn = session.connection()
     reason = EndReason.RELEASED
     params = {"lease_id": lease_id, "b_tenant_id": tenant_id, "now": now}
-    ended = conn.execute(_END_ACTIVE, params).first()
+    ended = _END_ACTIVE.first(conn, params)
     if ended is None:
         return None
     assert ended.worker_id is not None  # an active lease has its worker
@@ -499,7 +523,7 @@ def _release_active(
     if ended.busy:
         end_lease_tasks(session, lease_id, reason, now)
     worker_params = {"worker_id": ended.worker_id, "now": now, "pool_name": ended.pool}
-    worker = conn.execute(_DESTROY_LEASED, worker_params).first()
+    worker = _DESTROY_LEASED.first(conn, worker_params)
     if worker is not None:
         moved(
             session,
@@ -512,7 +536,7 @@ def _release_active(
             pool=worker.pool,
         )
     else:  # failed meanwhile: the destroy pass has it already
-        worker = conn.execute(_WORKER_SHOWN, worker_params).first()
+        worker = _WORKER_SHOWN.first(conn, worker_params)
     assert worker is not None
     return LeaseRecord(
         id=lease_id,

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks.common import ROOT, machine_info, sqlite_version
+from tests.benchmarks.common import ROOT, machine_info, ratio, sqlite_version
 
 SECTIONS = ("warm", "scale", "ttw", "longpoll", "tasks", "refill", "simulate")
 # The figures whose growth with history (and with live leases) the scale table shows.
@@ -235,6 +235,16 @@ def _get(data: Any, *path: Any) -> Any:
     return data
 
 
+def _throughput_64_vs_8(r: dict[str, Any], kind: str) -> float | None:
+    """Warm-lease cycles/s at 64 clients over 8; 0 (missed) if either level had errors."""
+    at = {c: _get(r, "warm", kind, "levels", c, "service_http") for c in (8, 64)}
+    if any(level is None for level in at.values()):
+        return None
+    if any(level["errors"] for level in at.values()):
+        return 0.0
+    return ratio(at[64]["cycles_per_s"], at[8]["cycles_per_s"])
+
+
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured value and met / missed / not measured."""
     rows = []
@@ -262,15 +272,33 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         below=False,
     )
     add(
-        "lease transaction p50 vs raw-SQL floor at 8 clients, SQLite <= 2x",
-        _get(r, "warm", "sqlite", "levels", 8, "ratios", "txn_p50_vs_sql_floor"),
-        2.0001,
+        "warm lease p99 at 8 clients, PostgreSQL (ms) < 40",
+        _get(r, "warm", "postgres", "levels", 8, "service_http", "acquire", "p99_ms"),
+        40,
     )
     add(
-        "lease transaction p50 vs raw-SQL floor at 8 clients, PostgreSQL <= 2x",
-        _get(r, "warm", "postgres", "levels", 8, "ratios", "txn_p50_vs_sql_floor"),
-        2.0001,
+        "throughput at 8 clients vs HTTP floor, PostgreSQL >= 0.3",
+        _get(r, "warm", "postgres", "levels", 8, "ratios", "throughput_vs_http_floor"),
+        0.3,
+        below=False,
     )
+    for kind, label in (("sqlite", "SQLite"), ("postgres", "PostgreSQL")):
+        add(
+            f"lease cycle (two transactions) time vs raw-SQL floor, 1 client, {label} <= 3x",
+            _get(r, "warm", kind, "levels", 1, "ratios", "txn_cycle_time_vs_sql_floor"),
+            3.0001,
+        )
+        add(
+            f"lease transaction p50 vs raw-SQL floor, 1 client, {label} <= 3x",
+            _get(r, "warm", kind, "levels", 1, "ratios", "txn_p50_vs_sql_floor"),
+            3.0001,
+        )
+        add(
+            f"warm lease throughput at 64 clients vs 8, {label} >= 1",
+            _throughput_64_vs_8(r, kind),
+            1.0,
+            below=False,
+        )
     add(
         "scheduler pass, 10k live + 100k history, SQLite (ms) < 200",
         _get(r, "scale", "sqlite", "live", 10000, "history", 100000, "maintain", "median_ms"),

@@ -1,0 +1,140 @@
+"""``DriverStatement``: the same rows, types and errors as SQLAlchemy, on both databases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import bindparam, exists, insert, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from service.driver_sql import DriverStatement
+from service.models import LIVE_TASK_STATES, Event, Lease, LeaseState, Task, Tenant, Worker
+from tests.support.fakes import ManualClock
+from tests.unit.conftest import Tx, add_ready_worker, add_tenant
+
+POOL = "hosted-ubuntu"
+_W = Worker.__table__  # type: ignore[attr-defined]
+_L = Lease.__table__  # type: ignore[attr-defined]
+_T = Tenant.__table__  # type: ignore[attr-defined]
+_TASKS = Task.__table__  # type: ignore[attr-defined]
+_E = Event.__table__  # type: ignore[attr-defined]
+
+
+def _ready_worker(tx: Tx, clock: ManualClock) -> str:
+    with tx() as session:
+        return add_ready_worker(session, POOL, clock.now()).id
+
+
+def test_a_select_returns_what_sqlalchemy_returns_types_and_names_included(
+    engine: Engine, tx: Tx, clock: ManualClock
+) -> None:
+    _ready_worker(tx, clock)
+    clock.advance(seconds=1)
+    _ready_worker(tx, clock)
+    statement = (
+        select(_W.c.id, _W.c.ready_at, _W.c.create_attempts, _W.c.provider_id)
+        .where(_W.c.pool == bindparam("pool"), _W.c.state.in_(["ready", "leased"]))
+        .order_by(_W.c.ready_at)
+        .limit(5)
+    )
+    with engine.connect() as connection:
+        expected = connection.execute(statement, {"pool": POOL}).all()
+        rows = DriverStatement(statement).all(connection, {"pool": POOL})
+        first = DriverStatement(statement).first(connection, {"pool": POOL})
+    assert [tuple(row) for row in rows] == [tuple(row) for row in expected]
+    assert len(rows) == 2
+    assert rows[0].ready_at.tzinfo == UTC  # the column type's own result processing
+    assert first is not None and first.id == expected[0].id
+    with engine.connect() as connection:
+        assert DriverStatement(statement).first(connection, {"pool": "none"}) is None
+
+
+def test_an_update_returning_binds_datetimes_as_the_column_type_stores_them(
+    engine: Engine, tx: Tx, clock: ManualClock
+) -> None:
+    worker_id = _ready_worker(tx, clock)
+    later = clock.now() + timedelta(minutes=5)
+    statement = DriverStatement(
+        update(_W)
+        .where(_W.c.id == bindparam("b_id"), _W.c.state == "ready")
+        .values(state="leased", state_changed_at=bindparam("now"))
+        .returning(_W.c.id, _W.c.state_changed_at)
+    )
+    with engine.begin() as connection:
+        moved = statement.first(connection, {"b_id": worker_id, "now": later})
+        again = statement.first(connection, {"b_id": worker_id, "now": later})
+    assert moved is not None and (moved.id, moved.state_changed_at) == (worker_id, later)
+    assert again is None  # the WHERE held it at ready
+    with engine.connect() as connection:
+        stored = connection.execute(
+            select(_W.c.state, _W.c.state_changed_at).where(_W.c.id == worker_id)
+        ).one()
+    assert (stored.state, stored.state_changed_at) == ("leased", later)
+
+
+def test_a_returning_with_an_in_list_subquery_expands_it(
+    engine: Engine, tx: Tx, clock: ManualClock
+) -> None:
+    worker_id = _ready_worker(tx, clock)
+    statement = DriverStatement(
+        select(
+            _W.c.id,
+            exists()
+            .where(_TASKS.c.worker_id == _W.c.id, _TASKS.c.state.in_(LIVE_TASK_STATES))
+            .label("busy"),
+        ).where(_W.c.id == bindparam("worker_id"))
+    )
+    with engine.connect() as connection:
+        row = statement.first(connection, {"worker_id": worker_id})
+    assert row is not None and row.id == worker_id and not row.busy
+
+
+def test_a_unique_index_violation_is_sqlalchemys_integrity_error(
+    engine: Engine, tx: Tx, clock: ManualClock
+) -> None:
+    tenant_id = add_tenant(tx, clock.now())
+    worker_id = _ready_worker(tx, clock)
+    names = ("id", "tenant_id", "pool", "state", "worker_id", "created_at", "activated_at")
+    statement = DriverStatement(insert(_L).values({name: bindparam(name) for name in names}))
+    now = clock.now()
+    row = {
+        "tenant_id": tenant_id,
+        "pool": POOL,
+        "state": LeaseState.ACTIVE,
+        "worker_id": worker_id,
+        "created_at": now,
+        "activated_at": now,
+    }
+    with engine.begin() as connection:
+        assert statement.run(connection, {"id": "l_first", **row}) == 1
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        statement.run(connection, {"id": "l_second", **row})  # same tenant, pool, worker
+    with engine.connect() as connection:
+        ids = connection.execute(select(_L.c.id)).scalars().all()
+    assert ids == ["l_first"]  # the failed transaction rolled back, the first stands
+
+
+def test_run_many_writes_every_row(engine: Engine, clock: ManualClock) -> None:
+    columns = ("at", "kind", "subject_id", "reason")
+    statement = DriverStatement(insert(_E).values({name: bindparam(name) for name in columns}))
+    now = clock.now()
+    rows = [{"at": now, "kind": "lease", "subject_id": f"l_{i}", "reason": "r"} for i in range(3)]
+    with engine.begin() as connection:
+        statement.run_many(connection, rows)
+    with engine.connect() as connection:
+        events = connection.execute(
+            select(_E.c.subject_id, _E.c.at)
+            .where(_E.c.subject_id.like("l\\_%", escape="\\"))
+            .order_by(_E.c.subject_id)
+        ).all()
+    assert [(row.subject_id, row.at) for row in events] == [(f"l_{i}", now) for i in range(3)]
+
+
+def test_a_naive_datetime_is_refused_before_the_database(engine: Engine) -> None:
+    statement = DriverStatement(
+        update(_T).where(_T.c.id == bindparam("b_id")).values(disabled_at=bindparam("at"))
+    )
+    with pytest.raises(ValueError, match="naive"), engine.begin() as connection:
+        statement.run(connection, {"b_id": "t_x", "at": datetime(2026, 1, 1)})
