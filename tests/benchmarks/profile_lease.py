@@ -16,7 +16,7 @@ import cProfile
 import pstats
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ def _add_ready_workers(engine: Any, count: int, start: int) -> None:
             "state": "ready",
             "created_at": now,
             "state_changed_at": now,
-            "ready_at": now,
+            "ready_at": now + timedelta(microseconds=i),  # distinct, as real ones are
             "provider_id": "0",
             "address": "127.0.0.1",
             "agent_url": "http://127.0.0.1:9",
