@@ -31,15 +31,35 @@ from sqlalchemy.sql import ClauseElement
 Processor = Callable[[Any], Any]
 
 
+_UNSET: Any = object()
+
+
 @dataclass(frozen=True)
 class _Compiled:
     """One statement as one dialect's driver takes it."""
 
     sql: str
-    positions: tuple[str, ...] | None  # qmark (SQLite): the parameters' order; else named
-    defaults: dict[str, Any]  # values fixed in the statement (``LIMIT 1``, IN lists)
-    bind: dict[str, Processor]
+    # qmark (SQLite): per position, the parameter's name, its type's bind processor and
+    # the value fixed in the statement (``LIMIT 1``, an IN list's items), processed
+    # already; named (psycopg): the same per name, handed over as a dict.
+    slots: tuple[tuple[str, Processor | None, Any], ...]
+    positional: bool
     make_row: Callable[[Sequence[Any]], Any] | None  # None: the statement returns no rows
+    dbapi_error: type[Exception]
+
+    def arguments(self, params: Mapping[str, Any]) -> Any:
+        values = []
+        for name, processor, fixed in self.slots:
+            if name in params:
+                value = params[name]
+                values.append(value if processor is None else processor(value))
+            elif fixed is _UNSET:
+                raise KeyError(f"no value for parameter {name!r}")
+            else:
+                values.append(fixed)
+        if self.positional:
+            return values
+        return {slot[0]: value for slot, value in zip(self.slots, values, strict=True)}
 
 
 class DriverStatement:
@@ -61,29 +81,44 @@ class DriverStatement:
 
     def run(self, connection: Connection, params: Mapping[str, Any]) -> int:
         compiled = self._for(connection.dialect)
-        with self._cursor(connection, compiled, params) as cursor:
-            cursor.execute(compiled.sql, _arguments(compiled, params))
+        arguments = compiled.arguments(params)
+        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(compiled.sql, arguments)
             rowcount: int = cursor.rowcount
-        return rowcount
+            return rowcount
+        except compiled.dbapi_error as exc:
+            raise _translated(connection, compiled.sql, arguments, exc, cursor) from exc
+        finally:
+            cursor.close()
 
     def run_many(self, connection: Connection, rows: Iterable[Mapping[str, Any]]) -> None:
         compiled = self._for(connection.dialect)
-        arguments = [_arguments(compiled, row) for row in rows]
-        with self._cursor(connection, compiled, arguments) as cursor:
+        arguments = [compiled.arguments(row) for row in rows]
+        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
             cursor.executemany(compiled.sql, arguments)
+        except compiled.dbapi_error as exc:
+            raise _translated(connection, compiled.sql, arguments, exc, cursor) from exc
+        finally:
+            cursor.close()
 
     def _execute(
         self, connection: Connection, params: Mapping[str, Any], *, fetch_all: bool
     ) -> list[Any]:
         compiled = self._for(connection.dialect)
-        assert compiled.make_row is not None, "the statement returns no rows"
-        with self._cursor(connection, compiled, params) as cursor:
-            cursor.execute(compiled.sql, _arguments(compiled, params))
+        make_row = compiled.make_row
+        assert make_row is not None, "the statement returns no rows"
+        arguments = compiled.arguments(params)
+        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(compiled.sql, arguments)
             fetched = cursor.fetchall() if fetch_all else [cursor.fetchone()]
-        return [compiled.make_row(row) for row in fetched if row is not None]
-
-    def _cursor(self, connection: Connection, compiled: _Compiled, params: Any) -> _DriverCursor:
-        return _DriverCursor(connection, compiled.sql, params)
+        except compiled.dbapi_error as exc:
+            raise _translated(connection, compiled.sql, arguments, exc, cursor) from exc
+        finally:
+            cursor.close()
+        return [make_row(row) for row in fetched if row is not None]
 
     def _for(self, dialect: Dialect) -> _Compiled:
         compiled = self._compiled.get(dialect.name)
@@ -114,12 +149,14 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> _Compiled:
             bind[name] = processor
             if name in defaults:
                 defaults[name] = processor(defaults[name])
+    names = expanded.positiontup if compiled.positional else expanded.parameters  # type: ignore[attr-defined]
+    slots = tuple((name, bind.get(name), defaults.get(name, _UNSET)) for name in names)
     return _Compiled(
         sql=expanded.statement,
-        positions=tuple(expanded.positiontup) if compiled.positional else None,  # type: ignore[attr-defined]
-        defaults=defaults,
-        bind=bind,
+        slots=slots,
+        positional=compiled.positional,  # type: ignore[attr-defined]
         make_row=_row_maker(statement, dialect),
+        dbapi_error=dialect.loaded_dbapi.Error,
     )
 
 
@@ -143,44 +180,21 @@ def _row_maker(statement: ClauseElement, dialect: Dialect) -> Callable[[Sequence
     return make
 
 
-def _arguments(compiled: _Compiled, params: Mapping[str, Any]) -> Any:
-    values = dict(compiled.defaults)
-    bind = compiled.bind
-    for name, value in params.items():
-        processor = bind.get(name)
-        values[name] = value if processor is None else processor(value)
-    if compiled.positions is None:
-        return values
-    return [values[name] for name in compiled.positions]
-
-
-class _DriverCursor:
-    """The DBAPI connection's cursor; the driver's errors raised as SQLAlchemy's."""
-
-    def __init__(self, connection: Connection, sql: str, params: Any) -> None:
-        self.connection = connection
-        self.sql = sql
-        self.params = params
-        self.dbapi_connection: Any = connection.connection.driver_connection
-
-    def __enter__(self) -> Any:
-        self.cursor = self.dbapi_connection.cursor()
-        return self.cursor
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> None:
-        self.cursor.close()
-        dialect = self.connection.dialect
-        dbapi_error = dialect.loaded_dbapi.Error
-        if exc is None or not isinstance(exc, dbapi_error):
-            return
-        disconnected = dialect.is_disconnect(exc, self.dbapi_connection, self.cursor)
-        if disconnected:
-            self.connection.invalidate(exc)
-        raise DBAPIError.instance(
-            self.sql,
-            self.params,
-            exc,
-            dbapi_error,
-            connection_invalidated=disconnected,
-            dialect=dialect,
-        ) from exc
+def _translated(
+    connection: Connection, sql: str, arguments: Any, exc: Any, cursor: Any
+) -> BaseException:
+    """The driver's error as SQLAlchemy raises it; a lost connection invalidated, as
+    SQLAlchemy does, so the pool does not hand it out again."""
+    dialect = connection.dialect
+    dbapi_connection = connection.connection.driver_connection
+    disconnected = dialect.is_disconnect(exc, dbapi_connection, cursor)
+    if disconnected:
+        connection.invalidate(exc)
+    return DBAPIError.instance(
+        sql,
+        arguments,
+        exc,
+        dialect.loaded_dbapi.Error,
+        connection_invalidated=disconnected,
+        dialect=dialect,
+    )
