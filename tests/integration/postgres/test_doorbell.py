@@ -88,3 +88,28 @@ def test_a_burst_of_rings_costs_the_ringer_nothing_and_still_wakes_the_listener(
         assert listener.wait(60) is True
     finally:
         listener.close()
+
+
+def test_the_bell_reconnects_after_its_own_connection_is_killed(engine: Engine) -> None:
+    bell = _bell(engine)
+    listener = bell.listener()
+    try:
+        assert listener.wait(0.1) is False
+        bell.notify()  # the bell's own autocommit connection, one NOTIFY on it
+        assert listener.wait(60) is True
+        conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = 'workerlease doorbell notify'"
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1  # earlier tests' bells live on too
+        bell.notify()  # finds its connection gone: counted, not raised, backed off
+        deadline = time.monotonic() + 60  # reconnects after a 1 s backoff; bounds a hang
+        heard = False
+        while not heard and time.monotonic() < deadline:
+            bell.notify()
+            heard = listener.wait(0.5)
+        assert heard, "the bell never rang again"
+    finally:
+        listener.close()
