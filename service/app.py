@@ -27,6 +27,7 @@ from service.lease_flow import LeaseFlow
 from service.logs import RequestIds
 from service.metrics import observe_request
 from service.task_flow import TaskFlow
+from service.wakes import relay_for
 
 log = logging.getLogger("workerlease.app")
 
@@ -101,6 +102,7 @@ def create_app(
     )
     clock = clock or SystemClock()
     read_factory = session_factory(engine, read_only=True)
+    relay = relay_for(engine)
     services = Services(
         config=config,
         engine=engine,
@@ -112,12 +114,14 @@ def create_app(
             clock,
             bell_for(engine, config.scheduler.doorbell),
             max_waits_per_tenant=config.max_waits_per_tenant,
+            relay=relay,
         ),
         tasks=TaskFlow(
             read_factory,
             clock,
             log_limit=config.task_log_limit,
             max_waits_per_tenant=config.max_waits_per_tenant,
+            relay=relay,
         ),
     )
     app.extensions["workerlease"] = services

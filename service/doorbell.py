@@ -174,7 +174,7 @@ class PostgresBell(Bell):
     cost the web worker 0.3 ms of CPU a warm lease, a tenth of the lease itself."""
 
     def __init__(self, engine: Engine) -> None:
-        self._connection = _OwnConnection(_conninfo(engine), setup=None, role="notify")
+        self._connection = OwnConnection(conninfo_of(engine), name="doorbell notify")
         self._rung = threading.Event()
         self._lock = threading.Lock()
         self._sender: threading.Thread | None = None
@@ -218,7 +218,8 @@ class PostgresBell(Bell):
         return _PostgresListener(self._connection.conninfo)
 
 
-def _conninfo(engine: Engine) -> str:
+def conninfo_of(engine: Engine) -> str:
+    """The engine's URL as libpq takes it (psycopg's own connections, outside the pool)."""
     return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
@@ -226,7 +227,12 @@ class _PostgresListener(Listener):
     """LISTEN on a dedicated autocommit connection; reconnects with backoff."""
 
     def __init__(self, conninfo: str) -> None:
-        self._connection = _OwnConnection(conninfo, setup=f"LISTEN {CHANNEL}", role="listen")
+        self._connection = OwnConnection(
+            conninfo,
+            name="doorbell listen",
+            setup=f"LISTEN {CHANNEL}",
+            failures=metrics.DOORBELL.labels("listen_error"),
+        )
 
     def wait(self, timeout: float) -> bool:
         import psycopg  # the postgres extra; only a PostgreSQL deployment gets here
@@ -248,20 +254,33 @@ class _PostgresListener(Listener):
         self._connection.close()
 
 
-class _OwnConnection:
+class OwnConnection:
     """A dedicated autocommit psycopg connection of this process, made on first use and
-    again after a failure, with backoff (0.5 s doubling to 30 s) between attempts."""
+    again after a failure, with backoff (0.5 s doubling to 30 s) between attempts.
 
-    def __init__(self, conninfo: str, *, setup: str | None, role: str) -> None:
+    ``name`` is what ``pg_stat_activity`` shows (an operator counting connections) and
+    what the logs say; ``setup`` runs on each new connection (a ``LISTEN``);
+    ``failures`` counts each failure."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        name: str,
+        setup: str | None = None,
+        failures: Any = None,
+    ) -> None:
         self.conninfo = conninfo
+        self._name = name
         self._setup = setup
-        self._role = role
+        self._failures_metric = failures
         self._connection: Any = None
         self._pid = os.getpid()
         self._failures = 0
         self._next_attempt = 0.0
 
     def get(self, psycopg: Any) -> Any:
+        """The connection, or None while it cannot be made (backing off)."""
         if self._pid != os.getpid():  # a fork's copy: the parent's socket is not ours
             self._connection, self._pid = None, os.getpid()
         if self._connection is not None:
@@ -273,8 +292,7 @@ class _OwnConnection:
                 self.conninfo,
                 autocommit=True,
                 connect_timeout=5,
-                # what pg_stat_activity shows an operator counting connections
-                application_name=f"workerlease doorbell {self._role}",
+                application_name=f"workerlease {self._name}",
             )
             if self._setup:
                 connection.execute(self._setup)
@@ -282,20 +300,25 @@ class _OwnConnection:
             self.lost(exc)
             return None
         if self._failures:
-            log.info("doorbell_reconnected role=%s after=%d failures", self._role, self._failures)
+            log.info("%s_reconnected after=%d failures", self._event, self._failures)
         self._failures = 0
         self._connection = connection
         return connection
 
     def lost(self, exc: Exception) -> None:
+        """The connection failed: closed, made again after the backoff."""
         self.close()
         self._failures += 1
         backoff = min(RECONNECT_MAX_S, 0.5 * 2 ** min(self._failures, 10))
         self._next_attempt = time.monotonic() + backoff
-        if self._role == "listen":
-            metrics.DOORBELL.labels("listen_error").inc()
+        if self._failures_metric is not None:
+            self._failures_metric.inc()
         level = logging.WARNING if self._failures == 1 else logging.DEBUG
-        log.log(level, "doorbell_%s_failed error=%s retry_in=%.1fs", self._role, exc, backoff)
+        log.log(level, "%s_failed error=%s retry_in=%.1fs", self._event, exc, backoff)
+
+    @property
+    def _event(self) -> str:
+        return self._name.replace(" ", "_")
 
     def close(self) -> None:
         connection, self._connection = self._connection, None

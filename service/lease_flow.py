@@ -25,6 +25,7 @@ from service.doorbell import Bell, NoBell
 from service.leasing import Acquired, Outcome
 from service.models import Lease, LeaseState
 from service.waiters import Waiters, lease_waiters
+from service.wakes import NoRelay, Relay
 from service.workers import Ready, worker_ready
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,13 @@ class LeaseFlow:
     clock: Clock
     bell: Bell = field(default_factory=NoBell)
     max_waits_per_tenant: int = 16
+    relay: Relay = field(default_factory=NoRelay)
     waiters: Waiters = field(init=False)
 
     def __post_init__(self) -> None:
-        self.waiters = lease_waiters(self._settled, per_tenant=self.max_waits_per_tenant)
+        self.waiters = lease_waiters(
+            self._settled, per_tenant=self.max_waits_per_tenant, relay=self.relay
+        )
 
     def _settled(self, lease_ids: Collection[str]) -> set[str]:
         with session_scope(self.read_factory) as session:

@@ -84,6 +84,12 @@ DOORBELL = Counter(
     "Demand doorbell: rang, undelivered (the poll covers it), woke the scheduler, listen_error",
     ["event"],
 )
+WAKES = Counter(
+    "workerlease_wakes_total",
+    "Wakes between processes (PostgreSQL NOTIFY): sent, undelivered (the re-read covers it), "
+    "received, listen_error",
+    ["event"],
+)
 JOB_DURATION = Histogram(
     "workerlease_job_duration_seconds", "Background job run time", ["job"], buckets=_BUCKETS_FAST
 )

@@ -24,6 +24,7 @@ from service.models import LIVE_TASK_STATES, Task, TaskState
 from service.schemas import TaskCreate
 from service.tasks import LogReceipt, LogSlice, Work
 from service.waiters import Waiters, WaitMetrics
+from service.wakes import NoRelay, Relay
 from service.workers import check_worker_token
 
 # An idle poll is answered after ``wait_seconds`` less up to this share of it, at random:
@@ -53,6 +54,7 @@ class TaskFlow:
     clock: Clock
     log_limit: int
     max_waits_per_tenant: int = 16
+    relay: Relay = field(default_factory=NoRelay)
     polls: Waiters = field(init=False)
     follows: Waiters = field(init=False)
 
@@ -62,12 +64,16 @@ class TaskFlow:
             per_owner=POLLS_PER_WORKER,
             what="polls of one worker",
             wait_metrics=_wait_metrics("poll"),
+            relay=self.relay,
+            topic="poll",
         )
         self.follows = Waiters(
             self._logs_moved,
             per_owner=self.max_waits_per_tenant,
             what="log reads of one tenant",
             wait_metrics=_wait_metrics("log"),
+            relay=self.relay,
+            topic="log",
         )
 
     # ---- tenants ------------------------------------------------------------------

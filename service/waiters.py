@@ -6,7 +6,9 @@ following a log wait for more output. A waiting request holds no transaction
 and no database connection, and under the gevent server only a greenlet, so
 thousands can wait at once. A change in this process (an agent's ready
 callback, a task submitted, a log chunk stored) wakes the waiters of that key
-directly. A change elsewhere (another replica, the scheduler process) is seen
+directly, and, given a relay (``service.wakes``: PostgreSQL), the waiters of the other
+web processes and replicas too. A change not relayed (SQLite's second web process, a
+relay's connection down) is seen
 by one poll per :class:`Waiters`: every ``recheck_s`` it asks the database
 about all the keys waited on in one query, so its cost follows the distinct
 keys waited on, not requests times checks (2,000 waiters re-reading their own
@@ -32,6 +34,7 @@ import prometheus_client
 
 from service import metrics
 from service.errors import TooManyRequests
+from service.wakes import NoRelay, Relay
 
 log = logging.getLogger("workerlease.waiters")
 
@@ -59,8 +62,11 @@ class Waiters:
         per_owner: int = 16,
         what: str = "requests",
         wait_metrics: WaitMetrics = LEASE_WAIT_METRICS,
+        relay: Relay | None = None,
+        topic: str = "lease",
     ) -> None:
-        """``settled(keys)``: the keys among ``keys`` whose waiters should wake now."""
+        """``settled(keys)``: the keys among ``keys`` whose waiters should wake now.
+        ``relay``: where this process's wakes of ``topic`` go to, and others' come from."""
         self._settled = settled
         self._recheck_s = recheck_s
         self._per_tenant = per_owner
@@ -74,6 +80,9 @@ class Waiters:
         self._by_tenant: Counter[str] = Counter()
         self._poller: threading.Thread | None = None
         self._draining = False
+        self._relay = relay or NoRelay()
+        self._topic = topic
+        self._relay.subscribe(topic, self._woken_elsewhere)
         _ALL.add(self)
 
     def drain(self) -> None:
@@ -124,17 +133,23 @@ class Waiters:
             self._leave(key)
 
     def notify(self, lease_ids: Collection[str]) -> None:
-        """These keys changed: wake whoever waits for them."""
+        """These keys changed (committed): wake whoever waits for them, here and in the
+        processes the relay reaches."""
+        self._wake(lease_ids)
+        self._relay.publish(self._topic, lease_ids)
+
+    def _wake(self, keys: Collection[str]) -> None:
         with self._lock:
-            for lease_id in lease_ids:
-                event = self._events.get(lease_id)
+            for key in keys:
+                event = self._events.get(key)
                 if event is not None:
                     event.set()
 
     def hand(self, key: str, value: object) -> None:
         """Give the waiters of ``key`` (if any) ``value`` and wake them; :meth:`handed`
         reads it until the key's last waiter leaves. Saves each woken waiter a read of
-        what the writer already holds (a log chunk for the followers at its offset)."""
+        what the writer already holds (a log chunk for the followers at its offset).
+        This process only: a ``notify`` after it wakes the other processes' waiters."""
         with self._lock:
             event = self._events.get(key)
             if event is not None:
@@ -147,17 +162,31 @@ class Waiters:
             return self._handed.get(key)
 
     def notify_prefix(self, prefix: str) -> None:
-        """Wake the waiters of every key that starts with ``prefix``."""
+        """Wake the waiters of every key that starts with ``prefix``, here and in the
+        processes the relay reaches."""
+        self._wake_prefixes([prefix])
+        self._relay.publish(self._topic, [prefix], prefix=True)
+
+    def _wake_prefixes(self, prefixes: Collection[str]) -> None:
         with self._lock:
             for key, event in self._events.items():
-                if key.startswith(prefix):
+                if key.startswith(tuple(prefixes)):
                     event.set()
+
+    def _woken_elsewhere(self, keys: list[str], prefix: bool) -> None:
+        """Another process notified: these waiters read again (a ``hand``ed value
+        stays in the process that had it; the others' waiters read what it committed)."""
+        if prefix:
+            self._wake_prefixes(keys)
+        else:
+            self._wake(keys)
 
     def waiting(self) -> int:
         with self._lock:
             return self._waiting
 
     def _enter(self, lease_id: str) -> threading.Event:
+        self._relay.listen()
         with self._lock:
             self._waiting_on[lease_id] += 1
             self._waiting += 1
@@ -202,7 +231,7 @@ class Waiters:
                     exc_info=True,
                 )
                 continue
-            self.notify(done)
+            self._wake(done)  # each process reads for its own waiters: nothing to relay
 
 
 _ALL: weakref.WeakSet[Waiters] = weakref.WeakSet()
@@ -216,7 +245,10 @@ def drain_all() -> None:
 
 
 def lease_waiters(
-    settled: Callable[[Collection[str]], Collection[str]], *, per_tenant: int = 16
+    settled: Callable[[Collection[str]], Collection[str]],
+    *,
+    per_tenant: int = 16,
+    relay: Relay | None = None,
 ) -> Waiters:
     """Lease requests waiting (``wait_seconds``) for their pending lease to settle."""
-    return Waiters(settled, per_owner=per_tenant, what="lease requests of one tenant")
+    return Waiters(settled, per_owner=per_tenant, what="lease requests of one tenant", relay=relay)
