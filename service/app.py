@@ -27,7 +27,7 @@ from service.lease_flow import LeaseFlow
 from service.logs import RequestIds
 from service.metrics import observe_request
 from service.task_flow import TaskFlow
-from service.wakes import relay_for
+from service.wakes import Relay, relay_for
 
 log = logging.getLogger("workerlease.app")
 
@@ -59,6 +59,12 @@ class Services:
     clock: Clock
     flow: LeaseFlow
     tasks: TaskFlow
+    relay: Relay
+
+    def close(self) -> None:
+        """What the app keeps beyond requests (the wakes relay's threads and connections):
+        for an app that ends before its process does (tests)."""
+        self.relay.close()
 
     def session(self) -> Session:
         """The request's one session, closed in teardown (read-only for GET requests)."""
@@ -123,6 +129,7 @@ def create_app(
             max_waits_per_tenant=config.max_waits_per_tenant,
             relay=relay,
         ),
+        relay=relay,
     )
     app.extensions["workerlease"] = services
 

@@ -61,6 +61,10 @@ class Relay(ABC):
         """Make sure this process hears the others: a wait calls it, so a process forked
         after the relay was made (which only waits, never publishes) listens too."""
 
+    def close(self) -> None:  # noqa: B027 - nothing held
+        """Stop its threads and close its connections (an app that ends before its
+        process: tests)."""
+
 
 class NoRelay(Relay):
     def publish(self, topic: str, keys: Collection[str], *, prefix: bool = False) -> None:
@@ -113,7 +117,7 @@ class PostgresRelay(Relay):
         self._started()
 
     def close(self) -> None:
-        """Stop both threads (within a listen timeout) and close their connections."""
+        """Both threads stop within a listen timeout and close their connections."""
         self._closed = True
         self._queued_event.set()
 

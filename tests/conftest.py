@@ -116,10 +116,11 @@ def engine(config: Config) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def app(config: Config, engine: Engine, clock: ManualClock) -> Flask:
+def app(config: Config, engine: Engine, clock: ManualClock) -> Iterator[Flask]:
     app = create_app(config, engine=engine, clock=clock)
     app.testing = True
-    return app
+    yield app
+    app.extensions["workerlease"].close()  # PostgreSQL: the wakes relay's connections
 
 
 @pytest.fixture

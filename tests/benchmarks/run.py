@@ -2,7 +2,7 @@
 
     python -m tests.benchmarks.run                 # everything (make bench), ~20 min on 2 cores
     python -m tests.benchmarks.run --quick         # smaller pools and sizes, ~6 min
-    python -m tests.benchmarks.run --only warm     # warm | scale | ttw | longpoll | tasks | wakes | refill | simulate
+    python -m tests.benchmarks.run --only warm     # scale ttw longpoll tasks wakes refill simulate
     python -m tests.benchmarks.run --only simulate --simulate-before a2f031a  # replay speed
     python -m tests.benchmarks.run --db sqlite     # skip PostgreSQL
 

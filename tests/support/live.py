@@ -122,5 +122,6 @@ def live_service(
         server.shutdown()
         server.server_close()
         thread.join(5)
+        app.extensions["workerlease"].close()
         rt.provisioners.close()
         engine.dispose()
