@@ -30,6 +30,20 @@ def _bell(engine: Engine) -> PostgresBell:
     return bell
 
 
+def _terminate(engine: Engine, application_name: str) -> int:
+    """Kill this test database's connections of that name (as a server restart or a
+    network cut would); how many there were."""
+    conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = %s",
+            (application_name,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def test_a_notify_wakes_the_listener(engine: Engine) -> None:
     bell = _bell(engine)
     listener = bell.listener()
@@ -49,14 +63,7 @@ def test_the_listener_reconnects_after_its_connection_is_killed(engine: Engine) 
     listener = bell.listener()
     try:
         assert listener.wait(0.1) is False
-        conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        with psycopg.connect(conninfo, autocommit=True) as admin:
-            killed = admin.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database()"
-                " AND application_name = 'workerlease doorbell listen'"
-            ).fetchone()
-        assert killed == (1,)
+        assert _terminate(engine, "workerlease doorbell listen") == 1
         assert listener.wait(0.2) is False  # the loss is noticed, logged and backed off
 
         deadline = time.monotonic() + 60  # reconnects after a 1 s backoff; bounds a hang
@@ -98,14 +105,7 @@ def test_the_bell_reconnects_after_its_own_connection_is_killed(engine: Engine) 
         assert listener.wait(0.1) is False
         bell.notify()  # the bell's own autocommit connection, one NOTIFY on it
         assert listener.wait(60) is True
-        conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        with psycopg.connect(conninfo, autocommit=True) as admin:
-            killed = admin.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database()"
-                " AND application_name = 'workerlease doorbell notify'"
-            ).fetchone()
-        assert killed == (1,)
+        assert _terminate(engine, "workerlease doorbell notify") == 1
         bell.notify()  # finds its connection gone: counted, not raised, backed off
         deadline = time.monotonic() + 60  # reconnects after a 1 s backoff; bounds a hang
         heard = False
