@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
-from service.doorbell import PostgresBell, bell_for
+from service.doorbell import Listener, PostgresBell, bell_for
 from tests.support.postgres import PostgresServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -44,6 +44,17 @@ def _terminate(engine: Engine, application_name: str) -> int:
     return int(row[0])
 
 
+def _heard_again(ring: Callable[[], None], listener: Listener) -> bool:
+    """Ring until the listener hears it: the side that lost its connection reconnects
+    after a 1 s backoff; 60 s bounds a hang."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ring()
+        if listener.wait(0.5):
+            return True
+    return False
+
+
 def test_a_notify_wakes_the_listener(engine: Engine) -> None:
     bell = _bell(engine)
     listener = bell.listener()
@@ -66,12 +77,7 @@ def test_the_listener_reconnects_after_its_connection_is_killed(engine: Engine) 
         assert _terminate(engine, "workerlease doorbell listen") == 1
         assert listener.wait(0.2) is False  # the loss is noticed, logged and backed off
 
-        deadline = time.monotonic() + 60  # reconnects after a 1 s backoff; bounds a hang
-        heard = False
-        while not heard and time.monotonic() < deadline:
-            bell.ring()
-            heard = listener.wait(0.5)
-        assert heard, "the listener never came back"
+        assert _heard_again(bell.ring, listener), "the listener never came back"
     finally:
         listener.close()
 
@@ -107,11 +113,6 @@ def test_the_bell_reconnects_after_its_own_connection_is_killed(engine: Engine) 
         assert listener.wait(60) is True
         assert _terminate(engine, "workerlease doorbell notify") == 1
         bell.notify()  # finds its connection gone: counted, not raised, backed off
-        deadline = time.monotonic() + 60  # reconnects after a 1 s backoff; bounds a hang
-        heard = False
-        while not heard and time.monotonic() < deadline:
-            bell.notify()
-            heard = listener.wait(0.5)
-        assert heard, "the bell never rang again"
+        assert _heard_again(bell.notify, listener), "the bell never rang again"
     finally:
         listener.close()
