@@ -416,9 +416,12 @@ class Replay:
         except (Conflict, NotFound):
             return  # failed or timed out meanwhile: the service answers the agent 4xx
         self.memo.forget_provisioning()  # a provisioning time more
+        planned = None if self._tick_at is None else self.start + timedelta(seconds=self._tick_at)
         with session_scope(self.rt.read_factory) as session:
             # One more ready worker: trim may find a surplus sooner; nothing else moved.
-            due = next_trim_due(session, pool, self.clock.now())
+            # A trim due within a second before the pass already planned, or later,
+            # would not move it (``_plan_tick`` keeps the sooner, on the interval's grid).
+            due = next_trim_due(session, pool, self.clock.now(), planned)
         if due is not None:
             self._plan_tick(self._seconds(due))
 
