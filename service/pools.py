@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -231,40 +231,75 @@ def enabled_warm_policy(session: Session, name: str) -> WarmPolicy | None:
 
 
 class HistoryMemo:
-    """A pool's history rows, kept until the owner says they changed.
+    """A pool's history rows, kept and brought up to date when the owner says rows were added.
 
     For a single-threaded replay only (``workerlease simulate``): a lease request adds
     a request time, an agent's ready callback a provisioning time, and nothing else adds
     to either (a simulated worker becomes ready by its callback only), so between those
-    events every pass reads the same rows (a rung demand pass twice, ``due.next_due``
-    and the destroy pass's check again, at later virtual instants too). The replay
-    follows a request with ``forget_requests()`` and a ready callback with
-    ``forget_provisioning()``. Request times are kept, not ages: a later read takes
-    those at or after its own ``since``, which is what the database would return
-    (nothing is inserted before ``now``).
+    events every pass reads the same rows (a rung demand pass, ``due.next_due`` and the
+    destroy pass's check, at later virtual instants too). The replay follows a request
+    with ``requests_added()`` and a ready callback with ``provisioning_added()``; the
+    next read then fetches only the rows at or after the newest it holds (one row,
+    not the window's ~50: converting their times was most of the two reads' cost) and
+    drops its own rows at that instant, which the fetch returns again. Request times
+    are kept, not ages: a later read takes those at or after its own ``since``, which is
+    what the database would return (nothing is inserted before ``now``).
     The service never sets one: its passes run beside requests in other threads.
     """
 
     def __init__(self) -> None:
-        self._requests: dict[str, tuple[datetime, list[datetime]]] = {}
-        self._provisioning: dict[str, list[float]] = {}
+        self._requests: dict[str, tuple[datetime, list[datetime]]] = {}  # since, newest first
+        self._provisioning: dict[str, tuple[list[datetime], list[float]]] = {}  # ready_at, s
+        self._new_requests: set[str] = set()
+        self._new_provisioning: set[str] = set()
 
     def requests_since(self, session: Session, pool: str, since: datetime) -> list[datetime]:
         read = self._requests.get(pool)
         if read is None or read[0] > since:
-            read = self._requests[pool] = (since, _requests_since(session, pool, since))
-        return read[1]
+            read = (since, _requests_since(session, pool, since))
+            self._new_requests.discard(pool)
+        elif pool in self._new_requests:
+            read = (read[0], _newer_first(session, _REQUESTS_SINCE, pool, read[1], read[0]))
+            self._new_requests.discard(pool)
+        times = read[1]
+        while times and times[-1] < since:  # before this read's window, and so any later one's
+            times.pop()
+        self._requests[pool] = (since, times)
+        return times
 
     def provisioned(self, session: Session, pool: str) -> list[float]:
-        if pool not in self._provisioning:
-            self._provisioning[pool] = _provisioned(session, pool)
-        return self._provisioning[pool]
+        read = self._provisioning.get(pool)
+        if read is None or pool in self._new_provisioning:
+            held = list(zip(*read, strict=True)) if read is not None else []
+            since = held[0][0] if held else _EPOCH
+            fresh = core_connection(session).execute(
+                _PROVISIONED_SINCE, {"pool": pool, "since": since}
+            )
+            rows = [(ready, (ready - created).total_seconds()) for created, ready in fresh]
+            rows += [(ready, seconds) for ready, seconds in held if ready < since]
+            rows = rows[:PROVISION_SAMPLES]
+            read = self._provisioning[pool] = ([r for r, _ in rows], [s for _, s in rows])
+            self._new_provisioning.discard(pool)
+        return read[1]
 
-    def forget_requests(self) -> None:
-        self._requests.clear()
+    def requests_added(self) -> None:
+        self._new_requests.update(self._requests)
 
-    def forget_provisioning(self) -> None:
-        self._provisioning.clear()
+    def provisioning_added(self) -> None:
+        self._new_provisioning.update(self._provisioning)
+
+
+def _newer_first(
+    session: Session, statement: Any, pool: str, held: list[datetime], since: datetime
+) -> list[datetime]:
+    """``held`` (newest first) with the rows at or after its newest one read again."""
+    newest = held[0] if held else since
+    fresh = list(core_connection(session).execute(statement, {"pool": pool, "since": newest}))
+    merged = [at for (at,) in fresh] + [at for at in held if at < newest]
+    return merged[:MAX_REQUESTS_READ]
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 HISTORY_MEMO: ContextVar[HistoryMemo | None] = ContextVar("workerlease_history_memo", default=None)
@@ -297,6 +332,7 @@ _LAST_PROVISIONED = (
     .order_by(col(Worker.ready_at).desc())
     .limit(PROVISION_SAMPLES)
 )
+_PROVISIONED_SINCE = _LAST_PROVISIONED.where(col(Worker.ready_at) >= bindparam("since"))
 
 
 def _requests_since(session: Session, pool: str, since: datetime) -> list[datetime]:

@@ -368,7 +368,7 @@ class Replay:
             lease_id = acquired.lease.id
         if acquired.outcome == Outcome.EXISTING:
             return  # the tenant's live lease answers; nothing new happens
-        self.memo.forget_requests()  # a new request: the demand estimate moved
+        self.memo.requests_added()  # a new request: the demand estimate moved
         lease = acquired.lease
         self._plan_deadlines(lease.idle_expires_at, lease.expires_at, lease.pending_expires_at)
         self._holds[lease_id] = (tenant_id, row.hold_seconds)
@@ -415,7 +415,7 @@ class Replay:
                 )
         except (Conflict, NotFound):
             return  # failed or timed out meanwhile: the service answers the agent 4xx
-        self.memo.forget_provisioning()  # a provisioning time more
+        self.memo.provisioning_added()  # a provisioning time more
         planned = None if self._tick_at is None else self.start + timedelta(seconds=self._tick_at)
         with session_scope(self.rt.read_factory) as session:
             # One more ready worker: trim may find a surplus sooner; nothing else moved.
