@@ -191,7 +191,11 @@ def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
 MAX_REQUESTS_READ = 20_000
 
 
-def warm_policy(pool: Pool | Row[*tuple[Any, ...]]) -> WarmPolicy:
+# A pool's ORM row, or a Core row with the columns a caller reads of it (``_WARM_POLICY``).
+PoolSettings = Pool | Row[*tuple[Any, ...]]
+
+
+def warm_policy(pool: PoolSettings) -> WarmPolicy:
     """The pool's warm policy, from its ORM row or a row of ``_WARM_POLICY``'s columns."""
     return WarmPolicy(
         policy=pool.warm_policy,
@@ -211,7 +215,7 @@ def warm_policy(pool: Pool | Row[*tuple[Any, ...]]) -> WarmPolicy:
 _POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
 # The replay's trim check after each ready callback reads only these: in Core, as an ORM
 # load of the pool's row cost more than the rest of the check's statements.
-_WARM_POLICY = core_select(
+_WARM_POLICY_COLUMNS = (
     _POOLS.c.enabled,
     _POOLS.c.warm_policy,
     _POOLS.c.min_ready,
@@ -221,7 +225,8 @@ _WARM_POLICY = core_select(
     _POOLS.c.demand_half_life_s,
     _POOLS.c.schedules,
     _POOLS.c.os,
-).where(_POOLS.c.name == bindparam("name"))
+)
+_WARM_POLICY = core_select(*_WARM_POLICY_COLUMNS).where(_POOLS.c.name == bindparam("name"))
 
 
 def enabled_warm_policy(session: Session, name: str) -> WarmPolicy | None:
@@ -346,7 +351,9 @@ def _provisioned(session: Session, pool: str) -> list[float]:
     return [(ready - created).total_seconds() for created, ready in rows if ready]
 
 
-def warm_targets(session: Session, pools: Sequence[Pool], now: datetime) -> dict[str, Target]:
+def warm_targets(
+    session: Session, pools: Sequence[PoolSettings], now: datetime
+) -> dict[str, Target]:
     """Each pool's ready target and what trim keeps, with why (service.capacity)."""
     targets = {}
     for pool in pools:
@@ -362,7 +369,7 @@ def warm_targets(session: Session, pools: Sequence[Pool], now: datetime) -> dict
 # ---- refill and trim ------------------------------------------------------------
 
 
-def workers_wanted(pool: Pool, counts: PoolCounts, target: int | None = None) -> int:
+def workers_wanted(pool: PoolSettings, counts: PoolCounts, target: int | None = None) -> int:
     """How many new workers to start: ready + provisioning >= target + pending, capped.
 
     ``target`` is the pool's ready target (``warm_targets``); ``min_ready`` by default.
@@ -386,7 +393,11 @@ def demand_outruns_supply(session: Session) -> bool:
     )
 
 
-_ENABLED_POOLS = select(Pool).where(col(Pool.enabled).is_(True))  # built once, as the counts
+# Built once, as the counts; in Core with the columns the check reads: an ORM load of
+# the pool rows cost twice these (simulate's replay asks after every destroy pass).
+_ENABLED_POOLS = core_select(
+    _POOLS.c.name, _POOLS.c.create_backoff_until, *_WARM_POLICY_COLUMNS
+).where(_POOLS.c.enabled.is_(True))
 
 
 def refill_wanted(session: Session, now: datetime) -> bool:
@@ -395,7 +406,7 @@ def refill_wanted(session: Session, now: datetime) -> bool:
     counts = counts_by_pool(session)
     pools = [
         pool
-        for pool in session.exec(_ENABLED_POOLS).all()
+        for pool in core_connection(session).execute(_ENABLED_POOLS).all()
         if pool.create_backoff_until is None or pool.create_backoff_until <= now
     ]
     targets = warm_targets(session, pools, now)
