@@ -91,7 +91,10 @@ def _sqlite_engine(url: str, wal_autocheckpoint: int) -> Engine:
     def _on_begin(connection: Any) -> None:
         # Readers take no write lock (WAL lets them run beside the writer); writers queue.
         if connection.get_execution_options().get(READ_ONLY):
-            connection.exec_driver_sql("BEGIN")
+            # On the driver's connection, as ``begin_immediate``: an empty read
+            # transaction, its BEGIN through SQLAlchemy's execution machinery, took
+            # 150 us against 75 us for an empty write one (in-memory SQLite).
+            connection.connection.dbapi_connection.execute("BEGIN")
             return
         writer.acquire()
         connection.info[_HOLDS_WRITER] = True

@@ -74,14 +74,18 @@ def expiry_due(session: Session, now: datetime, task_retention_s: int) -> bool:
     return sweep_due(session, now, task_retention_s)
 
 
-def next_trim_due(session: Session, pool_name: str, now: datetime) -> datetime | None:
+def next_trim_due(
+    session: Session, pool_name: str, now: datetime, planned: datetime | None = None
+) -> datetime | None:
     """``next_due`` after a worker of the pool became ready: only its trim can come
-    sooner (one more ready worker), the deadlines are as they were."""
+    sooner (one more ready worker), the deadlines are as they were. ``planned``: when
+    the caller already runs the pass (``capacity.keep_falls_below``); a trim due within
+    a second before it or later may then be missed."""
     policy = enabled_warm_policy(session, pool_name)
     if policy is None:
         return None
     counts = counts_by_pool(session).get(pool_name, PoolCounts({}, 0))
-    return _trim_due(session, pool_name, policy, counts, now)
+    return _trim_due(session, pool_name, policy, counts, now, planned)
 
 
 # Asked after every full pass: built once, as ``pools``' counts.
@@ -123,7 +127,12 @@ def _provision_deadlines(session: Session, pools: Sequence[Pool]) -> list[dateti
 
 
 def _trim_due(
-    session: Session, pool_name: str, policy: WarmPolicy, counts: PoolCounts, now: datetime
+    session: Session,
+    pool_name: str,
+    policy: WarmPolicy,
+    counts: PoolCounts,
+    now: datetime,
+    planned: datetime | None = None,
 ) -> datetime | None:
     """When trim would first find a surplus: what it keeps (plus the pending leases)
     falls below the workers ready now. A worker that becomes ready later is an event:
@@ -135,5 +144,6 @@ def _trim_due(
     horizon = now + timedelta(seconds=policy.history_s + 1)
     since = now - timedelta(seconds=policy.history_s)
     history = pool_history(session, pool_name, since, now)
-    falls = keep_falls_below(policy, history, now, surplus_at, min(horizon, edge or horizon))
+    until = min(horizon, edge or horizon)
+    falls = keep_falls_below(policy, history, now, surplus_at, until, planned)
     return min((m for m in (falls, edge) if m is not None), default=None)

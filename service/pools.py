@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -191,7 +191,11 @@ def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
 MAX_REQUESTS_READ = 20_000
 
 
-def warm_policy(pool: Pool | Row[*tuple[Any, ...]]) -> WarmPolicy:
+# A pool's ORM row, or a Core row with the columns a caller reads of it (``_WARM_POLICY``).
+PoolSettings = Pool | Row[*tuple[Any, ...]]
+
+
+def warm_policy(pool: PoolSettings) -> WarmPolicy:
     """The pool's warm policy, from its ORM row or a row of ``_WARM_POLICY``'s columns."""
     return WarmPolicy(
         policy=pool.warm_policy,
@@ -211,7 +215,7 @@ def warm_policy(pool: Pool | Row[*tuple[Any, ...]]) -> WarmPolicy:
 _POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
 # The replay's trim check after each ready callback reads only these: in Core, as an ORM
 # load of the pool's row cost more than the rest of the check's statements.
-_WARM_POLICY = core_select(
+_WARM_POLICY_COLUMNS = (
     _POOLS.c.enabled,
     _POOLS.c.warm_policy,
     _POOLS.c.min_ready,
@@ -221,7 +225,8 @@ _WARM_POLICY = core_select(
     _POOLS.c.demand_half_life_s,
     _POOLS.c.schedules,
     _POOLS.c.os,
-).where(_POOLS.c.name == bindparam("name"))
+)
+_WARM_POLICY = core_select(*_WARM_POLICY_COLUMNS).where(_POOLS.c.name == bindparam("name"))
 
 
 def enabled_warm_policy(session: Session, name: str) -> WarmPolicy | None:
@@ -231,40 +236,75 @@ def enabled_warm_policy(session: Session, name: str) -> WarmPolicy | None:
 
 
 class HistoryMemo:
-    """A pool's history rows, kept until the owner says they changed.
+    """A pool's history rows, kept and brought up to date when the owner says rows were added.
 
     For a single-threaded replay only (``workerlease simulate``): a lease request adds
     a request time, an agent's ready callback a provisioning time, and nothing else adds
     to either (a simulated worker becomes ready by its callback only), so between those
-    events every pass reads the same rows (a rung demand pass twice, ``due.next_due``
-    and the destroy pass's check again, at later virtual instants too). The replay
-    follows a request with ``forget_requests()`` and a ready callback with
-    ``forget_provisioning()``. Request times are kept, not ages: a later read takes
-    those at or after its own ``since``, which is what the database would return
-    (nothing is inserted before ``now``).
+    events every pass reads the same rows (a rung demand pass, ``due.next_due`` and the
+    destroy pass's check, at later virtual instants too). The replay follows a request
+    with ``requests_added()`` and a ready callback with ``provisioning_added()``; the
+    next read then fetches only the rows at or after the newest it holds (one row,
+    not the window's ~50: converting their times was most of the two reads' cost) and
+    drops its own rows at that instant, which the fetch returns again. Request times
+    are kept, not ages: a later read takes those at or after its own ``since``, which is
+    what the database would return (nothing is inserted before ``now``).
     The service never sets one: its passes run beside requests in other threads.
     """
 
     def __init__(self) -> None:
-        self._requests: dict[str, tuple[datetime, list[datetime]]] = {}
-        self._provisioning: dict[str, list[float]] = {}
+        self._requests: dict[str, tuple[datetime, list[datetime]]] = {}  # since, newest first
+        self._provisioning: dict[str, tuple[list[datetime], list[float]]] = {}  # ready_at, s
+        self._new_requests: set[str] = set()
+        self._new_provisioning: set[str] = set()
 
     def requests_since(self, session: Session, pool: str, since: datetime) -> list[datetime]:
         read = self._requests.get(pool)
         if read is None or read[0] > since:
-            read = self._requests[pool] = (since, _requests_since(session, pool, since))
-        return read[1]
+            read = (since, _requests_since(session, pool, since))
+            self._new_requests.discard(pool)
+        elif pool in self._new_requests:
+            read = (read[0], _newer_first(session, _REQUESTS_SINCE, pool, read[1], read[0]))
+            self._new_requests.discard(pool)
+        times = read[1]
+        while times and times[-1] < since:  # before this read's window, and so any later one's
+            times.pop()
+        self._requests[pool] = (since, times)
+        return times
 
     def provisioned(self, session: Session, pool: str) -> list[float]:
-        if pool not in self._provisioning:
-            self._provisioning[pool] = _provisioned(session, pool)
-        return self._provisioning[pool]
+        read = self._provisioning.get(pool)
+        if read is None or pool in self._new_provisioning:
+            held = list(zip(*read, strict=True)) if read is not None else []
+            since = held[0][0] if held else _EPOCH
+            fresh = core_connection(session).execute(
+                _PROVISIONED_SINCE, {"pool": pool, "since": since}
+            )
+            rows = [(ready, (ready - created).total_seconds()) for created, ready in fresh]
+            rows += [(ready, seconds) for ready, seconds in held if ready < since]
+            rows = rows[:PROVISION_SAMPLES]
+            read = self._provisioning[pool] = ([r for r, _ in rows], [s for _, s in rows])
+            self._new_provisioning.discard(pool)
+        return read[1]
 
-    def forget_requests(self) -> None:
-        self._requests.clear()
+    def requests_added(self) -> None:
+        self._new_requests.update(self._requests)
 
-    def forget_provisioning(self) -> None:
-        self._provisioning.clear()
+    def provisioning_added(self) -> None:
+        self._new_provisioning.update(self._provisioning)
+
+
+def _newer_first(
+    session: Session, statement: Any, pool: str, held: list[datetime], since: datetime
+) -> list[datetime]:
+    """``held`` (newest first) with the rows at or after its newest one read again."""
+    newest = held[0] if held else since
+    fresh = list(core_connection(session).execute(statement, {"pool": pool, "since": newest}))
+    merged = [at for (at,) in fresh] + [at for at in held if at < newest]
+    return merged[:MAX_REQUESTS_READ]
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 HISTORY_MEMO: ContextVar[HistoryMemo | None] = ContextVar("workerlease_history_memo", default=None)
@@ -297,6 +337,7 @@ _LAST_PROVISIONED = (
     .order_by(col(Worker.ready_at).desc())
     .limit(PROVISION_SAMPLES)
 )
+_PROVISIONED_SINCE = _LAST_PROVISIONED.where(col(Worker.ready_at) >= bindparam("since"))
 
 
 def _requests_since(session: Session, pool: str, since: datetime) -> list[datetime]:
@@ -310,7 +351,9 @@ def _provisioned(session: Session, pool: str) -> list[float]:
     return [(ready - created).total_seconds() for created, ready in rows if ready]
 
 
-def warm_targets(session: Session, pools: Sequence[Pool], now: datetime) -> dict[str, Target]:
+def warm_targets(
+    session: Session, pools: Sequence[PoolSettings], now: datetime
+) -> dict[str, Target]:
     """Each pool's ready target and what trim keeps, with why (service.capacity)."""
     targets = {}
     for pool in pools:
@@ -326,7 +369,7 @@ def warm_targets(session: Session, pools: Sequence[Pool], now: datetime) -> dict
 # ---- refill and trim ------------------------------------------------------------
 
 
-def workers_wanted(pool: Pool, counts: PoolCounts, target: int | None = None) -> int:
+def workers_wanted(pool: PoolSettings, counts: PoolCounts, target: int | None = None) -> int:
     """How many new workers to start: ready + provisioning >= target + pending, capped.
 
     ``target`` is the pool's ready target (``warm_targets``); ``min_ready`` by default.
@@ -350,7 +393,11 @@ def demand_outruns_supply(session: Session) -> bool:
     )
 
 
-_ENABLED_POOLS = select(Pool).where(col(Pool.enabled).is_(True))  # built once, as the counts
+# Built once, as the counts; in Core with the columns the check reads: an ORM load of
+# the pool rows cost twice these (simulate's replay asks after every destroy pass).
+_ENABLED_POOLS = core_select(
+    _POOLS.c.name, _POOLS.c.create_backoff_until, *_WARM_POLICY_COLUMNS
+).where(_POOLS.c.enabled.is_(True))
 
 
 def refill_wanted(session: Session, now: datetime) -> bool:
@@ -359,7 +406,7 @@ def refill_wanted(session: Session, now: datetime) -> bool:
     counts = counts_by_pool(session)
     pools = [
         pool
-        for pool in session.exec(_ENABLED_POOLS).all()
+        for pool in core_connection(session).execute(_ENABLED_POOLS).all()
         if pool.create_backoff_until is None or pool.create_backoff_until <= now
     ]
     targets = warm_targets(session, pools, now)

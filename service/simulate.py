@@ -79,6 +79,14 @@ DESTROY_PASS_S = 60.0
 WARM_UP_S = 3600.0
 # After the last request, how long the replay may run for its leases to end.
 DRAIN_LIMIT_S = 7 * 24 * 3600.0
+# What a simulated agent reports as its URL.
+_AGENT_URL = "http://simulated.invalid/"
+# Counted after each full pass: past the last request, the replay ends when none is left.
+_OPEN_LEASES = (
+    select(func.count())
+    .select_from(Lease)
+    .where(col(Lease.state).in_([LeaseState.PENDING, LeaseState.ACTIVE]))
+)
 
 
 class SimulationError(ValueError):
@@ -368,7 +376,7 @@ class Replay:
             lease_id = acquired.lease.id
         if acquired.outcome == Outcome.EXISTING:
             return  # the tenant's live lease answers; nothing new happens
-        self.memo.forget_requests()  # a new request: the demand estimate moved
+        self.memo.requests_added()  # a new request: the demand estimate moved
         lease = acquired.lease
         self._plan_deadlines(lease.idle_expires_at, lease.expires_at, lease.pending_expires_at)
         self._holds[lease_id] = (tenant_id, row.hold_seconds)
@@ -403,22 +411,20 @@ class Replay:
         worker_id, pool, bootstrap_token = agent
         if worker_id not in self.cloud.machines:
             return  # destroyed before its agent came up
+        now = self.clock.now()
+        planned = None if self._tick_at is None else self.start + timedelta(seconds=self._tick_at)
         try:
+            # The trim check reads in the callback's own transaction, after it: one
+            # transaction fewer per worker, and what it reads is what a commit would show.
             with session_scope(self.factory) as session:
-                worker_ready(
-                    session,
-                    worker_id,
-                    bootstrap_token,
-                    "http://simulated.invalid/",
-                    None,
-                    self.clock.now(),
-                )
+                worker_ready(session, worker_id, bootstrap_token, _AGENT_URL, None, now)
+                self.memo.provisioning_added()  # a provisioning time more
+                # One more ready worker: trim may find a surplus sooner; nothing else
+                # moved. A trim due within a second before the pass already planned, or
+                # later, would not move it (``_plan_tick`` keeps the sooner, on the grid).
+                due = next_trim_due(session, pool, now, planned)
         except (Conflict, NotFound):
             return  # failed or timed out meanwhile: the service answers the agent 4xx
-        self.memo.forget_provisioning()  # a provisioning time more
-        with session_scope(self.rt.read_factory) as session:
-            # One more ready worker: trim may find a surplus sooner; nothing else moved.
-            due = next_trim_due(session, pool, self.clock.now())
         if due is not None:
             self._plan_tick(self._seconds(due))
 
@@ -506,19 +512,13 @@ class Replay:
         self.passes += 1
         maintain(self.rt, self.clock.now())
         destroy(self.rt, self.clock.now())
-        self._open_leases = self._count_open_leases()
-        # At most once per interval, as the service's scheduler.
         with session_scope(self.rt.read_factory) as session:
+            self._open_leases = session.exec(_OPEN_LEASES).one()
             due = next_due(session, self.clock.now())
-        if due is not None:
+        if due is not None:  # at most once per interval, as the service's scheduler
             self._plan_tick(
                 max(self._seconds(due), self._seconds(self.clock.now()) + self.interval)
             )
-
-    def _count_open_leases(self) -> int:
-        with session_scope(self.rt.read_factory) as session:
-            live = col(Lease.state).in_([LeaseState.PENDING, LeaseState.ACTIVE])
-            return session.exec(select(func.count()).select_from(Lease).where(live)).one()
 
     # -- the result ------------------------------------------------------------------
 

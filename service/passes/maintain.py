@@ -10,7 +10,7 @@ from service.leasing import expire, fail_pending_of_disabled_pools, serve_all_pe
 from service.passes.create import refill
 from service.passes.health import check_health
 from service.passes.runtime import Runtime
-from service.pools import demand_outruns_supply, record_warnings, refill_wanted, trim
+from service.pools import demand_outruns_supply, record_warnings, trim
 from service.tasks import sweep as sweep_tasks
 from service.workers import provision_timeouts
 
@@ -50,9 +50,18 @@ def answer_demand(
     indexed counts and writes nothing unless there is a gap to fill. A ready deficit
     is checked only when rung: the poll stays as cheap as before, and a lost ring
     leaves the refill to the next ``maintain`` pass.
+
+    A rung pass goes straight to ``refill``, whose plan is the same check
+    (``pools.refill_wanted``) made under the write lock: a warm take nearly always
+    leaves a gap, and checking first in a read transaction of its own read the counts,
+    the pools and the history twice (simulate's profile: 0.44 ms of a rung pass's
+    1.4 ms). When nothing is wanted it holds the write lock for that check alone.
     """
     now = now or rt.clock.now()
+    if rung:
+        refill(rt, now, wait)
+        return
     with session_scope(rt.read_factory) as session:
-        wanted = refill_wanted(session, now) if rung else demand_outruns_supply(session)
+        wanted = demand_outruns_supply(session)
     if wanted:
         refill(rt, now, wait)

@@ -19,6 +19,7 @@ from service.capacity import (
     cron_trigger,
     demand_rate,
     ewma_rate,
+    keep_falls_below,
     peak_demand_rate,
     peak_rate,
     provision_time,
@@ -206,3 +207,23 @@ def test_noise_of_the_fast_rate_is_not_held() -> None:
         ages.append(t)
     assert peak_rate(ages, 600, 120.0) > 1.3 * peak_rate(ages, 600)
     assert peak_demand_rate(ages, 600) < 1.1 * peak_rate(ages, 600)
+
+
+def test_keep_falls_below_skips_the_search_when_a_planned_pass_comes_first() -> None:
+    # The burst above: what trim keeps falls once the delay has passed. A caller whose
+    # pass is planned before that gets None (its pass asks again); one planned after it
+    # gets the bisection's own answer, unchanged.
+    ages = [300.0 + i for i in range(40)]
+    history = History(request_ages_s=ages, provision_s=[60.0])
+    policy = _policy(policy=ADAPTIVE, min_ready=0, scale_down_delay_s=600)
+    now = TUESDAY_9_UTC
+    count = warm_target(policy, history, now).keep
+    until = now + timedelta(seconds=policy.history_s + 1)
+    falls = keep_falls_below(policy, history, now, count, until)
+    assert falls is not None and now < falls < until
+    kept = History([age + (falls - now).total_seconds() for age in ages], [60.0])
+    assert warm_target(policy, kept, falls).keep >= count  # at most a second before it
+    before = falls - timedelta(seconds=30)
+    assert keep_falls_below(policy, history, now, count, until, planned=before) is None
+    after = falls + timedelta(seconds=30)
+    assert keep_falls_below(policy, history, now, count, until, planned=after) == falls

@@ -8,10 +8,15 @@ import pytest
 from sqlmodel import select
 
 from service.config import PoolConfig
-from service.models import Pool, Worker, WorkerState
+from service.models import Lease, LeaseState, Pool, Worker, WorkerState
 from service.pools import (
+    PROVISION_SAMPLES,
+    HistoryMemo,
     PoolCounts,
+    _provisioned,
+    _requests_since,
     apply_config,
+    new_worker,
     note_create_result,
     patch_pool,
     plan_refill,
@@ -19,9 +24,10 @@ from service.pools import (
     workers_wanted,
 )
 from service.schemas import PoolPatch
+from service.security import new_id
 from tests.conftest import pool_config
 from tests.support.fakes import ManualClock
-from tests.unit.conftest import Tx, add_ready_worker
+from tests.unit.conftest import Tx, add_ready_worker, add_tenant
 
 POOL = "hosted-ubuntu"
 
@@ -150,3 +156,47 @@ def test_a_pool_removed_from_the_config_is_disabled_not_deleted(tx: Tx, clock: M
         pool = session.get(Pool, POOL)
         assert pool is not None
         assert (pool.enabled, pool.in_config) == (False, False)
+
+
+def test_the_replays_history_memo_answers_as_the_database_after_rows_are_added(
+    tx: Tx, clock: ManualClock
+) -> None:
+    # The memo reads only the rows at or after the newest it holds; the answers must be
+    # what a full read gives, rows at the newest instant and the sample cap included.
+    tenant = add_tenant(tx, clock.now())
+    memo = HistoryMemo()
+
+    def add(requests: int, ready: int, step_s: float) -> None:
+        with tx() as session:
+            for _ in range(requests):
+                lease = Lease(
+                    id=new_id("l"),
+                    tenant_id=tenant,
+                    pool=POOL,
+                    state=LeaseState.RELEASED,
+                    created_at=clock.now(),
+                )
+                session.add(lease)
+            for i in range(ready):
+                worker = new_worker(POOL, clock.now() - timedelta(seconds=30 + i))
+                worker.state, worker.ready_at = WorkerState.READY, clock.now()
+                session.add(worker)
+            clock.advance(seconds=step_s)
+
+    def agree() -> None:
+        since = clock.now() - timedelta(minutes=30)
+        with tx() as session:
+            assert memo.requests_since(session, POOL, since) == _requests_since(
+                session, POOL, since
+            )
+            assert memo.provisioned(session, POOL) == _provisioned(session, POOL)
+
+    add(3, 2, 0)  # the newest rows, then more at the same instant
+    agree()
+    for requests, ready, step_s in [(2, 1, 0), (1, PROVISION_SAMPLES, 60), (4, 3, 600)]:
+        add(requests, ready, step_s)
+        memo.requests_added()
+        memo.provisioning_added()
+        agree()
+    clock.advance(minutes=40)  # every request before the window now
+    agree()
