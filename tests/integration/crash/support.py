@@ -46,6 +46,20 @@ STATS = CrashStats()
 # ---- the database, read directly ---------------------------------------------------
 
 
+_LEASE_KEYS = (
+    "id",
+    "tenant_id",
+    "pool",
+    "state",
+    "worker_id",
+    "created_at",
+    "ended_at",
+    "end_reason",
+)
+_LEASES = f"SELECT {', '.join(_LEASE_KEYS)} FROM leases"
+_LIVE_WORKERS = "SELECT id, state FROM workers WHERE state <> 'destroyed'"
+
+
 class Db:
     """Plain SQL against the service's database (sqlite3 or psycopg), no service code."""
 
@@ -53,42 +67,46 @@ class Db:
         self.url = url
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self.snapshot([(sql, params)])[0]
+
+    def snapshot(self, queries: list[tuple[str, tuple[Any, ...]]]) -> list[list[tuple[Any, ...]]]:
+        """The queries' rows, all as of one moment: the service keeps running while a
+        verdict reads (a lease expiring between a read of the leases and one of the
+        workers would look like an active lease on a destroying worker)."""
         if self.url.startswith("sqlite"):
             path = self.url.removeprefix("sqlite:///")
-            connection = sqlite3.connect(path, timeout=30)
+            # Autocommit, then an explicit BEGIN: sqlite3 would not open a transaction
+            # for SELECTs, and WAL readers see one snapshot from a transaction's first read.
+            connection = sqlite3.connect(path, timeout=30, isolation_level=None)
             try:
-                return connection.execute(sql.replace("%s", "?"), params).fetchall()
+                connection.execute("BEGIN")
+                rows = [connection.execute(q.replace("%s", "?"), p).fetchall() for q, p in queries]
+                connection.execute("COMMIT")
+                return rows
             finally:
                 connection.close()
         import psycopg
 
         dsn = self.url.replace("postgresql+psycopg://", "postgresql://")
         with psycopg.connect(dsn, connect_timeout=10) as connection:
-            return connection.execute(sql, params).fetchall()  # type: ignore[arg-type]
+            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            return [connection.execute(q, p).fetchall() for q, p in queries]  # type: ignore[arg-type]
 
     def workers(self) -> dict[str, str]:
         """Every worker not destroyed: id -> state."""
-        return {
-            str(i): str(s)
-            for i, s in self.query("SELECT id, state FROM workers WHERE state <> 'destroyed'")
-        }
+        return self.leases_and_workers()[1]
 
     def leases(self) -> dict[str, dict[str, Any]]:
-        rows = self.query(
-            "SELECT id, tenant_id, pool, state, worker_id, created_at, "
-            "ended_at, end_reason FROM leases"
+        return self.leases_and_workers()[0]
+
+    def leases_and_workers(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Every lease (id -> row) and every worker not destroyed (id -> state), read
+        together."""
+        leases, workers = self.snapshot([(_LEASES, ()), (_LIVE_WORKERS, ())])
+        return (
+            {str(r[0]): dict(zip(_LEASE_KEYS, r, strict=True)) for r in leases},
+            {str(i): str(state) for i, state in workers},
         )
-        keys = (
-            "id",
-            "tenant_id",
-            "pool",
-            "state",
-            "worker_id",
-            "created_at",
-            "ended_at",
-            "end_reason",
-        )
-        return {str(r[0]): dict(zip(keys, r, strict=True)) for r in rows}
 
     def doubly_leased_workers(self) -> list[tuple[Any, ...]]:
         """Workers in more than one lease (ever), or moved to ``leased`` more than once."""

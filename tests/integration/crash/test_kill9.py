@@ -289,8 +289,7 @@ def _check(db: Db, ledger: Ledger, snap: Snapshot | None) -> dict[str, Any]:
         extra, missing = snap.mismatch() if snap else (set(), set())
         problems["leaked"] = len(extra) + len(missing) + (snap.duplicate_agents if snap else 1)
         problems["details"].append(snap.describe() if snap else "database never still")
-    rows = db.leases()
-    workers = db.workers()
+    rows, workers = db.leases_and_workers()  # one snapshot: the service runs on
     with ledger.lock:
         known = list(ledger.leases.values())
     for lease in known:
