@@ -5,7 +5,7 @@ of another. The re-read is set to ten minutes, so only the relay can wake them."
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import pytest
 from sqlalchemy import create_engine
@@ -55,11 +55,10 @@ def _wait_in_thread(waiters: Waiters, key: str) -> tuple[threading.Thread, list[
     return thread, outcome
 
 
-def _notified_until_woken(send: object, thread: threading.Thread) -> None:
+def _notified_until_woken(send: Callable[[], None], thread: threading.Thread) -> None:
     """The other relay's LISTEN may not be up yet when the first wake goes out (a wake
     before it is lost, as in production, where the re-read covers it): send again until
     the waiter wakes, within the deadline."""
-    assert callable(send)
     for _ in range(int(DEADLINE_S / 0.5)):
         send()
         thread.join(0.5)
