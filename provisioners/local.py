@@ -161,15 +161,22 @@ class LocalProvisioner(Provisioner[LocalOptions]):
                     spec.worker_id, spec.pool, provider_id=str(started), address=self.agent_host
                 )
             try:
-                for proc in _scan():
-                    if (
-                        proc.is_agent
-                        and proc.env.get(ENV_WORKER) == spec.worker_id
-                        and proc.env.get(ENV_DEPLOYMENT) == spec.deployment_id
-                    ):
+                # One scan answers both questions below. Nearly every create is of a new
+                # id with no process at all, and each further /proc scan read every
+                # process's environment again (the busiest work of a refill burst).
+                own = [
+                    proc
+                    for proc in _scan()
+                    if proc.env.get(ENV_WORKER) == spec.worker_id
+                    and proc.env.get(ENV_DEPLOYMENT) == spec.deployment_id
+                ]
+                for proc in own:
+                    if proc.is_agent:
                         return self._handle(proc)
                 # Leftovers of an earlier agent of this id (its scripts' children) go first.
-                if self._kill_workers({spec.worker_id}, spec.deployment_id):
+                # Without a marked process of the id there is none: a process that scrubbed
+                # its environment is found only by the uid of one that did not.
+                if own and self._kill_workers({spec.worker_id}, spec.deployment_id):
                     raise TransientProvisionerError(
                         f"leftovers of worker {spec.worker_id} survive SIGKILL"
                     )
@@ -584,11 +591,10 @@ def _glob_escape(value: str) -> str:
 
 def _stat_fields(pid: str) -> list[str] | None:
     """Fields after the command name in /proc/PID/stat, or None for zombies and the unreadable."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    raw = local_uids.read_proc(pid, "stat")
+    if raw is None:
         return None
-    fields = stat.rpartition(")")[2].split()
+    fields = raw.rpartition(b")")[2].decode(errors="replace").split()
     if len(fields) < 3 or fields[0] in ("Z", "X"):
         return None
     return fields
@@ -602,18 +608,17 @@ def _scan(uids: set[int] | None = None) -> list[_Proc]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            raw = Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
+        raw = local_uids.read_proc(entry, "environ")
+        if raw is None:
             continue  # exited meanwhile, or not ours to read
         marked = marker in raw.split(b"\0")
         uid = local_uids.process_uid(entry) if marked or uids else None
         if not marked and (uid is None or uid not in (uids or ())):
             continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+        cmdline_raw = local_uids.read_proc(entry, "cmdline")
+        if cmdline_raw is None:
             continue
+        cmdline = cmdline_raw.split(b"\0")
         fields = _stat_fields(entry)
         if fields is None:
             continue

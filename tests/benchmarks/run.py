@@ -282,6 +282,19 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         below=False,
     )
     add(
+        "same, scheduler paused for the burst: p99 at 8 clients, SQLite (ms) < 25",
+        _get(
+            r, "warm", "sqlite", "levels", 8, "service_http_scheduler_paused", "acquire", "p99_ms"
+        ),
+        25,
+    )
+    add(
+        "same, scheduler paused for the burst: throughput vs HTTP floor, SQLite >= 0.4",
+        _get(r, "warm", "sqlite", "levels", 8, "ratios", "paused_throughput_vs_http_floor"),
+        0.4,
+        below=False,
+    )
+    add(
         "warm lease p99 at 8 clients, PostgreSQL (ms) < 40",
         _get(r, "warm", "postgres", "levels", 8, "service_http", "acquire", "p99_ms"),
         40,
@@ -289,6 +302,19 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     add(
         "throughput at 8 clients vs HTTP floor, PostgreSQL >= 0.3",
         _get(r, "warm", "postgres", "levels", 8, "ratios", "throughput_vs_http_floor"),
+        0.3,
+        below=False,
+    )
+    add(
+        "same, scheduler paused for the burst: p99 at 8 clients, PostgreSQL (ms) < 40",
+        _get(
+            r, "warm", "postgres", "levels", 8, "service_http_scheduler_paused", "acquire", "p99_ms"
+        ),
+        40,
+    )
+    add(
+        "same, scheduler paused for the burst: throughput vs HTTP floor, PostgreSQL >= 0.3",
+        _get(r, "warm", "postgres", "levels", 8, "ratios", "paused_throughput_vs_http_floor"),
         0.3,
         below=False,
     )
@@ -614,32 +640,41 @@ def render(r: dict[str, Any]) -> str:
         floor = warm.get("http_floor", {})
         for kind in ("sqlite", "postgres"):
             for c, f in (warm.get(kind) or {}).get("levels", {}).items():
-                s, ra = f["service_http"], f.get("ratios", {})
-                fl = floor.get(c, {})
-                rows.append(
-                    [
-                        kind,
-                        c,
-                        s["acquire"]["n"],
-                        s["acquire"]["p50_ms"],
-                        s["acquire"]["p95_ms"],
-                        s["acquire"]["p99_ms"],
-                        s["release"]["p99_ms"],
-                        s["cycles_per_s"],
-                        _get(fl, "acquire", "p50_ms"),
-                        _get(fl, "acquire", "p99_ms"),
-                        _get(fl, "cycles_per_s"),
-                        ra.get("http_p99_vs_http_floor"),
-                        ra.get("throughput_vs_http_floor"),
-                        s["errors"],
-                    ]
-                )
+                for name, scheduler in (
+                    ("service_http", "running"),
+                    ("service_http_scheduler_paused", "paused"),
+                ):
+                    if name not in f:
+                        continue
+                    s, ra = f[name], f.get("ratios", {})
+                    prefix = "paused_" if scheduler == "paused" else ""
+                    fl = floor.get(c, {})
+                    rows.append(
+                        [
+                            kind,
+                            c,
+                            scheduler,
+                            s["acquire"]["n"],
+                            s["acquire"]["p50_ms"],
+                            s["acquire"]["p95_ms"],
+                            s["acquire"]["p99_ms"],
+                            s["release"]["p99_ms"],
+                            s["cycles_per_s"],
+                            _get(fl, "acquire", "p50_ms"),
+                            _get(fl, "acquire", "p99_ms"),
+                            _get(fl, "cycles_per_s"),
+                            ra.get(f"{prefix}http_p99_vs_http_floor"),
+                            ra.get(f"{prefix}throughput_vs_http_floor"),
+                            s["errors"],
+                        ]
+                    )
         parts.append(
             "### Warm lease over HTTP (POST /v1/leases 201, then DELETE) vs HTTP floor\n"
             + _table(
                 [
                     "db",
                     "clients",
+                    "scheduler",
                     "n",
                     "p50 ms",
                     "p95 ms",

@@ -25,16 +25,31 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from tests.benchmarks import drivers
 from tests.benchmarks.common import ROOT, LoadResult, ratio, run_load
-from tests.support.server import ServerProcess, free_port, pool, port_listening, wait_until
+from tests.support.server import (
+    ServerProcess,
+    free_port,
+    pool,
+    port_listening,
+    proc_info,
+    process_ids,
+    wait_until,
+)
 
 POOL = "bench"
 MARGIN = 8
+# Each burst is run twice, alternating: as the service runs (the scheduler refilling
+# beside the burst: on this host that starts a local agent process per released
+# worker), and with the scheduler stopped for the burst, the web process alone against
+# the HTTP floor, which also runs alone (issue 15's ratio).
+BURST_KINDS = ("service_http", "service_http_scheduler_paused")
+RATIO_PREFIX = {"service_http": "", "service_http_scheduler_paused": "paused_"}
 
 
 class BenchServer(ServerProcess):
@@ -62,6 +77,36 @@ class BenchServer(ServerProcess):
         for lease_id in ids:
             self.admin("DELETE", f"/v1/admin/leases/{lease_id}")
         return len(ids)
+
+    def scheduler_pid(self) -> int:
+        """The scheduler ``serve`` spawned: the master's child whose command is ``scheduler``."""
+        assert self.process is not None
+        for pid in process_ids():
+            info = proc_info(pid)
+            if info is None or info.ppid != self.process.pid or info.state == "Z":
+                continue
+            with contextlib.suppress(OSError):
+                if b"scheduler" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                    return pid
+        raise RuntimeError("serve has no scheduler process")
+
+    @contextlib.contextmanager
+    def scheduler_paused(self, paused: bool) -> Iterator[None]:
+        """Stop the scheduler (SIGSTOP) for the block, so that no refill runs beside it.
+
+        On this host each refill starts a ``local`` agent, a Python process of its own on
+        the same two cores; in production the workers are other machines. Rings sent
+        meanwhile wait in the doorbell's socket and are answered on SIGCONT.
+        """
+        if not paused:
+            yield
+            return
+        pid = self.scheduler_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     def wait_full(self, ready: int, timeout: float = 300) -> None:
         def full() -> bool:
@@ -142,17 +187,21 @@ def run_database(
         run_load(drivers.SERVICE_HTTP, params, min(8, max(levels)), 2)
         refills: list[float] = []
         for c in levels:
-            parts = []
+            parts: dict[str, list[LoadResult]] = {name: [] for name in BURST_KINDS}
             for _ in range(bursts):
-                t1 = time.monotonic()
-                server.wait_full(ready)
-                refills.append(time.monotonic() - t1)
-                parts.append(run_load(drivers.SERVICE_HTTP, params, c, plan[c]))
-                if parts[-1].errors:
-                    log(f"  {kind} c={c}: burst errors, revoked {server.revoke_live()} leases")
-            result = LoadResult.merge(parts)
-            out["levels"][c] = {"service_http": result.as_dict()}
-            log(f"  {kind} service http c={c}: {_brief(result)}")
+                for name in BURST_KINDS:  # alternating, so both meet the same machine
+                    t1 = time.monotonic()
+                    server.wait_full(ready)
+                    refills.append(time.monotonic() - t1)
+                    with server.scheduler_paused(name == "service_http_scheduler_paused"):
+                        parts[name].append(run_load(drivers.SERVICE_HTTP, params, c, plan[c]))
+                    if parts[name][-1].errors:
+                        log(f"  {kind} c={c}: burst errors, revoked {server.revoke_live()} leases")
+            out["levels"][c] = {}
+            for name in BURST_KINDS:
+                result = LoadResult.merge(parts[name])
+                out["levels"][c][name] = result.as_dict()
+                log(f"  {kind} {name} c={c}: {_brief(result)}")
         out["refill_wait_s_max"] = round(max(refills), 1)
     finally:
         server.close()
@@ -226,14 +275,18 @@ def add_ratios(db: dict[str, Any], http_floor: dict[int, dict[str, Any]]) -> Non
         floor = http_floor.get(c)
         sql, txn = figures.get("sql_floor"), figures.get("service_txn")
         ratios: dict[str, Any] = {}
-        if floor:
-            ratios["http_p50_vs_http_floor"] = ratio(
+        for name in BURST_KINDS:
+            service = figures.get(name)
+            if not (floor and service):
+                continue
+            prefix = RATIO_PREFIX[name]
+            ratios[f"{prefix}http_p50_vs_http_floor"] = ratio(
                 service["acquire"]["p50_ms"], floor["acquire"]["p50_ms"]
             )
-            ratios["http_p99_vs_http_floor"] = ratio(
+            ratios[f"{prefix}http_p99_vs_http_floor"] = ratio(
                 service["acquire"]["p99_ms"], floor["acquire"]["p99_ms"]
             )
-            ratios["throughput_vs_http_floor"] = ratio(
+            ratios[f"{prefix}throughput_vs_http_floor"] = ratio(
                 service["cycles_per_s"], floor["cycles_per_s"]
             )
         if sql and txn:

@@ -342,7 +342,7 @@ class ServerProcess:
         own = os.getpgrp()
         return {
             info.pgid
-            for info in map(proc_info, _pids())
+            for info in map(proc_info, process_ids())
             if info is not None and info.ppid == pid and info.pgid not in (own, 0, 1)
         }
 
@@ -361,7 +361,7 @@ class ServerProcess:
             deadline = time.monotonic() + 15
             while any(
                 i.state not in ("Z", "X")
-                for i in map(proc_info, _pids())
+                for i in map(proc_info, process_ids())
                 if i is not None and i.pgid == pgid
             ):
                 if time.monotonic() >= deadline:
@@ -484,7 +484,7 @@ class ServerProcess:
         )
 
 
-def _pids() -> Iterator[int]:
+def process_ids() -> Iterator[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             yield int(entry)
