@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import (
     String,
@@ -17,10 +17,12 @@ from sqlalchemy import (
     insert,
     literal,
     literal_column,
+    type_coerce,
     union_all,
 )
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Row
+from sqlalchemy.types import NullType
 from sqlmodel import Session, col, select
 
 from service.capacity import (
@@ -33,6 +35,7 @@ from service.capacity import (
 )
 from service.config import PoolConfig
 from service.db import core_connection, lock_job, with_row_locks
+from service.driver_sql import DriverStatement
 from service.errors import InvalidRequest, NotFound
 from service.leasing import schedule_destroy
 from service.models import (
@@ -157,26 +160,31 @@ class PoolCounts:
         return self.by_state.get(state, 0)
 
 
-# Every pass counts, so the statement is built once (see ``db.Prepared``): building
-# it took about as long as running it on SQLite. One statement for both counts: a
-# second one cost as much again.
+# Every pass counts (~3 a request in the replay), so the statement runs on the driver's
+# cursor (``DriverStatement``): building it took about as long as running it on SQLite,
+# and SQLAlchemy's execution as long again. One statement for both counts: a second one
+# cost as much again.
 _PENDING_LEASES = "leases:pending"  # in the state column of the pending leases' counts
-_COUNTS_BY_POOL = union_all(
-    select(Worker.pool, Worker.state, func.count())
-    # IN, not "!= destroyed": the (state, pool) index then skips all of history. Literals:
-    # a bound list is expanded into the SQL again at every execution.
-    .where(col(Worker.state).in_([literal_column(f"'{state}'") for state in LIVE_WORKER_STATES]))
-    .group_by(col(Worker.pool), col(Worker.state)),
-    select(Lease.pool, literal(_PENDING_LEASES, String), func.count())
-    .where(Lease.state == LeaseState.PENDING)
-    .group_by(col(Lease.pool)),
+_COUNTS_BY_POOL = DriverStatement(
+    union_all(
+        select(Worker.pool, Worker.state, func.count().label("n"))
+        # IN, not "!= destroyed": the (state, pool) index then skips all of history. Literals:
+        # a bound list is expanded into the SQL again at every execution.
+        .where(
+            col(Worker.state).in_([literal_column(f"'{state}'") for state in LIVE_WORKER_STATES])
+        )
+        .group_by(col(Worker.pool), col(Worker.state)),
+        select(Lease.pool, literal(_PENDING_LEASES, String), func.count().label("n"))
+        .where(Lease.state == LeaseState.PENDING.value)
+        .group_by(col(Lease.pool)),
+    )
 )
 
 
 def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
     """Unfinished workers per pool and state, and pending leases per pool (partial indexes)."""
     counts: dict[str, PoolCounts] = {}
-    for pool, state, n in core_connection(session).execute(_COUNTS_BY_POOL).all():
+    for pool, state, n in _COUNTS_BY_POOL.all(core_connection(session), {}):
         pool_counts = counts.setdefault(pool, PoolCounts({}, 0))
         if state == _PENDING_LEASES:
             pool_counts.pending_leases = n
@@ -191,8 +199,29 @@ def counts_by_pool(session: Session) -> dict[str, PoolCounts]:
 MAX_REQUESTS_READ = 20_000
 
 
-# A pool's ORM row, or a Core row with the columns a caller reads of it (``_WARM_POLICY``).
-PoolSettings = Pool | Row[*tuple[Any, ...]]
+class PoolView(Protocol):
+    """What the passes read of a pool: its ORM row, or a plain row of its columns
+    (``passes.runtime.pools_by_name``, whose ORM load was ~14 % of the replay)."""
+
+    name: str
+    os: str
+    provisioner: str
+    options: dict[str, Any]
+    capabilities: list[str]
+    enabled: bool
+    create_backoff_until: datetime | None
+    min_ready: int
+    max_workers: int
+    warm_policy: str
+    warm_hit_target: float
+    scale_down_delay_s: int
+    demand_half_life_s: int
+    schedules: list[dict[str, Any]]
+
+
+# A pool's ORM row or plain row, or a Core row with the columns a caller reads of it
+# (``_WARM_POLICY``).
+PoolSettings = Pool | Row[*tuple[Any, ...]] | PoolView
 
 
 def warm_policy(pool: PoolSettings) -> WarmPolicy:
@@ -213,6 +242,11 @@ def warm_policy(pool: PoolSettings) -> WarmPolicy:
 
 
 _POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
+# As the driver returns it, for the driver statements: SQLAlchemy's PostgreSQL float type
+# builds its result processor from the cursor's type code, which a statement compiled
+# ahead does not have. Both drivers return a float for the column (REAL, double
+# precision), as the type's processor would.
+HIT_TARGET = type_coerce(_POOLS.c.warm_hit_target, NullType()).label("warm_hit_target")
 # The replay's trim check after each ready callback reads only these: in Core, as an ORM
 # load of the pool's row cost more than the rest of the check's statements.
 _WARM_POLICY_COLUMNS = (
@@ -220,18 +254,20 @@ _WARM_POLICY_COLUMNS = (
     _POOLS.c.warm_policy,
     _POOLS.c.min_ready,
     _POOLS.c.max_workers,
-    _POOLS.c.warm_hit_target,
+    HIT_TARGET,
     _POOLS.c.scale_down_delay_s,
     _POOLS.c.demand_half_life_s,
     _POOLS.c.schedules,
     _POOLS.c.os,
 )
-_WARM_POLICY = core_select(*_WARM_POLICY_COLUMNS).where(_POOLS.c.name == bindparam("name"))
+_WARM_POLICY = DriverStatement(
+    core_select(*_WARM_POLICY_COLUMNS).where(_POOLS.c.name == bindparam("name"))
+)
 
 
 def enabled_warm_policy(session: Session, name: str) -> WarmPolicy | None:
     """The pool's warm policy; None when there is no such pool or it is disabled."""
-    row = core_connection(session).execute(_WARM_POLICY, {"name": name}).first()
+    row = _WARM_POLICY.first(core_connection(session), {"name": name})
     return warm_policy(row) if row is not None and row.enabled else None
 
 
@@ -277,9 +313,7 @@ class HistoryMemo:
         if read is None or pool in self._new_provisioning:
             held = list(zip(*read, strict=True)) if read is not None else []
             since = held[0][0] if held else _EPOCH
-            fresh = core_connection(session).execute(
-                _PROVISIONED_SINCE, {"pool": pool, "since": since}
-            )
+            fresh = _PROVISIONED_SINCE.all(core_connection(session), {"pool": pool, "since": since})
             rows = [(ready, (ready - created).total_seconds()) for created, ready in fresh]
             rows += [(ready, seconds) for ready, seconds in held if ready < since]
             rows = rows[:PROVISION_SAMPLES]
@@ -295,11 +329,11 @@ class HistoryMemo:
 
 
 def _newer_first(
-    session: Session, statement: Any, pool: str, held: list[datetime], since: datetime
+    session: Session, statement: DriverStatement, pool: str, held: list[datetime], since: datetime
 ) -> list[datetime]:
     """``held`` (newest first) with the rows at or after its newest one read again."""
     newest = held[0] if held else since
-    fresh = list(core_connection(session).execute(statement, {"pool": pool, "since": newest}))
+    fresh = statement.all(core_connection(session), {"pool": pool, "since": newest})
     merged = [at for (at,) in fresh] + [at for at in held if at < newest]
     return merged[:MAX_REQUESTS_READ]
 
@@ -325,29 +359,34 @@ def pool_history(session: Session, pool: str, since: datetime, now: datetime) ->
     )
 
 
-_REQUESTS_SINCE = (
-    select(Lease.created_at)
-    .where(Lease.pool == bindparam("pool"), col(Lease.created_at) >= bindparam("since"))
-    .order_by(col(Lease.created_at).desc())
-    .limit(MAX_REQUESTS_READ)
-)
-_LAST_PROVISIONED = (
+# On the driver's cursor (``DriverStatement``): every pass that sizes a pool reads them
+# (the replay once per request and per ready callback, ``HistoryMemo``).
+_LAST_PROVISIONED_ALL = (
     select(Worker.created_at, Worker.ready_at)
     .where(Worker.pool == bindparam("pool"), col(Worker.ready_at).is_not(None))
     .order_by(col(Worker.ready_at).desc())
     .limit(PROVISION_SAMPLES)
 )
-_PROVISIONED_SINCE = _LAST_PROVISIONED.where(col(Worker.ready_at) >= bindparam("since"))
+_REQUESTS_SINCE = DriverStatement(
+    select(Lease.created_at)
+    .where(Lease.pool == bindparam("pool"), col(Lease.created_at) >= bindparam("since"))
+    .order_by(col(Lease.created_at).desc())
+    .limit(MAX_REQUESTS_READ)
+)
+_LAST_PROVISIONED = DriverStatement(_LAST_PROVISIONED_ALL)
+_PROVISIONED_SINCE = DriverStatement(
+    _LAST_PROVISIONED_ALL.where(col(Worker.ready_at) >= bindparam("since"))
+)
 
 
 def _requests_since(session: Session, pool: str, since: datetime) -> list[datetime]:
     """Newest first, at most ``MAX_REQUESTS_READ``."""
     params = {"pool": pool, "since": since}
-    return list(core_connection(session).execute(_REQUESTS_SINCE, params).scalars())
+    return [at for (at,) in _REQUESTS_SINCE.all(core_connection(session), params)]
 
 
 def _provisioned(session: Session, pool: str) -> list[float]:
-    rows = core_connection(session).execute(_LAST_PROVISIONED, {"pool": pool}).all()
+    rows = _LAST_PROVISIONED.all(core_connection(session), {"pool": pool})
     return [(ready - created).total_seconds() for created, ready in rows if ready]
 
 
@@ -395,9 +434,11 @@ def demand_outruns_supply(session: Session) -> bool:
 
 # Built once, as the counts; in Core with the columns the check reads: an ORM load of
 # the pool rows cost twice these (simulate's replay asks after every destroy pass).
-_ENABLED_POOLS = core_select(
-    _POOLS.c.name, _POOLS.c.create_backoff_until, *_WARM_POLICY_COLUMNS
-).where(_POOLS.c.enabled.is_(True))
+_ENABLED_POOLS = DriverStatement(
+    core_select(_POOLS.c.name, _POOLS.c.create_backoff_until, *_WARM_POLICY_COLUMNS).where(
+        _POOLS.c.enabled.is_(True)
+    )
+)
 
 
 def refill_wanted(session: Session, now: datetime) -> bool:
@@ -406,7 +447,7 @@ def refill_wanted(session: Session, now: datetime) -> bool:
     counts = counts_by_pool(session)
     pools = [
         pool
-        for pool in core_connection(session).execute(_ENABLED_POOLS).all()
+        for pool in _ENABLED_POOLS.all(core_connection(session), {})
         if pool.create_backoff_until is None or pool.create_backoff_until <= now
     ]
     targets = warm_targets(session, pools, now)
@@ -417,7 +458,7 @@ def refill_wanted(session: Session, now: datetime) -> bool:
 
 
 def plan_refill(
-    session: Session, now: datetime, every_pool: Sequence[Pool] | None = None
+    session: Session, now: datetime, every_pool: Sequence[PoolView] | None = None
 ) -> list[Worker]:
     """Commit-ready rows (state provisioning) for every worker the pools lack.
 

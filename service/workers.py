@@ -15,17 +15,16 @@ import random
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Table, bindparam, func, literal_column, update
 from sqlalchemy import select as core_select
-from sqlalchemy.engine import Connection, Row
-from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.sql.dml import Update
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
 from service import metrics
-from service.db import Prepared, core_connection, with_row_locks
+from service.db import Prepared, core_connection, is_sqlite, with_row_locks
+from service.driver_sql import DriverStatement
 from service.errors import Conflict, NotFound, Unauthorized
 from service.leasing import (
     end_lease,
@@ -106,24 +105,29 @@ class Ready:
 # docs/capacity.md). One SELECT reads the worker and what the callback needs of its
 # pool, locking the worker's row only (``OF``: callbacks of one pool do not queue on
 # the pool's row); one UPDATE moves it, held at ``provisioning`` by its WHERE.
-_READY_LOOK = Prepared(
-    core_select(
-        _WORKERS.c.pool,
-        _WORKERS.c.state,
-        _WORKERS.c.bootstrap_token,
-        _WORKERS.c.access_token,
-        _WORKERS.c.address,
-        _WORKERS.c.created_at,
-        _POOLS.c.enabled,
-        _POOLS.c.degraded_reason,
-        _POOLS.c.create_failures,
+def _ready_look(*, lock: bool) -> Any:
+    look = (
+        core_select(
+            _WORKERS.c.pool,
+            _WORKERS.c.state,
+            _WORKERS.c.bootstrap_token,
+            _WORKERS.c.access_token,
+            _WORKERS.c.address,
+            _WORKERS.c.created_at,
+            _POOLS.c.enabled,
+            _POOLS.c.degraded_reason,
+            _POOLS.c.create_failures,
+        )
+        .select_from(_WORKERS.outerjoin(_POOLS, _POOLS.c.name == _WORKERS.c.pool))
+        .where(_WORKERS.c.id == bindparam("worker_id"))
     )
-    .select_from(_WORKERS.outerjoin(_POOLS, _POOLS.c.name == _WORKERS.c.pool))
-    .where(_WORKERS.c.id == bindparam("worker_id")),
-    skip_locked=False,
-    of=_WORKERS,
-)
-_MARK_READY = (
+    return look.with_for_update(of=_WORKERS) if lock else look
+
+
+# On the driver's cursor (``driver_sql.DriverStatement``): each worker calls back once.
+_READY_LOOK = DriverStatement(_ready_look(lock=False))
+_READY_LOOK_LOCKED = DriverStatement(_ready_look(lock=True))
+_MARK_READY = DriverStatement(
     update(_WORKERS)
     .where(
         _WORKERS.c.id == bindparam("worker_id"),
@@ -141,14 +145,12 @@ _MARK_READY = (
 )
 
 
-def check_bootstrap_token(
-    session: Session, worker_id: str, bootstrap_token: str
-) -> Row[*tuple[Any, ...]]:
+def check_bootstrap_token(session: Session, worker_id: str, bootstrap_token: str) -> Any:
     """The worker whose one-time bootstrap token this is (and its pool's marks), its row
     locked; else Unauthorized. Read in Core: no ORM object of the worker is left in the
     session for the ready callback's UPDATE to make stale."""
-    statement = _READY_LOOK.for_update(session)
-    row = core_connection(session).execute(statement, {"worker_id": worker_id}).first()
+    look = _READY_LOOK if is_sqlite(session) else _READY_LOOK_LOCKED
+    row = look.first(core_connection(session), {"worker_id": worker_id})
     stored = row.bootstrap_token if row is not None else None
     # Compared even when there is nothing to compare with, so both cases take as long.
     matches = secret_equals(bootstrap_token, stored or "wlb_" + "-" * 43)
@@ -181,7 +183,7 @@ def worker_ready(
         "address": address or row.address,
         "token_hash": hash_token(worker_token),
     }
-    if session.connection().execute(_MARK_READY, params).rowcount != 1:
+    if _MARK_READY.run(session.connection(), params) != 1:
         raise Conflict(f"worker {worker_id} is no longer provisioning")  # not under the lock
     loaded = session.identity_map.get(session.identity_key(Worker, worker_id))
     if loaded is not None:  # loaded earlier in this transaction: read it again if used
@@ -243,76 +245,105 @@ def mark_ready(
         note_callback(session, pool, now)
 
 
-# The claims run in every refill and destroy pass: built once (see ``Prepared``).
+class ClaimedWorker(NamedTuple):
+    """A claimed worker, with what its create (the spec's bootstrap token) or its destroy
+    (``handle_of``) reads of the row."""
+
+    id: str
+    pool: str
+    provider_id: str | None
+    address: str | None
+    bootstrap_token: str | None
+
+
+# The claims run in every refill and destroy pass: in Core on the driver's cursor
+# (``DriverStatement``), the columns their calls read, no ORM object of the worker.
+# The statements are the ORM's of before, so SQLite orders ties (workers planned
+# together) as it did.
+_CLAIMED = (
+    _WORKERS.c.id,
+    _WORKERS.c.pool,
+    _WORKERS.c.provider_id,
+    _WORKERS.c.address,
+    _WORKERS.c.bootstrap_token,
+)
 _TO_CREATE_ALL = (
-    select(Worker)
+    core_select(*_CLAIMED)
     .where(
-        Worker.pool == bindparam("pool"),
-        Worker.state == WorkerState.PROVISIONING,
-        col(Worker.provider_id).is_(None),
+        _WORKERS.c.pool == bindparam("pool"),
+        _WORKERS.c.state == WorkerState.PROVISIONING.value,
+        _WORKERS.c.provider_id.is_(None),
     )
-    .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < bindparam("now")))
-    .order_by(col(Worker.created_at))
+    .where(_WORKERS.c.claimed_until.is_(None) | (_WORKERS.c.claimed_until < bindparam("now")))
+    .order_by(_WORKERS.c.created_at)
     .limit(bindparam("limit"))
 )
-_TO_CREATE = Prepared(_TO_CREATE_ALL)
-# Only with creates in flight here: a bound list is expanded into the SQL at each run.
+_TO_CREATE = DriverStatement(_TO_CREATE_ALL)
+_TO_CREATE_LOCKED = DriverStatement(_TO_CREATE_ALL.with_for_update(skip_locked=True))
+# Only with creates in flight here (never in the replay): a bound list is expanded into
+# the SQL at each run, which a statement compiled once cannot take.
 _TO_CREATE_SKIPPING = Prepared(
-    _TO_CREATE_ALL.where(col(Worker.id).not_in(bindparam("skip", expanding=True)))
+    _TO_CREATE_ALL.where(_WORKERS.c.id.not_in(bindparam("skip", expanding=True)))
 )
-_TO_DESTROY = Prepared(
-    select(Worker)
-    .where(Worker.pool == bindparam("pool"), Worker.state == WorkerState.DESTROYING)
+_TO_DESTROY_ALL = (
+    core_select(*_CLAIMED)
     .where(
-        col(Worker.next_attempt_at).is_(None) | (col(Worker.next_attempt_at) <= bindparam("now"))
+        _WORKERS.c.pool == bindparam("pool"),
+        _WORKERS.c.state == WorkerState.DESTROYING.value,
     )
-    .where(col(Worker.claimed_until).is_(None) | (col(Worker.claimed_until) < bindparam("now")))
-    .order_by(col(Worker.next_attempt_at))
+    .where(_WORKERS.c.next_attempt_at.is_(None) | (_WORKERS.c.next_attempt_at <= bindparam("now")))
+    .where(_WORKERS.c.claimed_until.is_(None) | (_WORKERS.c.claimed_until < bindparam("now")))
+    .order_by(_WORKERS.c.next_attempt_at)
     .limit(bindparam("limit"))
 )
+_TO_DESTROY = DriverStatement(_TO_DESTROY_ALL)
+_TO_DESTROY_LOCKED = DriverStatement(_TO_DESTROY_ALL.with_for_update(skip_locked=True))
 
 
 def claim_creates(
     session: Session, pool: str, now: datetime, limit: int, skip: Collection[str] = ()
-) -> list[Worker]:
+) -> list[ClaimedWorker]:
     """Provisioning rows of the pool whose resource was not requested (or whose claim lapsed).
 
     ``skip``: worker ids whose create is still running in this process.
     """
-    statement = (_TO_CREATE_SKIPPING if skip else _TO_CREATE).for_update(session)
-    params = {"pool": pool, "now": now, "limit": limit, "skip": list(skip)}
-    workers = list(session.exec(statement, params=params).all())
-    _claimed(session, workers, _CLAIM_CREATE, now + CLAIM_FOR, attempt=True)
+    connection = core_connection(session)
+    params = {"pool": pool, "now": now, "limit": limit}
+    if skip:
+        statement = _TO_CREATE_SKIPPING.for_update(session)
+        rows = connection.execute(statement, {**params, "skip": list(skip)}).all()
+    else:
+        rows = (_TO_CREATE if is_sqlite(session) else _TO_CREATE_LOCKED).all(connection, params)
+    workers = [ClaimedWorker(*row) for row in rows]
+    _claimed(connection, workers, _CLAIM_CREATE, now + CLAIM_FOR)
     return workers
 
 
-# A claim is one UPDATE of the rows the SELECT locked, not one per row from the ORM's
-# flush; the loaded rows are given the written values (``set_committed_value``: what
-# the database holds, nothing left to flush).
-_CLAIM = (
+# A claim updates only the rows the SELECT locked (one ``executemany``).
+_CLAIM_ONE = (
     update(_WORKERS)
-    .where(_WORKERS.c.id.in_(bindparam("ids", expanding=True)))
+    .where(_WORKERS.c.id == bindparam("b_id"))
     .values(claimed_until=bindparam("until"))
 )
-_CLAIM_CREATE = _CLAIM.values(create_attempts=_WORKERS.c.create_attempts + 1)
+_CLAIM = DriverStatement(_CLAIM_ONE)
+_CLAIM_CREATE = DriverStatement(_CLAIM_ONE.values(create_attempts=_WORKERS.c.create_attempts + 1))
 
 
 def _claimed(
-    session: Session, workers: list[Worker], claim: Update, until: datetime, attempt: bool = False
+    connection: Connection,
+    workers: list[ClaimedWorker],
+    claim: DriverStatement,
+    until: datetime,
 ) -> None:
-    if not workers:
-        return
-    session.connection().execute(claim, {"ids": [w.id for w in workers], "until": until})
-    for worker in workers:
-        set_committed_value(worker, "claimed_until", until)
-        if attempt:
-            set_committed_value(worker, "create_attempts", worker.create_attempts + 1)
+    if workers:
+        claim.run_many(connection, [{"b_id": w.id, "until": until} for w in workers])
 
 
-# The create's and the destroy's records in Core: each worker's create and destroy
-# records itself, and the ORM loads of the worker and pool rows cost more than the
-# UPDATE (simulate's profile). The pool's row is loaded only when it has a mark to clear.
-_RECORD_CREATE = (
+# The create's and the destroy's records in Core, on the driver's cursor: each worker's
+# create and destroy records itself, and the ORM loads of the worker and pool rows cost
+# more than the UPDATE (simulate's profile). The pool's row is loaded only when it has a
+# mark to clear.
+_RECORD_CREATE = DriverStatement(
     update(_WORKERS)
     .where(_WORKERS.c.id == bindparam("worker_id"))
     .values(
@@ -322,9 +353,11 @@ _RECORD_CREATE = (
         claimed_until=None,
     )
 )
-_CREATES_FAILED = core_select(_POOLS.c.name).where(
-    _POOLS.c.name == bindparam("pool"),
-    (_POOLS.c.create_failures != 0) | _POOLS.c.create_backoff_until.is_not(None),
+_CREATES_FAILED = DriverStatement(
+    core_select(_POOLS.c.name).where(
+        _POOLS.c.name == bindparam("pool"),
+        (_POOLS.c.create_failures != 0) | _POOLS.c.create_backoff_until.is_not(None),
+    )
 )
 
 
@@ -339,8 +372,8 @@ def record_create(
     """The provisioner launched the worker's resource: remember where it is."""
     connection = session.connection()
     values = {"worker_id": worker_id, "provider_id": provider_id, "address": address}
-    connection.execute(_RECORD_CREATE, values)
-    if connection.execute(_CREATES_FAILED, {"pool": pool_name}).first() is None:
+    _RECORD_CREATE.run(connection, values)
+    if _CREATES_FAILED.first(connection, {"pool": pool_name}) is None:
         return  # no backoff for a success to clear
     pool = session.get(Pool, pool_name)
     if pool is not None:
@@ -365,11 +398,17 @@ def record_create_failure(
         session.add(pool)
 
 
-def claim_destroys(session: Session, pool: str, now: datetime, limit: int = 500) -> list[Worker]:
-    statement = _TO_DESTROY.for_update(session)
-    params = {"pool": pool, "now": now, "limit": limit}
-    workers = list(session.exec(statement, params=params).all())
-    _claimed(session, workers, _CLAIM, now + CLAIM_FOR)
+def claim_destroys(
+    session: Session, pool: str, now: datetime, limit: int = 500
+) -> list[ClaimedWorker]:
+    """Destroying rows of the pool that are due (their backoff over, no live claim)."""
+    connection = core_connection(session)
+    claim = _TO_DESTROY if is_sqlite(session) else _TO_DESTROY_LOCKED
+    workers = [
+        ClaimedWorker(*row)
+        for row in claim.all(connection, {"pool": pool, "now": now, "limit": limit})
+    ]
+    _claimed(connection, workers, _CLAIM, now + CLAIM_FOR)
     return workers
 
 
@@ -408,7 +447,7 @@ def record_destroys(
     return destroyed
 
 
-_FINISH_DESTROY = (
+_FINISH_DESTROY = DriverStatement(
     update(_WORKERS)
     .where(
         _WORKERS.c.id == bindparam("worker_id"), _WORKERS.c.state == literal_column("'destroying'")
@@ -422,18 +461,20 @@ _FINISH_DESTROY = (
     )
     .returning(_WORKERS.c.pool)
 )
-_DESTROY_ERROR = core_select(_POOLS.c.name).where(
-    _POOLS.c.name == bindparam("pool"), _POOLS.c.destroy_error.is_not(None)
+_DESTROY_ERROR = DriverStatement(
+    core_select(_POOLS.c.name).where(
+        _POOLS.c.name == bindparam("pool"), _POOLS.c.destroy_error.is_not(None)
+    )
 )
 
 
 def _finish_destroy(session: Session, worker_id: str, now: datetime) -> int:
     """The provisioner confirmed: ``destroying -> destroyed`` (the ``WHERE`` holds the row
     at ``destroying``); 0 when the row is not there or not being destroyed."""
-    finished = session.connection().execute(_FINISH_DESTROY, {"worker_id": worker_id, "now": now})
-    pool = finished.scalar()
-    if pool is None:
+    finished = _FINISH_DESTROY.first(session.connection(), {"worker_id": worker_id, "now": now})
+    if finished is None:
         return 0
+    pool = finished.pool
     reason = "provisioner confirmed"
     moved(
         session,
@@ -450,7 +491,7 @@ def _finish_destroy(session: Session, worker_id: str, now: datetime) -> int:
 
 
 def _destroy_error_marked(session: Session, pool_name: str) -> bool:
-    return session.connection().execute(_DESTROY_ERROR, {"pool": pool_name}).first() is not None
+    return _DESTROY_ERROR.first(session.connection(), {"pool": pool_name}) is not None
 
 
 def _retry_destroy_later(

@@ -9,11 +9,10 @@ from sqlmodel import Session
 
 from provisioners import WorkerSpec
 from service.db import session_scope
-from service.models import Pool, Worker
 from service.passes.provisioning import failure_of
 from service.passes.runtime import Runtime, pools_by_name
-from service.pools import plan_refill
-from service.workers import claim_creates, record_create, record_create_failure
+from service.pools import PoolView, plan_refill
+from service.workers import ClaimedWorker, claim_creates, record_create, record_create_failure
 
 log = logging.getLogger("workerlease.passes.create")
 
@@ -37,14 +36,14 @@ def refill(rt: Runtime, now: datetime, wait: bool = True) -> None:
         rt.creates.wait()
 
 
-def _claim(rt: Runtime, session: Session, pool: Pool, now: datetime) -> list[Worker]:
+def _claim(rt: Runtime, session: Session, pool: PoolView, now: datetime) -> list[ClaimedWorker]:
     slots = rt.creates.free_slots(pool.name)
     if slots == 0:
         return []
     return claim_creates(session, pool.name, now, slots, skip=rt.creates.in_flight(pool.name))
 
 
-def create_one(rt: Runtime, pool: Pool, worker: Worker, now: datetime) -> None:
+def create_one(rt: Runtime, pool: PoolView, worker: ClaimedWorker, now: datetime) -> None:
     """Launch one claimed worker's resource and record the result."""
     spec = WorkerSpec(
         worker_id=worker.id,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 
 from service.db import session_scope
-from service.models import Pool, Worker
 from service.passes.provisioning import failure_of, handle_of
 from service.passes.runtime import Runtime, pools_by_name
-from service.workers import CallFailure, claim_destroys, record_destroys
+from service.pools import PoolView
+from service.workers import CallFailure, ClaimedWorker, claim_destroys, record_destroys
 
 
 def destroy(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None:
@@ -33,7 +33,7 @@ def destroy(rt: Runtime, now: datetime | None = None, wait: bool = True) -> None
         rt.destroys.wait()
 
 
-def destroy_batch(rt: Runtime, pool: Pool, workers: list[Worker], now: datetime) -> int:
+def destroy_batch(rt: Runtime, pool: PoolView, workers: list[ClaimedWorker], now: datetime) -> int:
     """Destroy one batch and record it; return how many the provisioner confirmed."""
     handles = [handle_of(w) for w in workers]
     results: dict[str, CallFailure | None]

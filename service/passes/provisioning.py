@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -29,7 +29,7 @@ from provisioners import (
     validate_options,
 )
 from service.config import Config, ConfigError, describe
-from service.models import Pool
+from service.pools import PoolView
 from service.workers import CallFailure
 
 log = logging.getLogger("workerlease.provisioning")
@@ -50,7 +50,7 @@ class ProvisionerSet:
         self._lock = threading.Lock()
         self._by_pool: dict[str, tuple[str, Provisioner[Any]]] = {}
 
-    def for_pool(self, pool: Pool) -> Provisioner[Any]:
+    def for_pool(self, pool: PoolView) -> Provisioner[Any]:
         key = f"{_settings_key(pool)}:{sorted(pool.capabilities)}"
         with self._lock:
             cached = self._by_pool.get(pool.name)
@@ -64,7 +64,7 @@ class ProvisionerSet:
                 cached[1].close()
             return instance
 
-    def distinct(self, pools: list[Pool]) -> list[Provisioner[Any]]:
+    def distinct(self, pools: Sequence[PoolView]) -> list[Provisioner[Any]]:
         """One provisioner per provisioner kind and options, for deployment-wide listings."""
         seen: dict[str, Provisioner[Any]] = {}
         for pool in pools:
@@ -98,7 +98,7 @@ def check_pool_options(config: Config) -> None:
             raise ConfigError(describe(exc, prefix=f"{where}.options")) from None
 
 
-def _settings_key(pool: Pool) -> str:
+def _settings_key(pool: PoolView) -> str:
     """Pools with equal keys can share one provisioner instance."""
     return f"{pool.provisioner}:{json.dumps(pool.options, sort_keys=True)}"
 

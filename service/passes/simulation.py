@@ -17,10 +17,10 @@ from provisioners.simulated import SimulatedCloud, SimulatedOptions, SimulatedPr
 from service.clock import Clock
 from service.config import Config, PoolConfig
 from service.db import session_factory
-from service.models import Pool
 from service.passes.dispatch import PoolDispatcher
 from service.passes.provisioning import Deployment, ProvisionerSet
 from service.passes.runtime import Runtime
+from service.pools import PoolView
 
 log = logging.getLogger("workerlease.simulate")
 
@@ -60,7 +60,7 @@ class SimulatedProvisioners(ProvisionerSet):
             for pool in config.pools
         }
 
-    def for_pool(self, pool: Pool) -> Provisioner[Any]:
+    def for_pool(self, pool: PoolView) -> Provisioner[Any]:
         return self._built[pool.name]
 
 
