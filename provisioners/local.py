@@ -117,7 +117,7 @@ class _Proc:
     pgid: int
     env: dict[str, str]
     is_agent: bool
-    uid: int | None  # real uid; None if it exited meanwhile
+    uid: int | None  # real uid; None if it exited meanwhile or was not read (``_scan``)
 
 
 class LocalProvisioner(Provisioner[LocalOptions]):
