@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.benchmarks.common import ROOT, machine_info, ratio, sqlite_version
+from tests.benchmarks.warm import BURSTS
 
 SECTIONS = ("warm", "scale", "ttw", "longpoll", "tasks", "wakes", "refill", "simulate")
 # The figures whose growth with history (and with live leases) the scale table shows.
@@ -255,6 +256,9 @@ def _throughput_64_vs_8(r: dict[str, Any], kind: str) -> float | None:
     return ratio(at[64]["cycles_per_s"], at[8]["cycles_per_s"])
 
 
+THROUGHPUT = "throughput_vs_http_floor"
+
+
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured value and met / missed / not measured."""
     rows = []
@@ -276,18 +280,28 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         ("sqlite", "SQLite", 25, 0.4),
         ("postgres", "PostgreSQL", 40, 0.3),
     ):
-        for burst, prefix, lead in (
-            ("service_http", "", "warm lease"),
-            ("service_http_scheduler_paused", "paused_", "same, scheduler paused for the burst:"),
-        ):
+        for burst in BURSTS:
+            lead = (
+                "warm lease"
+                if burst.scheduler == "running"
+                else "same, scheduler paused for the burst:"
+            )
             add(
                 f"{lead} p99 at 8 clients, {label} (ms) < {p99_ms}",
-                _get(r, "warm", kind, "levels", 8, burst, "acquire", "p99_ms"),
+                _get(r, "warm", kind, "levels", 8, burst.key, "acquire", "p99_ms"),
                 p99_ms,
             )
             add(
                 f"{lead} throughput at 8 clients vs HTTP floor, {label} >= {share}",
-                _get(r, "warm", kind, "levels", 8, "ratios", f"{prefix}throughput_vs_http_floor"),
+                _get(
+                    r,
+                    "warm",
+                    kind,
+                    "levels",
+                    8,
+                    "ratios",
+                    f"{burst.ratio_prefix}throughput_vs_http_floor",
+                ),
                 share,
                 below=False,
             )
@@ -613,20 +627,17 @@ def render(r: dict[str, Any]) -> str:
         floor = warm.get("http_floor", {})
         for kind in ("sqlite", "postgres"):
             for c, f in (warm.get(kind) or {}).get("levels", {}).items():
-                for name, scheduler in (
-                    ("service_http", "running"),
-                    ("service_http_scheduler_paused", "paused"),
-                ):
-                    if name not in f:
+                for burst in BURSTS:
+                    if burst.key not in f:
                         continue
-                    s, ra = f[name], f.get("ratios", {})
-                    prefix = "paused_" if scheduler == "paused" else ""
+                    s, ra = f[burst.key], f.get("ratios", {})
+                    prefix = burst.ratio_prefix
                     fl = floor.get(c, {})
                     rows.append(
                         [
                             kind,
                             c,
-                            scheduler,
+                            burst.scheduler,
                             s["acquire"]["n"],
                             s["acquire"]["p50_ms"],
                             s["acquire"]["p95_ms"],

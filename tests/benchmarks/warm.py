@@ -26,6 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,25 @@ from tests.support.server import (
 
 POOL = "bench"
 MARGIN = 8
-# Each burst is run twice, alternating: as the service runs (the scheduler refilling
-# beside the burst: on this host that starts a local agent process per released
-# worker), and with the scheduler stopped for the burst, the web process alone against
-# the HTTP floor, which also runs alone (issue 15's ratio).
-BURST_KINDS = ("service_http", "service_http_scheduler_paused")
-RATIO_PREFIX = {"service_http": "", "service_http_scheduler_paused": "paused_"}
+
+
+@dataclass(frozen=True)
+class Burst:
+    """One way of running each burst; every burst is run both ways, alternating: as the
+    service runs (the scheduler refilling beside the burst: on this host that starts a
+    local agent process per released worker), and with the scheduler stopped for the
+    burst, the web process alone against the HTTP floor, which also runs alone (issue
+    15's ratio)."""
+
+    key: str  # of the figures, per level
+    scheduler: str  # "running" or "paused", as the tables show it
+    ratio_prefix: str  # of its ratios to the HTTP floor
+
+
+BURSTS = (
+    Burst("service_http", "running", ""),
+    Burst("service_http_scheduler_paused", "paused", "paused_"),
+)
 
 
 class BenchServer(ServerProcess):
@@ -187,21 +201,21 @@ def run_database(
         run_load(drivers.SERVICE_HTTP, params, min(8, max(levels)), 2)
         refills: list[float] = []
         for c in levels:
-            parts: dict[str, list[LoadResult]] = {name: [] for name in BURST_KINDS}
+            parts: dict[str, list[LoadResult]] = {burst.key: [] for burst in BURSTS}
             for _ in range(bursts):
-                for name in BURST_KINDS:  # alternating, so both meet the same machine
+                for burst in BURSTS:  # alternating, so both meet the same machine
                     t1 = time.monotonic()
                     server.wait_full(ready)
                     refills.append(time.monotonic() - t1)
-                    with server.scheduler_paused(name == "service_http_scheduler_paused"):
-                        parts[name].append(run_load(drivers.SERVICE_HTTP, params, c, plan[c]))
-                    if parts[name][-1].errors:
+                    with server.scheduler_paused(burst.scheduler == "paused"):
+                        parts[burst.key].append(run_load(drivers.SERVICE_HTTP, params, c, plan[c]))
+                    if parts[burst.key][-1].errors:
                         log(f"  {kind} c={c}: burst errors, revoked {server.revoke_live()} leases")
             out["levels"][c] = {}
-            for name in BURST_KINDS:
-                result = LoadResult.merge(parts[name])
-                out["levels"][c][name] = result.as_dict()
-                log(f"  {kind} {name} c={c}: {_brief(result)}")
+            for burst in BURSTS:
+                result = LoadResult.merge(parts[burst.key])
+                out["levels"][c][burst.key] = result.as_dict()
+                log(f"  {kind} {burst.key} c={c}: {_brief(result)}")
         out["refill_wait_s_max"] = round(max(refills), 1)
     finally:
         server.close()
@@ -271,15 +285,14 @@ def run_http_floor(
 def add_ratios(db: dict[str, Any], http_floor: dict[int, dict[str, Any]]) -> None:
     """service/floor for latency (p50, p99) and throughput, per concurrency level."""
     for c, figures in db["levels"].items():
-        service = figures["service_http"]
         floor = http_floor.get(c)
         sql, txn = figures.get("sql_floor"), figures.get("service_txn")
         ratios: dict[str, Any] = {}
-        for name in BURST_KINDS:
-            service = figures.get(name)
+        for burst in BURSTS:
+            service = figures.get(burst.key)
             if not (floor and service):
                 continue
-            prefix = RATIO_PREFIX[name]
+            prefix = burst.ratio_prefix
             ratios[f"{prefix}http_p50_vs_http_floor"] = ratio(
                 service["acquire"]["p50_ms"], floor["acquire"]["p50_ms"]
             )
