@@ -62,9 +62,10 @@ class Services:
     relay: Relay
 
     def close(self) -> None:
-        """What the app keeps beyond requests (the wakes relay's threads and connections):
-        for an app that ends before its process does (tests)."""
+        """What the app keeps beyond requests (the wakes relay's threads and connections,
+        the doorbell's sender): for an app that ends before its process does (tests)."""
         self.relay.close()
+        self.flow.bell.close()
 
     def session(self) -> Session:
         """The request's one session, closed in teardown (read-only for GET requests)."""

@@ -53,6 +53,9 @@ class Bell(ABC):
     def listener(self) -> Listener:
         """What the scheduler waits on."""
 
+    def close(self) -> None:  # noqa: B027 - most bells hold nothing
+        """Stop what ringing started (a sender thread, its connection)."""
+
 
 class _Sleep(Listener):
     def wait(self, timeout: float) -> bool:
@@ -178,8 +181,11 @@ class PostgresBell(Bell):
         self._rung = threading.Event()
         self._lock = threading.Lock()
         self._sender: threading.Thread | None = None
+        self._closed = False
 
     def ring(self) -> None:
+        if self._closed:
+            return
         self._rung.set()
         sender = self._sender
         if sender is not None and sender.is_alive():
@@ -195,7 +201,21 @@ class PostgresBell(Bell):
         while True:
             self._rung.wait()
             self._rung.clear()
+            if self._closed:
+                self._connection.close()
+                return
             self.notify()
+
+    def close(self) -> None:
+        """The sender thread ends (closing its connection) at its next wake, which this is:
+        an app that ends before its process (tests) leaves no thread behind."""
+        self._closed = True
+        sender = self._sender
+        if sender is not None and sender.is_alive():
+            self._rung.set()
+            sender.join(timeout=5)
+        else:
+            self._connection.close()
 
     def notify(self) -> None:
         """One NOTIFY, now. Never raises: a ring that cannot go out is counted, and the

@@ -270,11 +270,19 @@ class _Renewer:
         while not self._stop.wait(delay):
             try:
                 info = lease.renew()
-            except (Conflict, NotFound) as exc:
-                lease.ended = exc
-                log.warning("lease_ended lease=%s detail=%s", lease.id, exc.detail)
-                return
-            except WorkerleaseError as exc:
+            except Exception as exc:
+                if self._stop.is_set():
+                    # Stopped while this renew was in flight: the release overtook it, or
+                    # Ctrl-C closed the client under it (httpx then raises RuntimeError).
+                    # Nobody waits for this thread; it ends quietly.
+                    log.debug("renew_abandoned lease=%s error=%r", lease.id, exc)
+                    return
+                if isinstance(exc, (Conflict, NotFound)):
+                    lease.ended = exc
+                    log.warning("lease_ended lease=%s detail=%s", lease.id, exc.detail)
+                    return
+                if not isinstance(exc, WorkerleaseError):
+                    raise
                 # The transport has already retried what may be retried; try again soon,
                 # the deadline itself has not moved.
                 log.warning("renew_failed lease=%s error=%s", lease.id, exc)

@@ -24,19 +24,25 @@ def engine(postgres_server: PostgresServer) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _bell(engine: Engine) -> PostgresBell:
-    bell = bell_for(engine)
-    assert isinstance(bell, PostgresBell)
-    return bell
+@pytest.fixture
+def bell(engine: Engine) -> Iterator[PostgresBell]:
+    made = bell_for(engine)
+    assert isinstance(made, PostgresBell)
+    yield made
+    made.close()
 
 
 def _terminate(engine: Engine, application_name: str) -> int:
     """Kill this test database's connections of that name (as a server restart or a
     network cut would); how many there were."""
+    return _count(engine, application_name, "count(pg_terminate_backend(pid))")
+
+
+def _count(engine: Engine, application_name: str, expression: str = "count(*)") -> int:
     conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(conninfo, autocommit=True) as admin:
         row = admin.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            f"SELECT {expression} FROM pg_stat_activity"
             " WHERE datname = current_database() AND application_name = %s",
             (application_name,),
         ).fetchone()
@@ -55,8 +61,7 @@ def _heard_again(ring: Callable[[], None], listener: Listener) -> bool:
     return False
 
 
-def test_a_notify_wakes_the_listener(engine: Engine) -> None:
-    bell = _bell(engine)
+def test_a_notify_wakes_the_listener(engine: Engine, bell: PostgresBell) -> None:
     listener = bell.listener()
     try:
         assert listener.wait(0.1) is False  # connects and LISTENs; nothing rang
@@ -69,8 +74,9 @@ def test_a_notify_wakes_the_listener(engine: Engine) -> None:
         listener.close()
 
 
-def test_the_listener_reconnects_after_its_connection_is_killed(engine: Engine) -> None:
-    bell = _bell(engine)
+def test_the_listener_reconnects_after_its_connection_is_killed(
+    engine: Engine, bell: PostgresBell
+) -> None:
     listener = bell.listener()
     try:
         assert listener.wait(0.1) is False
@@ -85,15 +91,16 @@ def test_the_listener_reconnects_after_its_connection_is_killed(engine: Engine) 
 def test_ringing_while_the_database_is_unreachable_is_harmless() -> None:
     engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
     try:
-        _bell(engine).ring()  # refused connection: logged and counted, not raised
+        bell = bell_for(engine)
+        bell.ring()  # refused connection: logged and counted, not raised
+        bell.close()
     finally:
         engine.dispose()
 
 
 def test_a_burst_of_rings_costs_the_ringer_nothing_and_still_wakes_the_listener(
-    engine: Engine,
+    bell: PostgresBell,
 ) -> None:
-    bell = _bell(engine)
     listener = bell.listener()
     try:
         assert listener.wait(0.1) is False
@@ -104,8 +111,9 @@ def test_a_burst_of_rings_costs_the_ringer_nothing_and_still_wakes_the_listener(
         listener.close()
 
 
-def test_the_bell_reconnects_after_its_own_connection_is_killed(engine: Engine) -> None:
-    bell = _bell(engine)
+def test_the_bell_reconnects_after_its_own_connection_is_killed(
+    engine: Engine, bell: PostgresBell
+) -> None:
     listener = bell.listener()
     try:
         assert listener.wait(0.1) is False
@@ -116,3 +124,35 @@ def test_the_bell_reconnects_after_its_own_connection_is_killed(engine: Engine) 
         assert _heard_again(bell.notify, listener), "the bell never rang again"
     finally:
         listener.close()
+
+
+def test_closing_the_bell_ends_its_sender_thread_and_connection(
+    engine: Engine, bell: PostgresBell
+) -> None:
+    """An app that ends before its process (every test's) leaves no sender behind."""
+    listener = bell.listener()
+    try:
+        assert listener.wait(0.1) is False
+        bell.ring()
+        assert listener.wait(60) is True  # the sender thread is up, its connection open
+        assert _count(engine, "workerlease doorbell notify") == 1
+        senders = _senders()  # other tests' apps may have their own (until closed)
+        bell.close()
+        assert _senders() == senders - 1
+        _wait_until(lambda: _count(engine, "workerlease doorbell notify") == 0)
+        bell.ring()  # after close: nothing starts again
+        assert _senders() == senders - 1
+    finally:
+        listener.close()
+
+
+def _senders() -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name == "doorbell")
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """The server drops a closed connection's row from pg_stat_activity a moment later."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "still not true after 30 s"
+        time.sleep(0.05)
