@@ -100,7 +100,7 @@ def _wsgi_cycles(app: Any, token: str, count: int) -> None:
     """POST + DELETE straight into the WSGI app: the server's share of a cycle only."""
     from werkzeug.test import EnvironBuilder
 
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = [("Authorization", f"Bearer {token}")]
     body = json.dumps({"pool": POOL}).encode()
     post = EnvironBuilder(
         path="/v1/leases",
