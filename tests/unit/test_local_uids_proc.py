@@ -30,12 +30,18 @@ def test_process_uid_is_the_real_uid_and_none_once_gone() -> None:
 def test_read_proc_reads_past_one_chunk_and_none_for_a_missing_process() -> None:
     # An environment larger than one os.read (one variable may hold at most 128 KiB).
     big = {f"WL_BIG{i}": str(i) * 100_000 for i in range(2)}
+    expected = [f"{k}={v}".encode() for k, v in big.items()]
     child = subprocess.Popen(["cat"], env=big, stdin=subprocess.PIPE)
     try:
         _wait_exec(child.pid, b"cat")
-        environ = local_uids.read_proc(child.pid, "environ")
+        # exec sets the new image's argument bounds before its environment's: for a moment
+        # cmdline already reads "cat" and environ still reads empty (seen on a busy host).
+        deadline = time.monotonic() + 30
+        while (environ := local_uids.read_proc(child.pid, "environ")) == b"":
+            assert time.monotonic() < deadline, "environ never filled in"
+            time.sleep(0.01)
         assert environ is not None
-        assert environ.split(b"\0")[:2] == [f"{k}={v}".encode() for k, v in big.items()]
+        assert environ.split(b"\0")[:2] == expected
     finally:
         child.communicate(b"")
     assert local_uids.read_proc(child.pid, "environ") is None
