@@ -13,7 +13,8 @@ from service import metrics
 from service.db import session_scope
 from service.models import Worker, WorkerState
 from service.passes.provisioning import failure_of, group_by_pool, handle_of
-from service.passes.runtime import Runtime, pools_by_name
+from service.passes.runtime import Runtime
+from service.pools import pools_by_name
 from service.workers import apply_health, health_change
 
 log = logging.getLogger("workerlease.passes.health")
