@@ -55,7 +55,8 @@ from service import leasing, tenants
 from service.capacity import ADAPTIVE, FIXED
 from service.clock import VirtualClock
 from service.config import Config
-from service.db import MEMORY_URL, session_factory, session_scope
+from service.db import MEMORY_URL, core_connection, session_factory, session_scope
+from service.driver_sql import DriverStatement
 from service.due import next_due, next_trim_due
 from service.errors import Conflict, NotFound
 from service.leasing import Outcome
@@ -82,10 +83,10 @@ DRAIN_LIMIT_S = 7 * 24 * 3600.0
 # What a simulated agent reports as its URL.
 _AGENT_URL = "http://simulated.invalid/"
 # Counted after each full pass: past the last request, the replay ends when none is left.
-_OPEN_LEASES = (
-    select(func.count())
+_OPEN_LEASES = DriverStatement(
+    select(func.count().label("n"))
     .select_from(Lease)
-    .where(col(Lease.state).in_([LeaseState.PENDING, LeaseState.ACTIVE]))
+    .where(col(Lease.state).in_([LeaseState.PENDING.value, LeaseState.ACTIVE.value]))
 )
 
 
@@ -513,7 +514,7 @@ class Replay:
         maintain(self.rt, self.clock.now())
         destroy(self.rt, self.clock.now())
         with session_scope(self.rt.read_factory) as session:
-            self._open_leases = session.exec(_OPEN_LEASES).one()
+            [(self._open_leases,)] = _OPEN_LEASES.all(core_connection(session), {})
             due = next_due(session, self.clock.now())
         if due is not None:  # at most once per interval, as the service's scheduler
             self._plan_tick(
