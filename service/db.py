@@ -186,6 +186,28 @@ def session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[
     return sessionmaker(bind, class_=Session, expire_on_commit=False)
 
 
+def held_session_factories(engine: Engine) -> tuple[sessionmaker[Session], sessionmaker[Session]]:
+    """Sessions for writing and for reading (as ``session_factory``), each kind on one
+    connection held open; close them with ``close_held``.
+
+    For a database that one thread uses alone (``workerlease simulate``'s in-memory one:
+    a single DBAPI connection under ``StaticPool``, whatever is checked out). Checking a
+    connection out of the pool and back in for every transaction took a third of an
+    empty transaction's time there (about 55 us of 150-220 us).
+    """
+    write = engine.connect()
+    read = engine.connect().execution_options(**{READ_ONLY: True})
+    return (
+        sessionmaker(write, class_=Session, expire_on_commit=False),
+        sessionmaker(read, class_=Session, expire_on_commit=False),
+    )
+
+
+def close_held(*factories: sessionmaker[Session]) -> None:
+    for factory in factories:
+        factory.kw["bind"].close()
+
+
 @contextmanager
 def transaction(session: Session) -> Iterator[Session]:
     """One transaction on an open session: commit on success, roll back on any error."""

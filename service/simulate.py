@@ -55,7 +55,7 @@ from service import leasing, tenants
 from service.capacity import ADAPTIVE, FIXED
 from service.clock import VirtualClock
 from service.config import Config
-from service.db import MEMORY_URL, core_connection, session_factory, session_scope
+from service.db import MEMORY_URL, close_held, core_connection, session_scope
 from service.driver_sql import DriverStatement
 from service.due import next_due, next_trim_due
 from service.errors import Conflict, NotFound
@@ -293,7 +293,7 @@ class Replay:
         self.cloud = simulated_cloud(self.clock.now, self._agent_ready_at, seed)
         self.engine = prepare_database(self.config)
         self.rt = simulation_runtime(self.config, self.engine, self.clock, self.cloud)
-        self.factory = session_factory(self.engine)
+        self.factory = self.rt.factory
         self.interval = float(self.config.scheduler.interval)
         self.doorbell = self.config.scheduler.doorbell
         self.provision_timeout = {pool.name: pool.provision_timeout for pool in config.pools}
@@ -538,6 +538,7 @@ class Replay:
 
     def close(self) -> None:
         self.rt.close()
+        close_held(self.rt.factory, self.rt.read_factory)
         self.engine.dispose()
 
 
