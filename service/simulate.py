@@ -365,9 +365,12 @@ class Replay:
     # -- what happens ----------------------------------------------------------------
 
     def _create_tenants(self) -> None:
+        names = list(dict.fromkeys(row.tenant for row in self.trace))
         with session_scope(self.factory) as session:
-            for name in dict.fromkeys(row.tenant for row in self.trace):
-                self._tenants[name] = tenants.create(session, name, self.clock.now())[0].id
+            created = tenants.create_many(session, names, self.clock.now())
+        self._tenants = {
+            name: tenant_id for name, (tenant_id, _) in zip(names, created, strict=True)
+        }
 
     def _on_request(self, row: TraceRow) -> None:
         now = self.clock.now()
