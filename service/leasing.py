@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from service import metrics
-from service.db import Prepared, core_connection, with_row_locks
+from service.db import Prepared, core_connection, transaction_connection, with_row_locks
 from service.driver_sql import DriverStatement
 from service.errors import Conflict, NotFound
 from service.models import (
@@ -114,7 +114,7 @@ def acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) -> 
 
 
 def _acquire(session: Session, tenant_id: str, pool_name: str, now: datetime) -> Acquired:
-    conn = session.connection()
+    conn = transaction_connection(session)
     look = _LOOK.first(conn, {"tenant_id": tenant_id, "pool": pool_name})
     if look is None or not look.enabled:
         raise NotFound(f"no enabled pool named {pool_name!r}")
@@ -513,7 +513,7 @@ def _release_active(
 ) -> LeaseRecord | None:
     """The warm release in Core: end the tenant's active lease, end its tasks, send its
     worker to destroying, as ``end_lease`` does; None when the lease is not active."""
-    conn = session.connection()
+    conn = transaction_connection(session)
     reason = EndReason.RELEASED
     params = {"lease_id": lease_id, "b_tenant_id": tenant_id, "now": now}
     ended = _END_ACTIVE.first(conn, params)
