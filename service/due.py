@@ -17,12 +17,16 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from service.capacity import WarmPolicy, keep_falls_below, next_schedule_edge
+from service.db import core_connection
+from service.driver_sql import DriverStatement
 from service.models import Lease, LeaseState, Pool, Worker, WorkerState
 from service.pools import (
     PoolCounts,
+    PoolView,
     counts_by_pool,
     enabled_warm_policy,
     pool_history,
+    pools_by_name,
     refill_wanted,
     warm_policy,
 )
@@ -35,7 +39,7 @@ def next_due(session: Session, now: datetime) -> datetime | None:
     workers that no ring will ask for (a create failed after the pass planned it, a
     destroy freed room under ``max_workers``). Destroys are not included: the destroy
     pass follows releases and trims, not the clock."""
-    pools = session.exec(_POOLS).all()
+    pools = pools_by_name(session)
     if refill_wanted(session, now):
         return now
     candidates = [*_lease_deadlines(session), *_provision_deadlines(session, pools)]
@@ -52,7 +56,12 @@ def next_due(session: Session, now: datetime) -> datetime | None:
     return min((moment for moment in candidates if moment is not None), default=None)
 
 
-def expiry_due(session: Session, now: datetime, task_retention_s: int) -> bool:
+def expiry_due(
+    session: Session,
+    now: datetime,
+    task_retention_s: int,
+    pools: Sequence[PoolView] | None = None,
+) -> bool:
     """Whether the ``maintain`` pass's expiry transaction has anything to do at ``now``:
     a lease past a deadline, a pending lease of a disabled pool, a worker past its
     provisioning timeout, a task to end or purge.
@@ -63,13 +72,13 @@ def expiry_due(session: Session, now: datetime, task_retention_s: int) -> bool:
     in the warm-lease benchmark, up to 240 ms, every lease request waiting behind it).
     Each deadline here is the earliest of what that transaction acts on, so it says yes
     whenever the transaction would act (sometimes when it would not: an idle deadline
-    passed by a lease that runs a task).
+    passed by a lease that runs a task). ``pools``: as the caller's transaction read them.
     """
-    pools = session.exec(_POOLS).all()
+    pools = pools_by_name(session) if pools is None else pools
     deadlines = [*_lease_deadlines(session), *_provision_deadlines(session, pools)]
     if any(moment is not None and moment <= now for moment in deadlines):
         return True
-    if session.exec(_PENDING_OF_DISABLED_POOLS).first() is not None:
+    if _PENDING_OF_DISABLED_POOLS.first(core_connection(session), {}) is not None:
         return True
     return sweep_due(session, now, task_retention_s)
 
@@ -88,37 +97,42 @@ def next_trim_due(
     return _trim_due(session, pool_name, policy, counts, now, planned)
 
 
-# Asked after every full pass: built once, as ``pools``' counts.
-_POOLS = select(Pool)
-_ACTIVE_DEADLINES = select(func.min(Lease.idle_expires_at), func.min(Lease.expires_at)).where(
-    Lease.state == LeaseState.ACTIVE
+# Asked before and after every full pass: on the driver's cursor (``DriverStatement``),
+# as the pools' counts (through the ORM these reads were most of ``expiry_due``).
+_ACTIVE_DEADLINES = DriverStatement(
+    select(
+        func.min(Lease.idle_expires_at).label("idle"), func.min(Lease.expires_at).label("lifetime")
+    ).where(Lease.state == LeaseState.ACTIVE.value)
 )
-_PENDING_DEADLINE = select(func.min(Lease.pending_expires_at)).where(
-    Lease.state == LeaseState.PENDING
+_PENDING_DEADLINE = DriverStatement(
+    select(func.min(Lease.pending_expires_at).label("pending")).where(
+        Lease.state == LeaseState.PENDING.value
+    )
 )
-_PENDING_OF_DISABLED_POOLS = (
+_PENDING_OF_DISABLED_POOLS = DriverStatement(
     select(Lease.id)
     .join(Pool, col(Pool.name) == col(Lease.pool))
-    .where(Lease.state == LeaseState.PENDING, col(Pool.enabled).is_(False))
+    .where(Lease.state == LeaseState.PENDING.value, col(Pool.enabled).is_(False))
     .limit(1)
 )
-_OLDEST_PROVISIONING = (
-    select(Worker.pool, func.min(Worker.created_at))
-    .where(Worker.state == WorkerState.PROVISIONING)
+_OLDEST_PROVISIONING = DriverStatement(
+    select(Worker.pool, func.min(Worker.created_at).label("oldest"))
+    .where(Worker.state == WorkerState.PROVISIONING.value)
     .group_by(col(Worker.pool))
 )
 
 
 def _lease_deadlines(session: Session) -> list[datetime | None]:
-    active = session.exec(_ACTIVE_DEADLINES).one()
-    pending = session.exec(_PENDING_DEADLINE).one()
-    return [*active, pending]
+    connection = core_connection(session)
+    [active] = _ACTIVE_DEADLINES.all(connection, {})  # aggregates: one row each
+    [pending] = _PENDING_DEADLINE.all(connection, {})
+    return [*active, *pending]
 
 
-def _provision_deadlines(session: Session, pools: Sequence[Pool]) -> list[datetime | None]:
+def _provision_deadlines(session: Session, pools: Sequence[PoolView]) -> list[datetime | None]:
     """Each pool's oldest provisioning worker times out ``provision_timeout`` after its
     creation (``workers.provision_timeouts``)."""
-    oldest = dict(session.exec(_OLDEST_PROVISIONING).all())
+    oldest = dict(_OLDEST_PROVISIONING.all(core_connection(session), {}))
     return [
         oldest[pool.name] + timedelta(seconds=pool.provision_timeout_s)
         for pool in pools

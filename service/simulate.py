@@ -55,7 +55,8 @@ from service import leasing, tenants
 from service.capacity import ADAPTIVE, FIXED
 from service.clock import VirtualClock
 from service.config import Config
-from service.db import MEMORY_URL, session_factory, session_scope
+from service.db import MEMORY_URL, close_held, core_connection, session_scope
+from service.driver_sql import DriverStatement
 from service.due import next_due, next_trim_due
 from service.errors import Conflict, NotFound
 from service.leasing import Outcome
@@ -82,10 +83,10 @@ DRAIN_LIMIT_S = 7 * 24 * 3600.0
 # What a simulated agent reports as its URL.
 _AGENT_URL = "http://simulated.invalid/"
 # Counted after each full pass: past the last request, the replay ends when none is left.
-_OPEN_LEASES = (
-    select(func.count())
+_OPEN_LEASES = DriverStatement(
+    select(func.count().label("n"))
     .select_from(Lease)
-    .where(col(Lease.state).in_([LeaseState.PENDING, LeaseState.ACTIVE]))
+    .where(col(Lease.state).in_([LeaseState.PENDING.value, LeaseState.ACTIVE.value]))
 )
 
 
@@ -292,7 +293,7 @@ class Replay:
         self.cloud = simulated_cloud(self.clock.now, self._agent_ready_at, seed)
         self.engine = prepare_database(self.config)
         self.rt = simulation_runtime(self.config, self.engine, self.clock, self.cloud)
-        self.factory = session_factory(self.engine)
+        self.factory = self.rt.factory
         self.interval = float(self.config.scheduler.interval)
         self.doorbell = self.config.scheduler.doorbell
         self.provision_timeout = {pool.name: pool.provision_timeout for pool in config.pools}
@@ -364,9 +365,12 @@ class Replay:
     # -- what happens ----------------------------------------------------------------
 
     def _create_tenants(self) -> None:
+        names = list(dict.fromkeys(row.tenant for row in self.trace))
         with session_scope(self.factory) as session:
-            for name in dict.fromkeys(row.tenant for row in self.trace):
-                self._tenants[name] = tenants.create(session, name, self.clock.now())[0].id
+            created = tenants.create_many(session, names, self.clock.now())
+        self._tenants = {
+            name: tenant_id for name, (tenant_id, _) in zip(names, created, strict=True)
+        }
 
     def _on_request(self, row: TraceRow) -> None:
         now = self.clock.now()
@@ -513,7 +517,7 @@ class Replay:
         maintain(self.rt, self.clock.now())
         destroy(self.rt, self.clock.now())
         with session_scope(self.rt.read_factory) as session:
-            self._open_leases = session.exec(_OPEN_LEASES).one()
+            [(self._open_leases,)] = _OPEN_LEASES.all(core_connection(session), {})
             due = next_due(session, self.clock.now())
         if due is not None:  # at most once per interval, as the service's scheduler
             self._plan_tick(
@@ -537,6 +541,7 @@ class Replay:
 
     def close(self) -> None:
         self.rt.close()
+        close_held(self.rt.factory, self.rt.read_factory)
         self.engine.dispose()
 
 

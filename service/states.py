@@ -13,6 +13,7 @@ from sqlalchemy import bindparam, event, insert
 from sqlalchemy.orm import ORMExecuteState
 from sqlmodel import Session
 
+from service.db import transaction_connection
 from service.driver_sql import DriverStatement
 from service.models import Event, Lease, LeaseState, Task, TaskState, Worker, WorkerState
 
@@ -219,7 +220,7 @@ _INSERT_EVENTS = DriverStatement(
 def _write_events(session: Session, *_args: Any) -> None:
     rows = session.info.pop(_PENDING_EVENTS, None)
     if rows:
-        _INSERT_EVENTS.run_many(session.connection(), rows)
+        _INSERT_EVENTS.run_many(transaction_connection(session), rows)
 
 
 def _drop_events(session: Session, *_args: Any) -> None:

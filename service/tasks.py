@@ -23,7 +23,8 @@ from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from service import metrics
-from service.db import Prepared, is_sqlite, with_row_locks
+from service.db import Prepared, core_connection, is_sqlite, with_row_locks
+from service.driver_sql import DriverStatement
 from service.errors import Conflict, InvalidRequest, NotFound, RangeNotSatisfiable
 from service.models import (
     LIVE_TASK_STATES,
@@ -675,23 +676,26 @@ def sweep(session: Session, now: datetime, retention_s: int) -> Swept:
     return Swept(cancelled=cancelled, lost=lost, purged=_purge(session, now, retention_s))
 
 
-_RUNNING_DEADLINES = core_select(_T.c.started_at, _T.c.timeout_s, _T.c.cancel_requested_at).where(
-    _T.c.state == TaskState.RUNNING
+# Asked before every full pass: on the driver's cursor (``DriverStatement``).
+_RUNNING_DEADLINES = DriverStatement(
+    core_select(_T.c.started_at, _T.c.timeout_s, _T.c.cancel_requested_at).where(
+        _T.c.state == TaskState.RUNNING.value
+    )
 )
-_OLDEST_FINISHED = core_select(func.min(_T.c.finished_at))
+_OLDEST_FINISHED = DriverStatement(core_select(func.min(_T.c.finished_at).label("oldest")))
 
 
 def sweep_due(session: Session, now: datetime, retention_s: int) -> bool:
     """Whether ``sweep`` would end or purge a task at ``now`` (its deadlines, read only)."""
-    connection = session.connection()
-    for started_at, timeout_s, asked in connection.execute(_RUNNING_DEADLINES):
+    connection = core_connection(session)
+    for started_at, timeout_s, asked in _RUNNING_DEADLINES.all(connection, {}):
         if asked is not None and asked <= now - timedelta(seconds=CANCEL_CONFIRM_S):
             return True
         if started_at is not None and (
             started_at + timedelta(seconds=timeout_s + RESULT_GRACE_S) <= now
         ):
             return True
-    oldest = connection.execute(_OLDEST_FINISHED).scalar()
+    [(oldest,)] = _OLDEST_FINISHED.all(connection, {})  # an aggregate: one row
     return oldest is not None and oldest < now - timedelta(seconds=retention_s)
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
 from service import metrics
-from service.db import Prepared, core_connection, is_sqlite, with_row_locks
+from service.db import Prepared, core_connection, is_sqlite, transaction_connection, with_row_locks
 from service.driver_sql import DriverStatement
 from service.errors import Conflict, NotFound, Unauthorized
 from service.leasing import (
@@ -183,7 +183,7 @@ def worker_ready(
         "address": address or row.address,
         "token_hash": hash_token(worker_token),
     }
-    if _MARK_READY.run(session.connection(), params) != 1:
+    if _MARK_READY.run(transaction_connection(session), params) != 1:
         raise Conflict(f"worker {worker_id} is no longer provisioning")  # not under the lock
     loaded = session.identity_map.get(session.identity_key(Worker, worker_id))
     if loaded is not None:  # loaded earlier in this transaction: read it again if used
@@ -370,7 +370,7 @@ def record_create(
     now: datetime,
 ) -> None:
     """The provisioner launched the worker's resource: remember where it is."""
-    connection = session.connection()
+    connection = transaction_connection(session)
     values = {"worker_id": worker_id, "provider_id": provider_id, "address": address}
     _RECORD_CREATE.run(connection, values)
     if _CREATES_FAILED.first(connection, {"pool": pool_name}) is None:
@@ -471,7 +471,9 @@ _DESTROY_ERROR = DriverStatement(
 def _finish_destroy(session: Session, worker_id: str, now: datetime) -> int:
     """The provisioner confirmed: ``destroying -> destroyed`` (the ``WHERE`` holds the row
     at ``destroying``); 0 when the row is not there or not being destroyed."""
-    finished = _FINISH_DESTROY.first(session.connection(), {"worker_id": worker_id, "now": now})
+    finished = _FINISH_DESTROY.first(
+        transaction_connection(session), {"worker_id": worker_id, "now": now}
+    )
     if finished is None:
         return 0
     pool = finished.pool
@@ -491,7 +493,7 @@ def _finish_destroy(session: Session, worker_id: str, now: datetime) -> int:
 
 
 def _destroy_error_marked(session: Session, pool_name: str) -> bool:
-    return _DESTROY_ERROR.first(session.connection(), {"pool": pool_name}) is not None
+    return _DESTROY_ERROR.first(transaction_connection(session), {"pool": pool_name}) is not None
 
 
 def _retry_destroy_later(

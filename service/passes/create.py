@@ -10,8 +10,8 @@ from sqlmodel import Session
 from provisioners import WorkerSpec
 from service.db import session_scope
 from service.passes.provisioning import failure_of
-from service.passes.runtime import Runtime, pools_by_name
-from service.pools import PoolView, plan_refill
+from service.passes.runtime import Runtime
+from service.pools import PoolView, plan_refill, pools_by_name
 from service.workers import ClaimedWorker, claim_creates, record_create, record_create_failure
 
 log = logging.getLogger("workerlease.passes.create")

@@ -6,8 +6,8 @@ from datetime import datetime
 
 from service.db import session_scope
 from service.passes.provisioning import failure_of, handle_of
-from service.passes.runtime import Runtime, pools_by_name
-from service.pools import PoolView
+from service.passes.runtime import Runtime
+from service.pools import PoolView, pools_by_name
 from service.workers import CallFailure, ClaimedWorker, claim_destroys, record_destroys
 
 

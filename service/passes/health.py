@@ -10,10 +10,12 @@ from sqlmodel import col
 
 from provisioners import ResourceState
 from service import metrics
-from service.db import session_scope
+from service.db import core_connection, session_scope
+from service.driver_sql import DriverStatement
 from service.models import Worker, WorkerState
 from service.passes.provisioning import failure_of, group_by_pool, handle_of
-from service.passes.runtime import Runtime, pools_by_name
+from service.passes.runtime import Runtime
+from service.pools import pools_by_name
 from service.workers import apply_health, health_change
 
 log = logging.getLogger("workerlease.passes.health")
@@ -22,22 +24,27 @@ _OBSERVED_STATES = (WorkerState.PROVISIONING, WorkerState.READY, WorkerState.LEA
 
 
 # Plain columns, not Worker objects: this reads every running worker on every pass, and
-# building ORM objects (tokens decrypted) was most of its cost. Built once, as every
-# pass runs it (see ``db.Prepared``).
-_RUNNING = sa_select(
-    col(Worker.id),
-    col(Worker.pool),
-    col(Worker.state),
-    col(Worker.provider_id),
-    col(Worker.address),
-).where(col(Worker.state).in_(_OBSERVED_STATES), col(Worker.provider_id).is_not(None))
+# building ORM objects (tokens decrypted) was most of its cost. On the driver's cursor
+# (``DriverStatement``), as the other reads every pass makes.
+_RUNNING = DriverStatement(
+    sa_select(
+        col(Worker.id),
+        col(Worker.pool),
+        col(Worker.state),
+        col(Worker.provider_id),
+        col(Worker.address),
+    ).where(
+        col(Worker.state).in_([state.value for state in _OBSERVED_STATES]),
+        col(Worker.provider_id).is_not(None),
+    )
+)
 
 
 def check_health(rt: Runtime, now: datetime) -> int:
     """Describe every running worker, pool by pool; apply what changed. Returns the moves."""
     with session_scope(rt.read_factory) as session:
         pools = {p.name: p for p in pools_by_name(session)}
-        workers = list(session.execute(_RUNNING).all())
+        workers = _RUNNING.all(core_connection(session), {})
     changed = 0
     for pool_name, pool_workers in group_by_pool(workers).items():
         provisioner = rt.provisioners.for_pool(pools[pool_name])

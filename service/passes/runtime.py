@@ -4,39 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import Table
-from sqlalchemy import select as core_select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from service.clock import Clock, SystemClock
 from service.config import Config, SchedulerConfig
-from service.db import core_connection, session_factory, session_scope
+from service.db import session_factory, session_scope
 from service.doorbell import Bell, NoBell, bell_for
-from service.driver_sql import DriverStatement
-from service.models import Pool
 from service.passes.dispatch import PoolDispatcher
 from service.passes.provisioning import Deployment, ProvisionerSet
-from service.pools import HIT_TARGET, PoolView, installation_id
+from service.pools import PoolView, installation_id, pools_by_name
 
 DESTROYS_PER_POOL = 8
-# Every pass reads them: plain rows of every column on the driver's cursor
-# (``DriverStatement``), not ORM objects (the ORM's load was ~14 % of the replay's
-# profile). Nothing writes through them: a pass that changes a pool loads its ORM row.
-_POOLS: Table = Pool.__table__  # type: ignore[attr-defined]
-_POOLS_BY_NAME = DriverStatement(
-    core_select(*(HIT_TARGET if c is _POOLS.c.warm_hit_target else c for c in _POOLS.c)).order_by(
-        _POOLS.c.name
-    )
-)
-
-
-def pools_by_name(session: Session) -> list[PoolView]:
-    """Every pool, in the caller's transaction: a pass that claims work reads them there
-    rather than in a transaction of their own."""
-    pools: list[PoolView] = _POOLS_BY_NAME.all(core_connection(session), {})
-    return pools
 
 
 @dataclass

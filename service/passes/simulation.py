@@ -16,7 +16,7 @@ from provisioners.base import Provisioner, WorkerSpec
 from provisioners.simulated import SimulatedCloud, SimulatedOptions, SimulatedProvisioner
 from service.clock import Clock
 from service.config import Config, PoolConfig
-from service.db import session_factory
+from service.db import held_session_factories, session_factory
 from service.passes.dispatch import PoolDispatcher
 from service.passes.provisioning import Deployment, ProvisionerSet
 from service.passes.runtime import Runtime
@@ -99,4 +99,6 @@ def simulation_runtime(
     rt.creates.shutdown(0)
     rt.destroys.shutdown(0)
     rt.creates, rt.destroys = InlineDispatcher("create"), InlineDispatcher("destroy")
+    # One thread and an in-memory database: its connections held open (``close_held``).
+    rt.factory, rt.read_factory = held_session_factories(engine)
     return rt
