@@ -5,19 +5,28 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from provisioners import local_uids
+from tests.support.server import wait_until
 
 
-def _wait_exec(pid: int, program: bytes, timeout: float = 30.0) -> None:
-    """Until the child runs ``program``: between fork and exec its /proc is the parent's."""
-    deadline = time.monotonic() + timeout
-    while (local_uids.read_proc(pid, "cmdline") or b"").split(b"\0")[0] != program:
-        assert time.monotonic() < deadline, f"{pid} never ran {program!r}"
-        time.sleep(0.01)
+def _wait_exec(pid: int, program: bytes, timeout: float = 30.0) -> bytes:
+    """Until the child runs ``program`` with its environment in place; that environment.
+
+    Between fork and exec its /proc is the parent's; and exec sets the new image's
+    argument bounds before its environment's, so for a moment cmdline already reads the
+    program while environ still reads empty (seen on a busy host)."""
+
+    def environ_once_exec_is_done() -> bytes | None:
+        cmdline = local_uids.read_proc(pid, "cmdline") or b""
+        return local_uids.read_proc(pid, "environ") if cmdline.split(b"\0")[0] == program else None
+
+    environ: bytes = wait_until(
+        environ_once_exec_is_done, timeout, interval=0.01, message=f"{pid} never ran {program!r}"
+    )
+    return environ
 
 
 def test_process_uid_is_the_real_uid_and_none_once_gone() -> None:
@@ -33,14 +42,7 @@ def test_read_proc_reads_past_one_chunk_and_none_for_a_missing_process() -> None
     expected = [f"{k}={v}".encode() for k, v in big.items()]
     child = subprocess.Popen(["cat"], env=big, stdin=subprocess.PIPE)
     try:
-        _wait_exec(child.pid, b"cat")
-        # exec sets the new image's argument bounds before its environment's: for a moment
-        # cmdline already reads "cat" and environ still reads empty (seen on a busy host).
-        deadline = time.monotonic() + 30
-        while (environ := local_uids.read_proc(child.pid, "environ")) == b"":
-            assert time.monotonic() < deadline, "environ never filled in"
-            time.sleep(0.01)
-        assert environ is not None
+        environ = _wait_exec(child.pid, b"cat")
         assert environ.split(b"\0")[:2] == expected
     finally:
         child.communicate(b"")

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 
 from service.doorbell import Listener, PostgresBell, bell_for
 from tests.support.postgres import PostgresServer
+from tests.support.server import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -139,7 +140,8 @@ def test_closing_the_bell_ends_its_sender_thread_and_connection(
         senders = _senders()  # other tests' apps may have their own (until closed)
         bell.close()
         assert _senders() == senders - 1
-        _wait_until(lambda: _count(engine, "workerlease doorbell notify") == 0)
+        # The server drops a closed connection's row from pg_stat_activity a moment later.
+        wait_until(lambda: _count(engine, "workerlease doorbell notify") == 0, 30)
         bell.ring()  # after close: nothing starts again
         assert _senders() == senders - 1
     finally:
@@ -148,11 +150,3 @@ def test_closing_the_bell_ends_its_sender_thread_and_connection(
 
 def _senders() -> int:
     return sum(1 for thread in threading.enumerate() if thread.name == "doorbell")
-
-
-def _wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    """The server drops a closed connection's row from pg_stat_activity a moment later."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "still not true after 30 s"
-        time.sleep(0.05)
