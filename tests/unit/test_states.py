@@ -21,11 +21,13 @@ from service.states import (
 NOW = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 CREATED = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
-WORKER_ALLOWED = [(a, b) for a in WorkerState for b in WORKER_TRANSITIONS[a]]
+# In the enums' order, not the frozensets': pytest-xdist's processes must collect the
+# same ids in the same order, and a set's order follows the per-process string hash.
+WORKER_ALLOWED = [(a, b) for a in WorkerState for b in WorkerState if b in WORKER_TRANSITIONS[a]]
 WORKER_FORBIDDEN = [
     (a, b) for a in WorkerState for b in WorkerState if b not in WORKER_TRANSITIONS[a]
 ]
-LEASE_ALLOWED = [(a, b) for a in LeaseState for b in LEASE_TRANSITIONS[a]]
+LEASE_ALLOWED = [(a, b) for a in LeaseState for b in LeaseState if b in LEASE_TRANSITIONS[a]]
 LEASE_FORBIDDEN = [(a, b) for a in LeaseState for b in LeaseState if b not in LEASE_TRANSITIONS[a]]
 
 
