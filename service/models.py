@@ -11,6 +11,7 @@ The two leasing invariants are indexes, so no race can break them:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,10 +46,30 @@ class UTCDateTime(TypeDecorator[datetime]):
         value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        """On SQLite, ``process_bind_param`` and SQLite's ``DATETIME`` text in one function
+        (every statement binds a few: ~7 us -> ~3.5 us each); the same text, to the byte."""
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+        return _sqlite_utc_text
+
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _sqlite_utc_text(value: datetime | None) -> str | None:
+    """What SQLAlchemy's SQLite ``DATETIME`` stores of ``process_bind_param``'s naive UTC:
+    ``YYYY-MM-DD HH:MM:SS.ffffff``, the microseconds always written."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    text = value.isoformat(" ")[:-6]  # "+00:00" off
+    return text if value.microsecond else text + ".000000"
 
 
 class WorkerState(enum.StrEnum):

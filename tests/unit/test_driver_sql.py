@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import bindparam, exists, insert, select, update
+from sqlalchemy import DateTime, bindparam, exists, insert, select, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from service.driver_sql import DriverStatement
-from service.models import LIVE_TASK_STATES, Event, Lease, LeaseState, Task, Tenant, Worker
+from service.models import (
+    LIVE_TASK_STATES,
+    Event,
+    Lease,
+    LeaseState,
+    Task,
+    Tenant,
+    UTCDateTime,
+    Worker,
+)
 from tests.support.fakes import ManualClock
 from tests.unit.conftest import Tx, add_ready_worker, add_tenant
 
@@ -138,3 +149,28 @@ def test_a_naive_datetime_is_refused_before_the_database(engine: Engine) -> None
     )
     with pytest.raises(ValueError, match="naive"), engine.begin() as connection:
         statement.run(connection, {"b_id": "t_x", "at": datetime(2026, 1, 1)})
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 1, 5, 3, 4, 5, tzinfo=UTC),
+        datetime(2026, 1, 5, 3, 4, 5, 120, tzinfo=UTC),
+        datetime(2026, 1, 5, 3, 4, 5, 999999, tzinfo=UTC),
+        datetime(999, 12, 31, 23, 59, 59, tzinfo=UTC),
+        datetime(2026, 1, 5, 1, 4, 5, 7, tzinfo=timezone(timedelta(hours=-2, minutes=-30))),
+        datetime(2026, 1, 5, 1, 4, 5, tzinfo=ZoneInfo("Europe/Berlin")),
+        None,
+    ],
+)
+def test_utc_datetime_binds_on_sqlite_the_text_sqlalchemy_stores(moment: datetime | None) -> None:
+    """``UTCDateTime``'s one-function bind on SQLite against SQLAlchemy's own two steps
+    (``process_bind_param``, then SQLite's ``DATETIME`` text)."""
+    dialect = sqlite.dialect()
+    column = UTCDateTime()
+    own = column.bind_processor(dialect)
+    sqlalchemys = DateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert own is not None and sqlalchemys is not None
+    assert own(moment) == sqlalchemys(column.process_bind_param(moment, dialect))
+    with pytest.raises(ValueError, match="naive"):
+        own(datetime(2026, 1, 5))
