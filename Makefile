@@ -2,7 +2,7 @@
 #   make run    serve on SQLite with local pools (infra/local.yaml), printing how to start
 #   make stop   after Ctrl-C: destroy the workers make run left (local agents keep running)
 #   make test   install everything the tests need (venv, Docker engine, PostgreSQL binaries,
-#               test image) and run the whole suite (TEST_JOBS=2 processes, then the serial part)
+#               test image) and run the whole suite (on TEST_JOBS=2 processes)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -86,18 +86,14 @@ images: install docker-engine
 
 system-deps: docker-engine postgres nginx promtool chromium
 
-# The suite on TEST_JOBS processes (pytest-xdist; a test file stays on one process, so
-# a module's server or browser starts once), then the tests marked serial alone: the
-# crash suite's quick mode, whose kills are timed and whose summary line only a single
-# process prints. Most tests wait on servers, agents and engines, so two processes on
-# two cores overlap those waits. Exit status 5 (nothing selected, e.g. a PYTEST_ARGS path
-# without serial tests) is not a failure.
+# The suite on TEST_JOBS processes (pytest-xdist). A test file stays on one process, so
+# a module's server or browser starts once; tests/conftest.py starts the long files first
+# and prints the crash suite's line from every process's counts. Most tests wait on
+# servers, agents and engines, so two processes on two cores overlap those waits.
 TEST_JOBS ?= 2
-TEST_ENV := WORKERLEASE_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov
 test: install checkov system-deps images
-	$(TEST_ENV) $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile -m 'not serial' $(PYTEST_ARGS); \
-	    rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
-	$(TEST_ENV) $(PY) -m pytest -m serial $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	WORKERLEASE_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest \
+	    -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # The crash suite in full: 52 SIGKILL runs and 4000 lease/release cycles (make test runs
 # its quick mode). Needs what make test needs; takes several minutes more.

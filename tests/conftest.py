@@ -23,6 +23,7 @@ from service.passes.maintain import maintain
 from service.passes.reconcile import reconcile
 from service.passes.runtime import Runtime, build_runtime
 from service.startup import prepare_database
+from tests.integration.crash.support import STATS as CRASH_STATS
 from tests.support.entry_points import install_distribution
 from tests.support.fakes import FakeCloud, ManualClock, install
 from tests.support.postgres import PostgresServer, PostgresUnavailable
@@ -214,3 +215,51 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in ("WORKERLEASE_CONFIG", "WORKERLEASE_ADMIN_TOKEN", "WORKERLEASE_DATABASE_URL"):
         monkeypatch.delenv(variable, raising=False)
     os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+# ---- the order of the run -----------------------------------------------------------
+# The integration tests first: under pytest-xdist (make test) each process takes whole
+# files, and the long ones (EC2's launch rate, the crash suite, services through bursts)
+# started last left one process working alone at the end while the other had nothing.
+_FIRST = ("integration", "client", "api", "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def part(item: pytest.Item) -> int:
+        parts = item.path.relative_to(Path(__file__).parent).parts
+        return _FIRST.index(parts[0]) if parts[0] in _FIRST else len(_FIRST)
+
+    items.sort(key=part)  # stable: the order within a part stays as collected
+
+
+# ---- the crash suite's summary line (tests/integration/crash) ----------------------
+# Written by the process with the terminal: under pytest-xdist (make test) that is the
+# controller, which collects no tests, so each process sends its counts when it ends.
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    sent = getattr(session.config, "workeroutput", None)  # set on an xdist process only
+    if sent is not None and CRASH_STATS.used:
+        sent["crash_stats"] = CRASH_STATS.as_dict()
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown without the plugin
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    counted = getattr(node, "workeroutput", {}).get("crash_stats")
+    if counted is not None:
+        CRASH_STATS.merge(counted)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
+    if not CRASH_STATS.used:
+        return
+    terminalreporter.write_sep("-", "crash suite")
+    if CRASH_STATS.seeds:
+        terminalreporter.write_line(
+            "crash suite seeds: "
+            + " ".join(str(s) for s in sorted(CRASH_STATS.seeds))
+            + " (reproduce with WORKERLEASE_CRASH_SEED=<seed>)"
+        )
+    for line in CRASH_STATS.notes:
+        terminalreporter.write_line(f"crash suite note: {line}")
+    terminalreporter.write_line(CRASH_STATS.summary())

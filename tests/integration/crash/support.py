@@ -39,6 +39,25 @@ class CrashStats:
             f"lost={self.lost} double_leased={self.double_leased}"
         )
 
+    def as_dict(self) -> dict[str, Any]:
+        """What a pytest-xdist process sends its controller (``tests/conftest.py``)."""
+        return {name: getattr(self, name) for name in _COUNTERS} | {
+            "seeds": sorted(self.seeds),
+            "notes": list(self.notes),
+        }
+
+    def merge(self, sent: dict[str, Any]) -> None:
+        """Add what another process counted (``as_dict``)."""
+        with self.lock:
+            for name in _COUNTERS:
+                setattr(self, name, getattr(self, name) + sent[name])
+            self.used = True
+            self.seeds.update(sent["seeds"])
+            self.notes.extend(sent["notes"])
+
+
+_COUNTERS = ("runs", "kills", "leaked", "lost", "double_leased")
+
 
 STATS = CrashStats()
 

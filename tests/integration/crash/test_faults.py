@@ -29,7 +29,7 @@ from tests.integration.crash.doubles import Control, install
 from tests.support.live import LiveService, live_service
 from tests.support.server import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.serial]
+pytestmark = pytest.mark.integration
 
 MIN_READY = 2
 # Not a speed target: a request queued behind the hang would wait for unblock() (or

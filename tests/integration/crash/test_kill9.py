@@ -36,7 +36,7 @@ import requests
 from tests.integration.crash.support import FULL, CrashStats, Db, Snapshot, settle
 from tests.support.server import ServerProcess, pool, reap_zombie_children
 
-pytestmark = [pytest.mark.integration, pytest.mark.serial]
+pytestmark = pytest.mark.integration
 
 POOL = "hosted-ubuntu"
 KILLS_PER_CHAIN = 4

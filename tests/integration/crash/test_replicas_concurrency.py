@@ -44,7 +44,7 @@ from tests.support.server import (
     worker_root,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.serial]
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 POOL = "hosted-ubuntu"
 CLIENTS = 64
