@@ -87,13 +87,15 @@ images: install docker-engine
 system-deps: docker-engine postgres nginx promtool chromium
 
 # The suite on TEST_JOBS processes (pytest-xdist). A test file stays on one process, so
-# a module's server or browser starts once; tests/conftest.py starts the long files first
-# and prints the crash suite's line from every process's counts. Most tests wait on
-# servers, agents and engines, so two processes on two cores overlap those waits.
+# a module's server or browser starts once; files go out in the order tests/conftest.py
+# gives them, the long integration files first (xdist's default sends the files with
+# the most tests first, which left the one-test replica run of the crash suite for last),
+# and tests/conftest.py prints the crash suite's line from every process's counts. Most
+# tests wait on servers, agents and engines, so two processes on two cores overlap those.
 TEST_JOBS ?= 2
 test: install checkov system-deps images
 	WORKERLEASE_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest \
-	    -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
+	    -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The crash suite in full: 52 SIGKILL runs and 4000 lease/release cycles (make test runs
 # its quick mode). Needs what make test needs; takes several minutes more.
