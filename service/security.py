@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import uuid
 
@@ -29,3 +30,13 @@ def secret_equals(given: str, expected: str) -> bool:
 def new_id(prefix: str) -> str:
     """Ids are lowercase so they are valid in container names, tags and paths."""
     return f"{prefix}-{uuid.uuid4().hex[:20]}"
+
+
+def make_files_private() -> None:
+    """Everything this process creates from now on is for its own user only.
+
+    The database (and its -wal/-shm), the key file and logs hold secrets; a worker
+    running under another uid on this host must not read them, whatever umask the
+    service was started with.
+    """
+    os.umask(0o077)

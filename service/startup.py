@@ -38,16 +38,6 @@ def service_url(config: Config, host: str, port: int) -> str:
     return f"http://{reachable}:{port}"
 
 
-def make_files_private() -> None:
-    """Everything this process creates from now on is for its own user only.
-
-    The database (and its -wal/-shm), the key file and logs hold secrets; a worker
-    running under another uid on this host must not read them, whatever umask the
-    service was started with.
-    """
-    os.umask(0o077)
-
-
 def sqlite_path(database_url: str) -> Path | None:
     """The database file of a SQLite URL (None for other databases and in-memory ones)."""
     url = make_url(database_url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from service import startup
 from service.app import create_app
+from service.security import make_files_private
 
-startup.make_files_private()
+make_files_private()
 app = create_app(startup.load(None, serving=True))

@@ -24,7 +24,9 @@ def _cli(
         [sys.executable, "-m", "service.cli", *args, "--url", server.url],
         capture_output=True,
         text=True,
-        timeout=60,
+        # A bound on a hang, not a speed check: beside two test suites at load 20 one
+        # call printed its answer and was still exiting at 60 s.
+        timeout=300,
         env=env,
         cwd=server.dir,
     )

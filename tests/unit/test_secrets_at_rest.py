@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from service import crypto, startup
 from service.config import ConfigError, config_from_dict
+from service.security import make_files_private
 from tests.conftest import ADMIN_TOKEN, Service
 
 
@@ -96,7 +97,7 @@ def test_the_database_and_its_wal_and_shm_are_private_whatever_the_umask(
         assert _mode(database) == 0o644
         config = startup.load(str(config_path), serving=True)
         assert _mode(database) == 0o600
-        startup.make_files_private()
+        make_files_private()
         engine = startup.prepare_database(config)
         with engine.begin() as connection:  # a write, so -wal and -shm exist
             connection.execute(text("UPDATE pools SET enabled = enabled"))
