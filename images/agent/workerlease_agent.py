@@ -56,6 +56,12 @@ TRUNCATED = "\n[truncated]"
 DEFAULT_RUN_TIMEOUT_S = 60
 MAX_RUN_TIMEOUT_S = 3600
 CALLBACK_TIMEOUT_S = 10.0
+# The ready call's answer is the worker's only credentials, and the service spends the
+# one-time bootstrap token on it: an attempt given up on while the service was still
+# answering leaves a ready (maybe already leased) worker whose every retry is refused.
+# So that call waits this long for its answer (within WORKERLEASE_READY_TIMEOUT_S);
+# seen under load: a ready call answered after 11 s.
+READY_CALL_TIMEOUT_S = 120.0
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 30.0
 RETRYABLE_4XX = {408, 429}
@@ -627,19 +633,22 @@ def report_ready(
     )
     deadline = time.monotonic() + config.ready_timeout_s
     delay = BACKOFF_FIRST_S
-    attempt = 0
+    attempt = unanswered = 0
     while not stop.is_set():
         attempt += 1
         request = urllib.request.Request(url, data=body, method="POST")
         request.add_header("Content-Type", "application/json")
         request.add_header("Authorization", f"Bearer {config.bootstrap_token}")
+        timeout = min(READY_CALL_TIMEOUT_S, max(1.0, deadline - time.monotonic()))
         try:
-            with opener.open(request, timeout=CALLBACK_TIMEOUT_S) as response:
+            with opener.open(request, timeout=timeout) as response:
                 answer = response.read(MAX_BODY)
             return _tokens_from(answer, config)
         except urllib.error.HTTPError as exc:
             if exc.code < 500 and exc.code not in RETRYABLE_4XX:
-                log("ready_refused", status=exc.code, attempt=attempt)
+                # After an attempt that got no answer, a 401 most likely means that one
+                # was taken: the token is spent and the worker has to be replaced.
+                log("ready_refused", status=exc.code, attempt=attempt, unanswered=unanswered)
                 return None
             reason = f"http_{exc.code}"
         except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
@@ -648,6 +657,7 @@ def report_ready(
                 log("ready_refused", reason="certificate", error=certificate, attempt=attempt)
                 return None
             reason = type(exc).__name__
+            unanswered += 1
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             log("ready_gave_up", attempts=attempt, reason=reason)

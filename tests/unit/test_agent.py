@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from images.agent import workerlease_agent as agent_module
+
 AGENT = Path(__file__).resolve().parents[2] / "images" / "agent" / "workerlease_agent.py"
 PYTHON = os.environ.get("WORKERLEASE_AGENT_TEST_PYTHON") or sys.executable
 BOOTSTRAP = "bootstrap-secret-4f1c"
@@ -274,6 +276,23 @@ def test_run_before_the_access_token_is_known_is_503(
     service.release.set()
     wait_for(lambda: "event=ready" in agent.log())
     assert agent.run({"script": "true"}).status_code == 200
+
+
+def test_a_ready_answer_slower_than_other_calls_is_waited_for(
+    service: FakeService, start_agent: Callable[..., Agent]
+) -> None:
+    """The service spends the bootstrap token on the first ready call: an agent that gave
+    up on a slow answer and asked again would be refused (401) and its worker lost, as a
+    loaded service answering in 11 s once did to leased workers."""
+    service.release.clear()  # hold the ready callback's answer
+    agent = start_agent(wait_ready=False)
+    assert service.received.wait(WAIT_S), agent.log()
+    time.sleep(agent_module.CALLBACK_TIMEOUT_S + 2)  # past what the other calls wait
+
+    service.release.set()
+    wait_for(lambda: "event=ready " in agent.log())
+    assert len(service.calls) == 1
+    assert "event=ready_retry" not in agent.log()
 
 
 def test_timeout_kills_the_script_and_its_children(start_agent: Callable[..., Agent]) -> None:

@@ -72,6 +72,7 @@ _LEASE_KEYS = (
     "state",
     "worker_id",
     "created_at",
+    "activated_at",
     "ended_at",
     "end_reason",
 )
