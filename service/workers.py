@@ -155,8 +155,23 @@ def check_bootstrap_token(session: Session, worker_id: str, bootstrap_token: str
     # Compared even when there is nothing to compare with, so both cases take as long.
     matches = secret_equals(bootstrap_token, stored or "wlb_" + "-" * 43)
     if row is None or stored is None or not matches:
+        if row is not None and stored is None and row.state in _TOKEN_LIVE_STATES:
+            _note_ready_again(worker_id, row.state)
         raise Unauthorized(BAD_BOOTSTRAP)
     return row
+
+
+def _note_ready_again(worker_id: str, state: str) -> None:
+    """A ready call for a worker its first ready call already made ready. The answer stays
+    the same 401 (no oracle), but an operator learns why such a worker may fail soon:
+    its agent did not get the first answer (it gave up waiting, or the connection
+    broke) and, refused now, exits."""
+    log.warning(
+        "ready_callback_repeated worker=%s state=%s: its one-time bootstrap token was "
+        "spent by an earlier ready call; an agent that did not receive that answer exits",
+        worker_id,
+        state,
+    )
 
 
 def worker_ready(

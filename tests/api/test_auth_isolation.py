@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -149,7 +150,10 @@ def test_disabled_tenant_loses_its_token_and_its_leases(svc: Service) -> None:
     assert again.status_code == 200
 
 
-def test_ready_callback_needs_the_workers_own_one_time_bootstrap_token(svc: Service) -> None:
+def test_ready_callback_needs_the_workers_own_one_time_bootstrap_token(
+    svc: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="workerlease.workers")
     svc.tick()
     first, second = svc.workers("provisioning")
     token = svc.cloud.resources[first.id].spec.bootstrap_token
@@ -165,12 +169,15 @@ def test_ready_callback_needs_the_workers_own_one_time_bootstrap_token(svc: Serv
     _problem(ready(first.id, other), 401)  # another worker's token
     _problem(svc.client.post(f"/v1/workers/{first.id}/ready", json=body), 401)
     assert worker_state(svc, first.id) == WorkerState.PROVISIONING
+    assert "ready_callback_repeated" not in caplog.text  # wrong tokens are not repeats
 
     accepted = ready(first.id, token)
     assert accepted.status_code == 200
     assert accepted.get_json()["access_token"].startswith("wla_")
     assert worker_state(svc, first.id) == WorkerState.READY
     used = _problem(ready(first.id, token), 401)  # used once, never again
+    # Said to the operator, not to the caller: the agent missed its first answer.
+    assert f"ready_callback_repeated worker={first.id} state=ready" in caplog.text
     unknown = _problem(ready("w-0123456789abcdef0123", token), 401)
     assert unknown == used  # an unknown worker looks like a wrong token: no oracle of ids
     assert json.dumps(accepted.get_json()).count("wlb_") == 0
