@@ -97,8 +97,9 @@ test: install checkov system-deps images
 	WORKERLEASE_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest \
 	    -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
-# The crash suite in full: 52 SIGKILL runs and 4000 lease/release cycles (make test runs
-# its quick mode). Needs what make test needs; takes several minutes more.
+# The crash suite in full: 52 SIGKILL runs, and two replicas taking up to 100,000 lease
+# attempts for up to 1,000 s (make test runs its quick mode). Needs what make test needs;
+# about 35 minutes here.
 test-crash-full: install system-deps images
 	WORKERLEASE_CRASH_FULL=1 $(PY) -m pytest tests/integration/crash $(PYTEST_ARGS)
 
