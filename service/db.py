@@ -256,7 +256,10 @@ class HeldSession(Session):
     def close(self) -> None:
         if self._transaction is None and self._in_core_transaction():
             self.rollback()
-        super().close()
+        if self._transaction is not None or self.identity_map or self._new or self._deleted:
+            # Nothing of the ORM's to drop otherwise: its close would build a new
+            # identity map for nothing (most of an empty transaction's close here).
+            super().close()
         self.info.clear()  # as a new session's: nothing of this one's transactions
         if self not in self._idle:
             self._idle.append(self)

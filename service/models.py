@@ -11,6 +11,7 @@ The two leasing invariants are indexes, so no race can break them:
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -53,23 +54,56 @@ class UTCDateTime(TypeDecorator[datetime]):
             return super().bind_processor(dialect)
         return _sqlite_utc_text
 
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any] | None:
+        """On SQLite, the text parsed and marked UTC in one function, as the bind."""
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+        fallback = super().result_processor(dialect, coltype)
+        assert fallback is not None
+        return functools.partial(_sqlite_utc_value, fallback)
+
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# The last moment bound and its text: a pass binds its ``now`` to most of its
+# statements (about half of a replay's binds repeat the one before; one object, so an
+# identity check, and the memo holds it alive so its id is not reused).
+_last_bound: tuple[datetime | None, str | None] = (None, None)
+
+
 def _sqlite_utc_text(value: datetime | None) -> str | None:
     """What SQLAlchemy's SQLite ``DATETIME`` stores of ``process_bind_param``'s naive UTC:
     ``YYYY-MM-DD HH:MM:SS.ffffff``, the microseconds always written."""
+    global _last_bound
     if value is None:
         return None
+    last, text = _last_bound
+    if value is last:
+        return text
     if value.tzinfo is None:
         raise ValueError("naive datetime given to a UTC column")
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    text = value.isoformat(" ")[:-6]  # "+00:00" off
-    return text if value.microsecond else text + ".000000"
+    moment = value if value.tzinfo is UTC else value.astimezone(UTC)
+    text = moment.isoformat(" ")[:-6]  # "+00:00" off
+    if not moment.microsecond:
+        text += ".000000"
+    _last_bound = (value, text)  # one tuple: a thread reads the pair whole
+    return text
+
+
+def _sqlite_utc_value(fallback: Callable[[Any], Any], value: str | None) -> datetime | None:
+    """SQLite's ``DATETIME`` text as an aware UTC datetime in one call: SQLAlchemy's own
+    processor parses with ``fromisoformat`` too, then the decorator's wrapper calls
+    ``process_result_value``. Text it cannot read goes that way (and fails as there)."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return fallback(value)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 class WorkerState(enum.StrEnum):

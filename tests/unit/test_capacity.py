@@ -65,6 +65,20 @@ def test_the_fast_rate_counts_only_beyond_its_noise() -> None:
     assert demand_rate(step) > 2 * slow
 
 
+def test_the_demand_rate_in_one_loop_is_the_two_rates_to_the_bit() -> None:
+    """``demand_rate`` sums both rates in one loop over the ages: to the bit what two
+    ``ewma_rate`` calls give (a replay's figures must not move with the speed-up)."""
+    rng = random.Random(3)
+    for _ in range(300):
+        count = rng.randint(0, 90)
+        ages = [rng.uniform(-60, 4000) * rng.choice([1.0, 0.1]) for _ in range(count)]
+        half_life = rng.choice([600.0, 300.0, 1800.0])
+        fast_half_life = half_life / 5
+        slow, fast = ewma_rate(ages, half_life), ewma_rate(ages, fast_half_life)
+        noise = math.sqrt(slow * math.log(2) / fast_half_life / 2)
+        assert demand_rate(ages, half_life) == max(slow, fast - FAST_NOISE_SD * noise)
+
+
 def test_peak_rate_holds_the_burst_that_just_ended() -> None:
     burst_an_hour_ago = [1800.0 + i for i in range(30)]  # 30 requests, 30 min ago
     assert peak_rate(burst_an_hour_ago, within_s=3600) > 3 * ewma_rate(burst_an_hour_ago)

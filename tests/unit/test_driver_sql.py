@@ -174,3 +174,50 @@ def test_utc_datetime_binds_on_sqlite_the_text_sqlalchemy_stores(moment: datetim
     assert own(moment) == sqlalchemys(column.process_bind_param(moment, dialect))
     with pytest.raises(ValueError, match="naive"):
         own(datetime(2026, 1, 5))
+
+
+def test_the_last_bound_moment_is_reused_only_for_that_very_object() -> None:
+    """The bind's one-entry memo: the same object gives the same text; an equal moment
+    in another zone, or another moment, is written afresh."""
+    bind = UTCDateTime().bind_processor(sqlite.dialect())
+    assert bind is not None
+    moment = datetime(2026, 1, 5, 3, 4, 5, tzinfo=UTC)
+    assert bind(moment) == bind(moment) == "2026-01-05 03:04:05.000000"
+    berlin = moment.astimezone(ZoneInfo("Europe/Berlin"))
+    assert bind(berlin) == "2026-01-05 03:04:05.000000"
+    assert bind(moment + timedelta(microseconds=7)) == "2026-01-05 03:04:05.000007"
+    assert bind(moment) == "2026-01-05 03:04:05.000000"
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "2026-01-05 03:04:05.000000",
+        "2026-01-05 03:04:05.000120",
+        "2026-01-05 03:04:05",  # SQLite's CURRENT_TIMESTAMP
+        "0999-12-31 23:59:59.999999",
+        "2026-01-05",
+        None,
+    ],
+)
+def test_utc_datetime_reads_on_sqlite_what_sqlalchemy_reads(stored: str | None) -> None:
+    """``UTCDateTime``'s one-function result on SQLite (``fromisoformat``) against
+    SQLAlchemy's own two steps (SQLite's ``DATETIME`` parse, ``process_result_value``)."""
+    dialect = sqlite.dialect()
+    column = UTCDateTime()
+    own = column.dialect_impl(dialect).result_processor(dialect, None)
+    sqlalchemys = DateTime().dialect_impl(dialect).result_processor(dialect, None)
+    assert own is not None and sqlalchemys is not None
+    expected = column.process_result_value(sqlalchemys(stored), dialect)
+    assert own(stored) == expected
+    assert stored is None or own(stored).tzinfo is UTC
+
+
+def test_utc_datetime_refuses_on_sqlite_the_text_sqlalchemy_refuses() -> None:
+    dialect = sqlite.dialect()
+    own = UTCDateTime().dialect_impl(dialect).result_processor(dialect, None)
+    sqlalchemys = DateTime().dialect_impl(dialect).result_processor(dialect, None)
+    assert own is not None and sqlalchemys is not None
+    for processor in (own, sqlalchemys):
+        with pytest.raises(ValueError):
+            processor("2026-1-5 3:04:05")
