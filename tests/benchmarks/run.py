@@ -4,6 +4,7 @@
     python -m tests.benchmarks.run --quick         # smaller pools and sizes, ~6 min
     python -m tests.benchmarks.run --only warm     # scale ttw longpoll tasks wakes refill simulate
     python -m tests.benchmarks.run --only simulate --simulate-before a2f031a  # replay speed
+    python -m tests.benchmarks.run --only simulate --simulate-before HEAD~1 --simulate-instructions
     python -m tests.benchmarks.run --db sqlite     # skip PostgreSQL
 
 Figures and targets: issue 6 and docs/benchmarks.md.
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         help="simulate: also replay the trace with this git revision's code, for the ratio",
     )
     parser.add_argument(
+        "--simulate-instructions",
+        action="store_true",
+        help="simulate: also count a request's instructions under callgrind (needs valgrind)",
+    )
+    parser.add_argument(
         "--web-workers",
         type=int,
         default=1,
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             from tests.benchmarks.simulate import run_simulate
 
             results["simulate"] = run_simulate(
-                settings["simulate_hours"], args.simulate_before, log
+                settings["simulate_hours"], args.simulate_before, log, args.simulate_instructions
             )
     finally:
         if postgres is not None:
@@ -603,6 +609,17 @@ def _render_simulate(sim: dict[str, Any]) -> str:
     ratio = ""
     if "speedup_wall" in sim:
         ratio = f"\n\nBefore / after: {sim['speedup_wall']}x wall, {sim['speedup_cpu']}x CPU."
+    counted = [
+        f"{name if name == 'after' else sim[name]['revision']} "
+        f"{sim[name]['instructions']['per_request'] / 1e6:.2f} M"
+        for name in ("before", "after")
+        if "instructions" in sim.get(name, {})
+    ]
+    if counted:
+        ratio += (
+            "\n\nInstructions a request (callgrind, hours 3-6 of the steady trace less "
+            "hours 0-3): " + ", ".join(counted) + "."
+        )
     return (
         f"### Replay of {sim['hours']:g} h of a steady 1-lease-per-minute pool "
         f"({sim['requests']} requests, `simulate --policy adaptive`, docs/capacity/ubuntu.yaml)\n"

@@ -8,13 +8,21 @@ The reader's own commands, as subprocesses: ``simulate generate --shape steady -
 
 ``before``: a git revision whose ``service``/``provisioners`` (``git archive``) replay the
 same trace in the same run, first, so the two figures share the machine's state.
+
+``instructions`` (``--simulate-instructions``; needs valgrind): what a request costs in
+instructions (callgrind's ``Ir``), steady where CPU time here moves by a quarter
+between runs of one tree: the replays of the same steady trace's first 3 and first 6
+hours, the difference over the requests between (past the warm-up and the first uses:
+statements compiled, row types built, the history windows full).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,6 +71,53 @@ def _replay(trace: Path, pythonpath: Path | None = None) -> dict[str, Any]:
     }
 
 
+def _instructions(trace: Path, pythonpath: Path | None = None) -> int:
+    """Instructions of one replay of ``trace`` (valgrind's callgrind, ``Ir``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKERLEASE_")}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    command = ["simulate", "--config", str(CONFIG), "--trace", str(trace), "--policy", "adaptive"]
+    done = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            "-m",
+            "service.cli",
+            *command,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=pythonpath or ROOT,
+        check=False,
+    )
+    collected = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or collected is None:
+        raise RuntimeError(f"callgrind of workerlease {' '.join(command)}:\n{done.stderr[-2000:]}")
+    return int(collected.group(1))
+
+
+def _instructions_per_request(tmp: Path, pythonpath: Path | None = None) -> dict[str, Any]:
+    """Instructions a request costs: (the first 6 hours - the first 3) / their requests."""
+    counts, requests = {}, {}
+    for hours in (3, 6):
+        trace = tmp / f"instructions-{hours}h.csv"
+        if not trace.exists():
+            shape = ["--shape", "steady", "--seed", "1", "--pool", "ubuntu", "--rate", "1"]
+            _cli(["simulate", "generate", *shape, "--hours", str(hours), "--out", str(trace)])
+        requests[hours] = sum(1 for _ in trace.open()) - 1  # less the header
+        counts[hours] = _instructions(trace, pythonpath)
+    return {
+        "instructions_3h": counts[3],
+        "instructions_6h": counts[6],
+        "requests_3_to_6h": requests[6] - requests[3],
+        "per_request": round((counts[6] - counts[3]) / (requests[6] - requests[3])),
+    }
+
+
 def _checkout(revision: str, into: Path) -> Path:
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", revision, "service", "provisioners", "images"],
@@ -74,7 +129,11 @@ def _checkout(revision: str, into: Path) -> Path:
     return into
 
 
-def run_simulate(hours: float, before: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+def run_simulate(
+    hours: float, before: str | None, log: Callable[[str], None], instructions: bool = False
+) -> dict[str, Any]:
+    if instructions and shutil.which("valgrind") is None:
+        raise RuntimeError("--simulate-instructions needs valgrind (apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="workerlease-bench-sim-") as tmp:
         trace = Path(tmp) / "trace.csv"
         shape = ["--shape", "steady", "--seed", "1", "--pool", "ubuntu", "--rate", "1"]
@@ -89,6 +148,11 @@ def run_simulate(hours: float, before: str | None, log: Callable[[str], None]) -
             figures["before"] = {"revision": before, **_replay(trace, old)}
         log("simulate: replaying with this checkout")
         figures["after"] = _replay(trace)
+        if instructions:
+            log("simulate: instructions a request, under callgrind (minutes)")
+            if before:
+                figures["before"]["instructions"] = _instructions_per_request(Path(tmp), old)
+            figures["after"]["instructions"] = _instructions_per_request(Path(tmp))
         if before:
             figures["speedup_wall"] = round(
                 figures["before"]["wall_s"] / figures["after"]["wall_s"], 1
