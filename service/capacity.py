@@ -198,7 +198,9 @@ def _two_ewma_rates(
     ages_s: Sequence[float], half_life_s: float, fast_half_life_s: float
 ) -> tuple[float, float]:
     """``ewma_rate`` at both half-lives in one loop over the ages (a replay evaluates
-    the target ~7,000 times a simulated day); the same sums, term by term, as two calls."""
+    the target ~7,000 times a simulated day); the same sums, term by term, as two calls.
+    ``fast_half_life_s`` is the shorter."""
+    assert fast_half_life_s <= half_life_s
     slow_decay, fast_decay = math.log(2) / half_life_s, math.log(2) / fast_half_life_s
     slow_window = half_life_s * HISTORY_HALF_LIVES
     fast_window = fast_half_life_s * HISTORY_HALF_LIVES
@@ -207,10 +209,8 @@ def _two_ewma_rates(
     for age in ages_s:
         if 0 <= age <= slow_window:
             slow += exp(-slow_decay * age)
-            if age <= fast_window:
+            if age <= fast_window:  # within the slow one: its half-life is a fifth
                 fast += exp(-fast_decay * age)
-        elif 0 <= age <= fast_window:
-            fast += exp(-fast_decay * age)
     return (
         slow * slow_decay / (1 - exp(-slow_decay * slow_window)),
         fast * fast_decay / (1 - exp(-fast_decay * fast_window)),
