@@ -36,32 +36,48 @@ from tests.benchmarks.common import ROOT
 CONFIG = ROOT / "docs" / "capacity" / "ubuntu.yaml"
 
 
-def _cli(args: list[str], pythonpath: Path | None = None) -> tuple[str, float, float]:
-    """Run ``workerlease ARGS``; return its stdout, wall seconds and CPU seconds."""
+# The reader's steady trace: one pool, one request a minute (``simulate generate``).
+STEADY = ["--shape", "steady", "--seed", "1", "--pool", "ubuntu", "--rate", "1"]
+
+
+def _run(
+    args: list[str], pythonpath: Path | None, under: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``workerlease ARGS`` (under a tool such as valgrind, if given), with ``pythonpath``'s
+    code when given; raises with the tail of its stderr when it fails."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKERLEASE_")}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [*(under or []), sys.executable, "-m", "service.cli", *args],
         capture_output=True,
         text=True,
         env=env,
         cwd=pythonpath or ROOT,
         check=False,
     )
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"workerlease {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done
+
+
+def _cli(args: list[str], pythonpath: Path | None = None) -> tuple[str, float, float]:
+    """Run ``workerlease ARGS``; return its stdout, wall seconds and CPU seconds."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = _run(args, pythonpath)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return done.stdout, round(wall, 1), round(cpu, 1)
 
 
+def _replay_args(trace: Path) -> list[str]:
+    return ["simulate", "--config", str(CONFIG), "--trace", str(trace)]
+
+
 def _replay(trace: Path, pythonpath: Path | None = None) -> dict[str, Any]:
-    command = ["simulate", "--config", str(CONFIG), "--trace", str(trace)]
-    out, wall, cpu = _cli([*command, "--policy", "adaptive", "--json"], pythonpath)
+    out, wall, cpu = _cli([*_replay_args(trace), "--policy", "adaptive", "--json"], pythonpath)
     result = json.loads(out)
     return {
         "wall_s": wall,
@@ -73,30 +89,12 @@ def _replay(trace: Path, pythonpath: Path | None = None) -> dict[str, Any]:
 
 def _instructions(trace: Path, pythonpath: Path | None = None) -> int:
     """Instructions of one replay of ``trace`` (valgrind's callgrind, ``Ir``)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKERLEASE_")}
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    command = ["simulate", "--config", str(CONFIG), "--trace", str(trace), "--policy", "adaptive"]
-    done = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            "-m",
-            "service.cli",
-            *command,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=pythonpath or ROOT,
-        check=False,
-    )
+    callgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    args = [*_replay_args(trace), "--policy", "adaptive", "--json"]
+    done = _run(args, pythonpath, under=callgrind)
     collected = re.search(r"Collected : (\d+)", done.stderr)
-    if done.returncode != 0 or collected is None:
-        raise RuntimeError(f"callgrind of workerlease {' '.join(command)}:\n{done.stderr[-2000:]}")
+    if collected is None:
+        raise RuntimeError(f"callgrind reported no count:\n{done.stderr[-2000:]}")
     return int(collected.group(1))
 
 
@@ -106,9 +104,8 @@ def _instructions_per_request(tmp: Path, pythonpath: Path | None = None) -> dict
     for hours in (3, 6):
         trace = tmp / f"instructions-{hours}h.csv"
         if not trace.exists():
-            shape = ["--shape", "steady", "--seed", "1", "--pool", "ubuntu", "--rate", "1"]
-            _cli(["simulate", "generate", *shape, "--hours", str(hours), "--out", str(trace)])
-        requests[hours] = sum(1 for _ in trace.open()) - 1  # less the header
+            _cli(["simulate", "generate", *STEADY, "--hours", str(hours), "--out", str(trace)])
+        requests[hours] = len(trace.read_text().splitlines()) - 1  # less the header
         counts[hours] = _instructions(trace, pythonpath)
     return {
         "instructions_3h": counts[3],
@@ -136,9 +133,8 @@ def run_simulate(
         raise RuntimeError("--simulate-instructions needs valgrind (apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="workerlease-bench-sim-") as tmp:
         trace = Path(tmp) / "trace.csv"
-        shape = ["--shape", "steady", "--seed", "1", "--pool", "ubuntu", "--rate", "1"]
         generated, _, _ = _cli(
-            ["simulate", "generate", *shape, "--hours", f"{hours:g}", "--out", str(trace)]
+            ["simulate", "generate", *STEADY, "--hours", f"{hours:g}", "--out", str(trace)]
         )
         log(f"simulate: {generated.strip()}")
         figures: dict[str, Any] = {"hours": hours, "requests": int(generated.split()[1])}
