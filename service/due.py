@@ -10,7 +10,7 @@ instead of every few virtual seconds. The running service keeps its fixed interv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import func
@@ -33,12 +33,21 @@ from service.pools import (
 from service.tasks import sweep_due
 
 
-def next_due(session: Session, now: datetime) -> datetime | None:
+def next_due(
+    session: Session, now: datetime, runs_at: Callable[[datetime], datetime] | None = None
+) -> datetime | None:
     """The earliest moment from ``now`` on at which ``maintain`` would act without any
     other event first; None when nothing is ever due. ``now`` itself when a pool lacks
     workers that no ring will ask for (a create failed after the pass planned it, a
     destroy freed room under ``max_workers``). Destroys are not included: the destroy
-    pass follows releases and trims, not the clock."""
+    pass follows releases and trims, not the clock.
+
+    ``runs_at``: when the caller would run a pass due at a moment (the first tick of its
+    interval at or after it, never earlier; ticks more than a second apart). The pass
+    for the earliest deadline then bounds the trim check (``capacity.keep_falls_below``'s
+    ``planned``): a trim due less than a second before that tick, or later, runs at the
+    same tick, so one evaluation of the target replaces the bisection's ~13 (a replay's
+    full pass asks after every run)."""
     pools = pools_by_name(session)
     if refill_wanted(session, now):
         return now
@@ -48,11 +57,15 @@ def next_due(session: Session, now: datetime) -> datetime | None:
         for pool in pools
         if pool.create_backoff_until is not None and pool.create_backoff_until > now
     ]
+    deadline = min((moment for moment in candidates if moment is not None), default=None)
+    planned = None if deadline is None or runs_at is None else runs_at(deadline)
     counts = counts_by_pool(session)
     for pool in pools:
         if pool.enabled:
             pool_counts = counts.get(pool.name, PoolCounts({}, 0))
-            candidates.append(_trim_due(session, pool.name, warm_policy(pool), pool_counts, now))
+            candidates.append(
+                _trim_due(session, pool.name, warm_policy(pool), pool_counts, now, planned)
+            )
     return min((moment for moment in candidates if moment is not None), default=None)
 
 

@@ -518,11 +518,18 @@ class Replay:
         destroy(self.rt, self.clock.now())
         with session_scope(self.rt.read_factory) as session:
             [(self._open_leases,)] = _OPEN_LEASES.all(core_connection(session), {})
-            due = next_due(session, self.clock.now())
+            runs_at = self._next_tick_for if self.interval > 1 else None
+            due = next_due(session, self.clock.now(), runs_at)
         if due is not None:  # at most once per interval, as the service's scheduler
-            self._plan_tick(
-                max(self._seconds(due), self._seconds(self.clock.now()) + self.interval)
-            )
+            self._plan_tick(self._after_this_tick(self._seconds(due)))
+
+    def _after_this_tick(self, at: float) -> float:
+        return max(at, self._seconds(self.clock.now()) + self.interval)
+
+    def _next_tick_for(self, due: datetime) -> datetime:
+        """The tick ``_on_tick`` plans for a pass due at ``due`` (``next_due``'s ``runs_at``)."""
+        at = self._grid(self._after_this_tick(self._seconds(due)), self.interval)
+        return self.start + timedelta(seconds=at)
 
     # -- the result ------------------------------------------------------------------
 

@@ -192,7 +192,7 @@ def test_skipping_idle_passes_gives_the_figures_of_a_pass_every_interval(
     trace = generate("bursty", seed=7, pool="ubuntu", rate_per_min=1, hours=1, hold_median_s=120)
     skipping = simulate(config, trace, policy="adaptive", seed=3)
 
-    def every_interval(session: Any, now: datetime) -> datetime:
+    def every_interval(session: Any, now: datetime, runs_at: Any = None) -> datetime:
         return now + timedelta(seconds=30)
 
     monkeypatch.setattr("service.simulate.next_due", every_interval)
