@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import event, text
@@ -392,26 +392,60 @@ class HeldSessions(sessionmaker[Session]):
         return session
 
 
-@contextmanager
-def transaction(session: Session) -> Iterator[Session]:
+def transaction(session: Session) -> AbstractContextManager[Session]:
     """One transaction on an open session: commit on success, roll back on any error."""
+    return _Transaction(session)
+
+
+def session_scope(factory: sessionmaker[Session]) -> AbstractContextManager[Session]:
+    """A new session for one transaction, closed afterwards."""
+    return _SessionScope(factory)
+
+
+# ``transaction`` and ``session_scope`` as classes: as generators (``@contextmanager``),
+# one nested in the other, a scope's entry and exit took 22,300 instructions against
+# 6,400 (callgrind, a session whose methods do nothing), ~8 scopes a replayed request.
+
+
+class _Transaction:
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def __enter__(self) -> Session:
+        return self.session
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        _end(self.session, failed=kind is not None)
+
+
+class _SessionScope:
+    __slots__ = ("_factory", "session")
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self._factory = factory
+
+    def __enter__(self) -> Session:
+        self.session = self._factory()
+        return self.session
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        try:
+            _end(self.session, failed=kind is not None)
+        finally:
+            self.session.close()
+
+
+def _end(session: Session, *, failed: bool) -> None:
+    if failed:
+        session.rollback()
+        return
     try:
-        yield session
         session.commit()
     except BaseException:
         session.rollback()
         raise
-
-
-@contextmanager
-def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A new session for one transaction, closed afterwards."""
-    session = factory()
-    try:
-        with transaction(session):
-            yield session
-    finally:
-        session.close()
 
 
 @contextmanager
