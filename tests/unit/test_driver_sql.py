@@ -271,3 +271,16 @@ def test_after_a_failed_statement_the_next_runs_on_a_fresh_cursor(
         statement.run(connection, row)
     with engine.connect() as connection:
         assert [found.id for found in ids.all(connection, {})] == [tenant_id]
+
+
+def test_a_value_fixed_in_the_statement_is_used_unless_given_and_a_missing_one_raises(
+    engine: Engine, tx: Tx, clock: ManualClock
+) -> None:
+    ids = sorted(_ready_worker(tx, clock) for _ in range(3))
+    statement = DriverStatement(
+        select(_W.c.id).where(_W.c.pool == bindparam("pool")).order_by(_W.c.id).limit(1)
+    )
+    with engine.connect() as connection:
+        assert [row.id for row in statement.all(connection, {"pool": POOL})] == ids[:1]
+        with pytest.raises(KeyError, match="pool"):
+            statement.all(connection, {})
