@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import event, text
@@ -71,10 +71,14 @@ def _sqlite_engine(url: str, wal_autocheckpoint: int) -> Engine:
     else:
         engine = create_engine(url, connect_args=connect_args)
 
+    writes = _SQLiteBegin(in_memory)
+
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Take control of BEGIN ourselves (see module docstring).
         dbapi_connection.isolation_level = None
+        # Where a held connection finds how to begin on the driver (``_HeldTransaction``).
+        record.info[_SQLITE_BEGIN] = writes
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -83,41 +87,68 @@ def _sqlite_engine(url: str, wal_autocheckpoint: int) -> Engine:
         cursor.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
         cursor.close()
 
-    # Writers of this process queue on a lock before asking SQLite: SQLite's own busy
-    # handler sleeps in growing steps (up to 100 ms) and is not first come, first served,
-    # which shows as a long latency tail under concurrent lease requests.
-    writer = threading.Lock()
-
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        # Readers take no write lock (WAL lets them run beside the writer); writers queue.
-        if connection.get_execution_options().get(READ_ONLY):
-            # On the driver's connection, as ``begin_immediate``: an empty read
-            # transaction, its BEGIN through SQLAlchemy's execution machinery, took
-            # 150 us against 75 us for an empty write one (in-memory SQLite).
-            connection.connection.dbapi_connection.execute("BEGIN")
-            return
-        writer.acquire()
-        connection.info[_HOLDS_WRITER] = True
-        try:
-            if in_memory:
-                # No other process can hold this database's lock, and ``writer`` queues
-                # this one's writers: nothing to wait for, so no busy-timeout dance (its
-                # two PRAGMAs took 0.3 s of a simulated day, 4.5x the BEGIN itself).
-                connection.connection.dbapi_connection.execute("BEGIN IMMEDIATE")
-            else:
-                begin_immediate(connection.connection.dbapi_connection)
-        except BaseException:
-            _release(connection)
-            raise
+        options = connection.get_execution_options()
+        held: _HeldTransaction | None = options.get(_HELD)
+        if held is not None and held.adopt():
+            return  # begun already, on the driver connection
+        writes.begin(
+            connection.connection.dbapi_connection,
+            connection.info,
+            read_only=bool(options.get(READ_ONLY)),
+        )
 
     def _release(connection: Any) -> None:
-        if connection.info.pop(_HOLDS_WRITER, False):
-            writer.release()
+        writes.release(connection.info)
 
     event.listen(engine, "commit", _release)
     event.listen(engine, "rollback", _release)
     return engine
+
+
+_SQLITE_BEGIN = "workerlease_sqlite_begin"
+
+
+class _SQLiteBegin:
+    """How one SQLite engine's transactions begin (``BEGIN IMMEDIATE``, see the module
+    docstring) and let go of the write lock.
+
+    Writers of this process queue on a lock before asking SQLite: SQLite's own busy
+    handler sleeps in growing steps (up to 100 ms) and is not first come, first served,
+    which shows as a long latency tail under concurrent lease requests. Readers take no
+    write lock (WAL lets them run beside the writer).
+    """
+
+    def __init__(self, in_memory: bool) -> None:
+        self._writer = threading.Lock()
+        self._in_memory = in_memory
+
+    def begin(self, dbapi_connection: Any, info: dict[Any, Any], *, read_only: bool) -> None:
+        """``info``: the connection's own (``Connection.info``), which ``release`` reads."""
+        if read_only:
+            # On the driver's connection, as ``begin_immediate``: an empty read
+            # transaction, its BEGIN through SQLAlchemy's execution machinery, took
+            # 150 us against 75 us for an empty write one (in-memory SQLite).
+            dbapi_connection.execute("BEGIN")
+            return
+        self._writer.acquire()
+        info[_HOLDS_WRITER] = True
+        try:
+            if self._in_memory:
+                # No other process can hold this database's lock, and ``_writer`` queues
+                # this one's writers: nothing to wait for, so no busy-timeout dance (its
+                # two PRAGMAs took 0.3 s of a simulated day, 4.5x the BEGIN itself).
+                dbapi_connection.execute("BEGIN IMMEDIATE")
+            else:
+                begin_immediate(dbapi_connection)
+        except BaseException:
+            self.release(info)
+            raise
+
+    def release(self, info: dict[Any, Any]) -> None:
+        if info.pop(_HOLDS_WRITER, False):
+            self._writer.release()
 
 
 BUSY_TIMEOUT_S = 30.0
@@ -205,6 +236,71 @@ def close_held(*factories: sessionmaker[Session]) -> None:
         factory.kw["bind"].close()
 
 
+_HELD = "workerlease_held_transaction"
+
+
+class _HeldTransaction:
+    """The transaction of one held connection, begun and committed on its driver
+    connection while SQLAlchemy's ``Connection`` has no part in it.
+
+    SQLAlchemy's begin and commit (its transaction object, the engine's ``begin`` and
+    ``commit`` events and their listeners) cost more than SQLite's own ``BEGIN
+    IMMEDIATE`` and ``COMMIT`` on the replay's ~8 transactions a request: without them a
+    replayed request took 7.40 M instructions instead of 7.87 M (callgrind). The begin is
+    the engine's own (``_SQLiteBegin``: the same write lock, the same ``BEGIN``).
+    Whatever needs SQLAlchemy's transaction then (a Core ``execute``, which would
+    autobegin, or the ORM's transaction joining the connection's) begins one on the
+    connection, and the engine's ``begin`` listener lets it take this one over
+    (``adopt``) instead of a second ``BEGIN``; from then on SQLAlchemy commits or rolls
+    back, and its listeners let go of the write lock, as for any transaction.
+
+    Not for engines other than SQLite's (``_SQLITE_BEGIN`` missing): their transactions
+    begin on the ``Connection`` as before.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._info = connection.info
+        self._begin: _SQLiteBegin | None = self._info.get(_SQLITE_BEGIN)
+        self._driver: Any = connection.connection.driver_connection
+        self._read_only = bool(connection.get_execution_options().get(READ_ONLY))
+        self._on_driver = False  # begun on the driver, SQLAlchemy not told
+        connection.execution_options(**{_HELD: self})
+
+    def begin(self) -> None:
+        """A transaction on the connection, unless one is under way."""
+        if self._on_driver or self.connection.in_transaction():
+            return
+        if self._begin is None:
+            self.connection.begin()
+            return
+        self._begin.begin(self._driver, self._info, read_only=self._read_only)
+        self._on_driver = True
+
+    def adopt(self) -> bool:
+        """SQLAlchemy begins on the connection: True if it takes over this transaction."""
+        adopted, self._on_driver = self._on_driver, False
+        return adopted
+
+    def active(self) -> bool:
+        return self._on_driver or self.connection.in_transaction()
+
+    def commit(self) -> None:
+        if not self._on_driver:
+            self.connection.commit()
+            return
+        self._on_driver = False
+        try:
+            self._driver.commit()
+        except BaseException:
+            # As SQLAlchemy's failed commit: nothing of the transaction stays.
+            self._driver.rollback()
+            raise
+        finally:
+            assert self._begin is not None
+            self._begin.release(self._info)
+
+
 class HeldSession(Session):
     """A session on a held connection (``HeldSessions``) whose transactions that use no
     ORM object run on the connection alone.
@@ -214,18 +310,19 @@ class HeldSession(Session):
     (``SessionTransaction``: its begin, snapshot, commit and close with their events)
     was most of an empty one's ~93 us (~22-40 us here, with ``HeldSessions``' reuse; a
     raw ``BEGIN IMMEDIATE``/``COMMIT`` 4.5 us). Here ``connection()`` with no ORM
-    transaction begins the connection's own; the ORM's, if it comes, joins it and takes
-    control (``join_transaction_mode="control_fully"``), so commit, rollback and close
-    then run as on any session. Without one, ``commit`` runs what the ORM's would for
-    such a transaction: the ``before_commit`` listeners (the audit rows,
-    ``states._write_events``), then the connection's commit; a rollback lets an ORM
-    transaction join first and rolls back through it (its ``after_soft_rollback``
-    listener drops the unwritten audit rows). ``after_commit`` and
-    ``after_transaction_end`` are not dispatched on that path: the only listener of
-    either is ``_connection_released``, whose work ``_end_core`` does.
+    transaction begins the connection's own (``_HeldTransaction``, on the driver); the
+    ORM's, if it comes, joins it and takes control (``join_transaction_mode=
+    "control_fully"``), so commit, rollback and close then run as on any session.
+    Without one, ``commit`` runs what the ORM's would for such a transaction: the
+    ``before_commit`` listeners (the audit rows, ``states._write_events``), then the
+    connection's commit; a rollback lets an ORM transaction join first and rolls back
+    through it (its ``after_soft_rollback`` listener drops the unwritten audit rows).
+    ``after_commit`` and ``after_transaction_end`` are not dispatched on that path: the
+    only listener of either is ``_connection_released``, whose work ``_end_core`` does.
     """
 
     _idle: list[HeldSession]
+    _held: _HeldTransaction
 
     def connection(
         self,
@@ -234,9 +331,8 @@ class HeldSession(Session):
     ) -> Connection:
         if self._transaction is not None or bind_arguments or execution_options:
             return super().connection(bind_arguments, execution_options)
-        connection: Connection = self.bind  # type: ignore[assignment]
-        if not connection.in_transaction():
-            connection.begin()
+        self._held.begin()
+        connection = self._held.connection
         self.info[_CONNECTION] = connection
         return connection
 
@@ -249,12 +345,12 @@ class HeldSession(Session):
         super().commit()
 
     def rollback(self) -> None:
-        if self._transaction is None and self._in_core_transaction():
+        if self._transaction is None and self._held.active():
             super().connection()  # the ORM's transaction joins, to roll back as its own
         super().rollback()
 
     def close(self) -> None:
-        if self._transaction is None and self._in_core_transaction():
+        if self._transaction is None and self._held.active():
             self.rollback()
         if self._transaction is not None or self.identity_map or self._new or self._deleted:
             # Nothing of the ORM's to drop otherwise: its close would build a new
@@ -264,13 +360,8 @@ class HeldSession(Session):
         if self not in self._idle:
             self._idle.append(self)
 
-    def _in_core_transaction(self) -> bool:
-        connection: Connection = self.bind  # type: ignore[assignment]
-        return connection.in_transaction()
-
     def _end_core(self) -> None:
-        connection: Connection = self.bind  # type: ignore[assignment]
-        connection.commit()
+        self._held.commit()
         self.info.pop(_CONNECTION, None)
 
 
@@ -289,6 +380,7 @@ class HeldSessions(sessionmaker[Session]):
             join_transaction_mode="control_fully",
         )
         self._idle: list[HeldSession] = []
+        self._held = _HeldTransaction(connection)
 
     def __call__(self, **local_kw: Any) -> HeldSession:
         if self._idle and not local_kw:
@@ -296,29 +388,64 @@ class HeldSessions(sessionmaker[Session]):
         session = super().__call__(**local_kw)
         assert isinstance(session, HeldSession)
         session._idle = self._idle
+        session._held = self._held
         return session
 
 
-@contextmanager
-def transaction(session: Session) -> Iterator[Session]:
+def transaction(session: Session) -> AbstractContextManager[Session]:
     """One transaction on an open session: commit on success, roll back on any error."""
+    return _Transaction(session)
+
+
+def session_scope(factory: sessionmaker[Session]) -> AbstractContextManager[Session]:
+    """A new session for one transaction, closed afterwards."""
+    return _SessionScope(factory)
+
+
+# ``transaction`` and ``session_scope`` as classes: as generators (``@contextmanager``),
+# one nested in the other, a scope's entry and exit took 22,300 instructions against
+# 6,400 (callgrind, a session whose methods do nothing), ~8 scopes a replayed request.
+
+
+class _Transaction:
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def __enter__(self) -> Session:
+        return self.session
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        _end(self.session, failed=kind is not None)
+
+
+class _SessionScope:
+    __slots__ = ("_factory", "session")
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self._factory = factory
+
+    def __enter__(self) -> Session:
+        self.session = self._factory()
+        return self.session
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        try:
+            _end(self.session, failed=kind is not None)
+        finally:
+            self.session.close()
+
+
+def _end(session: Session, *, failed: bool) -> None:
+    if failed:
+        session.rollback()
+        return
     try:
-        yield session
         session.commit()
     except BaseException:
         session.rollback()
         raise
-
-
-@contextmanager
-def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A new session for one transaction, closed afterwards."""
-    session = factory()
-    try:
-        with transaction(session):
-            yield session
-    finally:
-        session.close()
 
 
 @contextmanager

@@ -221,3 +221,66 @@ def test_utc_datetime_refuses_on_sqlite_the_text_sqlalchemy_refuses() -> None:
     for processor in (own, sqlalchemys):
         with pytest.raises(ValueError):
             processor("2026-1-5 3:04:05")
+
+
+def test_one_cursor_serves_the_connections_statements_and_no_rows_leak_between_them(
+    engine: Engine, tx: Tx, clock: ManualClock
+) -> None:
+    ids = sorted(_ready_worker(tx, clock) for _ in range(3))
+    every = DriverStatement(select(_W.c.id).where(_W.c.pool == POOL).order_by(_W.c.id))
+    one = DriverStatement(select(_W.c.id).where(_W.c.id == bindparam("id")))
+    with engine.connect() as connection:
+        assert every.first(connection, {}).id == ids[0]  # rows left over: ended
+        assert [row.id for row in one.all(connection, {"id": ids[2]})] == [ids[2]]
+        assert one.first(connection, {"id": "w_none"}) is None
+        assert [row.id for row in every.all(connection, {})] == ids
+
+
+def test_a_first_that_leaves_rows_of_an_update_returning_lets_the_commit_through(
+    engine: Engine, tx: Tx, clock: ManualClock
+) -> None:
+    # On SQLite an unfinished ``UPDATE ... RETURNING`` would fail the ``COMMIT``
+    # ("SQL statements in progress") had ``first`` left it open on the kept cursor.
+    for _ in range(3):
+        _ready_worker(tx, clock)
+    touched = DriverStatement(
+        update(_W)
+        .where(_W.c.pool == POOL)
+        .values(state_changed_at=bindparam("now"))
+        .returning(_W.c.id)
+    )
+    later = clock.now() + timedelta(minutes=1)
+    with engine.begin() as connection:
+        assert touched.first(connection, {"now": later}) is not None
+    with engine.connect() as connection:
+        moments = connection.execute(select(_W.c.state_changed_at)).scalars().all()
+    assert moments == [later] * 3
+
+
+def test_after_a_failed_statement_the_next_runs_on_a_fresh_cursor(
+    engine: Engine, tx: Tx, clock: ManualClock
+) -> None:
+    tenant_id = add_tenant(tx, clock.now())
+    statement = DriverStatement(
+        insert(_T).values({name: bindparam(name) for name in ("id", "name", "token_hash")})
+    )
+    ids = DriverStatement(select(_T.c.id).order_by(_T.c.id))
+    row = {"id": tenant_id, "name": "again", "token_hash": "x"}
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        assert [found.id for found in ids.all(connection, {})] == [tenant_id]
+        statement.run(connection, row)
+    with engine.connect() as connection:
+        assert [found.id for found in ids.all(connection, {})] == [tenant_id]
+
+
+def test_a_value_fixed_in_the_statement_is_used_unless_given_and_a_missing_one_raises(
+    engine: Engine, tx: Tx, clock: ManualClock
+) -> None:
+    ids = sorted(_ready_worker(tx, clock) for _ in range(3))
+    statement = DriverStatement(
+        select(_W.c.id).where(_W.c.pool == bindparam("pool")).order_by(_W.c.id).limit(1)
+    )
+    with engine.connect() as connection:
+        assert [row.id for row in statement.all(connection, {"pool": POOL})] == ids[:1]
+        with pytest.raises(KeyError, match="pool"):
+            statement.all(connection, {})

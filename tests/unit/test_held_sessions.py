@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from service import tenants
 from service.db import (
+    _HOLDS_WRITER,
     MEMORY_URL,
     close_held,
     held_session_factories,
@@ -90,7 +91,37 @@ def test_a_rollback_inside_the_scope_starts_a_new_transaction(held: Held) -> Non
         tenants.create_many(session, ["a"], NOW)
         session.rollback()  # as acquire after losing the unique index to another request
         tenants.create_many(session, ["b"], NOW)
-        assert transaction_connection(session).in_transaction()
+        assert transaction_connection(session).connection.driver_connection.in_transaction
     with session_scope(read) as session:
         names = session.execute(select(Tenant.name)).scalars().all()  # type: ignore[call-overload]
     assert names == ["b"]
+
+
+def test_a_core_statement_takes_over_the_transaction_begun_on_the_driver(held: Held) -> None:
+    write, read = held
+    with session_scope(write) as session:
+        tenants.create_many(session, ["a"], NOW)  # begun on the driver connection
+        connection = transaction_connection(session)
+        assert not connection.in_transaction()  # SQLAlchemy was not told
+        connection.execute(text("UPDATE tenants SET name = 'b'"))  # autobegins: takes over
+        assert connection.in_transaction()
+    assert _HOLDS_WRITER not in connection.info  # the write lock was let go
+    with pytest.raises(RuntimeError), session_scope(write) as session:
+        tenants.create_many(session, ["c"], NOW)
+        transaction_connection(session).execute(text("UPDATE tenants SET name = 'd'"))
+        raise RuntimeError("the caller failed")
+    assert _HOLDS_WRITER not in connection.info
+    with session_scope(read) as session:
+        names = session.execute(select(Tenant.name)).scalars().all()  # type: ignore[call-overload]
+    assert names == ["b"]
+
+
+def test_a_read_transaction_on_the_driver_takes_no_write_lock(held: Held) -> None:
+    write, read = held
+    with session_scope(read) as session:
+        connection = transaction_connection(session)
+        assert connection.connection.driver_connection.in_transaction
+        assert _HOLDS_WRITER not in connection.info
+    with session_scope(write) as session:
+        tenants.create_many(session, ["a"], NOW)
+    assert _count(read, Tenant) == 1
