@@ -14,7 +14,6 @@ from service.capacity import (
     FIXED,
     History,
     Schedule,
-    Target,
     WarmPolicy,
     base_stock,
     cron_trigger,
@@ -242,31 +241,3 @@ def test_keep_falls_below_skips_the_search_when_a_planned_pass_comes_first() -> 
     assert keep_falls_below(policy, history, now, count, until, planned=before) is None
     after = falls + timedelta(seconds=30)
     assert keep_falls_below(policy, history, now, count, until, planned=after) == falls
-
-
-def test_keep_falls_below_evaluates_no_step_after_a_planned_pass_it_falls_before(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Trim keeps fewer from the planned pass on: the bisection's steps after it are known
-    # without evaluating the target, and its answer is the one without a planned pass.
-    ages = [300.0 + i for i in range(40)]
-    history = History(request_ages_s=ages, provision_s=[60.0])
-    policy = _policy(policy=ADAPTIVE, min_ready=0, scale_down_delay_s=600)
-    now = TUESDAY_9_UTC
-    count = warm_target(policy, history, now).keep
-    until = now + timedelta(seconds=policy.history_s + 1)
-    evaluated: list[datetime] = []
-
-    def counted(policy: WarmPolicy, history: History, at: datetime) -> Target:
-        evaluated.append(at)
-        return warm_target(policy, history, at)
-
-    monkeypatch.setattr("service.capacity.warm_target", counted)
-    falls = keep_falls_below(policy, history, now, count, until)
-    searched = len(evaluated)
-    assert falls is not None
-    evaluated.clear()
-    planned = falls + timedelta(seconds=30)
-    assert keep_falls_below(policy, history, now, count, until, planned=planned) == falls
-    assert len(evaluated) < searched
-    assert all(at < planned for at in evaluated[1:])  # the first is the planned pass
