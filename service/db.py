@@ -10,6 +10,7 @@ pysqlite recipe). ``synchronous=NORMAL`` in WAL survives a process crash
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -67,9 +68,11 @@ def _sqlite_engine(url: str, wal_autocheckpoint: int) -> Engine:
     if in_memory:
         # One connection for every session: each new connection to an in-memory
         # database would be a new, empty database (``workerlease simulate``'s replay).
-        engine = create_engine(url, connect_args=connect_args, poolclass=StaticPool)
+        engine = create_engine(
+            url, connect_args=connect_args, poolclass=StaticPool, json_deserializer=_json_loads
+        )
     else:
-        engine = create_engine(url, connect_args=connect_args)
+        engine = create_engine(url, connect_args=connect_args, json_deserializer=_json_loads)
 
     writes = _SQLiteBegin(in_memory)
 
@@ -149,6 +152,18 @@ class _SQLiteBegin:
     def release(self, info: dict[Any, Any]) -> None:
         if info.pop(_HOLDS_WRITER, False):
             self._writer.release()
+
+
+def _json_loads(text: str) -> Any:
+    """``json.loads``, with the empty object and list that most JSON columns hold (a pool's
+    options, capabilities and schedules) made without the parser: each pass reads the
+    pools' rows, and their three ``json.loads`` were half of that read (~25 us of 53).
+    A new object each time, as the parser's: callers may change what they are given."""
+    if text == "{}":
+        return {}
+    if text == "[]":
+        return []
+    return json.loads(text)
 
 
 BUSY_TIMEOUT_S = 30.0

@@ -20,6 +20,7 @@ from service.pools import (
     note_create_result,
     patch_pool,
     plan_refill,
+    pools_by_name,
     trim,
     workers_wanted,
 )
@@ -200,3 +201,24 @@ def test_the_replays_history_memo_answers_as_the_database_after_rows_are_added(
         agree()
     clock.advance(minutes=40)  # every request before the window now
     agree()
+
+
+def test_the_pools_json_columns_read_as_written_and_a_new_object_each_read(
+    tx: Tx, clock: ManualClock
+) -> None:
+    # Empty objects and lists skip the parser (``db._json_loads``); a caller that changes
+    # what it was given must not change what the next read returns.
+    other = PoolConfig.model_validate(
+        pool_config("hosted-windows", os="windows", capabilities=["docker", "gpu"])
+    )
+    with tx() as session:
+        apply_config(session, [other], clock.now() + timedelta(seconds=1))
+    with tx() as session:
+        first = {pool.name: pool for pool in pools_by_name(session)}
+    assert (first[POOL].options, first[POOL].capabilities) == ({}, [])
+    assert first["hosted-windows"].capabilities == ["docker", "gpu"]
+    first[POOL].options["changed"] = True
+    first[POOL].capabilities.append("changed")
+    with tx() as session:
+        again = {pool.name: pool for pool in pools_by_name(session)}
+    assert (again[POOL].options, again[POOL].capabilities) == ({}, [])
