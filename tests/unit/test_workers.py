@@ -69,6 +69,19 @@ def test_the_bootstrap_token_works_once_and_an_unknown_worker_looks_the_same(
     assert unknown.value.detail == wrong.value.detail  # no oracle of which ids exist
 
 
+def test_a_worker_loaded_earlier_in_the_transaction_reads_as_ready_after_the_callback(
+    tx: Tx, clock: ManualClock
+) -> None:
+    # The callback moves the worker in Core: an ORM copy already in the session is
+    # expired, so what the rest of the transaction reads of it is the new row.
+    worker_id, token = _provisioning(tx, clock)
+    with tx() as session:
+        loaded = session.get(Worker, worker_id)
+        assert loaded is not None and loaded.state == WorkerState.PROVISIONING
+        worker_ready(session, worker_id, token, "http://x/", None, clock.now())
+        assert loaded.state == WorkerState.READY
+
+
 def test_a_ready_callback_hands_the_worker_to_the_oldest_pending_lease(
     tx: Tx, clock: ManualClock
 ) -> None:
