@@ -47,6 +47,11 @@ def _count(read: sessionmaker[Session], table: type) -> int:
         return int(session.execute(select(func.count()).select_from(table)).scalar_one())
 
 
+def _tenant_names(read: sessionmaker[Session]) -> list[str]:
+    with session_scope(read) as session:
+        return list(session.execute(select(Tenant.name)).scalars().all())  # type: ignore[call-overload]
+
+
 def test_a_core_transaction_commits_its_audit_rows_and_the_session_is_reused(held: Held) -> None:
     write, read = held
     with session_scope(write) as session:
@@ -92,9 +97,7 @@ def test_a_rollback_inside_the_scope_starts_a_new_transaction(held: Held) -> Non
         session.rollback()  # as acquire after losing the unique index to another request
         tenants.create_many(session, ["b"], NOW)
         assert transaction_connection(session).connection.driver_connection.in_transaction
-    with session_scope(read) as session:
-        names = session.execute(select(Tenant.name)).scalars().all()  # type: ignore[call-overload]
-    assert names == ["b"]
+    assert _tenant_names(read) == ["b"]
 
 
 def test_a_core_statement_takes_over_the_transaction_begun_on_the_driver(held: Held) -> None:
@@ -111,9 +114,7 @@ def test_a_core_statement_takes_over_the_transaction_begun_on_the_driver(held: H
         transaction_connection(session).execute(text("UPDATE tenants SET name = 'd'"))
         raise RuntimeError("the caller failed")
     assert _HOLDS_WRITER not in connection.info
-    with session_scope(read) as session:
-        names = session.execute(select(Tenant.name)).scalars().all()  # type: ignore[call-overload]
-    assert names == ["b"]
+    assert _tenant_names(read) == ["b"]
 
 
 def test_a_read_transaction_on_the_driver_takes_no_write_lock(held: Held) -> None:
