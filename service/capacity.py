@@ -134,15 +134,13 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
         ready = min(base, policy.max_workers)
         keep = min(max(base, held_floor), policy.max_workers)
         return Target(ready, max(ready, keep), policy.policy, policy.min_ready, floor, schedule)
-    rate = demand_rate(history.request_ages_s, policy.demand_half_life_s)
+    rate, provision, demand = _demand(policy, history)
     peak = max(
         _peak_at_arrivals(
             history.request_ages_s, policy.scale_down_delay_s, policy.demand_half_life_s
         ),
         rate,
     )  # = peak_demand_rate, without computing ``rate`` twice
-    provision = provision_time(history.provision_s, policy.os)
-    demand = base_stock(rate * provision, policy.hit_target, policy.max_workers)
     held = base_stock(peak * provision, policy.hit_target, policy.max_workers)
     ready = min(max(base, demand), policy.max_workers)
     keep = min(max(ready, held, held_floor), policy.max_workers)
@@ -157,6 +155,24 @@ def warm_target(policy: WarmPolicy, history: History, now: datetime) -> Target:
         provision_mean_s=round(provision, 1),
         demand_ready=demand,
     )
+
+
+def ready_target(policy: WarmPolicy, history: History, now: datetime) -> int:
+    """``warm_target(...).ready`` alone, what refill asks: without what trim keeps, whose
+    peak over the scale-down delay is most of the target's arithmetic (a replay asks
+    refill's question ~2 times a request)."""
+    floor, _ = schedule_floor(policy.schedules, now)
+    base = max(policy.min_ready, floor)
+    if policy.reads_history:
+        base = max(base, _demand(policy, history)[2])
+    return min(base, policy.max_workers)
+
+
+def _demand(policy: WarmPolicy, history: History) -> tuple[float, float, int]:
+    """The demand rate, the mean provisioning time, and the ready workers they ask for."""
+    rate = demand_rate(history.request_ages_s, policy.demand_half_life_s)
+    provision = provision_time(history.provision_s, policy.os)
+    return rate, provision, base_stock(rate * provision, policy.hit_target, policy.max_workers)
 
 
 # ---- the estimators ------------------------------------------------------------------

@@ -31,6 +31,7 @@ from service.capacity import (
     Schedule,
     Target,
     WarmPolicy,
+    ready_target,
     warm_target,
 )
 from service.config import PoolConfig
@@ -415,15 +416,23 @@ def warm_targets(
     session: Session, pools: Sequence[PoolSettings], now: datetime
 ) -> dict[str, Target]:
     """Each pool's ready target and what trim keeps, with why (service.capacity)."""
-    targets = {}
-    for pool in pools:
-        policy = warm_policy(pool)
-        history = History()
-        if policy.reads_history:
-            since = now - timedelta(seconds=policy.history_s)
-            history = pool_history(session, pool.name, since, now)
-        targets[pool.name] = warm_target(policy, history, now)
-    return targets
+    return {pool.name: warm_target(*_policy_history(session, pool, now), now) for pool in pools}
+
+
+def ready_targets(session: Session, pools: Sequence[PoolSettings], now: datetime) -> dict[str, int]:
+    """Each pool's ready target alone (``warm_targets``' ``ready``): what refill fills to."""
+    return {pool.name: ready_target(*_policy_history(session, pool, now), now) for pool in pools}
+
+
+def _policy_history(
+    session: Session, pool: PoolSettings, now: datetime
+) -> tuple[WarmPolicy, History]:
+    """The pool's warm policy and the history it reads (none for a fixed one)."""
+    policy = warm_policy(pool)
+    if not policy.reads_history:
+        return policy, History()
+    since = now - timedelta(seconds=policy.history_s)
+    return policy, pool_history(session, pool.name, since, now)
 
 
 # ---- refill and trim ------------------------------------------------------------
@@ -471,9 +480,9 @@ def refill_wanted(session: Session, now: datetime) -> bool:
         for pool in _ENABLED_POOLS.all(core_connection(session), {})
         if pool.create_backoff_until is None or pool.create_backoff_until <= now
     ]
-    targets = warm_targets(session, pools, now)
+    targets = ready_targets(session, pools, now)
     return any(
-        workers_wanted(pool, counts.get(pool.name, PoolCounts({}, 0)), targets[pool.name].ready) > 0
+        workers_wanted(pool, counts.get(pool.name, PoolCounts({}, 0)), targets[pool.name]) > 0
         for pool in pools
     )
 
@@ -497,9 +506,9 @@ def plan_refill(
         for pool in every_pool
         if pool.enabled and (pool.create_backoff_until is None or pool.create_backoff_until <= now)
     ]
-    targets = warm_targets(session, pools, now)
+    targets = ready_targets(session, pools, now)
     for pool in pools:
-        target = targets[pool.name].ready
+        target = targets[pool.name]
         wanted = workers_wanted(pool, counts.get(pool.name, PoolCounts({}, 0)), target)
         for _ in range(wanted):
             row = new_worker_row(pool.name, now)

@@ -23,6 +23,7 @@ from service.capacity import (
     peak_demand_rate,
     peak_rate,
     provision_time,
+    ready_target,
     schedule_floor,
     warm_target,
 )
@@ -181,6 +182,24 @@ def test_adaptive_target_is_floored_and_capped() -> None:
     busy = History(request_ages_s=[i * 0.5 for i in range(5000)], provision_s=[600.0])
     capped = warm_target(_policy(policy=ADAPTIVE, max_workers=5), busy, TUESDAY_9_UTC)
     assert capped.ready == capped.keep == 5
+
+
+def test_ready_target_alone_is_the_full_targets_ready() -> None:
+    """Refill asks ``ready_target``; trim and the admin view ``warm_target``: one answer."""
+    rng = random.Random(5)
+    business = Schedule("0 8 * * 1-5", duration_s=10 * 3600, min_ready=6)
+    for _ in range(300):
+        policy = _policy(
+            policy=rng.choice([FIXED, ADAPTIVE]),
+            min_ready=rng.randint(0, 3),
+            max_workers=rng.randint(1, 30),
+            schedules=rng.choice([(), (business,)]),
+            os=rng.choice(["ubuntu", "windows"]),
+        )
+        ages = sorted(rng.uniform(0, 3600) for _ in range(rng.randint(0, 200)))
+        history = History(ages, [rng.uniform(20, 900) for _ in range(rng.randint(0, 50))])
+        now = TUESDAY_9_UTC + timedelta(hours=rng.uniform(-12, 12))
+        assert ready_target(policy, history, now) == warm_target(policy, history, now).ready
 
 
 def test_adaptive_keeps_the_burst_target_until_the_scale_down_delay() -> None:
