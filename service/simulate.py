@@ -275,6 +275,11 @@ _Event = tuple[float, int, str, Any]
 # The events a tenant or an agent causes, counted in ``Result.events``.
 _COUNTED = frozenset({"request", "ready", "release"})
 _KINDS = ("request", "demand", "ready", "release", "destroy", "tick")  # handled by _on_<kind>
+# The events after which a pending lease may have left ``pending``: served by a request's
+# call (``serve_pending_of``), a ready callback or the full pass, or expired by the pass.
+# Demand and destroy passes and releases start and end workers, never serve or end a
+# pending lease (a released worker is destroyed, not handed on).
+_SETTLING = frozenset({"request", "ready", "tick"})
 
 
 class Replay:
@@ -354,7 +359,7 @@ class Replay:
                     break
                 self.clock.set(self.start + timedelta(seconds=now))
                 handlers[kind](payload)
-                if self._waiting:
+                if self._waiting and kind in _SETTLING:
                     self._collect_activations()
                 if self.cloud.failures != self._failures:
                     self._after_create_failures()
