@@ -49,7 +49,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import case, func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -603,37 +603,45 @@ def _lease_figures(session: Session, pools: dict[str, PoolResult], end: datetime
 def _worker_figures(
     session: Session, pools: dict[str, PoolResult], start: datetime, end: datetime
 ) -> None:
-    left: dict[str, dict[str, datetime]] = defaultdict(dict)  # worker -> state -> first time
-    for worker_id, state, at in session.exec(
-        select(Event.subject_id, Event.to_state, func.min(Event.at))
-        .where(
-            Event.kind == "worker",
-            col(Event.to_state).in_(["leased", "destroying", "failed", "destroyed"]),
-        )
-        .group_by(col(Event.subject_id), col(Event.to_state))
-    ).all():
-        left[worker_id][str(state)] = _aware(at)
-    for worker in session.execute(
-        sa_select(col(Worker.id), col(Worker.pool), col(Worker.created_at), col(Worker.ready_at))
-    ).all():
+    for worker in session.execute(_WORKER_SPANS).all():
         result = pools[worker.pool]
-        times = left.get(worker.id, {})
         # Until the service decided to destroy it: the replay's destroy pass runs on its
         # own cadence, and a platform's termination time is not modelled.
-        gone = min([times[s] for s in ("destroying", "destroyed") if s in times] or [end])
+        gone = end if worker.gone is None else _aware(worker.gone)
         if gone <= start:
             continue  # came and went during the warm-up
         result.creations += worker.created_at >= start
         result.worker_minutes += (gone - max(worker.created_at, start)).total_seconds() / 60
         if worker.ready_at is not None:
-            stop = min(
-                [times[s] for s in ("leased", "destroying", "failed") if s in times] or [end]
-            )
+            stop = end if worker.stopped is None else _aware(worker.stopped)
             idle_from = max(worker.ready_at, start)
             result.idle_worker_minutes += max(0.0, (stop - idle_from).total_seconds() / 60)
     for result in pools.values():
         result.worker_minutes = round(result.worker_minutes, 1)
         result.idle_worker_minutes = round(result.idle_worker_minutes, 1)
+
+
+def _first_move(*states: str) -> Any:
+    """The first time a worker moved to one of ``states`` (its audit rows), else NULL."""
+    return func.min(case((col(Event.to_state).in_(states), col(Event.at))))
+
+
+# Each worker with the first time it stopped being idle (leased, destroying, failed) and
+# the first time it was going (the decision to destroy it): one row a worker, not one a
+# worker and state (a simulated week's ~50,000 audit rows read as objects took 0.6 s).
+_MOVES = (
+    sa_select(
+        col(Event.subject_id).label("worker_id"),
+        _first_move("leased", "destroying", "failed").label("stopped"),
+        _first_move("destroying", "destroyed").label("gone"),
+    )
+    .where(col(Event.kind) == "worker")
+    .group_by(col(Event.subject_id))
+    .subquery()
+)
+_WORKER_SPANS = sa_select(
+    col(Worker.pool), col(Worker.created_at), col(Worker.ready_at), _MOVES.c.stopped, _MOVES.c.gone
+).outerjoin(_MOVES, _MOVES.c.worker_id == col(Worker.id))
 
 
 def _aware(moment: datetime) -> datetime:
