@@ -24,7 +24,6 @@ from service.pools import (
     PoolCounts,
     PoolView,
     counts_by_pool,
-    enabled_warm_policy,
     pool_history,
     pools_by_name,
     refill_wanted,
@@ -97,15 +96,17 @@ def expiry_due(
 
 
 def next_trim_due(
-    session: Session, pool_name: str, now: datetime, planned: datetime | None = None
+    session: Session,
+    pool_name: str,
+    policy: WarmPolicy,
+    now: datetime,
+    planned: datetime | None = None,
 ) -> datetime | None:
-    """``next_due`` after a worker of the pool became ready: only its trim can come
-    sooner (one more ready worker), the deadlines are as they were. ``planned``: when
-    the caller already runs the pass (``capacity.keep_falls_below``); a trim due within
-    a second before it or later may then be missed."""
-    policy = enabled_warm_policy(session, pool_name)
-    if policy is None:
-        return None
+    """``next_due`` after a worker of the enabled pool became ready: only its trim can
+    come sooner (one more ready worker), the deadlines are as they were. ``policy``: the
+    pool's (``pools.enabled_warm_policy``). ``planned``: when the caller already runs the
+    pass (``capacity.keep_falls_below``); a trim due within a second before it or later
+    may then be missed."""
     counts = counts_by_pool(session).get(pool_name, PoolCounts({}, 0))
     return _trim_due(session, pool_name, policy, counts, now, planned)
 

@@ -66,7 +66,7 @@ from service.models import Event, Lease, LeaseState, Worker
 from service.passes.destroy import destroy
 from service.passes.maintain import answer_demand, maintain
 from service.passes.simulation import simulated_cloud, simulation_runtime
-from service.pools import HISTORY_MEMO, HistoryMemo, refill_wanted
+from service.pools import HISTORY_MEMO, HistoryMemo, enabled_warm_policy, refill_wanted
 from service.scheduler import RING_SETTLE_S
 from service.startup import prepare_database
 from service.workers import worker_ready
@@ -305,6 +305,10 @@ class Replay:
         self.doorbell = self.config.scheduler.doorbell
         self.provision_timeout = {pool.name: pool.provision_timeout for pool in config.pools}
         self.memo = HistoryMemo()
+        # Read once: nothing in a replay changes a pool's settings (no admin calls).
+        with session_scope(self.rt.read_factory) as session:
+            policies = {pool.name: enabled_warm_policy(session, pool.name) for pool in config.pools}
+        self.policies = {name: policy for name, policy in policies.items() if policy is not None}
         self._queue: list[_Event] = []
         self._seq = 0
         self._rung_at: float | None = None
@@ -433,7 +437,8 @@ class Replay:
                 # One more ready worker: trim may find a surplus sooner; nothing else
                 # moved. A trim due within a second before the pass already planned, or
                 # later, would not move it (``_plan_tick`` keeps the sooner, on the grid).
-                due = next_trim_due(session, pool, now, planned)
+                policy = self.policies.get(pool)
+                due = None if policy is None else next_trim_due(session, pool, policy, now, planned)
         except (Conflict, NotFound):
             return  # failed or timed out meanwhile: the service answers the agent 4xx
         if due is not None:

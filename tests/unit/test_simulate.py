@@ -196,7 +196,9 @@ def test_skipping_idle_passes_gives_the_figures_of_a_pass_every_interval(
         return now  # always due: a tick runs the pass, and the next comes an interval on
 
     monkeypatch.setattr("service.simulate.next_due", every_interval)
-    monkeypatch.setattr("service.simulate.next_trim_due", lambda s, pool, now, planned=None: None)
+    monkeypatch.setattr(
+        "service.simulate.next_trim_due", lambda s, pool, policy, now, planned=None: None
+    )
     every = simulate(config, trace, policy="adaptive", seed=3)
     assert every.passes > skipping.passes
     assert every.pools == skipping.pools
