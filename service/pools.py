@@ -300,30 +300,27 @@ class HistoryMemo:
     a request time, an agent's ready callback a provisioning time, and nothing else adds
     to either (a simulated worker becomes ready by its callback only), so between those
     events every pass reads the same rows (a rung demand pass, ``due.next_due`` and the
-    destroy pass's check, at later virtual instants too). The replay follows a request
-    with ``requests_added()`` and a ready callback with ``provisioning_added()``; the
-    next read then fetches only the rows at or after the newest it holds (one row,
-    not the window's ~50: converting their times was most of the two reads' cost) and
-    drops its own rows at that instant, which the fetch returns again. Request times
-    are kept, not ages: a later read takes those at or after its own ``since``, which is
-    what the database would return (nothing is inserted before ``now``).
+    destroy pass's check, at later virtual instants too). The replay tells it each
+    request (``requests_added(pool, at)``, the new lease's ``created_at``: the newest,
+    virtual time only moves on), which it adds to the times it holds without a read,
+    and follows a ready callback with ``provisioning_added()``: the next read then
+    fetches only the rows at or after the newest it holds (one row, not the window's
+    ~50: converting their times was most of the two reads' cost) and drops its own
+    rows at that instant, which the fetch returns again. Request times are kept, not
+    ages: a later read takes those at or after its own ``since``, which is what the
+    database would return (nothing is inserted before ``now``).
     The service never sets one: its passes run beside requests in other threads.
     """
 
     def __init__(self) -> None:
         self._requests: dict[str, tuple[datetime, list[datetime]]] = {}  # since, newest first
         self._provisioning: dict[str, tuple[list[datetime], list[float]]] = {}  # ready_at, s
-        self._new_requests: set[str] = set()
         self._new_provisioning: set[str] = set()
 
     def requests_since(self, session: Session, pool: str, since: datetime) -> list[datetime]:
         read = self._requests.get(pool)
         if read is None or read[0] > since:
             read = (since, _requests_since(session, pool, since))
-            self._new_requests.discard(pool)
-        elif pool in self._new_requests:
-            read = (read[0], _newer_first(session, _REQUESTS_SINCE, pool, read[1], read[0]))
-            self._new_requests.discard(pool)
         times = read[1]
         while times and times[-1] < since:  # before this read's window, and so any later one's
             times.pop()
@@ -343,21 +340,17 @@ class HistoryMemo:
             self._new_provisioning.discard(pool)
         return read[1]
 
-    def requests_added(self) -> None:
-        self._new_requests.update(self._requests)
+    def requests_added(self, pool: str, at: datetime) -> None:
+        """A lease request of ``pool`` at ``at``, at or after every one before it."""
+        read = self._requests.get(pool)
+        if read is not None:
+            times = read[1]
+            assert not times or at >= times[0], "requests are told in time order"
+            times.insert(0, at)
+            del times[MAX_REQUESTS_READ:]
 
     def provisioning_added(self) -> None:
         self._new_provisioning.update(self._provisioning)
-
-
-def _newer_first(
-    session: Session, statement: DriverStatement, pool: str, held: list[datetime], since: datetime
-) -> list[datetime]:
-    """``held`` (newest first) with the rows at or after its newest one read again."""
-    newest = held[0] if held else since
-    fresh = statement.all(core_connection(session), {"pool": pool, "since": newest})
-    merged = [at for (at,) in fresh] + [at for at in held if at < newest]
-    return merged[:MAX_REQUESTS_READ]
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -391,7 +391,7 @@ class Replay:
             lease_id = acquired.lease.id
         if acquired.outcome == Outcome.EXISTING:
             return  # the tenant's live lease answers; nothing new happens
-        self.memo.requests_added()  # a new request: the demand estimate moved
+        self.memo.requests_added(row.pool, now)  # the new lease's created_at
         lease = acquired.lease
         self._plan_deadlines(lease.idle_expires_at, lease.expires_at, lease.pending_expires_at)
         self._holds[lease_id] = (tenant_id, row.hold_seconds)

@@ -178,6 +178,7 @@ def test_the_replays_history_memo_answers_as_the_database_after_rows_are_added(
                     created_at=clock.now(),
                 )
                 session.add(lease)
+                memo.requests_added(POOL, lease.created_at)
             for i in range(ready):
                 worker = new_worker(POOL, clock.now() - timedelta(seconds=30 + i))
                 worker.state, worker.ready_at = WorkerState.READY, clock.now()
@@ -196,7 +197,6 @@ def test_the_replays_history_memo_answers_as_the_database_after_rows_are_added(
     agree()
     for requests, ready, step_s in [(2, 1, 0), (1, PROVISION_SAMPLES, 60), (4, 3, 600)]:
         add(requests, ready, step_s)
-        memo.requests_added()
         memo.provisioning_added()
         agree()
     clock.advance(minutes=40)  # every request before the window now
