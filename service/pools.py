@@ -301,14 +301,14 @@ class HistoryMemo:
     to either (a simulated worker becomes ready by its callback only), so between those
     events every pass reads the same rows (a rung demand pass, ``due.next_due`` and the
     destroy pass's check, at later virtual instants too). The replay tells it each
-    request (``requests_added(pool, at)``, the new lease's ``created_at``: the newest,
-    virtual time only moves on), which it adds to the times it holds without a read,
-    and follows a ready callback with ``provisioning_added()``: the next read then
-    fetches only the rows at or after the newest it holds (one row, not the window's
-    ~50: converting their times was most of the two reads' cost) and drops its own
-    rows at that instant, which the fetch returns again. Request times are kept, not
-    ages: a later read takes those at or after its own ``since``, which is what the
-    database would return (nothing is inserted before ``now``).
+    request (``requests_added(pool, at)``, the new lease's ``created_at``) and each
+    provisioning time (``provisioning_added``, from the ready callback): the newest,
+    virtual time only moves on. It adds them to what it holds without a read (reading
+    again the rows at the newest instant was most of the two reads' cost). Two workers
+    ready at one instant make it read again: the rows at or after the newest it holds,
+    its own at that instant dropped. Request times are kept, not ages: a later read
+    takes those at or after its own ``since``, which is what the database would return
+    (nothing is inserted before ``now``).
     The service never sets one: its passes run beside requests in other threads.
     """
 
@@ -349,8 +349,22 @@ class HistoryMemo:
             times.insert(0, at)
             del times[MAX_REQUESTS_READ:]
 
-    def provisioning_added(self) -> None:
-        self._new_provisioning.update(self._provisioning)
+    def provisioning_added(self, pool: str, ready_at: datetime, seconds: float) -> None:
+        """A worker of ``pool`` became ready at ``ready_at``, ``seconds`` after its creation
+        (its row's ``ready_at - created_at``), at or after every one before it. At the
+        instant of the newest held, the database's order among equal times decides what
+        the sample cap keeps: the next read asks it."""
+        read = self._provisioning.get(pool)
+        if read is None:
+            return
+        ready, samples = read
+        if ready and ready_at <= ready[0]:
+            self._new_provisioning.add(pool)
+            return
+        self._provisioning[pool] = (
+            [ready_at, *ready][:PROVISION_SAMPLES],
+            [seconds, *samples][:PROVISION_SAMPLES],
+        )
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -432,8 +432,8 @@ class Replay:
             # The trim check reads in the callback's own transaction, after it: one
             # transaction fewer per worker, and what it reads is what a commit would show.
             with session_scope(self.factory) as session:
-                worker_ready(session, worker_id, bootstrap_token, _AGENT_URL, None, now)
-                self.memo.provisioning_added()  # a provisioning time more
+                ready = worker_ready(session, worker_id, bootstrap_token, _AGENT_URL, None, now)
+                self.memo.provisioning_added(pool, now, ready.provisioned_s)
                 # One more ready worker: trim may find a surplus sooner; nothing else
                 # moved. A trim due within a second before the pass already planned, or
                 # later, would not move it (``_plan_tick`` keeps the sooner, on the grid).

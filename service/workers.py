@@ -98,6 +98,7 @@ class Ready:
     access_token: str  # for the agent; shown to tenants only through their active lease
     worker_token: str  # shown once: only its hash is kept
     activated: list[Lease]
+    provisioned_s: float  # created -> ready, as ``workerlease_provisioning_seconds`` saw it
 
 
 # The ready callback in Core: every worker calls it once, and the ORM's load of the
@@ -216,13 +217,14 @@ def worker_ready(
         now,
         pool=row.pool,
     )
-    metrics.PROVISIONING.labels(row.pool).observe((now - row.created_at).total_seconds())
+    provisioned_s = (now - row.created_at).total_seconds()
+    metrics.PROVISIONING.labels(row.pool).observe(provisioned_s)
     if row.degraded_reason is not None and not row.create_failures:
         pool = pool_named(session, row.pool)
         assert pool is not None
         note_callback(session, pool, now)
     activated = serve_pending_of(session, row.pool, now) if row.enabled else []
-    return Ready(worker_id, row.access_token, worker_token, activated)
+    return Ready(worker_id, row.access_token, worker_token, activated, provisioned_s)
 
 
 # One answer for an unknown worker, a wrong token and a worker that is gone.

@@ -183,6 +183,7 @@ def test_the_replays_history_memo_answers_as_the_database_after_rows_are_added(
                 worker = new_worker(POOL, clock.now() - timedelta(seconds=30 + i))
                 worker.state, worker.ready_at = WorkerState.READY, clock.now()
                 session.add(worker)
+                memo.provisioning_added(POOL, clock.now(), 30.0 + i)
             clock.advance(seconds=step_s)
 
     def agree() -> None:
@@ -197,7 +198,6 @@ def test_the_replays_history_memo_answers_as_the_database_after_rows_are_added(
     agree()
     for requests, ready, step_s in [(2, 1, 0), (1, PROVISION_SAMPLES, 60), (4, 3, 600)]:
         add(requests, ready, step_s)
-        memo.provisioning_added()
         agree()
     clock.advance(minutes=40)  # every request before the window now
     agree()
