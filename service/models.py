@@ -375,6 +375,21 @@ class Event(SQLModel, table=True):
     tenant_id: str | None = Field(default=None, max_length=40)
 
 
+# The indexes that only the HTTP listings read (the admin's and a tenant's pages, newest
+# first, and the audit log by subject): no pass, lease, release or agent call goes
+# through them, and none is unique (the invariants' indexes are not among them). A
+# replay's private database goes without them (``workerlease simulate``: their upkeep on
+# every insert and state change was ~10 % of a replayed request).
+LISTING_INDEXES = (
+    "ix_workers_created",
+    "ix_workers_live_created",
+    "ix_leases_created",
+    "ix_leases_live_created",
+    "ix_leases_tenant_created",
+    "ix_events_subject",
+)
+
+
 class Installation(SQLModel, table=True):
     """This database's one random id, made by migration 0005 and never changed."""
 

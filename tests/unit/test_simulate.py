@@ -10,10 +10,14 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
+from sqlmodel import SQLModel
 
 from service.cli import main
-from service.config import config_from_dict
+from service.config import Config, config_from_dict
+from service.models import LISTING_INDEXES
 from service.simulate import (
+    DEFAULT_START,
+    Replay,
     SimulationError,
     TraceRow,
     compare,
@@ -163,14 +167,9 @@ def test_compare_finds_the_smallest_fixed_min_ready_with_the_best_p95() -> None:
     assert set(result.tried) <= {0, 1, 2, 3, 4}
 
 
-def test_skipping_idle_passes_gives_the_figures_of_a_pass_every_interval(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The replay runs the full pass only when ``due.next_due`` says time gave it work; a
-    replay that runs it at every interval instead (as the service does) must agree.
-
-    ``max_workers`` does not bind here: destroys are batched every minute either way
-    (their time is not counted), which moves figures only when a freed slot is needed."""
+def _eventful_hour() -> tuple[Config, list[TraceRow]]:
+    """A bursty hour of an adaptive pool whose leases expire and whose creates fail (and
+    back off): most of what a replay runs."""
     config = config_from_dict(
         {
             "scheduler": {"interval": "30s"},
@@ -190,6 +189,18 @@ def test_skipping_idle_passes_gives_the_figures_of_a_pass_every_interval(
         }
     )
     trace = generate("bursty", seed=7, pool="ubuntu", rate_per_min=1, hours=1, hold_median_s=120)
+    return config, trace
+
+
+def test_skipping_idle_passes_gives_the_figures_of_a_pass_every_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The replay runs the full pass only when ``due.next_due`` says time gave it work; a
+    replay that runs it at every interval instead (as the service does) must agree.
+
+    ``max_workers`` does not bind here: destroys are batched every minute either way
+    (their time is not counted), which moves figures only when a freed slot is needed."""
+    config, trace = _eventful_hour()
     skipping = simulate(config, trace, policy="adaptive", seed=3)
 
     def every_interval(session: Any, now: datetime, runs_at: Any = None) -> datetime:
@@ -203,3 +214,31 @@ def test_skipping_idle_passes_gives_the_figures_of_a_pass_every_interval(
     assert every.passes > skipping.passes
     assert every.pools == skipping.pools
     assert every.pools["ubuntu"].creations > every.pools["ubuntu"].leases // 2  # it did work
+
+
+def test_the_replays_database_goes_without_the_listing_indexes_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What only the HTTP listings read is dropped (``models.LISTING_INDEXES``): every
+    unique index, which holds an invariant, stays, and the figures are the full
+    schema's."""
+    indexes = {
+        index.name: index for table in SQLModel.metadata.tables.values() for index in table.indexes
+    }
+    assert all(name in indexes and not indexes[name].unique for name in LISTING_INDEXES)
+    config, trace = _eventful_hour()
+    replay = Replay(with_policy(config, "adaptive"), trace, 3, DEFAULT_START)
+    try:
+        with replay.engine.connect() as connection:
+            present = set(
+                connection.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")
+                .scalars()
+                .all()
+            )
+    finally:
+        replay.close()
+    assert not present & set(LISTING_INDEXES)
+    assert {name for name, index in indexes.items() if index.unique} <= present
+    without = simulate(config, trace, policy="adaptive", seed=3)
+    monkeypatch.setattr("service.simulate.LISTING_INDEXES", ())
+    assert simulate(config, trace, policy="adaptive", seed=3).pools == without.pools
