@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from sqlmodel import select
 
-from service.leasing import Outcome, acquire, expire, release, serve_pending
+from service.leasing import Outcome, acquire, expire, release, serve_pending, serve_pending_of
 from service.models import EndReason, Lease, LeaseState, Pool, Worker, WorkerState
 from tests.support.fakes import ManualClock
 from tests.unit.conftest import Tx, add_ready_worker, add_tenant
@@ -80,6 +80,31 @@ def test_a_newcomer_queues_behind_a_pending_lease_even_when_a_worker_comes_free(
         assert pool is not None
         served = serve_pending(session, pool, clock.now())
     assert [lease.id for lease in served] == [waiting]
+
+
+def test_serving_a_pool_by_name_waits_for_a_ready_worker_then_sets_the_lease_clocks(
+    tx: Tx, clock: ManualClock
+) -> None:
+    # The pool's settings come from a Core look of four columns, not its ORM row.
+    tenant = add_tenant(tx, clock.now())
+    with tx() as session:
+        waiting = acquire(session, tenant, POOL, clock.now()).lease.id
+    with tx() as session:
+        assert serve_pending_of(session, POOL, clock.now()) == []  # no worker ready yet
+    clock.advance(seconds=40)
+    with tx() as session:
+        worker_id = add_ready_worker(session, POOL, clock.now()).id
+    with tx() as session:
+        [served] = serve_pending_of(session, POOL, clock.now())
+        pool = session.get(Pool, POOL)
+        assert pool is not None
+        assert (served.id, served.worker_id, served.activated_at) == (
+            waiting,
+            worker_id,
+            clock.now(),
+        )
+        assert served.idle_expires_at == clock.now() + timedelta(seconds=pool.lease_idle_timeout_s)
+        assert served.expires_at == clock.now() + timedelta(seconds=pool.lease_max_lifetime_s)
 
 
 def test_release_destroys_the_worker_and_is_idempotent(tx: Tx, clock: ManualClock) -> None:
