@@ -17,12 +17,12 @@ from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 
 from service import __version__, crypto, openapi
+from service.api.errors import register_error_handlers, validation_problem
 from service.auth import BODY_IN_MEMORY
 from service.clock import Clock, SystemClock
 from service.config import Config
 from service.db import WEB_CHECKPOINT_PAGES, make_engine, session_factory, transaction
 from service.doorbell import bell_for
-from service.errors import register_error_handlers, validation_problem
 from service.lease_flow import LeaseFlow
 from service.logs import RequestIds
 from service.metrics import observe_request
