@@ -661,29 +661,35 @@ def expire(session: Session, now: datetime, batch: int = 500) -> int:
     A lease running or queueing tasks is not idle (its idle clock restarts when its last
     task ends); its maximum lifetime still applies."""
     ended = 0
-    busy = exists().where(
-        col(Task.lease_id) == col(Lease.id), col(Task.state).in_(LIVE_TASK_STATES)
-    )
-    active_q = (
-        select(Lease)
-        .where(Lease.state == LeaseState.ACTIVE)
-        .where(((col(Lease.idle_expires_at) <= now) & ~busy) | (col(Lease.expires_at) <= now))
-        .limit(batch)
-    )
-    for lease in session.exec(with_row_locks(active_q, session)).all():
+    params = {"now": now, "batch": batch}
+    for lease in session.exec(_EXPIRED_ACTIVE.for_update(session), params=params).all():
         assert lease.expires_at is not None
         reason = EndReason.MAX_LIFETIME if lease.expires_at <= now else EndReason.IDLE_TIMEOUT
         end_lease(session, lease, reason, f"expired: {reason}", now)
         ended += 1
-    pending_q = (
-        select(Lease)
-        .where(Lease.state == LeaseState.PENDING, col(Lease.pending_expires_at) <= now)
-        .limit(batch)
-    )
-    for lease in session.exec(with_row_locks(pending_q, session)).all():
+    for lease in session.exec(_EXPIRED_PENDING.for_update(session), params=params).all():
         end_lease(session, lease, EndReason.FAILED, "no worker within pending_timeout", now)
         ended += 1
     return ended
+
+
+# Built once (``Prepared``): building them and their cache keys was most of an expiry
+# transaction's ~5 ms (simulate's profile, ~100 a replayed week).
+_BUSY = exists().where(col(Task.lease_id) == col(Lease.id), col(Task.state).in_(LIVE_TASK_STATES))
+_EXPIRED_ACTIVE = Prepared(
+    select(Lease)
+    .where(Lease.state == LeaseState.ACTIVE)
+    .where(
+        ((col(Lease.idle_expires_at) <= bindparam("now")) & ~_BUSY)
+        | (col(Lease.expires_at) <= bindparam("now"))
+    )
+    .limit(bindparam("batch"))
+)
+_EXPIRED_PENDING = Prepared(
+    select(Lease)
+    .where(Lease.state == LeaseState.PENDING, col(Lease.pending_expires_at) <= bindparam("now"))
+    .limit(bindparam("batch"))
+)
 
 
 def fail_pending_of_disabled_pools(session: Session, now: datetime) -> int:
