@@ -25,8 +25,10 @@ What the running service does, and how the replay stands in for it:
   when leases are pending, the ``destroy`` pass at the next ``scheduler.interval``
   after a release, followed by the demand poll (the room a released worker frees
   refills at once); otherwise destroys run every ``DESTROY_PASS_S``;
-- a pool's request times are read once per request, its provisioning times once per
-  ready callback, the events that add to them (``pools.HistoryMemo``).
+- a pool's request and provisioning times are read once, then told to
+  ``pools.HistoryMemo`` by the events that add to them (a request, a ready callback);
+- its in-memory database goes without the indexes only the HTTP listings read
+  (``models.LISTING_INDEXES``); the unique ones, the invariants, stay.
 
 Results are read back from the database: lease waits (request to active), warm hits
 (active at once), worker-minutes (created to the decision to destroy it), idle
